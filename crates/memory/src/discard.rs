@@ -1,0 +1,1000 @@
+//! The discard contract between memory devices and DMA mappers.
+//!
+//! A [`RamDiscardManager`] owns the populated/discarded state of one
+//! guest-physical RAM region (a virtio-mem device is one). Consumers that
+//! must never touch discarded memory — DMA mappers above all — either ask
+//! it ([`RamDiscardManager::is_populated`], under a [`PopulatedView`] read
+//! guard so that the answer stays true while they act on it), or register
+//! as a [`RamDiscardListener`] and are told before anything changes.
+//!
+//! The contract is implemented once, by [`BlockDiscardManager`], over the
+//! [`BlockBitmap`] core; a memory device embeds it and adds its own
+//! request validation.
+//!
+//! # Locking (DESIGN.md rule 3)
+//!
+//! The manager has one reader-writer lock. Queries, replays and every
+//! [`PopulatedView`] hold the read side; plug, unplug, listener
+//! registration and unregistration hold the write side *for their whole
+//! duration, including every listener notification*. Hence:
+//!
+//! * a caller that checks [`PopulatedView::is_populated`] and then pins the
+//!   memory while still holding the view can never pin discarded memory;
+//! * listeners are notified with the write lock held and **must not call
+//!   back into the manager** (that would deadlock); they may take their own
+//!   locks, so the global lock order is *manager, then listener*.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::block_state::BlockBitmap;
+use crate::range::GuestRange;
+
+/// Identifies a listener registration; returned by
+/// [`RamDiscardManager::register_listener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(u64);
+
+/// A listener's refusal to populate a range, or a replay callback's error.
+///
+/// Carries a human-readable reason; the manager passes it on unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// The error a [`RamDiscardManager::replay_populated`] callback may return
+/// to stop the walk; any error type converts into it.
+pub type ReplayError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Someone who must know before RAM in a managed region is populated or
+/// discarded — typically a DMA mapper that pins what it maps.
+///
+/// # Contract
+///
+/// The manager guarantees:
+/// * every range it passes covers whole, aligned granules
+///   ([`RamDiscardManager::granularity`]) and lies inside the range the
+///   listener registered for;
+/// * `notify_populate(r)` is called before `r` becomes visible as
+///   populated, and `notify_discard(r)` before the memory behind `r` is
+///   discarded, each at most once per state change;
+/// * for one listener, notifications never overlap in time (they run under
+///   the manager's write lock), and a discard is only sent for memory the
+///   listener was told was populated.
+///
+/// The implementer must:
+/// * not call back into the manager from any of these methods (it would
+///   deadlock: the manager holds its write lock);
+/// * in `notify_populate`, either fully accept the range (e.g. map and pin
+///   all of it) or refuse it and leave no trace;
+/// * in `notify_discard`, drop every pin and mapping of the range before
+///   returning: the memory is discarded right after.
+pub trait RamDiscardListener: Send + Sync {
+    /// A short name used in errors and logs, such as `"vfio0"`.
+    fn name(&self) -> &str;
+
+    /// `range` is about to become populated.
+    ///
+    /// On `Err`, the manager notifies `notify_discard(range)` to every
+    /// listener that had already accepted it (in reverse order), discards
+    /// the memory again, and fails the operation (virtio-mem answers
+    /// `VIRTIO_MEM_RESP_BUSY`). This listener gets no discard for a range
+    /// it refused.
+    fn notify_populate(&self, range: GuestRange) -> Result<(), Refusal>;
+
+    /// `range` is about to be discarded: drop every use of it now.
+    fn notify_discard(&self, range: GuestRange);
+
+    /// May `range` be discarded now? A listener that still needs the memory
+    /// (a guest IOMMU mapping covers it) answers `false`, and the unplug is
+    /// refused before anything changes (DESIGN.md rule 2). Called before any
+    /// `notify_discard` of the same operation. The default allows it.
+    fn may_discard(&self, range: GuestRange) -> bool {
+        let _ = range;
+        true
+    }
+}
+
+/// Errors of listener registration.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The range is not inside the managed region or not granule-aligned.
+    #[error(
+        "listener '{listener}': range {range} is not a granule-aligned ({granularity:#x}) part of the managed region {region}"
+    )]
+    BadRange {
+        /// The listener's name.
+        listener: String,
+        /// The range asked for.
+        range: GuestRange,
+        /// The managed region.
+        region: GuestRange,
+        /// The manager's granularity.
+        granularity: u64,
+    },
+    /// The listener refused the replay of an already populated range; the
+    /// parts it had accepted were discarded again and it is not registered.
+    #[error("listener '{listener}' refused populated range {range}: {refusal}")]
+    Refused {
+        /// The listener's name.
+        listener: String,
+        /// The range it refused.
+        range: GuestRange,
+        /// Its reason.
+        refusal: Refusal,
+    },
+}
+
+/// The populated/discarded state of one guest-physical RAM region.
+///
+/// See the [module documentation](self) for the locking rules. Every
+/// implementation in memvisor is a [`BlockDiscardManager`], possibly
+/// wrapped by a device; the provided methods are the contract's queries.
+pub trait RamDiscardManager: Send + Sync {
+    /// Bytes per granule: a power of two; every notification covers whole,
+    /// aligned granules.
+    fn granularity(&self) -> u64;
+
+    /// The guest-physical range this manager is responsible for.
+    fn region(&self) -> GuestRange;
+
+    /// A read guard over the state. While it lives, no plug or unplug can
+    /// change the answer of any query made through it (rule 3).
+    fn populated(&self) -> PopulatedView<'_>;
+
+    /// Registers `listener` for `range` (granule-aligned, inside
+    /// [`region`](Self::region)) and replays every populated part of it as
+    /// `notify_populate`, one call per maximal run. If the listener refuses
+    /// one, the runs it accepted get `notify_discard` and it is not
+    /// registered.
+    fn register_listener(
+        &self,
+        listener: Arc<dyn RamDiscardListener>,
+        range: GuestRange,
+    ) -> Result<ListenerId, RegisterError>;
+
+    /// Unregisters a listener, sending `notify_discard` for every populated
+    /// run of its range first. Returns `false` for an unknown id.
+    fn unregister_listener(&self, id: ListenerId) -> bool;
+
+    /// True only if every byte of `range` lies in the region and is
+    /// populated. Any alignment is accepted; an empty range is never
+    /// populated (so a zero-length request cannot be used as a probe that
+    /// always passes).
+    fn is_populated(&self, range: GuestRange) -> bool {
+        self.populated().is_populated(range)
+    }
+
+    /// Calls `f` once per maximal populated run, clipped to `range`, in
+    /// ascending order. The first error stops the walk and is returned.
+    fn replay_populated(
+        &self,
+        range: GuestRange,
+        f: &mut dyn FnMut(GuestRange) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
+        self.populated().replay(range, true, f)
+    }
+
+    /// Calls `f` once per maximal discarded run, clipped to `range`, in
+    /// ascending order. The first error stops the walk and is returned.
+    fn replay_discarded(
+        &self,
+        range: GuestRange,
+        f: &mut dyn FnMut(GuestRange) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
+        self.populated().replay(range, false, f)
+    }
+}
+
+/// Geometry of a managed region: where it is and how it is cut in granules.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    region: GuestRange,
+    shift: u32,
+}
+
+impl Geometry {
+    fn granularity(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// The granules `[first, first + count)` touched by `range` ∩ region,
+    /// or `None` when they share nothing.
+    fn granules(&self, range: GuestRange) -> Option<(usize, usize)> {
+        let clipped = self.region.intersection(&range)?;
+        let first = (clipped.start() - self.region.start()) >> self.shift;
+        let last = (clipped.end() - 1 - self.region.start()) >> self.shift;
+        Some((first as usize, (last - first + 1) as usize))
+    }
+
+    /// The guest range of granules `[first, first + count)`.
+    fn range_of(&self, first: usize, count: usize) -> GuestRange {
+        GuestRange::new(
+            self.region.start() + ((first as u64) << self.shift),
+            (count as u64) << self.shift,
+        )
+        .expect("granules inside the region never overflow")
+    }
+}
+
+struct Registration {
+    id: ListenerId,
+    range: GuestRange,
+    listener: Arc<dyn RamDiscardListener>,
+}
+
+/// What the manager's lock protects.
+struct State {
+    bitmap: BlockBitmap,
+    listeners: Vec<Registration>,
+}
+
+/// A read guard over a manager's populated state; see
+/// [`RamDiscardManager::populated`].
+pub struct PopulatedView<'a> {
+    geometry: Geometry,
+    state: RwLockReadGuard<'a, State>,
+}
+
+impl fmt::Debug for PopulatedView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PopulatedView")
+            .field("region", &self.geometry.region)
+            .field("bitmap", &self.state.bitmap)
+            .finish()
+    }
+}
+
+impl PopulatedView<'_> {
+    /// See [`RamDiscardManager::is_populated`].
+    #[inline]
+    pub fn is_populated(&self, range: GuestRange) -> bool {
+        if range.is_empty() || !self.geometry.region.contains(&range) {
+            return false;
+        }
+        let (first, count) = self.geometry.granules(range).expect("non-empty and inside");
+        self.state.bitmap.all_set(first, count)
+    }
+
+    /// True if no byte of `range` ∩ region is populated.
+    pub fn is_discarded(&self, range: GuestRange) -> bool {
+        match self.geometry.granules(range) {
+            Some((first, count)) => self.state.bitmap.all_clear(first, count),
+            None => true,
+        }
+    }
+
+    /// Populated bytes in the whole region.
+    pub fn populated_bytes(&self) -> u64 {
+        (self.state.bitmap.count_ones() as u64) << self.geometry.shift
+    }
+
+    /// The bitmap itself, one bit per granule from the region's start.
+    pub fn bitmap(&self) -> &BlockBitmap {
+        &self.state.bitmap
+    }
+
+    /// Maximal runs equal to `populated`, clipped to `range`, as guest ranges.
+    pub fn runs(&self, range: GuestRange, populated: bool) -> impl Iterator<Item = GuestRange> + '_ {
+        let geometry = self.geometry;
+        let granules = geometry.granules(range);
+        let (first, count) = granules.unwrap_or((0, 0));
+        self.state
+            .bitmap
+            .runs(first, count, populated)
+            .filter_map(move |(s, n)| geometry.range_of(s, n).intersection(&range))
+    }
+
+    /// Calls `f` per maximal run equal to `populated`, clipped to `range`;
+    /// the first error stops the walk.
+    pub fn replay<E>(
+        &self,
+        range: GuestRange,
+        populated: bool,
+        mut f: impl FnMut(GuestRange) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.runs(range, populated).try_for_each(&mut f)
+    }
+}
+
+/// Why a [`DiscardWriter::plug`] failed. Nothing changed: every listener
+/// that accepted the range was told to discard it again, and the memory was
+/// discarded again.
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError<E> {
+    /// A listener refused the populate.
+    #[error("listener '{listener}' refused to populate {range}: {refusal}")]
+    Refused {
+        /// The listener's name.
+        listener: String,
+        /// The range.
+        range: GuestRange,
+        /// Its reason.
+        refusal: Refusal,
+    },
+    /// The caller's preparation step (preallocation) failed.
+    #[error("preparing {range} failed: {source}")]
+    Prepare {
+        /// The range.
+        range: GuestRange,
+        /// The caller's error.
+        source: E,
+    },
+}
+
+/// Why a [`DiscardWriter::unplug`] was refused: a listener vetoed it.
+/// Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("listener '{listener}' vetoed discarding {range}")]
+pub struct Vetoed {
+    /// The listener's name.
+    pub listener: String,
+    /// The populated run it vetoed.
+    pub range: GuestRange,
+}
+
+/// The reusable [`RamDiscardManager`]: a [`BlockBitmap`] of granules plus
+/// the listener machinery, behind one reader-writer lock.
+///
+/// A memory device owns one, answers queries through the trait, and
+/// changes state only through [`BlockDiscardManager::write`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use memvisor_memory::GuestRange;
+/// use memvisor_memory::discard::{BlockDiscardManager, RamDiscardManager};
+///
+/// let region = GuestRange::new(0x1_0000_0000, 8 << 20).unwrap();
+/// let manager = BlockDiscardManager::new(region, 2 << 20).unwrap();
+/// let block = GuestRange::new(0x1_0020_0000, 2 << 20).unwrap();
+/// manager.write().plug(block, || Ok::<_, std::io::Error>(()), |_| {}).unwrap();
+/// assert!(manager.is_populated(block));
+/// assert!(!manager.is_populated(region));
+/// ```
+pub struct BlockDiscardManager {
+    geometry: Geometry,
+    state: RwLock<State>,
+    next_id: AtomicU64,
+}
+
+impl fmt::Debug for BlockDiscardManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockDiscardManager")
+            .field("region", &self.geometry.region)
+            .field("granularity", &self.geometry.granularity())
+            .finish()
+    }
+}
+
+/// Why a [`BlockDiscardManager`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    /// The granularity is not a power of two.
+    #[error("granularity {0:#x} is not a power of two")]
+    Granularity(u64),
+    /// The region is empty or not a multiple of the granularity.
+    #[error("region {region} is empty or not aligned to the granularity {granularity:#x}")]
+    Region {
+        /// The region.
+        region: GuestRange,
+        /// The granularity.
+        granularity: u64,
+    },
+}
+
+impl BlockDiscardManager {
+    /// A manager for `region`, cut in granules of `granularity` bytes, with
+    /// everything discarded.
+    pub fn new(region: GuestRange, granularity: u64) -> Result<Self, GeometryError> {
+        if !granularity.is_power_of_two() {
+            return Err(GeometryError::Granularity(granularity));
+        }
+        if region.is_empty() || !region.is_aligned(granularity) {
+            return Err(GeometryError::Region { region, granularity });
+        }
+        let geometry = Geometry {
+            region,
+            shift: granularity.trailing_zeros(),
+        };
+        let granules = usize::try_from(region.len() >> geometry.shift)
+            .map_err(|_| GeometryError::Region { region, granularity })?;
+        Ok(Self {
+            geometry,
+            state: RwLock::new(State {
+                bitmap: BlockBitmap::new(granules),
+                listeners: Vec::new(),
+            }),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Takes the write side of the lock, to plug or unplug. Listener
+    /// notifications happen while it is held.
+    pub fn write(&self) -> DiscardWriter<'_> {
+        DiscardWriter {
+            geometry: self.geometry,
+            state: self.state.write().unwrap_or_else(|poison| poison.into_inner()),
+        }
+    }
+
+    /// Number of registered listeners.
+    pub fn listener_count(&self) -> usize {
+        self.populated().state.listeners.len()
+    }
+}
+
+impl RamDiscardManager for BlockDiscardManager {
+    fn granularity(&self) -> u64 {
+        self.geometry.granularity()
+    }
+
+    fn region(&self) -> GuestRange {
+        self.geometry.region
+    }
+
+    fn populated(&self) -> PopulatedView<'_> {
+        PopulatedView {
+            geometry: self.geometry,
+            state: self.state.read().unwrap_or_else(|poison| poison.into_inner()),
+        }
+    }
+
+    fn register_listener(
+        &self,
+        listener: Arc<dyn RamDiscardListener>,
+        range: GuestRange,
+    ) -> Result<ListenerId, RegisterError> {
+        let granularity = self.geometry.granularity();
+        if range.is_empty() || !self.geometry.region.contains(&range) || !range.is_aligned(granularity) {
+            return Err(RegisterError::BadRange {
+                listener: listener.name().to_string(),
+                range,
+                region: self.geometry.region,
+                granularity,
+            });
+        }
+        let mut writer = self.write();
+        let runs: Vec<GuestRange> = writer.view_runs(range, true);
+        for (i, &run) in runs.iter().enumerate() {
+            if let Err(refusal) = listener.notify_populate(run) {
+                for &done in runs[..i].iter().rev() {
+                    listener.notify_discard(done);
+                }
+                return Err(RegisterError::Refused {
+                    listener: listener.name().to_string(),
+                    range: run,
+                    refusal,
+                });
+            }
+        }
+        let id = ListenerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        writer.state.listeners.push(Registration { id, range, listener });
+        Ok(id)
+    }
+
+    fn unregister_listener(&self, id: ListenerId) -> bool {
+        let mut writer = self.write();
+        let Some(pos) = writer.state.listeners.iter().position(|r| r.id == id) else {
+            return false;
+        };
+        let registration = writer.state.listeners.remove(pos);
+        for run in writer.view_runs(registration.range, true) {
+            registration.listener.notify_discard(run);
+        }
+        true
+    }
+}
+
+/// The write side of a [`BlockDiscardManager`]: plug and unplug, with the
+/// listener protocol of [`RamDiscardListener`]. Dropping it releases the
+/// lock.
+pub struct DiscardWriter<'a> {
+    geometry: Geometry,
+    state: RwLockWriteGuard<'a, State>,
+}
+
+impl fmt::Debug for DiscardWriter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscardWriter")
+            .field("region", &self.geometry.region)
+            .finish()
+    }
+}
+
+impl DiscardWriter<'_> {
+    fn view_runs(&self, range: GuestRange, populated: bool) -> Vec<GuestRange> {
+        let Some((first, count)) = self.geometry.granules(range) else {
+            return Vec::new();
+        };
+        self.state
+            .bitmap
+            .runs(first, count, populated)
+            .filter_map(|(s, n)| self.geometry.range_of(s, n).intersection(&range))
+            .collect()
+    }
+
+    fn check_range(&self, range: GuestRange) -> (usize, usize) {
+        assert!(
+            !range.is_empty() && self.geometry.region.contains(&range) && range.is_aligned(self.geometry.granularity()),
+            "range {range} is not a granule-aligned part of {}",
+            self.geometry.region
+        );
+        self.geometry.granules(range).expect("checked above")
+    }
+
+    /// The bitmap, one bit per granule from the region's start.
+    pub fn bitmap(&self) -> &BlockBitmap {
+        &self.state.bitmap
+    }
+
+    /// True if every granule of `range` is populated; see
+    /// [`PopulatedView::is_populated`].
+    pub fn is_populated(&self, range: GuestRange) -> bool {
+        if range.is_empty() || !self.geometry.region.contains(&range) {
+            return false;
+        }
+        let (first, count) = self.geometry.granules(range).expect("inside");
+        self.state.bitmap.all_set(first, count)
+    }
+
+    /// True if no granule of `range` is populated.
+    pub fn is_discarded(&self, range: GuestRange) -> bool {
+        match self.geometry.granules(range) {
+            Some((first, count)) => self.state.bitmap.all_clear(first, count),
+            None => true,
+        }
+    }
+
+    /// Populated bytes in the whole region.
+    pub fn populated_bytes(&self) -> u64 {
+        (self.state.bitmap.count_ones() as u64) << self.geometry.shift
+    }
+
+    /// Notifies every overlapping listener of `range`, rolling back on the
+    /// first refusal. Returns the refusal.
+    fn notify_populate(&self, range: GuestRange) -> Result<(), PlugError<std::convert::Infallible>> {
+        let listeners = &self.state.listeners;
+        for (i, reg) in listeners.iter().enumerate() {
+            let Some(part) = reg.range.intersection(&range) else {
+                continue;
+            };
+            if let Err(refusal) = reg.listener.notify_populate(part) {
+                Self::notify_discard_to(&listeners[..i], range);
+                return Err(PlugError::Refused {
+                    listener: reg.listener.name().to_string(),
+                    range: part,
+                    refusal,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells `listeners`, last first, that `range` is discarded.
+    fn notify_discard_to(listeners: &[Registration], range: GuestRange) {
+        for reg in listeners.iter().rev() {
+            if let Some(part) = reg.range.intersection(&range) {
+                reg.listener.notify_discard(part);
+            }
+        }
+    }
+
+    /// Plugs `range` (granule-aligned, inside the region, entirely
+    /// discarded — the caller validated the request):
+    ///
+    /// 1. every listener whose range overlaps it gets `notify_populate`;
+    /// 2. `prepare()` runs (e.g. preallocation);
+    /// 3. the granules are marked populated.
+    ///
+    /// If a listener refuses or `prepare` fails, the listeners that accepted
+    /// get `notify_discard`, `discard(range)` runs so the backing memory is
+    /// returned again (a listener may have faulted it in), and nothing is
+    /// marked.
+    ///
+    /// Panics if `range` is not a granule-aligned part of the region: the
+    /// caller must validate guest input before it gets here.
+    pub fn plug<E>(
+        &mut self,
+        range: GuestRange,
+        prepare: impl FnOnce() -> Result<(), E>,
+        discard: impl FnOnce(GuestRange),
+    ) -> Result<(), PlugError<E>> {
+        let (first, count) = self.check_range(range);
+        debug_assert!(self.state.bitmap.all_clear(first, count), "plug of populated {range}");
+        if let Err(err) = self.notify_populate(range) {
+            discard(range);
+            return Err(match err {
+                PlugError::Refused {
+                    listener,
+                    range,
+                    refusal,
+                } => PlugError::Refused {
+                    listener,
+                    range,
+                    refusal,
+                },
+                PlugError::Prepare { source, .. } => match source {},
+            });
+        }
+        if let Err(source) = prepare() {
+            Self::notify_discard_to(&self.state.listeners, range);
+            discard(range);
+            return Err(PlugError::Prepare { range, source });
+        }
+        self.state.bitmap.set_range(first, count);
+        Ok(())
+    }
+
+    /// Asks every listener whether the populated runs inside `range` may be
+    /// discarded; the first veto is returned.
+    pub fn check_discard(&self, range: GuestRange) -> Result<(), Vetoed> {
+        for run in self.view_runs(range, true) {
+            for reg in &self.state.listeners {
+                if let Some(part) = reg.range.intersection(&run)
+                    && !reg.listener.may_discard(part)
+                {
+                    return Err(Vetoed {
+                        listener: reg.listener.name().to_string(),
+                        range: part,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unplugs every populated granule inside `range` (granule-aligned,
+    /// inside the region), all or nothing:
+    ///
+    /// 1. every populated run is offered to every overlapping listener's
+    ///    `may_discard`; one veto returns [`Vetoed`] and changes nothing —
+    ///    unless `force` is set (a system reset, which cannot fail), in
+    ///    which case the veto is logged and ignored;
+    /// 2. each run is announced with `notify_discard`;
+    /// 3. `discard(run)` returns its backing memory to the host;
+    /// 4. the granules are marked discarded.
+    ///
+    /// Returns the number of bytes unplugged.
+    pub fn unplug(
+        &mut self,
+        range: GuestRange,
+        force: bool,
+        mut discard: impl FnMut(GuestRange),
+    ) -> Result<u64, Vetoed> {
+        let (first, count) = self.check_range(range);
+        if let Err(veto) = self.check_discard(range) {
+            if !force {
+                return Err(veto);
+            }
+            log::warn!("{veto}; discarding anyway because the machine is being reset");
+        }
+        let runs = self.view_runs(range, true);
+        let mut bytes = 0;
+        for &run in &runs {
+            Self::notify_discard_to(&self.state.listeners, run);
+            discard(run);
+            bytes += run.len();
+        }
+        self.state.bitmap.clear_range(first, count);
+        Ok(bytes)
+    }
+
+    /// Replaces the whole state with `bitmap` (migration): listeners get
+    /// `notify_discard` for what is populated now but not in `bitmap`, then
+    /// `notify_populate` for what becomes populated; `discard` runs for every
+    /// granule that ends up discarded.
+    ///
+    /// If a listener refuses a populate, the new bitmap is kept for what was
+    /// accepted up to that run and the refusal is returned, so the caller
+    /// can fail the load. Panics if `bitmap` has the wrong length.
+    pub fn restore(
+        &mut self,
+        bitmap: BlockBitmap,
+        mut discard: impl FnMut(GuestRange),
+    ) -> Result<(), PlugError<std::convert::Infallible>> {
+        assert_eq!(bitmap.len(), self.state.bitmap.len(), "bitmap length mismatch");
+        let whole = self.geometry.region;
+        // Announce and perform discards of what is going away.
+        for run in self.view_runs(whole, true) {
+            Self::notify_discard_to(&self.state.listeners, run);
+        }
+        self.state.bitmap.clear_all();
+        for (s, n) in bitmap.runs(0, bitmap.len(), false) {
+            discard(self.geometry.range_of(s, n));
+        }
+        for (s, n) in bitmap.runs(0, bitmap.len(), true) {
+            let run = self.geometry.range_of(s, n);
+            self.notify_populate(run)?;
+            self.state.bitmap.set_range(s, n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    const MIB: u64 = 1 << 20;
+    const BASE: u64 = 0x1_0000_0000;
+
+    fn r(start_mib: u64, len_mib: u64) -> GuestRange {
+        GuestRange::new(BASE + start_mib * MIB, len_mib * MIB).unwrap()
+    }
+
+    /// A listener that records what it was told and can refuse or veto.
+    #[derive(Default)]
+    struct Recorder {
+        name: String,
+        events: Mutex<Vec<(char, GuestRange)>>,
+        refuse: Mutex<Option<GuestRange>>,
+        veto: Mutex<Option<GuestRange>>,
+    }
+
+    impl Recorder {
+        fn new(name: &str) -> Arc<Self> {
+            Arc::new(Self {
+                name: name.into(),
+                ..Default::default()
+            })
+        }
+        fn take(&self) -> Vec<(char, GuestRange)> {
+            std::mem::take(&mut self.events.lock().unwrap())
+        }
+    }
+
+    impl RamDiscardListener for Recorder {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn notify_populate(&self, range: GuestRange) -> Result<(), Refusal> {
+            if self.refuse.lock().unwrap().is_some_and(|x| x.overlaps(&range)) {
+                return Err(Refusal("no".into()));
+            }
+            self.events.lock().unwrap().push(('p', range));
+            Ok(())
+        }
+        fn notify_discard(&self, range: GuestRange) {
+            self.events.lock().unwrap().push(('d', range));
+        }
+        fn may_discard(&self, range: GuestRange) -> bool {
+            !self.veto.lock().unwrap().is_some_and(|x| x.overlaps(&range))
+        }
+    }
+
+    fn manager() -> BlockDiscardManager {
+        BlockDiscardManager::new(r(0, 64), 2 * MIB).unwrap()
+    }
+
+    fn plug(m: &BlockDiscardManager, range: GuestRange) -> Result<(), PlugError<()>> {
+        m.write().plug(range, || Ok(()), |_| {})
+    }
+
+    fn collect(m: &BlockDiscardManager, range: GuestRange, populated: bool) -> Vec<GuestRange> {
+        let mut out = Vec::new();
+        let f = &mut |x| {
+            out.push(x);
+            Ok(())
+        };
+        if populated {
+            m.replay_populated(range, f).unwrap();
+        } else {
+            m.replay_discarded(range, f).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn construction_checks_geometry() {
+        assert_eq!(
+            BlockDiscardManager::new(r(0, 64), 3 * MIB).unwrap_err(),
+            GeometryError::Granularity(3 * MIB)
+        );
+        assert!(matches!(
+            BlockDiscardManager::new(r(1, 64), 2 * MIB).unwrap_err(),
+            GeometryError::Region { .. }
+        ));
+        assert!(BlockDiscardManager::new(r(0, 0), 2 * MIB).is_err());
+    }
+
+    #[test]
+    fn is_populated_is_exact_for_unaligned_ranges() {
+        let m = manager();
+        plug(&m, r(4, 4)).unwrap();
+        assert!(m.is_populated(r(4, 4)));
+        assert!(m.is_populated(GuestRange::new(BASE + 4 * MIB + 1, 4 * MIB - 2).unwrap()));
+        assert!(m.is_populated(GuestRange::new(BASE + 8 * MIB - 1, 1).unwrap()));
+        assert!(!m.is_populated(GuestRange::new(BASE + 8 * MIB - 1, 2).unwrap()));
+        assert!(!m.is_populated(GuestRange::new(BASE + 4 * MIB - 1, 2).unwrap()));
+        assert!(!m.is_populated(GuestRange::new(BASE + 5 * MIB, 0).unwrap()));
+        // Outside the region, even partly: never populated.
+        assert!(!m.is_populated(GuestRange::new(BASE - 1, 1).unwrap()));
+        plug(&m, r(62, 2)).unwrap();
+        assert!(!m.is_populated(GuestRange::new(BASE + 63 * MIB, 2 * MIB).unwrap()));
+    }
+
+    #[test]
+    fn replay_clips_and_yields_maximal_runs() {
+        let m = manager();
+        plug(&m, r(0, 2)).unwrap();
+        plug(&m, r(2, 2)).unwrap();
+        plug(&m, r(8, 6)).unwrap();
+        plug(&m, r(62, 2)).unwrap();
+        assert_eq!(collect(&m, r(0, 64), true), vec![r(0, 4), r(8, 6), r(62, 2)]);
+        // Clipped to an unaligned window.
+        let window = GuestRange::new(BASE + 3 * MIB, 8 * MIB).unwrap();
+        assert_eq!(
+            collect(&m, window, true),
+            vec![
+                GuestRange::new(BASE + 3 * MIB, MIB).unwrap(),
+                GuestRange::new(BASE + 8 * MIB, 3 * MIB).unwrap()
+            ]
+        );
+        assert_eq!(collect(&m, window, false), vec![r(4, 4)]);
+        assert_eq!(collect(&m, r(0, 64), false), vec![r(4, 4), r(14, 48)]);
+        // A window partly outside the region is clipped to it.
+        let wide = GuestRange::new(BASE - 4 * MIB, 8 * MIB).unwrap();
+        assert_eq!(collect(&m, wide, true), vec![r(0, 4)]);
+        assert_eq!(collect(&m, r(100, 4), true), vec![]);
+    }
+
+    #[test]
+    fn replay_stops_at_first_error() {
+        let m = manager();
+        for i in 0..4 {
+            plug(&m, r(i * 8, 2)).unwrap();
+        }
+        let mut seen = 0;
+        let err = m
+            .replay_populated(r(0, 64), &mut |range| {
+                seen += 1;
+                if range == r(8, 2) {
+                    Err("stop here".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "stop here");
+        assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn register_replays_and_unregister_discards() {
+        let m = manager();
+        plug(&m, r(0, 4)).unwrap();
+        plug(&m, r(10, 2)).unwrap();
+        let l = Recorder::new("l");
+        let id = m.register_listener(l.clone(), r(2, 20)).unwrap();
+        assert_eq!(l.take(), vec![('p', r(2, 2)), ('p', r(10, 2))]);
+        plug(&m, r(40, 2)).unwrap(); // outside its range: not told
+        plug(&m, r(20, 4)).unwrap(); // half inside
+        assert_eq!(l.take(), vec![('p', r(20, 2))]);
+        assert!(m.unregister_listener(id));
+        assert_eq!(l.take(), vec![('d', r(2, 2)), ('d', r(10, 2)), ('d', r(20, 2))]);
+        assert!(!m.unregister_listener(id));
+        assert_eq!(m.listener_count(), 0);
+    }
+
+    #[test]
+    fn register_refusal_rolls_back() {
+        let m = manager();
+        plug(&m, r(0, 2)).unwrap();
+        plug(&m, r(8, 2)).unwrap();
+        let l = Recorder::new("picky");
+        *l.refuse.lock().unwrap() = Some(r(8, 2));
+        let err = m.register_listener(l.clone(), r(0, 64)).unwrap_err();
+        assert!(err.to_string().contains("picky"), "{err}");
+        assert_eq!(l.take(), vec![('p', r(0, 2)), ('d', r(0, 2))]);
+        assert_eq!(m.listener_count(), 0);
+        assert!(matches!(
+            m.register_listener(l, GuestRange::new(BASE + MIB, 2 * MIB).unwrap()),
+            Err(RegisterError::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn plug_refusal_rolls_back_earlier_listeners_and_discards_again() {
+        let m = manager();
+        let a = Recorder::new("a");
+        let b = Recorder::new("b");
+        m.register_listener(a.clone(), r(0, 64)).unwrap();
+        m.register_listener(b.clone(), r(0, 64)).unwrap();
+        *b.refuse.lock().unwrap() = Some(r(4, 2));
+        let mut discarded = vec![];
+        let err = m
+            .write()
+            .plug(r(4, 2), || Ok::<_, ()>(()), |x| discarded.push(x))
+            .unwrap_err();
+        assert!(matches!(err, PlugError::Refused { ref listener, .. } if listener == "b"));
+        assert_eq!(a.take(), vec![('p', r(4, 2)), ('d', r(4, 2))]);
+        assert_eq!(b.take(), vec![]);
+        assert_eq!(discarded, vec![r(4, 2)]);
+        assert!(!m.is_populated(r(4, 2)));
+    }
+
+    #[test]
+    fn prepare_failure_rolls_back_all_listeners() {
+        let m = manager();
+        let a = Recorder::new("a");
+        m.register_listener(a.clone(), r(0, 64)).unwrap();
+        let mut discarded = vec![];
+        let err = m
+            .write()
+            .plug(r(6, 2), || Err("ENOMEM"), |x| discarded.push(x))
+            .unwrap_err();
+        assert!(matches!(err, PlugError::Prepare { source: "ENOMEM", .. }));
+        assert_eq!(a.take(), vec![('p', r(6, 2)), ('d', r(6, 2))]);
+        assert_eq!(discarded, vec![r(6, 2)]);
+        assert!(m.populated().is_discarded(r(0, 64)));
+    }
+
+    #[test]
+    fn unplug_veto_changes_nothing_and_force_overrides() {
+        let m = manager();
+        let a = Recorder::new("a");
+        let v = Recorder::new("vetoer");
+        m.register_listener(a.clone(), r(0, 64)).unwrap();
+        m.register_listener(v.clone(), r(0, 64)).unwrap();
+        plug(&m, r(0, 4)).unwrap();
+        plug(&m, r(8, 2)).unwrap();
+        a.take();
+        v.take();
+        *v.veto.lock().unwrap() = Some(r(8, 2));
+        let mut discarded = vec![];
+        let veto = m.write().unplug(r(0, 64), false, |x| discarded.push(x)).unwrap_err();
+        assert_eq!(
+            veto,
+            Vetoed {
+                listener: "vetoer".into(),
+                range: r(8, 2)
+            }
+        );
+        assert!(discarded.is_empty() && a.take().is_empty() && v.take().is_empty());
+        assert_eq!(m.populated().populated_bytes(), 6 * MIB);
+        // Unplugging only the unvetoed part works, in reverse listener order.
+        assert_eq!(
+            m.write().unplug(r(0, 4), false, |x| discarded.push(x)).unwrap(),
+            4 * MIB
+        );
+        assert_eq!(a.take(), vec![('d', r(0, 4))]);
+        assert_eq!(v.take(), vec![('d', r(0, 4))]);
+        assert_eq!(discarded, vec![r(0, 4)]);
+        // A forced unplug ignores the veto.
+        assert_eq!(m.write().unplug(r(0, 64), true, |_| {}).unwrap(), 2 * MIB);
+        assert_eq!(v.take(), vec![('d', r(8, 2))]);
+        assert_eq!(m.populated().populated_bytes(), 0);
+    }
+
+    #[test]
+    fn restore_replaces_state_through_listeners() {
+        let m = manager();
+        let a = Recorder::new("a");
+        m.register_listener(a.clone(), r(0, 64)).unwrap();
+        plug(&m, r(0, 4)).unwrap();
+        a.take();
+        let mut target = BlockBitmap::new(32);
+        target.set_range(1, 3); // [2, 8) MiB
+        let mut discarded = vec![];
+        m.write().restore(target.clone(), |x| discarded.push(x)).unwrap();
+        assert_eq!(a.take(), vec![('d', r(0, 4)), ('p', r(2, 6))]);
+        assert_eq!(discarded, vec![r(0, 2), r(8, 56)]);
+        assert_eq!(m.populated().bitmap(), &target);
+    }
+
+    #[test]
+    fn readers_exclude_writers() {
+        let m = Arc::new(manager());
+        let view = m.populated();
+        let m2 = m.clone();
+        let handle = std::thread::spawn(move || plug(&m2, r(0, 2)).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The plug cannot have happened while the view is held.
+        assert!(!view.is_populated(r(0, 2)));
+        drop(view);
+        handle.join().unwrap();
+        assert!(m.is_populated(r(0, 2)));
+    }
+}

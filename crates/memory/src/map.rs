@@ -1,0 +1,475 @@
+//! The guest-physical memory map: non-overlapping RAM regions, each a slice
+//! of a [`RamBlock`], on top of `vm-memory`'s [`GuestMemoryMmap`] so that
+//! `virtio-queue` reads and writes rings in it directly.
+//!
+//! A region may carry a [`RamDiscardManager`] (a virtio-mem device's
+//! region does); consumers that must not touch discarded memory look it up
+//! with [`GuestMemoryMap::lookup`] and ask it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::discard::RamDiscardManager;
+use crate::ram_block::RamBlock;
+use crate::range::GuestRange;
+
+/// One RAM region of the map.
+#[derive(Clone)]
+pub struct Region {
+    range: GuestRange,
+    block: Arc<RamBlock>,
+    block_offset: u64,
+    host_address: u64,
+    manager: Option<Arc<dyn RamDiscardManager>>,
+}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("range", &self.range)
+            .field("block", &self.block.name())
+            .field("block_offset", &format_args!("{:#x}", self.block_offset))
+            .field("managed", &self.manager.is_some())
+            .finish()
+    }
+}
+
+impl Region {
+    /// The guest-physical range the region covers.
+    pub fn range(&self) -> GuestRange {
+        self.range
+    }
+
+    /// The RAM block behind it.
+    pub fn block(&self) -> &Arc<RamBlock> {
+        &self.block
+    }
+
+    /// Offset of the region's first byte inside [`Region::block`].
+    pub fn block_offset(&self) -> u64 {
+        self.block_offset
+    }
+
+    /// Host address of the region's first byte.
+    pub fn host_address(&self) -> u64 {
+        self.host_address
+    }
+
+    /// The region's discard manager, if its memory can be discarded in a
+    /// coordinated way (virtio-mem).
+    pub fn manager(&self) -> Option<&Arc<dyn RamDiscardManager>> {
+        self.manager.as_ref()
+    }
+}
+
+/// A guest-physical range resolved to host memory by [`GuestMemoryMap::lookup`].
+#[derive(Debug, Clone)]
+pub struct HostRange<'a> {
+    /// The region holding the whole range.
+    pub region: &'a Region,
+    /// The guest-physical range that was looked up.
+    pub guest: GuestRange,
+    /// Host address of its first byte.
+    pub host_address: u64,
+    /// Offset of its first byte inside the region's [`RamBlock`].
+    pub block_offset: u64,
+}
+
+/// Errors of building or querying a [`GuestMemoryMap`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// Two regions overlap.
+    #[error("guest RAM region {new} overlaps region {existing}")]
+    Overlap {
+        /// The region being added.
+        new: GuestRange,
+        /// The region it overlaps.
+        existing: GuestRange,
+    },
+    /// A region's slice does not fit its block.
+    #[error("slice [{offset:#x}, +{len:#x}) does not fit RAM block '{block}' of {size:#x} bytes")]
+    SliceOutOfBlock {
+        /// The block's name.
+        block: String,
+        /// Offset of the slice.
+        offset: u64,
+        /// Length of the slice.
+        len: u64,
+        /// Size of the block.
+        size: u64,
+    },
+    /// A partial slice of a block without a file (private anonymous memory).
+    #[error("RAM block '{block}' has no file, so it can only be mapped whole (asked for [{offset:#x}, +{len:#x}))")]
+    SliceOfAnonymousBlock {
+        /// The block's name.
+        block: String,
+        /// Offset of the slice.
+        offset: u64,
+        /// Length of the slice.
+        len: u64,
+    },
+    /// A region's guest range is empty or wraps.
+    #[error("guest RAM region at {base:#x} of {len:#x} bytes is empty or wraps around the address space")]
+    BadRange {
+        /// Guest base address.
+        base: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A discard manager manages another range than its region.
+    #[error("discard manager for {manager} does not match its region {region}")]
+    ManagerMismatch {
+        /// The manager's region.
+        manager: GuestRange,
+        /// The memory map region.
+        region: GuestRange,
+    },
+    /// `vm-memory` refused a region.
+    #[error("vm-memory refused region {range}: {reason}")]
+    VmMemory {
+        /// The region.
+        range: GuestRange,
+        /// What vm-memory said.
+        reason: String,
+    },
+    /// Part of a looked-up range is not RAM.
+    #[error("guest-physical range {0} is not RAM")]
+    Hole(GuestRange),
+    /// A looked-up range starts in one region and ends outside it.
+    #[error("guest-physical range {range} crosses the end of RAM region {region}")]
+    CrossesBoundary {
+        /// The range looked up.
+        range: GuestRange,
+        /// The region it starts in.
+        region: GuestRange,
+    },
+}
+
+/// Collects regions for a [`GuestMemoryMap`].
+#[derive(Default)]
+pub struct GuestMemoryMapBuilder {
+    regions: Vec<Region>,
+}
+
+impl fmt::Debug for GuestMemoryMapBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.regions).finish()
+    }
+}
+
+impl GuestMemoryMapBuilder {
+    /// Adds the whole of `block` at guest address `base`.
+    pub fn ram(self, base: u64, block: Arc<RamBlock>) -> Result<Self, MapError> {
+        let len = block.size();
+        self.add(base, block, 0, len, None)
+    }
+
+    /// Adds `[offset, offset + len)` of `block` at guest address `base`.
+    /// A partial slice needs a file-backed block (memfd or hugetlbfs).
+    pub fn ram_slice(self, base: u64, block: Arc<RamBlock>, offset: u64, len: u64) -> Result<Self, MapError> {
+        self.add(base, block, offset, len, None)
+    }
+
+    /// Adds the whole of `block` at `base`, managed by `manager`, whose
+    /// [`RamDiscardManager::region`] must be exactly this region.
+    pub fn managed_ram(
+        self,
+        base: u64,
+        block: Arc<RamBlock>,
+        manager: Arc<dyn RamDiscardManager>,
+    ) -> Result<Self, MapError> {
+        let len = block.size();
+        self.add(base, block, 0, len, Some(manager))
+    }
+
+    fn add(
+        mut self,
+        base: u64,
+        block: Arc<RamBlock>,
+        offset: u64,
+        len: u64,
+        manager: Option<Arc<dyn RamDiscardManager>>,
+    ) -> Result<Self, MapError> {
+        let range = GuestRange::new(base, len)
+            .filter(|r| !r.is_empty())
+            .ok_or(MapError::BadRange { base, len })?;
+        if offset.checked_add(len).is_none_or(|end| end > block.size()) {
+            return Err(MapError::SliceOutOfBlock {
+                block: block.name().to_string(),
+                offset,
+                len,
+                size: block.size(),
+            });
+        }
+        if let Some(existing) = self.regions.iter().find(|r| r.range.overlaps(&range)) {
+            return Err(MapError::Overlap {
+                new: range,
+                existing: existing.range,
+            });
+        }
+        if let Some(m) = &manager
+            && m.region() != range
+        {
+            return Err(MapError::ManagerMismatch {
+                manager: m.region(),
+                region: range,
+            });
+        }
+        self.regions.push(Region {
+            range,
+            block,
+            block_offset: offset,
+            host_address: 0,
+            manager,
+        });
+        Ok(self)
+    }
+
+    /// Builds the map; the `vm-memory` regions share the blocks' mappings
+    /// (a whole block) or map the same memfd again (a slice).
+    pub fn build(mut self) -> Result<GuestMemoryMap, MapError> {
+        self.regions.sort_by_key(|r| r.range.start());
+        let mut vm_regions = Vec::with_capacity(self.regions.len());
+        for region in &mut self.regions {
+            let vm_err = |reason: String| MapError::VmMemory {
+                range: region.range,
+                reason,
+            };
+            let mmap = if region.block_offset == 0 && region.range.len() == region.block.size() {
+                region.block.mmap().clone()
+            } else {
+                let file = region.block.file().ok_or_else(|| MapError::SliceOfAnonymousBlock {
+                    block: region.block.name().to_string(),
+                    offset: region.block_offset,
+                    len: region.range.len(),
+                })?;
+                let file = file.try_clone().map_err(|e| vm_err(e.to_string()))?;
+                let mmap = MmapRegionBuilder::new(region.range.len() as usize)
+                    .with_file_offset(FileOffset::new(file, region.block_offset))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    .build()
+                    .map_err(|e| vm_err(e.to_string()))?;
+                Arc::new(mmap)
+            };
+            region.host_address = mmap.as_ptr() as u64;
+            let vm_region = GuestRegionMmap::with_arc(mmap, GuestAddress(region.range.start()))
+                .ok_or_else(|| vm_err("region wraps".into()))?;
+            vm_regions.push(vm_region);
+        }
+        let memory = GuestMemoryMmap::from_regions(vm_regions).map_err(|e| MapError::VmMemory {
+            range: GuestRange::default(),
+            reason: e.to_string(),
+        })?;
+        Ok(GuestMemoryMap {
+            inner: Arc::new(Inner {
+                memory,
+                regions: self.regions,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    memory: GuestMemoryMmap,
+    regions: Vec<Region>,
+}
+
+/// The guest-physical memory map. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct GuestMemoryMap {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for GuestMemoryMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.inner.regions).finish()
+    }
+}
+
+impl GuestMemoryMap {
+    /// Starts an empty map.
+    pub fn builder() -> GuestMemoryMapBuilder {
+        GuestMemoryMapBuilder::default()
+    }
+
+    /// The `vm-memory` view, for `virtio-queue` and for byte access.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.inner.memory
+    }
+
+    /// The regions, in ascending guest address order.
+    pub fn regions(&self) -> &[Region] {
+        &self.inner.regions
+    }
+
+    /// The region holding `addr`, if any.
+    pub fn region_at(&self, addr: u64) -> Option<&Region> {
+        let regions = &self.inner.regions;
+        let i = regions.partition_point(|r| r.range.end() <= addr);
+        regions.get(i).filter(|r| r.range.start() <= addr)
+    }
+
+    /// Resolves `range` to host memory. Fails with [`MapError::Hole`] if
+    /// its start is not RAM (or it is empty), and with
+    /// [`MapError::CrossesBoundary`] if it starts in a region and ends
+    /// outside it — even if the next region is adjacent, because the host
+    /// mappings of two regions are not contiguous.
+    pub fn lookup(&self, range: GuestRange) -> Result<HostRange<'_>, MapError> {
+        let region = self
+            .region_at(range.start())
+            .filter(|_| !range.is_empty())
+            .ok_or(MapError::Hole(range))?;
+        if !region.range.contains(&range) {
+            return Err(MapError::CrossesBoundary {
+                range,
+                region: region.range,
+            });
+        }
+        let offset = range.start() - region.range.start();
+        Ok(HostRange {
+            region,
+            guest: range,
+            host_address: region.host_address + offset,
+            block_offset: region.block_offset + offset,
+        })
+    }
+
+    /// True if every byte of `range` is RAM that is populated now: plain
+    /// regions always are, managed ones ask their manager. A caller that
+    /// acts on the answer must hold the manager's
+    /// [`populated`](RamDiscardManager::populated) view instead (rule 3).
+    pub fn is_populated_ram(&self, range: GuestRange) -> bool {
+        match self.lookup(range) {
+            Ok(host) => host.region.manager().is_none_or(|m| m.is_populated(range)),
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discard::BlockDiscardManager;
+    use crate::ram_block::Backing;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+
+    fn block(name: &str, size: u64, backing: Backing) -> Arc<RamBlock> {
+        Arc::new(RamBlock::new(name, size, backing).unwrap())
+    }
+
+    #[test]
+    fn lookup_resolves_and_refuses_holes_and_crossings() {
+        let a = block("a", 4 * MIB, Backing::Memfd);
+        let b = block("b", 4 * MIB, Backing::Memfd);
+        let map = GuestMemoryMap::builder()
+            .ram(0, a.clone())
+            .unwrap()
+            .ram(4 * MIB, b.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let r = |s, l| GuestRange::new(s, l).unwrap();
+        let host = map.lookup(r(MIB, 4096)).unwrap();
+        assert_eq!(host.host_address, a.host_address() + MIB);
+        assert_eq!(host.block_offset, MIB);
+        assert_eq!(map.lookup(r(5 * MIB, 1)).unwrap().host_address, b.host_address() + MIB);
+        assert_eq!(
+            map.lookup(r(4 * MIB - 1, 2)).unwrap_err(),
+            MapError::CrossesBoundary {
+                range: r(4 * MIB - 1, 2),
+                region: r(0, 4 * MIB)
+            }
+        );
+        assert_eq!(map.lookup(r(8 * MIB, 1)).unwrap_err(), MapError::Hole(r(8 * MIB, 1)));
+        assert_eq!(map.lookup(r(0, 0)).unwrap_err(), MapError::Hole(r(0, 0)));
+        assert!(map.lookup(r(7 * MIB, 2 * MIB)).is_err());
+        assert!(map.region_at(u64::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn memory_is_shared_with_the_blocks() {
+        let a = block("a", 2 * MIB, Backing::Memfd);
+        let b = block("b", 8 * MIB, Backing::Memfd);
+        let map = GuestMemoryMap::builder()
+            .ram(0x10_0000, a.clone())
+            .unwrap()
+            // A slice maps the same memfd again: writes show through.
+            .ram_slice(0x100_0000, b.clone(), 2 * MIB, 4 * MIB)
+            .unwrap()
+            .build()
+            .unwrap();
+        map.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x10_0010))
+            .unwrap();
+        // SAFETY: offset 0x10 is inside the 2 MiB mapping of `a`.
+        let v = unsafe { std::ptr::read_volatile((a.host_address() + 0x10) as *const u32) };
+        assert_eq!(v, 0xdead_beef);
+        map.memory().write_obj(0x1234_u16, GuestAddress(0x100_0000)).unwrap();
+        // SAFETY: 2 MiB is inside the 8 MiB mapping of `b`.
+        let v = unsafe { std::ptr::read_volatile((b.host_address() + 2 * MIB) as *const u16) };
+        assert_eq!(v, 0x1234);
+        assert_eq!(map.memory().num_regions(), 2);
+    }
+
+    #[test]
+    fn construction_errors_name_the_values() {
+        let a = block("a", 4 * MIB, Backing::Memfd);
+        let err = GuestMemoryMap::builder()
+            .ram(0, a.clone())
+            .unwrap()
+            .ram(2 * MIB, a.clone())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest RAM region [0x200000, 0x600000) overlaps region [0x0, 0x400000)"
+        );
+        let err = GuestMemoryMap::builder()
+            .ram_slice(0, a.clone(), 2 * MIB, 4 * MIB)
+            .unwrap_err();
+        assert!(err.to_string().contains("[0x200000, +0x400000)"), "{err}");
+        let anon = block("anon", 4 * MIB, Backing::PrivateAnonymous);
+        let err = GuestMemoryMap::builder()
+            .ram_slice(0, anon, 0, 2 * MIB)
+            .unwrap()
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, MapError::SliceOfAnonymousBlock { .. }), "{err}");
+        let err = GuestMemoryMap::builder().ram(u64::MAX - MIB, a.clone()).unwrap_err();
+        assert!(matches!(err, MapError::BadRange { .. }));
+        let manager = Arc::new(BlockDiscardManager::new(GuestRange::new(0, 2 * MIB).unwrap(), 2 * MIB).unwrap());
+        let err = GuestMemoryMap::builder().managed_ram(0, a, manager).unwrap_err();
+        assert!(matches!(err, MapError::ManagerMismatch { .. }));
+    }
+
+    #[test]
+    fn populated_ram_asks_the_manager() {
+        let boot = block("boot", 2 * MIB, Backing::Memfd);
+        let hot = block("hot", 8 * MIB, Backing::Memfd);
+        let region = GuestRange::new(0x1_0000_0000, 8 * MIB).unwrap();
+        let manager = Arc::new(BlockDiscardManager::new(region, 2 * MIB).unwrap());
+        let map = GuestMemoryMap::builder()
+            .ram(0, boot)
+            .unwrap()
+            .managed_ram(region.start(), hot, manager.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let r = |s, l| GuestRange::new(s, l).unwrap();
+        assert!(map.is_populated_ram(r(0, 2 * MIB)));
+        assert!(!map.is_populated_ram(r(0, 2 * MIB + 1)));
+        assert!(!map.is_populated_ram(r(region.start(), 4096)));
+        manager
+            .write()
+            .plug(r(region.start(), 2 * MIB), || Ok::<_, ()>(()), |_| {})
+            .unwrap();
+        assert!(map.is_populated_ram(r(region.start(), 2 * MIB)));
+        assert!(!map.is_populated_ram(r(region.start(), 2 * MIB + 4096)));
+        assert!(map.lookup(r(region.start(), 1)).unwrap().region.manager().is_some());
+    }
+}
