@@ -1,0 +1,282 @@
+//! The `DmaMapper` abstraction: what a DMA-capable device's IOMMU context
+//! (a VFIO container, a userspace backend's pinned buffer table) offers.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How a device may access a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Access {
+    /// The device may read.
+    pub read: bool,
+    /// The device may write.
+    pub write: bool,
+}
+
+impl Access {
+    /// Read and write.
+    pub const READ_WRITE: Access = Access {
+        read: true,
+        write: true,
+    };
+    /// Read only.
+    pub const READ: Access = Access {
+        read: true,
+        write: false,
+    };
+}
+
+/// An inclusive range of usable IOVAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IovaRange {
+    /// First usable IOVA.
+    pub start: u64,
+    /// Last usable IOVA (inclusive).
+    pub end: u64,
+}
+
+/// What a mapper can take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaLimits {
+    /// Most mappings that may exist at once (VFIO type1's `dma_entry_limit`
+    /// defaults to 65535).
+    pub max_mappings: u64,
+    /// Supported page sizes as a bit mask (bit n set: 2^n-byte pages);
+    /// mappings must be aligned to the smallest.
+    pub page_sizes: u64,
+    /// The IOVA ranges mappings may use.
+    pub iova_ranges: Vec<IovaRange>,
+}
+
+impl DmaLimits {
+    /// The smallest supported page size.
+    pub fn min_page_size(&self) -> u64 {
+        1 << self.page_sizes.trailing_zeros().min(63)
+    }
+}
+
+/// Errors of a [`DmaMapper`].
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    /// The mapping would take pinned memory past the VM's budget.
+    #[error(
+        "pin budget exceeded: mapping {len:#x} bytes at iova {iova:#x} would pin {would:#x} bytes, budget {budget:#x}"
+    )]
+    BudgetExceeded {
+        /// IOVA of the refused mapping.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// Pinned bytes it would have led to.
+        would: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// Address, length or host address not aligned to the page size, or empty.
+    #[error("mapping iova {iova:#x} host {host:#x} len {len:#x} is empty or not aligned to {page_size:#x}")]
+    Unaligned {
+        /// IOVA.
+        iova: u64,
+        /// Host address.
+        host: u64,
+        /// Length.
+        len: u64,
+        /// Required alignment.
+        page_size: u64,
+    },
+    /// The IOVA range overlaps an existing mapping.
+    #[error("iova range [{iova:#x}, +{len:#x}) overlaps the mapping at {existing:#x}")]
+    Overlap {
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// Start of the mapping it overlaps.
+        existing: u64,
+    },
+    /// An unmap would split a mapping.
+    #[error("unmap of [{iova:#x}, +{len:#x}) would split the mapping [{start:#x}, +{mapping_len:#x})")]
+    Split {
+        /// IOVA of the unmap.
+        iova: u64,
+        /// Length of the unmap.
+        len: u64,
+        /// Start of the mapping it would split.
+        start: u64,
+        /// Length of that mapping.
+        mapping_len: u64,
+    },
+    /// The mapper has no room for more mappings.
+    #[error("mapping limit reached: {limit} mappings")]
+    TooManyMappings {
+        /// The limit.
+        limit: u64,
+    },
+    /// The IOVA range is outside the usable ranges.
+    #[error("iova range [{iova:#x}, +{len:#x}) is outside the usable IOVA ranges")]
+    IovaOutOfRange {
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The kernel refused.
+    #[error("{op} of iova {iova:#x} len {len:#x} failed: {source}")]
+    Os {
+        /// What was attempted.
+        op: &'static str,
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A DMA address space that pins what it maps.
+///
+/// # Contract
+///
+/// * `map` makes `[host, host + len)` reachable by the device at
+///   `[iova, iova + len)` and pins it. It is all or nothing: on error
+///   nothing stays mapped or pinned. The caller guarantees the host range
+///   is mapped memory that stays mapped until `unmap` (memvisor guarantees
+///   that it is populated guest RAM — DESIGN.md rule 1).
+/// * `unmap` removes every mapping lying wholly inside `[iova, iova + len)`
+///   and unpins it before returning; holes are fine; a range that would
+///   split a mapping fails with [`DmaError::Split`] and changes nothing.
+/// * `pinned_bytes` is exact at every moment no call is in progress.
+pub trait DmaMapper: Send + Sync {
+    /// Short name for errors and logs.
+    fn name(&self) -> &str;
+
+    /// Maps and pins; see the trait documentation.
+    fn map(&self, iova: u64, host: u64, len: u64, access: Access) -> Result<(), DmaError>;
+
+    /// Unmaps and unpins; returns the bytes unmapped.
+    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError>;
+
+    /// What the mapper can take.
+    fn limits(&self) -> DmaLimits;
+
+    /// Bytes currently pinned by this mapper.
+    fn pinned_bytes(&self) -> u64;
+
+    /// Mappings currently live.
+    fn mapping_count(&self) -> u64;
+}
+
+/// A per-VM limit on pinned bytes, shared by every mapper of the VM and
+/// enforced by memvisor itself (the process has `CAP_IPC_LOCK`, so the
+/// kernel's `RLIMIT_MEMLOCK` does not bound it).
+pub struct PinBudget {
+    limit: Option<u64>,
+    used: AtomicU64,
+}
+
+impl fmt::Debug for PinBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinBudget")
+            .field("limit", &self.limit)
+            .field("used", &self.used())
+            .finish()
+    }
+}
+
+impl PinBudget {
+    /// A budget of `limit` bytes.
+    pub fn limited(limit: u64) -> Self {
+        Self {
+            limit: Some(limit),
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// No limit (VFIO's behaviour with `CAP_IPC_LOCK`): a real guest's
+    /// whole RAM may be pinned.
+    pub fn unlimited() -> Self {
+        Self {
+            limit: None,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// The limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Charges `bytes` for the mapping at `iova`, or fails without charging
+    /// anything if the budget would be exceeded.
+    pub fn charge(&self, iova: u64, bytes: u64) -> Result<(), DmaError> {
+        let mut current = self.used.load(Ordering::Relaxed);
+        loop {
+            let would = current.saturating_add(bytes);
+            if let Some(budget) = self.limit
+                && would > budget
+            {
+                return Err(DmaError::BudgetExceeded {
+                    iova,
+                    len: bytes,
+                    would,
+                    budget,
+                });
+            }
+            match self
+                .used
+                .compare_exchange_weak(current, would, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Returns `bytes` to the budget.
+    pub fn release(&self, bytes: u64) {
+        let previous = self.used.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(previous >= bytes, "pin budget released more than charged");
+    }
+}
+
+/// `VmPin` of this process in KiB, from `/proc/self/status`: what the
+/// kernel counts as long-term pinned.
+pub fn vm_pin_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmPin:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_charges_and_refuses() {
+        let b = PinBudget::limited(8192);
+        b.charge(0, 4096).unwrap();
+        b.charge(0x1000, 4096).unwrap();
+        let err = b.charge(0x2000, 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pin budget exceeded: mapping 0x1 bytes at iova 0x2000 would pin 0x2001 bytes, budget 0x2000"
+        );
+        assert_eq!(b.used(), 8192);
+        b.release(4096);
+        b.charge(0x2000, 4096).unwrap();
+        let u = PinBudget::unlimited();
+        u.charge(0, u64::MAX / 2).unwrap();
+        assert_eq!(u.limit(), None);
+    }
+}
