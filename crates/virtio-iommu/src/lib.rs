@@ -1,0 +1,72 @@
+//! The memvisor virtio-iommu device (virtio device ID 23).
+//!
+//! The guest driver creates domains, attaches endpoints (devices behind the
+//! IOMMU, created by the VMM) and maps IOVA ranges onto guest-physical
+//! memory. Consumers learn of every mapping through an
+//! [`IommuNotifier`] — the DMA layer pins what assigned devices may reach —
+//! and emulated devices [`translate`](IommuHandle::translate) their
+//! accesses. A MAP onto memory that is not populated guest RAM (a hole, an
+//! unplugged virtio-mem block) is refused, checked under the discard
+//! manager's read lock that the notifiers then pin under (DESIGN.md rule 3).
+//!
+//! * [`wire`] — the specification's structures and constants;
+//! * [`request`] — guest bytes → [`Request`] (or a malformed-request error);
+//! * [`device`] — [`VirtioIommu`] (the transport's side) and [`IommuHandle`]
+//!   (the VMM's and emulated devices' side);
+//! * [`notifier`] — the [`IommuNotifier`] contract;
+//! * [`persist`] — versioned migration state.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use memvisor_memory::{Backing, RamBlock, map::GuestMemoryMap};
+//! use memvisor_virtio::VirtioDevice;
+//! use memvisor_virtio::driver::{Buf, DriverQueue};
+//! use memvisor_virtio::interrupt::EventFdInterrupt;
+//! use memvisor_virtio_iommu::request::{Attach, Map, Request};
+//! use memvisor_virtio_iommu::{Access, IommuConfig, Status, VirtioIommu, wire};
+//! use vm_memory::GuestAddress;
+//!
+//! let ram = Arc::new(RamBlock::new("ram", 16 << 20, Backing::Memfd).unwrap());
+//! let mem = GuestMemoryMap::builder().ram(0, ram).unwrap().build().unwrap();
+//! let config = IommuConfig { endpoints: vec![8], ..IommuConfig::default() };
+//! let mut dev = VirtioIommu::new(config, None).unwrap();
+//! dev.ack_features(dev.avail_features());
+//! let mut requests = DriverQueue::new(mem.memory(), GuestAddress(0), 16, 4096).unwrap();
+//! let events = DriverQueue::new(mem.memory(), GuestAddress(0x10_0000), 16, 4096).unwrap();
+//! let queues = vec![requests.device_queue(), events.device_queue()];
+//! dev.activate(mem.clone(), Arc::new(EventFdInterrupt::new(2).unwrap()), queues).unwrap();
+//!
+//! let attach = Request::Attach(Attach { domain: 1, endpoint: 8, flags: 0, reserved: [0; 4] });
+//! let map = Request::Map(Map {
+//!     domain: 1,
+//!     virt_start: 0x1000,
+//!     virt_end: 0x1fff,
+//!     phys_start: 0xa000,
+//!     flags: wire::MAP_F_READ,
+//! });
+//! for request in [attach, map] {
+//!     requests.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
+//!     dev.queue_notify(wire::REQUEST_QUEUE);
+//!     assert_eq!(requests.pop_used().unwrap().data[0], Status::Ok as u8);
+//! }
+//! let t = dev.handle().translate(8, 0x1010, Access::Read).unwrap();
+//! assert_eq!((t.gpa, t.len), (0xa010, 0xff0));
+//! assert!(dev.handle().translate(8, 0x1010, Access::Write).is_err());
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod device;
+pub mod mapping;
+pub mod notifier;
+pub mod persist;
+pub mod request;
+pub mod wire;
+
+pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
+pub use device::{Access, Fault, FaultKind, IommuHandle, MapRefusal, NotifierError, Translation, VirtioIommu};
+pub use mapping::{MapFlags, Mapping};
+pub use notifier::{IommuNotifier, MapCause, MapEvent, NotifierId, UnmapCause, UnmapEvent};
+pub use persist::{IommuState, LoadError};
+pub use request::Request;
+pub use wire::Status;

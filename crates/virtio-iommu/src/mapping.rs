@@ -1,0 +1,251 @@
+//! The mappings of one domain: non-overlapping IOVA intervals in a
+//! `BTreeMap` keyed by start, so lookup, overlap detection and UNMAP's
+//! "no split" check each cost O(log n) (plus the mappings removed).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::wire::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+
+/// The flags of a mapping (`VIRTIO_IOMMU_MAP_F_*`), only known bits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MapFlags(u32);
+
+impl MapFlags {
+    /// Endpoints may read.
+    pub const READ: Self = Self(MAP_F_READ);
+    /// Endpoints may write.
+    pub const WRITE: Self = Self(MAP_F_WRITE);
+    /// The target is memory-mapped I/O, not RAM: never pinned.
+    pub const MMIO: Self = Self(MAP_F_MMIO);
+    /// Every known bit.
+    pub const ALL: Self = Self(MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO);
+
+    /// The flags for `bits`, or `None` if a bit is unknown.
+    pub const fn from_bits(bits: u32) -> Option<Self> {
+        if bits & !Self::ALL.0 != 0 {
+            None
+        } else {
+            Some(Self(bits))
+        }
+    }
+
+    /// The wire value.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// True if every bit of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Reads allowed.
+    pub const fn read(self) -> bool {
+        self.contains(Self::READ)
+    }
+
+    /// Writes allowed.
+    pub const fn write(self) -> bool {
+        self.contains(Self::WRITE)
+    }
+
+    /// An MMIO mapping.
+    pub const fn mmio(self) -> bool {
+        self.contains(Self::MMIO)
+    }
+}
+
+impl std::ops::BitOr for MapFlags {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for MapFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [(Self::READ, "READ"), (Self::WRITE, "WRITE"), (Self::MMIO, "MMIO")]
+            .into_iter()
+            .filter(|(flag, _)| self.contains(*flag))
+            .map(|(_, name)| name)
+            .collect();
+        if names.is_empty() {
+            f.write_str("(none)")
+        } else {
+            f.write_str(&names.join("|"))
+        }
+    }
+}
+
+/// One mapping, as created by a single MAP request: IOVAs
+/// `[virt_start, virt_end]` (inclusive) onto guest-physical
+/// `[phys_start, phys_start + size)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// First IOVA.
+    pub virt_start: u64,
+    /// Last IOVA (inclusive).
+    pub virt_end: u64,
+    /// Guest-physical address of `virt_start`.
+    pub phys_start: u64,
+    /// Permissions and memory type.
+    pub flags: MapFlags,
+}
+
+impl Mapping {
+    /// Bytes covered. The device never records a mapping of the whole
+    /// 2^64 space, so this cannot overflow.
+    pub fn size(&self) -> u64 {
+        self.virt_end - self.virt_start + 1
+    }
+
+    /// The guest-physical address `iova` translates to; `iova` must be
+    /// inside the mapping.
+    pub fn translate(&self, iova: u64) -> u64 {
+        self.phys_start + (iova - self.virt_start)
+    }
+}
+
+/// Why an UNMAP cannot proceed: it would split this mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WouldSplit(pub Mapping);
+
+/// The mappings of one domain; never two overlapping.
+#[derive(Debug, Clone, Default)]
+pub struct DomainMappings {
+    by_start: BTreeMap<u64, Mapping>,
+}
+
+impl DomainMappings {
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// True if there is none.
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
+
+    /// The mappings in ascending IOVA order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Mapping> + '_ {
+        self.by_start.values()
+    }
+
+    /// The mapping containing `iova`.
+    pub fn find(&self, iova: u64) -> Option<&Mapping> {
+        self.by_start
+            .range(..=iova)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| m.virt_end >= iova)
+    }
+
+    /// True if some mapping shares an IOVA with `[start, end]`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        // Mappings never overlap, so only the last one starting at or
+        // before `end` can reach into the range.
+        self.by_start
+            .range(..=end)
+            .next_back()
+            .is_some_and(|(_, m)| m.virt_end >= start)
+    }
+
+    /// Adds `mapping`; the caller checked [`overlaps`](Self::overlaps).
+    pub fn insert(&mut self, mapping: Mapping) {
+        debug_assert!(!self.overlaps(mapping.virt_start, mapping.virt_end));
+        self.by_start.insert(mapping.virt_start, mapping);
+    }
+
+    /// The mappings an UNMAP of `[start, end]` removes (every mapping
+    /// wholly inside it), or the mapping it would split. Holes are fine.
+    pub fn covered(&self, start: u64, end: u64) -> Result<Vec<Mapping>, WouldSplit> {
+        if let Some((_, m)) = self.by_start.range(..start).next_back()
+            && m.virt_end >= start
+        {
+            return Err(WouldSplit(*m));
+        }
+        let inside: Vec<Mapping> = self.by_start.range(start..=end).map(|(_, m)| *m).collect();
+        match inside.last() {
+            Some(last) if last.virt_end > end => Err(WouldSplit(*last)),
+            _ => Ok(inside),
+        }
+    }
+
+    /// Removes the mapping starting at `virt_start`.
+    pub fn remove(&mut self, virt_start: u64) -> Option<Mapping> {
+        self.by_start.remove(&virt_start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn m(s: u64, e: u64) -> Mapping {
+        Mapping {
+            virt_start: s,
+            virt_end: e,
+            phys_start: 0x1000 + s,
+            flags: MapFlags::READ,
+        }
+    }
+
+    #[test]
+    fn lookup_overlap_and_cover() {
+        let mut d = DomainMappings::default();
+        d.insert(m(10, 19));
+        d.insert(m(30, 39));
+        assert_eq!(d.find(10), Some(&m(10, 19)));
+        assert_eq!(d.find(19), Some(&m(10, 19)));
+        assert_eq!(d.find(20), None);
+        assert_eq!(d.find(9), None);
+        assert!(d.overlaps(0, 10));
+        assert!(d.overlaps(19, 29));
+        assert!(!d.overlaps(20, 29));
+        assert!(d.overlaps(0, u64::MAX));
+        assert_eq!(d.covered(0, 29), Ok(vec![m(10, 19)]));
+        assert_eq!(d.covered(15, 29), Err(WouldSplit(m(10, 19))));
+        assert_eq!(d.covered(0, 35), Err(WouldSplit(m(30, 39))));
+        assert_eq!(d.covered(0, u64::MAX), Ok(vec![m(10, 19), m(30, 39)]));
+        assert_eq!(d.covered(40, 50), Ok(vec![]));
+        assert_eq!(MapFlags::from_bits(8), None);
+        assert_eq!(format!("{:?}", MapFlags::READ | MapFlags::MMIO), "READ|MMIO");
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_naive_model(ops in prop::collection::vec((any::<bool>(), 0u64..64, 0u64..16), 1..60), q in 0u64..80) {
+            let mut d = DomainMappings::default();
+            let mut model: Vec<Mapping> = Vec::new();
+            for (map, s, len) in ops {
+                let e = s + len;
+                let overl = model.iter().any(|x| x.virt_start <= e && s <= x.virt_end);
+                prop_assert_eq!(d.overlaps(s, e), overl);
+                if map {
+                    if !overl {
+                        d.insert(m(s, e));
+                        model.push(m(s, e));
+                    }
+                } else {
+                    let split = model.iter().any(|x| x.virt_start <= e && s <= x.virt_end && (x.virt_start < s || x.virt_end > e));
+                    match d.covered(s, e) {
+                        Err(_) => prop_assert!(split),
+                        Ok(list) => {
+                            prop_assert!(!split);
+                            for x in &list {
+                                d.remove(x.virt_start);
+                            }
+                            model.retain(|x| !(x.virt_start >= s && x.virt_end <= e));
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(d.len(), model.len());
+            let naive = model.iter().find(|x| x.virt_start <= q && q <= x.virt_end);
+            prop_assert_eq!(d.find(q), naive);
+        }
+    }
+}

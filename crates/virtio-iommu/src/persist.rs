@@ -1,0 +1,317 @@
+//! Versioned migration state: endpoints, domains and mappings.
+//!
+//! The memory device restores before the IOMMU (DESIGN.md rule 4), so when
+//! the state is loaded the discard managers already hold the migrated
+//! populated state, and every mapping replayed to a notifier is checked
+//! against it exactly like a MAP request.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{Domain, IommuHandle, MapRefusal, deliver_map, unmap_to};
+use crate::mapping::{DomainMappings, MapFlags, Mapping};
+use crate::notifier::{MapCause, UnmapCause};
+
+/// One endpoint of the topology and the domain it is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    /// Endpoint ID.
+    pub id: u32,
+    /// Domain it is attached to.
+    pub domain: Option<u32>,
+}
+
+/// One mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingState {
+    /// First IOVA.
+    pub virt_start: u64,
+    /// Last IOVA (inclusive).
+    pub virt_end: u64,
+    /// Guest-physical address of `virt_start`.
+    pub phys_start: u64,
+    /// `VIRTIO_IOMMU_MAP_F_*` bits.
+    pub flags: u32,
+}
+
+/// One domain and its mappings, in ascending IOVA order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainState {
+    /// Domain ID.
+    pub id: u32,
+    /// A bypass domain (`ATTACH_F_BYPASS`).
+    pub bypass: bool,
+    /// Its mappings.
+    pub mappings: Vec<MappingState>,
+}
+
+/// The device's migration state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuState {
+    /// The `bypass` config field.
+    pub bypass: bool,
+    /// Every endpoint of the source's topology.
+    pub endpoints: Vec<EndpointState>,
+    /// Every domain.
+    pub domains: Vec<DomainState>,
+}
+
+impl IommuState {
+    /// Version of this layout; bump it on any change.
+    pub const VERSION: u16 = 1;
+}
+
+/// Why a state could not be loaded. The device is left with no domain
+/// attached and every notifier told to unmap what it had been given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The state names an endpoint that this device's topology lacks.
+    #[error("endpoint {0} of the migration state does not exist here")]
+    UnknownEndpoint(u32),
+    /// An endpoint or domain is listed twice.
+    #[error("{what} {id} is listed twice")]
+    Duplicate {
+        /// `"endpoint"` or `"domain"`.
+        what: &'static str,
+        /// The ID.
+        id: u32,
+    },
+    /// A domain ID outside this device's `domain_range`.
+    #[error("domain {0} is outside the domain range")]
+    DomainOutOfRange(u32),
+    /// An endpoint attached to a domain the state does not list.
+    #[error("endpoint {endpoint} is attached to domain {domain}, which the state does not list")]
+    MissingDomain {
+        /// The endpoint.
+        endpoint: u32,
+        /// The domain.
+        domain: u32,
+    },
+    /// A domain without endpoints (it cannot exist).
+    #[error("domain {0} has no endpoint attached")]
+    EmptyDomain(u32),
+    /// More domains or mappings than this device's limits allow.
+    #[error("{what}: {count} exceeds the limit {limit}")]
+    Limit {
+        /// What was counted.
+        what: String,
+        /// How many.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A mapping that no MAP request could have created here.
+    #[error("domain {domain}: mapping [{virt_start:#x}, {virt_end:#x}] -> {phys_start:#x} is invalid: {reason}")]
+    BadMapping {
+        /// The domain.
+        domain: u32,
+        /// First IOVA.
+        virt_start: u64,
+        /// Last IOVA.
+        virt_end: u64,
+        /// Guest-physical start.
+        phys_start: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Replaying a mapping to the notifiers failed.
+    #[error("domain {domain}: replaying mapping [{virt_start:#x}, {virt_end:#x}] -> {phys_start:#x} failed: {refusal}")]
+    Refused {
+        /// The domain.
+        domain: u32,
+        /// First IOVA.
+        virt_start: u64,
+        /// Last IOVA.
+        virt_end: u64,
+        /// Guest-physical start.
+        phys_start: u64,
+        /// Why.
+        refusal: MapRefusal,
+    },
+}
+
+impl IommuHandle {
+    /// The migration state.
+    pub fn save_state(&self) -> IommuState {
+        self.with_core(|core| IommuState {
+            bypass: core.bypass,
+            endpoints: core
+                .endpoints
+                .iter()
+                .map(|(&id, ep)| EndpointState { id, domain: ep.domain })
+                .collect(),
+            domains: core
+                .domains
+                .iter()
+                .map(|(&id, d)| DomainState {
+                    id,
+                    bypass: d.bypass,
+                    mappings: d
+                        .mappings
+                        .iter()
+                        .map(|m| MappingState {
+                            virt_start: m.virt_start,
+                            virt_end: m.virt_end,
+                            phys_start: m.phys_start,
+                            flags: m.flags.bits(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Replaces the device's domains and mappings with `state` and replays
+    /// every mapping, domain by domain in ascending IOVA order, to the
+    /// notifiers registered for the endpoints attached to it (checked like
+    /// a MAP: RAM, populated, under the manager's read guard).
+    ///
+    /// The state is validated first; on any error nothing stays attached
+    /// and every notifier that was given a mapping is told to unmap it.
+    pub fn load_state(&self, state: &IommuState) -> Result<(), LoadError> {
+        self.with_core(|core| {
+            let domains = validate(core, state)?;
+            core.detach_all(UnmapCause::Reset);
+            core.bypass = state.bypass;
+            core.domains = domains;
+            for e in &state.endpoints {
+                if let Some(ep) = core.endpoints.get_mut(&e.id) {
+                    ep.domain = e.domain;
+                }
+            }
+            let mut done: Vec<(u32, Mapping)> = Vec::new();
+            let mut failure = None;
+            'domains: for (&id, d) in &core.domains {
+                if d.bypass {
+                    continue;
+                }
+                let targets = core.domain_targets(id);
+                if targets.is_empty() {
+                    continue;
+                }
+                for m in d.mappings.iter() {
+                    if let Err(refusal) = deliver_map(core.mem.as_ref(), &targets, id, m, MapCause::Restore) {
+                        failure = Some(LoadError::Refused {
+                            domain: id,
+                            virt_start: m.virt_start,
+                            virt_end: m.virt_end,
+                            phys_start: m.phys_start,
+                            refusal,
+                        });
+                        break 'domains;
+                    }
+                    done.push((id, *m));
+                }
+            }
+            let Some(error) = failure else {
+                return Ok(());
+            };
+            for (id, m) in done.iter().rev() {
+                unmap_to(&core.domain_targets(*id), *id, m, UnmapCause::Rollback);
+            }
+            core.domains.clear();
+            for ep in core.endpoints.values_mut() {
+                ep.domain = None;
+            }
+            log::warn!("virtio-iommu: loading state failed: {error}");
+            Err(error)
+        })
+    }
+}
+
+/// Checks `state` against this device and builds its domains (endpoints
+/// filled in).
+fn validate(core: &crate::device::Core, state: &IommuState) -> Result<BTreeMap<u32, Domain>, LoadError> {
+    let config = &core.config;
+    let mut domains = BTreeMap::new();
+    if state.domains.len() > config.limits.max_domains {
+        return Err(LoadError::Limit {
+            what: "domains".into(),
+            count: state.domains.len(),
+            limit: config.limits.max_domains,
+        });
+    }
+    for d in &state.domains {
+        if !core.domain_in_range(d.id) {
+            return Err(LoadError::DomainOutOfRange(d.id));
+        }
+        if d.mappings.len() > config.limits.max_mappings_per_domain {
+            return Err(LoadError::Limit {
+                what: format!("mappings of domain {}", d.id),
+                count: d.mappings.len(),
+                limit: config.limits.max_mappings_per_domain,
+            });
+        }
+        let mut mappings = DomainMappings::default();
+        let granule = config.granule();
+        for m in &d.mappings {
+            let bad = |reason| LoadError::BadMapping {
+                domain: d.id,
+                virt_start: m.virt_start,
+                virt_end: m.virt_end,
+                phys_start: m.phys_start,
+                reason,
+            };
+            let flags = MapFlags::from_bits(m.flags).ok_or_else(|| bad("unknown flag bits"))?;
+            if d.bypass {
+                return Err(bad("a bypass domain has no mappings"));
+            }
+            if m.virt_end < m.virt_start
+                || m.virt_end - m.virt_start == u64::MAX
+                || m.phys_start.checked_add(m.virt_end - m.virt_start).is_none()
+            {
+                return Err(bad("empty or overflowing range"));
+            }
+            if m.virt_start < config.input_start || m.virt_end > config.input_end {
+                return Err(bad("outside the input range"));
+            }
+            if m.virt_start % granule != 0 || m.virt_end.wrapping_add(1) % granule != 0 || m.phys_start % granule != 0 {
+                return Err(bad("not aligned to the page granularity"));
+            }
+            if mappings.overlaps(m.virt_start, m.virt_end) {
+                return Err(bad("overlaps another mapping"));
+            }
+            mappings.insert(Mapping {
+                virt_start: m.virt_start,
+                virt_end: m.virt_end,
+                phys_start: m.phys_start,
+                flags,
+            });
+        }
+        let domain = Domain {
+            bypass: d.bypass,
+            endpoints: BTreeSet::new(),
+            mappings,
+        };
+        if domains.insert(d.id, domain).is_some() {
+            return Err(LoadError::Duplicate {
+                what: "domain",
+                id: d.id,
+            });
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for e in &state.endpoints {
+        if !core.endpoints.contains_key(&e.id) {
+            return Err(LoadError::UnknownEndpoint(e.id));
+        }
+        if !seen.insert(e.id) {
+            return Err(LoadError::Duplicate {
+                what: "endpoint",
+                id: e.id,
+            });
+        }
+        if let Some(domain) = e.domain {
+            domains
+                .get_mut(&domain)
+                .ok_or(LoadError::MissingDomain { endpoint: e.id, domain })?
+                .endpoints
+                .insert(e.id);
+        }
+    }
+    if let Some((&id, _)) = domains.iter().find(|(_, d)| d.endpoints.is_empty()) {
+        return Err(LoadError::EmptyDomain(id));
+    }
+    Ok(domains)
+}
