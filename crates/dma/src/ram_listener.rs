@@ -218,7 +218,10 @@ impl RamDmaListener {
                             region: region.range(),
                             reason: e.to_string(),
                         })?;
-                    this.registered.get_mut().expect("not shared yet").push((manager.clone(), id));
+                    this.registered
+                        .get_mut()
+                        .expect("not shared yet")
+                        .push((manager.clone(), id));
                 }
             }
         }
@@ -283,7 +286,9 @@ mod tests {
 
     impl Machine {
         fn plug(&self, range: GuestRange) -> Result<(), PlugError<std::convert::Infallible>> {
-            self.manager.write().plug(range, || Ok::<(), std::convert::Infallible>(()), |_| {})
+            self.manager
+                .write()
+                .plug(range, || Ok::<(), std::convert::Infallible>(()), |_| {})
         }
         fn unplug(&self, range: GuestRange) {
             let hot = self.hot.clone();
@@ -327,7 +332,11 @@ mod tests {
         let _l = RamDmaListener::attach("vfio0", &m.mem, pinner.clone(), &DiscardPolicy::new()).unwrap();
         let err = m.plug(r(HOT, 8 * MIB)).unwrap_err();
         assert!(err.to_string().contains("pin budget exceeded"), "{err}");
-        assert_eq!(pinner.pinned_bytes(), 4 * MIB, "granules mapped before the failure were unmapped");
+        assert_eq!(
+            pinner.pinned_bytes(),
+            4 * MIB,
+            "granules mapped before the failure were unmapped"
+        );
         assert!(!m.manager.is_populated(r(HOT, 2 * MIB)));
         m.plug(r(HOT, 6 * MIB)).unwrap();
         assert_eq!(pinner.pinned_bytes(), 10 * MIB);
@@ -345,8 +354,21 @@ mod tests {
         ));
         let err = RamDmaListener::attach("vfio0", &m.mem, pinner.clone(), &DiscardPolicy::new()).unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, SetupError::TooManyMappings { needed: 513, max: 300, .. }), "{text}");
-        assert!(text.contains("a block size of 0x400000 (4 MiB) or larger would fit"), "{text}");
+        assert!(
+            matches!(
+                err,
+                SetupError::TooManyMappings {
+                    needed: 513,
+                    max: 300,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("a block size of 0x400000 (4 MiB) or larger would fit"),
+            "{text}"
+        );
         assert_eq!(pinner.pinned_bytes(), 0);
         assert_eq!(fitting_block_size(&[r(0, 1 << 30)], 1, 300, 2 * MIB), Some(4 * MIB));
         assert_eq!(fitting_block_size(&[r(0, 1 << 30)], 300, 300, 2 * MIB), None);

@@ -160,9 +160,7 @@ impl UringPinner {
         while i < slots.len() {
             let start = slots[i];
             let mut n = 1;
-            while i + n < slots.len()
-                && slots[i + n].ring == start.ring
-                && slots[i + n].index == start.index + n as u32
+            while i + n < slots.len() && slots[i + n].ring == start.ring && slots[i + n].index == start.index + n as u32
             {
                 n += 1;
             }
@@ -170,7 +168,11 @@ impl UringPinner {
             if let Err(e) = table.update(start.index, &empty[..n]) {
                 // Clearing a slot cannot fail on a valid table; if it ever
                 // does, the slot stays pinned and must not be reused.
-                log::error!("unpinning io_uring slots {}+{n} of ring {} failed: {e}", start.index, start.ring);
+                log::error!(
+                    "unpinning io_uring slots {}+{n} of ring {} failed: {e}",
+                    start.index,
+                    start.ring
+                );
             } else {
                 table.free.extend((start.index..start.index + n as u32).rev());
             }
@@ -316,7 +318,10 @@ impl DmaMapper for UringPinner {
         DmaLimits {
             max_mappings: self.max_mappings,
             page_sizes: !(PAGE_SIZE - 1),
-            iova_ranges: vec![IovaRange { start: 0, end: u64::MAX }],
+            iova_ranges: vec![IovaRange {
+                start: 0,
+                end: u64::MAX,
+            }],
         }
     }
 
@@ -353,7 +358,6 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-
     fn pinner(budget: Option<u64>) -> UringPinner {
         let budget = budget.map_or_else(PinBudget::unlimited, PinBudget::limited);
         UringPinner::new("test", Arc::new(budget))
@@ -369,7 +373,8 @@ mod tests {
         assert_eq!(vm_pin_kib() - before, 8 * 1024);
         // Pinning faulted the pages in.
         assert_eq!(ram.resident_bytes(0, 8 * MIB).unwrap(), 8 * MIB);
-        p.map(8 * MIB, ram.host_address() + 8 * MIB, 4096, Access::READ).unwrap();
+        p.map(8 * MIB, ram.host_address() + 8 * MIB, 4096, Access::READ)
+            .unwrap();
         assert_eq!(vm_pin_kib() - before, 8 * 1024 + 4);
         assert_eq!((p.pinned_bytes(), p.mapping_count()), (8 * MIB + 4096, 2));
         assert_eq!(p.unmap(0, 16 * MIB).unwrap(), 8 * MIB + 4096);
@@ -432,7 +437,8 @@ mod tests {
         let ram = RamBlock::new("big", (1 << 30) + 8 * MIB, Backing::PrivateAnonymous).unwrap();
         let p = pinner(None);
         let before = vm_pin_kib();
-        p.map(1 << 32, ram.host_address(), (1 << 30) + 8 * MIB, Access::READ_WRITE).unwrap();
+        p.map(1 << 32, ram.host_address(), (1 << 30) + 8 * MIB, Access::READ_WRITE)
+            .unwrap();
         assert_eq!(vm_pin_kib() - before, (1 << 20) + 8 * 1024);
         assert_eq!(p.mapping_count(), 1);
         assert_eq!(p.unmap(1 << 32, (1 << 30) + 8 * MIB).unwrap(), (1 << 30) + 8 * MIB);
@@ -446,8 +452,13 @@ mod tests {
         let ram = RamBlock::new("ram", n * PAGE_SIZE, Backing::Memfd).unwrap();
         let p = pinner(None);
         for i in 0..n {
-            p.map(i * PAGE_SIZE, ram.host_address() + i * PAGE_SIZE, PAGE_SIZE, Access::READ)
-                .unwrap();
+            p.map(
+                i * PAGE_SIZE,
+                ram.host_address() + i * PAGE_SIZE,
+                PAGE_SIZE,
+                Access::READ,
+            )
+            .unwrap();
         }
         assert_eq!(p.ring_count(), 2);
         assert_eq!(p.pinned_bytes(), n * PAGE_SIZE);
@@ -456,8 +467,13 @@ mod tests {
         assert_eq!(p.mapping_count(), 0);
         // Freed slots are reused before any new ring is made.
         for i in 0..n {
-            p.map(i * PAGE_SIZE, ram.host_address() + i * PAGE_SIZE, PAGE_SIZE, Access::READ)
-                .unwrap();
+            p.map(
+                i * PAGE_SIZE,
+                ram.host_address() + i * PAGE_SIZE,
+                PAGE_SIZE,
+                Access::READ,
+            )
+            .unwrap();
         }
         assert_eq!(p.ring_count(), 2);
         p.unmap(0, u64::MAX).unwrap();
@@ -470,11 +486,17 @@ mod tests {
         let p = pinner(Some(4 * MIB));
         let before = vm_pin_kib();
         p.map(0, ram.host_address(), 3 * MIB, Access::READ_WRITE).unwrap();
-        let err = p.map(3 * MIB, ram.host_address() + 3 * MIB, 2 * MIB, Access::READ_WRITE).unwrap_err();
-        assert!(matches!(err, DmaError::BudgetExceeded { budget, .. } if budget == 4 * MIB), "{err}");
+        let err = p
+            .map(3 * MIB, ram.host_address() + 3 * MIB, 2 * MIB, Access::READ_WRITE)
+            .unwrap_err();
+        assert!(
+            matches!(err, DmaError::BudgetExceeded { budget, .. } if budget == 4 * MIB),
+            "{err}"
+        );
         assert_eq!(vm_pin_kib() - before, 3 * 1024);
         assert_eq!(p.budget().used(), 3 * MIB);
-        p.map(3 * MIB, ram.host_address() + 3 * MIB, MIB, Access::READ_WRITE).unwrap();
+        p.map(3 * MIB, ram.host_address() + 3 * MIB, MIB, Access::READ_WRITE)
+            .unwrap();
         drop(p);
         assert_eq!(vm_pin_kib(), before, "dropping the pinner unpins everything");
     }
@@ -490,8 +512,14 @@ mod tests {
             p.map(3 * MIB, h, 2 * MIB, Access::READ),
             Err(DmaError::Overlap { existing, .. }) if existing == 2 * MIB
         ));
-        assert!(matches!(p.map(MIB, h, 2 * MIB, Access::READ), Err(DmaError::Overlap { .. })));
-        assert!(matches!(p.map(0, h + 1, 4096, Access::READ), Err(DmaError::Unaligned { .. })));
+        assert!(matches!(
+            p.map(MIB, h, 2 * MIB, Access::READ),
+            Err(DmaError::Overlap { .. })
+        ));
+        assert!(matches!(
+            p.map(0, h + 1, 4096, Access::READ),
+            Err(DmaError::Unaligned { .. })
+        ));
         assert!(matches!(p.map(0, h, 0, Access::READ), Err(DmaError::Unaligned { .. })));
         assert!(matches!(
             p.map(u64::MAX - 4095, h, 8192, Access::READ),

@@ -1,0 +1,315 @@
+//! Path 2, with a vIOMMU: an assigned device sees IOVAs that the guest maps
+//! through virtio-iommu, and only those are mapped for DMA.
+//!
+//! [`ViommuDmaBridge`] is the [`IommuNotifier`] of an assigned endpoint. For
+//! every MAP it is told of, it refuses (`S_INVAL`) anything that is not
+//! entirely populated RAM — the IOMMU device checks too, and the bridge
+//! re-checks under the same read guard, which the device holds for the
+//! whole notification (DESIGN.md rule 3) — and pins the rest through its
+//! [`DmaMapper`]. `MMIO` mappings are accepted and never pinned.
+//!
+//! It is also a [`RamDiscardListener`] of every managed RAM region: its
+//! `may_discard` vetoes the unplug of any block a live pinned mapping covers
+//! ([`UnplugGuard::Reject`], the default: virtio-mem answers BUSY), or,
+//! under [`UnplugGuard::Warn`] (QEMU's behaviour), lets it through with a
+//! single warning and keeps the pin until the guest unmaps.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use memvisor_memory::GuestRange;
+use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager, Refusal};
+use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
+use memvisor_virtio_iommu::notifier::{IommuNotifier, MapEvent, UnmapEvent};
+use memvisor_virtio_iommu::wire::Status;
+
+use crate::mapper::{Access, DmaError, DmaMapper};
+use crate::ram_listener::SetupError;
+
+/// What the bridge does when the guest unplugs memory that a live IOMMU
+/// mapping still covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnplugGuard {
+    /// Veto the unplug: virtio-mem answers `VIRTIO_MEM_RESP_BUSY`.
+    #[default]
+    Reject,
+    /// Allow it with a one-time warning and keep the pin until the unmap
+    /// (QEMU's behaviour): the guest can then make the host hold more
+    /// memory than its allowance, bounded only by the pin budget.
+    Warn,
+}
+
+/// One mapping the bridge was told of.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    size: u64,
+    phys: u64,
+    pinned: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every accepted mapping, by IOVA.
+    by_iova: BTreeMap<u64, Live>,
+    /// Pinned mappings by guest-physical start (then IOVA, since several
+    /// IOVAs may map the same memory): the interval index for vetoes.
+    by_phys: BTreeMap<(u64, u64), u64>,
+    /// The longest pinned mapping ever seen: an overlap with
+    /// `[start, end)` can only come from an entry starting in
+    /// `[start - longest + 1, end)`.
+    longest: u64,
+}
+
+impl State {
+    /// IOVAs of pinned mappings overlapping `range`.
+    fn pinned_overlapping(&self, range: GuestRange) -> impl Iterator<Item = u64> + '_ {
+        let from = range.start().saturating_sub(self.longest.saturating_sub(1));
+        self.by_phys
+            .range((from, 0)..(range.end(), 0))
+            .filter(move |&(&(phys, _), &size)| phys + size > range.start())
+            .map(|(&(_, iova), _)| iova)
+    }
+}
+
+struct Core {
+    name: String,
+    mapper: Arc<dyn DmaMapper>,
+    guard: UnplugGuard,
+    warned: AtomicBool,
+    state: Mutex<State>,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unpin(&self, state: &mut State, iova: u64) {
+        let Some(live) = state.by_iova.get_mut(&iova) else {
+            return;
+        };
+        if !live.pinned {
+            return;
+        }
+        live.pinned = false;
+        let (size, phys) = (live.size, live.phys);
+        state.by_phys.remove(&(phys, iova));
+        if let Err(e) = self.mapper.unmap(iova, size) {
+            log::error!("{}: unpinning iova {iova:#x} (+{size:#x}) failed: {e}", self.name);
+        }
+    }
+}
+
+fn status_for(e: &DmaError) -> Status {
+    match e {
+        DmaError::BudgetExceeded { .. } | DmaError::TooManyMappings { .. } => Status::NoMem,
+        DmaError::Overlap { .. } => Status::Inval,
+        DmaError::Unaligned { .. } | DmaError::IovaOutOfRange { .. } => Status::Range,
+        DmaError::Split { .. } | DmaError::Os { .. } => Status::DevErr,
+    }
+}
+
+impl IommuNotifier for Core {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
+        let mut state = self.lock();
+        if ev.flags.mmio() {
+            state.by_iova.insert(
+                ev.iova,
+                Live {
+                    size: ev.size,
+                    phys: ev.phys,
+                    pinned: false,
+                },
+            );
+            return Ok(());
+        }
+        let phys = GuestRange::new(ev.phys, ev.size).ok_or(Status::Range)?;
+        let Some(host) = &ev.host else {
+            return Err(Status::Inval);
+        };
+        // Rule 1, checked again under the guard the device holds (rule 3).
+        if ev.populated.is_some_and(|view| !view.is_populated(phys)) {
+            return Err(Status::Inval);
+        }
+        let access = Access {
+            read: ev.flags.read(),
+            write: ev.flags.write(),
+        };
+        self.mapper
+            .map(ev.iova, host.host_address, ev.size, access)
+            .map_err(|e| {
+                log::warn!("{}: refusing map of iova {:#x} -> {phys}: {e}", self.name, ev.iova);
+                status_for(&e)
+            })?;
+        state.by_iova.insert(
+            ev.iova,
+            Live {
+                size: ev.size,
+                phys: ev.phys,
+                pinned: true,
+            },
+        );
+        state.by_phys.insert((ev.phys, ev.iova), ev.size);
+        state.longest = state.longest.max(ev.size);
+        Ok(())
+    }
+
+    fn notify_unmap(&self, ev: &UnmapEvent) {
+        let mut state = self.lock();
+        self.unpin(&mut state, ev.iova);
+        state.by_iova.remove(&ev.iova);
+    }
+}
+
+impl RamDiscardListener for Core {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn notify_populate(&self, _range: GuestRange) -> Result<(), Refusal> {
+        // Nothing to map: mappings come from the guest's IOMMU.
+        Ok(())
+    }
+
+    fn may_discard(&self, range: GuestRange) -> bool {
+        let state = self.lock();
+        let Some(iova) = state.pinned_overlapping(range).next() else {
+            return true;
+        };
+        match self.guard {
+            UnplugGuard::Reject => false,
+            UnplugGuard::Warn => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "{}: the guest unplugs {range} while its IOMMU mapping at iova {iova:#x} still pins it; \
+                         allowing it (unplug guard 'warn'), so the host keeps that memory until the guest unmaps: \
+                         a guest can make the host pin more memory than intended, bounded only by the pin budget \
+                         (or RLIMIT_MEMLOCK). This warning is shown once.",
+                        self.name
+                    );
+                }
+                true
+            }
+        }
+    }
+
+    fn notify_discard(&self, range: GuestRange) {
+        if self.guard == UnplugGuard::Warn {
+            // The pins stay until the guest unmaps (see UnplugGuard::Warn).
+            return;
+        }
+        // Under Reject, a discard of pinned memory only comes from a forced
+        // unplug (a system reset): drop the pins before the memory goes.
+        let mut state = self.lock();
+        let overlapping: Vec<u64> = state.pinned_overlapping(range).collect();
+        for iova in overlapping {
+            self.unpin(&mut state, iova);
+        }
+    }
+}
+
+/// Path 2 of DESIGN.md for one assigned endpoint; see the
+/// [module documentation](self). Register [`notifier`](Self::notifier)
+/// with the IOMMU for the endpoint. Dropping the bridge unpins everything
+/// and unregisters it from the discard managers.
+pub struct ViommuDmaBridge {
+    core: Arc<Core>,
+    registered: Vec<(Arc<dyn RamDiscardManager>, ListenerId)>,
+    _policy: DiscardGuard,
+}
+
+impl fmt::Debug for ViommuDmaBridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ViommuDmaBridge")
+            .field("name", &self.core.name)
+            .field("mapper", &self.core.mapper.name())
+            .field("guard", &self.core.guard)
+            .finish()
+    }
+}
+
+impl ViommuDmaBridge {
+    /// A bridge pinning through `mapper`, registered as a discard listener
+    /// on every managed region of `mem`, holding a guard that disables
+    /// uncoordinated discard in `policy`.
+    pub fn attach(
+        name: &str,
+        mem: &GuestMemoryMap,
+        mapper: Arc<dyn DmaMapper>,
+        policy: &DiscardPolicy,
+        guard: UnplugGuard,
+    ) -> Result<Self, SetupError> {
+        let policy_guard = policy.disable_uncoordinated(name)?;
+        let core = Arc::new(Core {
+            name: name.to_string(),
+            mapper,
+            guard,
+            warned: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+        });
+        let mut this = Self {
+            core,
+            registered: Vec::new(),
+            _policy: policy_guard,
+        };
+        for region in mem.regions() {
+            if let Some(manager) = region.manager() {
+                let id = manager
+                    .register_listener(this.core.clone(), region.range())
+                    .map_err(|e| SetupError::Register {
+                        region: region.range(),
+                        reason: e.to_string(),
+                    })?;
+                this.registered.push((manager.clone(), id));
+            }
+        }
+        Ok(this)
+    }
+
+    /// The notifier to register with the IOMMU for the endpoint.
+    pub fn notifier(&self) -> Arc<dyn IommuNotifier> {
+        self.core.clone()
+    }
+
+    /// The mapper behind it.
+    pub fn mapper(&self) -> &Arc<dyn DmaMapper> {
+        &self.core.mapper
+    }
+
+    /// Bytes of the live pinned mappings, by the bridge's own record (the
+    /// backend's [`DmaMapper::pinned_bytes`] must agree).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.core.lock().by_phys.values().sum()
+    }
+
+    /// The guest-physical ranges currently pinned.
+    pub fn pinned_ranges(&self) -> Vec<GuestRange> {
+        self.core
+            .lock()
+            .by_phys
+            .iter()
+            .filter_map(|(&(phys, _), &size)| GuestRange::new(phys, size))
+            .collect()
+    }
+}
+
+impl Drop for ViommuDmaBridge {
+    fn drop(&mut self) {
+        for (manager, id) in self.registered.drain(..) {
+            manager.unregister_listener(id);
+        }
+        let mut state = self.core.lock();
+        let iovas: Vec<u64> = state.by_iova.keys().copied().collect();
+        for iova in iovas {
+            self.core.unpin(&mut state, iova);
+        }
+        state.by_iova.clear();
+    }
+}
