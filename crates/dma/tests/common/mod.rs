@@ -143,10 +143,17 @@ impl Machine {
 
     /// Sends a virtio-mem request through its queue; returns the response type.
     pub fn vmem(&mut self, request: MemRequest) -> u16 {
-        self.vmem_q.add(&[Buf::In(&request.to_bytes()), Buf::Out(10)]).unwrap();
-        self.vmem.queue_notify(0);
-        let used = self.vmem_q.pop_used().expect("virtio-mem answered");
-        u16::from_le_bytes([used.data[0], used.data[1]])
+        Self::mem_driver(&mut self.vmem, &mut self.vmem_q).send(request)
+    }
+
+    /// The virtio-mem driver alone, for a thread of its own.
+    pub fn mem_driver<'a>(dev: &'a mut VirtioMem, queue: &'a mut DriverQueue) -> MemDriver<'a> {
+        MemDriver { dev, queue }
+    }
+
+    /// The virtio-iommu driver alone, for a thread of its own.
+    pub fn driver_pair<'a>(dev: &'a mut VirtioIommu, queue: &'a mut DriverQueue) -> IommuDriver<'a> {
+        IommuDriver { dev, queue }
     }
 
     pub fn plug(&mut self, block: u64, n: u16) -> u16 {
@@ -169,28 +176,15 @@ impl Machine {
 
     /// Sends a virtio-iommu request through its queue; returns the status.
     pub fn iommu(&mut self, request: IommuRequest) -> Status {
-        self.iommu_q.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
-        self.iommu.queue_notify(0);
-        let used = self.iommu_q.pop_used().expect("virtio-iommu answered");
-        Status::from_u8(used.data[0]).expect("a valid status")
+        Self::driver_pair(&mut self.iommu, &mut self.iommu_q).send(request)
     }
 
     pub fn map(&mut self, iova: u64, phys: u64, len: u64, flags: u32) -> Status {
-        self.iommu(IommuRequest::Map(Map {
-            domain: DOMAIN,
-            virt_start: iova,
-            virt_end: iova + len - 1,
-            phys_start: phys,
-            flags,
-        }))
+        Self::driver_pair(&mut self.iommu, &mut self.iommu_q).map(iova, phys, len, flags)
     }
 
     pub fn unmap(&mut self, iova: u64, len: u64) -> Status {
-        self.iommu(IommuRequest::Unmap(Unmap {
-            domain: DOMAIN,
-            virt_start: iova,
-            virt_end: iova + len - 1,
-        }))
+        Self::driver_pair(&mut self.iommu, &mut self.iommu_q).unmap(iova, len)
     }
 
     /// Bytes of the live non-MMIO IOMMU mappings.
@@ -229,5 +223,67 @@ impl Machine {
         }
         drop(view);
         assert_eq!(vm_pin_kib() * 1024, pinned, "VmPin vs backend");
+    }
+}
+
+/// A guest's virtio-mem driver: one device, one request queue.
+pub struct MemDriver<'a> {
+    dev: &'a mut VirtioMem,
+    queue: &'a mut DriverQueue,
+}
+
+impl MemDriver<'_> {
+    pub fn send(&mut self, request: MemRequest) -> u16 {
+        self.queue.add(&[Buf::In(&request.to_bytes()), Buf::Out(10)]).unwrap();
+        self.dev.queue_notify(0);
+        let used = self.queue.pop_used().expect("virtio-mem answered");
+        u16::from_le_bytes([used.data[0], used.data[1]])
+    }
+
+    pub fn plug(&mut self, block: u64) -> u16 {
+        self.send(MemRequest::Plug(BlockRange {
+            addr: HOT + block * BLOCK,
+            nb_blocks: 1,
+        }))
+    }
+
+    pub fn unplug(&mut self, block: u64) -> u16 {
+        self.send(MemRequest::Unplug(BlockRange {
+            addr: HOT + block * BLOCK,
+            nb_blocks: 1,
+        }))
+    }
+}
+
+/// A guest's virtio-iommu driver: one device, one request queue.
+pub struct IommuDriver<'a> {
+    dev: &'a mut VirtioIommu,
+    queue: &'a mut DriverQueue,
+}
+
+impl IommuDriver<'_> {
+    pub fn send(&mut self, request: IommuRequest) -> Status {
+        self.queue.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
+        self.dev.queue_notify(0);
+        let used = self.queue.pop_used().expect("virtio-iommu answered");
+        Status::from_u8(used.data[0]).expect("a valid status")
+    }
+
+    pub fn map(&mut self, iova: u64, phys: u64, len: u64, flags: u32) -> Status {
+        self.send(IommuRequest::Map(Map {
+            domain: DOMAIN,
+            virt_start: iova,
+            virt_end: iova + len - 1,
+            phys_start: phys,
+            flags,
+        }))
+    }
+
+    pub fn unmap(&mut self, iova: u64, len: u64) -> Status {
+        self.send(IommuRequest::Unmap(Unmap {
+            domain: DOMAIN,
+            virt_start: iova,
+            virt_end: iova + len - 1,
+        }))
     }
 }
