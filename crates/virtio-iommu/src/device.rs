@@ -819,6 +819,7 @@ impl Inner {
             mem.memory(),
             interrupt.as_ref(),
             request::MAX_REQUEST,
+            TAIL_SIZE,
             |chain| core.handle(chain, acked),
         );
         if let Err(e) = result {

@@ -29,7 +29,7 @@ use memvisor_virtio::{ActivateError, VirtioCommon, VirtioDevice, VirtioInterrupt
 use virtio_queue::Queue;
 
 use crate::defs::{
-    QUEUE_SIZE, REQUEST_SIZE, VIRTIO_ID_MEM, VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    QUEUE_SIZE, REQUEST_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
 use crate::region::{VirtioMemError, VirtioMemRegion, warn_limited};
 use crate::request::{BlockRange, BlockState, Request, Response};
@@ -306,6 +306,7 @@ impl VirtioDevice for VirtioMem {
             active.mem.memory(),
             active.interrupt.as_ref(),
             REQUEST_SIZE,
+            RESPONSE_SIZE,
             |chain| {
                 let request = Request::parse(chain.request(), chain.writable_len())?;
                 Ok(region.handle(request).to_bytes().to_vec())

@@ -26,8 +26,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const VIRTQ_DESC_F_NEXT: u16 = 0x1;
-const VIRTQ_DESC_F_WRITE: u16 = 0x2;
+/// Descriptor flag: the chain continues at `next`.
+pub const VIRTQ_DESC_F_NEXT: u16 = 0x1;
+/// Descriptor flag: the buffer is device-writable.
+pub const VIRTQ_DESC_F_WRITE: u16 = 0x2;
 
 /// One buffer of a request chain.
 #[derive(Debug, Clone, Copy)]

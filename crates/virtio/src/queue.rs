@@ -210,6 +210,12 @@ fn write_response(mem: &GuestMemoryMmap, chain: &RequestChain, response: &[u8]) 
 /// into its response bytes, which are written back and the chain is put on
 /// the used ring; the driver is notified once at the end if it asked to be.
 ///
+/// A chain whose device-writable buffers hold fewer than `min_response`
+/// bytes is [`Malformed::ResponseTooShort`] *before* `handle` sees it, so a
+/// request is never applied when its answer cannot be delivered. (A
+/// handler whose response may be longer, e.g. a PROBE, checks
+/// [`RequestChain::writable_len`] itself before acting.)
+///
 /// Returns the number of requests answered. On the first [`Malformed`]
 /// chain or request it stops and returns the error; requests answered
 /// before it stay answered. The caller then enters NEEDS_RESET.
@@ -219,6 +225,7 @@ pub fn drain_queue(
     mem: &GuestMemoryMmap,
     interrupt: &dyn VirtioInterrupt,
     max_request: usize,
+    min_response: usize,
     mut handle: impl FnMut(&RequestChain) -> Result<Vec<u8>, Malformed>,
 ) -> Result<usize, Malformed> {
     let mut answered = 0;
@@ -244,8 +251,15 @@ pub fn drain_queue(
             Ok(None) => break Ok(answered),
             Err(e) => break Err(Malformed::Queue(e.to_string())),
         };
-        let outcome = read_chain(queue, mem, head, max_request)
-            .and_then(|chain| handle(&chain).and_then(|resp| write_response(mem, &chain, &resp)));
+        let outcome = read_chain(queue, mem, head, max_request).and_then(|chain| {
+            if chain.writable_len < min_response {
+                return Err(Malformed::ResponseTooShort {
+                    got: chain.writable_len,
+                    need: min_response,
+                });
+            }
+            handle(&chain).and_then(|resp| write_response(mem, &chain, &resp))
+        });
         match outcome {
             Ok(used_len) => {
                 if let Err(e) = queue.add_used(mem, head, used_len) {
@@ -294,7 +308,7 @@ mod tests {
     }
 
     fn drain(f: &mut Fixture) -> Result<usize, Malformed> {
-        drain_queue(&mut f.queue, 0, f.map.memory(), &f.irq, 16, |req| {
+        drain_queue(&mut f.queue, 0, f.map.memory(), &f.irq, 16, 1, |req| {
             if req.request().len() < 2 {
                 return Err(Malformed::RequestTooShort {
                     got: req.request().len(),
@@ -357,6 +371,17 @@ mod tests {
         let mut f = fixture();
         f.driver.add(&[Buf::In(b"a"), Buf::Out(1)]).unwrap();
         assert_eq!(drain(&mut f), Err(Malformed::RequestTooShort { got: 1, need: 2 }));
+
+        // Below the minimum response length, the handler never runs.
+        let mut f = fixture();
+        f.driver.add(&[Buf::In(b"xy")]).unwrap();
+        let mut ran = false;
+        let result = drain_queue(&mut f.queue, 0, f.map.memory(), &f.irq, 16, 1, |_| {
+            ran = true;
+            Ok(vec![])
+        });
+        assert_eq!(result, Err(Malformed::ResponseTooShort { got: 0, need: 1 }));
+        assert!(!ran);
     }
 
     #[test]
