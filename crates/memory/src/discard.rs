@@ -216,6 +216,40 @@ impl Geometry {
         )
         .expect("granules inside the region never overflow")
     }
+
+    #[inline]
+    fn is_populated(&self, bitmap: &BlockBitmap, range: GuestRange) -> bool {
+        if range.is_empty() || !self.region.contains(&range) {
+            return false;
+        }
+        let (first, count) = self.granules(range).expect("non-empty and inside");
+        bitmap.all_set(first, count)
+    }
+
+    fn is_discarded(&self, bitmap: &BlockBitmap, range: GuestRange) -> bool {
+        match self.granules(range) {
+            Some((first, count)) => bitmap.all_clear(first, count),
+            None => true,
+        }
+    }
+
+    fn populated_bytes(&self, bitmap: &BlockBitmap) -> u64 {
+        (bitmap.count_ones() as u64) << self.shift
+    }
+
+    /// Maximal runs equal to `populated`, clipped to `range`.
+    fn runs<'a>(
+        &self,
+        bitmap: &'a BlockBitmap,
+        range: GuestRange,
+        populated: bool,
+    ) -> impl Iterator<Item = GuestRange> + 'a {
+        let geometry = *self;
+        let (first, count) = self.granules(range).unwrap_or((0, 0));
+        bitmap
+            .runs(first, count, populated)
+            .filter_map(move |(s, n)| geometry.range_of(s, n).intersection(&range))
+    }
 }
 
 struct Registration {
@@ -250,24 +284,17 @@ impl PopulatedView<'_> {
     /// See [`RamDiscardManager::is_populated`].
     #[inline]
     pub fn is_populated(&self, range: GuestRange) -> bool {
-        if range.is_empty() || !self.geometry.region.contains(&range) {
-            return false;
-        }
-        let (first, count) = self.geometry.granules(range).expect("non-empty and inside");
-        self.state.bitmap.all_set(first, count)
+        self.geometry.is_populated(&self.state.bitmap, range)
     }
 
     /// True if no byte of `range` ∩ region is populated.
     pub fn is_discarded(&self, range: GuestRange) -> bool {
-        match self.geometry.granules(range) {
-            Some((first, count)) => self.state.bitmap.all_clear(first, count),
-            None => true,
-        }
+        self.geometry.is_discarded(&self.state.bitmap, range)
     }
 
     /// Populated bytes in the whole region.
     pub fn populated_bytes(&self) -> u64 {
-        (self.state.bitmap.count_ones() as u64) << self.geometry.shift
+        self.geometry.populated_bytes(&self.state.bitmap)
     }
 
     /// The bitmap itself, one bit per granule from the region's start.
@@ -277,13 +304,7 @@ impl PopulatedView<'_> {
 
     /// Maximal runs equal to `populated`, clipped to `range`, as guest ranges.
     pub fn runs(&self, range: GuestRange, populated: bool) -> impl Iterator<Item = GuestRange> + '_ {
-        let geometry = self.geometry;
-        let granules = geometry.granules(range);
-        let (first, count) = granules.unwrap_or((0, 0));
-        self.state
-            .bitmap
-            .runs(first, count, populated)
-            .filter_map(move |(s, n)| geometry.range_of(s, n).intersection(&range))
+        self.geometry.runs(&self.state.bitmap, range, populated)
     }
 
     /// Calls `f` per maximal run equal to `populated`, clipped to `range`;
@@ -504,14 +525,7 @@ impl fmt::Debug for DiscardWriter<'_> {
 
 impl DiscardWriter<'_> {
     fn view_runs(&self, range: GuestRange, populated: bool) -> Vec<GuestRange> {
-        let Some((first, count)) = self.geometry.granules(range) else {
-            return Vec::new();
-        };
-        self.state
-            .bitmap
-            .runs(first, count, populated)
-            .filter_map(|(s, n)| self.geometry.range_of(s, n).intersection(&range))
-            .collect()
+        self.geometry.runs(&self.state.bitmap, range, populated).collect()
     }
 
     fn check_range(&self, range: GuestRange) -> (usize, usize) {
@@ -531,24 +545,17 @@ impl DiscardWriter<'_> {
     /// True if every granule of `range` is populated; see
     /// [`PopulatedView::is_populated`].
     pub fn is_populated(&self, range: GuestRange) -> bool {
-        if range.is_empty() || !self.geometry.region.contains(&range) {
-            return false;
-        }
-        let (first, count) = self.geometry.granules(range).expect("inside");
-        self.state.bitmap.all_set(first, count)
+        self.geometry.is_populated(&self.state.bitmap, range)
     }
 
     /// True if no granule of `range` is populated.
     pub fn is_discarded(&self, range: GuestRange) -> bool {
-        match self.geometry.granules(range) {
-            Some((first, count)) => self.state.bitmap.all_clear(first, count),
-            None => true,
-        }
+        self.geometry.is_discarded(&self.state.bitmap, range)
     }
 
     /// Populated bytes in the whole region.
     pub fn populated_bytes(&self) -> u64 {
-        (self.state.bitmap.count_ones() as u64) << self.geometry.shift
+        self.geometry.populated_bytes(&self.state.bitmap)
     }
 
     /// Notifies every overlapping listener of `range`, rolling back on the
