@@ -138,20 +138,7 @@ impl VirtioMemRegion {
                 return Response::Busy;
             }
         }
-        let plugged = writer.populated_bytes();
-        let resized = {
-            let mut sizes = self.lock_sizes();
-            let requested = sizes.requested;
-            self.resize_usable(&mut sizes, requested, true)
-        };
-        drop(writer);
-        // The specification exempts UNPLUG_ALL from the notification, but
-        // allows one; we send it so that any change of the usable region
-        // is announced the same way.
-        if resized {
-            self.signal_config();
-        }
-        self.emit(plugged);
+        self.finish_unplug_all(writer);
         Response::Ack(None)
     }
 

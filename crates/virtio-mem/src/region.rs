@@ -24,7 +24,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use memvisor_memory::discard::{
-    BlockDiscardManager, ListenerId, PopulatedView, RamDiscardListener, RamDiscardManager, RegisterError,
+    BlockDiscardManager, DiscardWriter, ListenerId, PopulatedView, RamDiscardListener, RamDiscardManager, RegisterError,
 };
 use memvisor_memory::{GuestRange, RamBlock, RamBlockError};
 use memvisor_virtio::interrupt::{InterruptKind, VirtioInterrupt};
@@ -515,6 +515,14 @@ impl VirtioMemRegion {
                 log::error!("virtio-mem: system reset: {veto}");
             }
         }
+        self.finish_unplug_all(writer);
+        Ok(())
+    }
+
+    /// After everything was unplugged (UNPLUG_ALL or a system reset): the
+    /// usable region is recomputed from the requested size — the only
+    /// times it may shrink — and the change is announced.
+    pub(crate) fn finish_unplug_all(&self, writer: DiscardWriter<'_>) {
         let plugged = writer.populated_bytes();
         let resized = {
             let mut sizes = self.lock_sizes();
@@ -522,11 +530,13 @@ impl VirtioMemRegion {
             self.resize_usable(&mut sizes, requested, true)
         };
         drop(writer);
+        // The specification exempts UNPLUG_ALL from the notification, but
+        // allows one; it is sent so that every change of the usable region
+        // is announced the same way.
         if resized {
             self.signal_config();
         }
         self.emit(plugged);
-        Ok(())
     }
 }
 
