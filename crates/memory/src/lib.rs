@@ -50,5 +50,5 @@ pub mod policy;
 pub mod ram_block;
 pub mod range;
 
-pub use range::GuestRange;
 pub use ram_block::{Backing, RamBlock, RamBlockError};
+pub use range::GuestRange;
