@@ -417,6 +417,63 @@ impl RamBlock {
         self.file.as_deref()
     }
 
+    /// Calls `f(start, end)`, in ascending order, for the parts of
+    /// `[offset, offset + len)` that may hold data, as block offsets
+    /// rounded outward to the base page size and clipped to the range.
+    ///
+    /// For a file-backed block (memfd, hugetlbfs) these are the file's data
+    /// extents (`SEEK_DATA` / `SEEK_HOLE`): holes — discarded or never
+    /// touched memory — are skipped without being read, which matters
+    /// because reading a hole through the mapping would allocate it. For a
+    /// private anonymous block, or if the file system does not support
+    /// seeking for data, the whole range is reported.
+    ///
+    /// # Errors
+    ///
+    /// [`RamBlockError::Unaligned`] or [`RamBlockError::OutOfRange`] for a bad
+    /// range.
+    pub fn data_extents(&self, offset: u64, len: u64, mut f: impl FnMut(u64, u64)) -> Result<(), RamBlockError> {
+        self.check_range("data_extents", offset, len)?;
+        let end = offset + len;
+        let Some(file) = &self.file else {
+            if len > 0 {
+                f(offset, end);
+            }
+            return Ok(());
+        };
+        let fd = file.as_raw_fd();
+        let page = host_page_size();
+        let mut pos = offset;
+        while pos < end {
+            // SAFETY: lseek on a descriptor the block owns; it only moves
+            // the file position, which nothing uses (the memory is accessed
+            // through mappings).
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                if io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    // SEEK_DATA unsupported: everything may be data.
+                    f(pos, end);
+                }
+                // ENXIO: no data at or after `pos`.
+                return Ok(());
+            }
+            let data = data as u64;
+            if data >= end {
+                return Ok(());
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let start = (data / page * page).max(pos);
+            let stop = hole.div_ceil(page).saturating_mul(page).min(end);
+            if start < stop {
+                f(start, stop);
+            }
+            pos = stop.max(pos + page);
+        }
+        Ok(())
+    }
+
     /// Checks that `[offset, offset + len)` is page-aligned and inside the
     /// block, and returns it as a host pointer and length.
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(*mut u8, usize), RamBlockError> {
@@ -715,6 +772,39 @@ mod tests {
             buf.iter().all(|&b| b == 0),
             "range at {offset:#x} is not zero after discard"
         );
+    }
+
+    #[test]
+    fn ram_block_data_extents_skip_holes() {
+        const MIB: u64 = 1 << 20;
+        let block = RamBlock::new("extents", 8 * MIB, Backing::Memfd).unwrap();
+        let extents = |offset, len| {
+            let mut v = Vec::new();
+            block.data_extents(offset, len, |s, e| v.push((s, e))).unwrap();
+            v
+        };
+        assert_eq!(extents(0, 8 * MIB), vec![]);
+        block.write(MIB, b"x").unwrap();
+        block.write(5 * MIB + 4096, b"y").unwrap();
+        let all = extents(0, 8 * MIB);
+        assert_eq!(all.len(), 2, "{all:x?}");
+        assert!(all[0].0 <= MIB && all[0].1 > MIB, "{all:x?}");
+        assert!(all[1].0 <= 5 * MIB + 4096 && all[1].1 > 5 * MIB + 4096, "{all:x?}");
+        // Clipped to the range asked for.
+        assert_eq!(extents(MIB, 4096), vec![(MIB, MIB + 4096)]);
+        block.discard(0, 8 * MIB).unwrap();
+        assert_eq!(extents(0, 8 * MIB), vec![]);
+        assert_eq!(
+            block.resident_bytes(0, 8 * MIB).unwrap(),
+            0,
+            "walking extents allocates nothing"
+        );
+        // Anonymous memory has no file: everything may be data.
+        let anon = RamBlock::new("anon", 2 * MIB, Backing::PrivateAnonymous).unwrap();
+        let mut v = Vec::new();
+        anon.data_extents(0, 2 * MIB, |s, e| v.push((s, e))).unwrap();
+        assert_eq!(v, vec![(0, 2 * MIB)]);
+        assert!(block.data_extents(1, 4096, |_, _| {}).is_err());
     }
 
     #[test]

@@ -25,7 +25,6 @@
 //! fail its checksum (never unsound: the bytes are only copied).
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 
 use memvisor_memory::map::{GuestMemoryMap, Region};
 use memvisor_memory::{Backing, GuestRange};
@@ -242,46 +241,20 @@ impl RamSection {
     }
 
     /// Calls `f(start, end)` for the parts of `[start, end)` (region
-    /// offsets) that may hold data: for a memfd, its data extents; else
-    /// all of it.
+    /// offsets) that may hold data; see [`RamBlock::data_extents`].
+    ///
+    /// [`RamBlock::data_extents`]: memvisor_memory::RamBlock::data_extents
     fn data_extents(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64)) {
         let region = self.region();
-        let Some(file) = region.block().file() else {
-            f(start, end);
-            return;
-        };
-        let fd = file.as_raw_fd();
         let base = region.block_offset();
-        let mut pos = start;
-        while pos < end {
-            // SAFETY: lseek on a descriptor the block owns; it only moves
-            // the file position, which nothing in memvisor uses (the memory
-            // is accessed through mappings).
-            let data = unsafe { libc::lseek(fd, (base + pos) as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                    // SEEK_DATA unsupported: everything may be data.
-                    f(pos, end);
-                }
-                return;
-            }
-            let data = (data as u64).saturating_sub(base);
-            if data >= end {
-                return;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, (base + data) as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 {
-                end
-            } else {
-                (hole as u64).saturating_sub(base).min(end)
-            };
-            let s = align_down(data, RAM_PAGE).max(pos);
-            let e = align_up(hole, RAM_PAGE).min(end);
-            if s < e {
-                f(s, e);
-            }
-            pos = e.max(pos + RAM_PAGE);
+        let result = region
+            .block()
+            .data_extents(base + start, end - start, |s, e| f(s - base, e - base));
+        if let Err(e) = result {
+            // The range comes from the region itself; report everything as
+            // data rather than lose any.
+            log::warn!("data extents of {}: {e}", region.range());
+            f(start, end);
         }
     }
 
