@@ -1,8 +1,11 @@
 //! The memvisor command-line program.
 
 mod demo;
+mod replay;
 mod size;
 
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -26,8 +29,47 @@ enum BackingArg {
     Hugetlb,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DmaArg {
+    /// Real long-term pinning through io_uring registered buffers.
+    Uring,
+    /// A VFIO type1v2 container; the IOMMU group comes from MEMVISOR_VFIO_GROUP.
+    Vfio,
+    /// No assigned device: nothing is pinned (the vIOMMU still checks every MAP).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GuardArg {
+    /// Refuse (BUSY) the unplug of memory a live vIOMMU mapping pins.
+    Reject,
+    /// Allow it with a one-time warning and keep the pin until the unmap (QEMU).
+    Warn,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Replay a recorded device trace through the real devices, DMA layer and memory,
+    /// and compare every answer with the recording.
+    Replay {
+        /// A devtrace file (JSON Lines); without it, the built-in vmem-resize recording.
+        trace: Option<PathBuf>,
+        /// The DMA backend of the assigned devices.
+        #[arg(long, value_enum, default_value_t = DmaArg::Uring)]
+        dma: DmaArg,
+        /// What happens to an unplug of memory that a vIOMMU mapping still pins.
+        #[arg(long, value_enum, default_value_t = GuardArg::Reject)]
+        viommu_guard: GuardArg,
+        /// The VM's pin budget (e.g. 64M); unlimited without it.
+        #[arg(long, value_parser = size::parse_size)]
+        pin_budget: Option<u64>,
+        /// Save, drop and restore the whole machine after every N events.
+        #[arg(long)]
+        migrate_every: Option<NonZeroUsize>,
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Plug a RAM block, unplug half of it, and show that the host got the memory back.
     Demo {
         /// Size of the RAM block (e.g. 1G, 512M).
@@ -45,6 +87,28 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Replay {
+            trace,
+            dma,
+            viommu_guard,
+            pin_budget,
+            migrate_every,
+            json,
+        } => replay::run(&replay::ReplayArgs {
+            trace,
+            dma: match dma {
+                DmaArg::Uring => replay::DmaArg::Uring,
+                DmaArg::Vfio => replay::DmaArg::Vfio,
+                DmaArg::None => replay::DmaArg::None,
+            },
+            guard: match viommu_guard {
+                GuardArg::Reject => memvisor_devtrace::UnplugGuard::Reject,
+                GuardArg::Warn => memvisor_devtrace::UnplugGuard::Warn,
+            },
+            pin_budget,
+            migrate_every,
+            json,
+        }),
         Command::Demo {
             size,
             block_size,
