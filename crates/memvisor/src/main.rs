@@ -82,6 +82,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackingArg::Memfd)]
         backing: BackingArg,
     },
+    /// Measure every hot path against its floor (the bare kernel work) in the same run.
+    Bench {
+        /// Print one JSON object (the last line of stdout) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Few repetitions and small sizes: checks the command, not the numbers.
+        #[arg(long)]
+        quick: bool,
+        /// Only the figures whose key contains this (e.g. viommu, populated).
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -131,5 +143,58 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench { json, quick, only } => bench(json, quick, only.as_deref()),
     }
+}
+
+fn bench(json: bool, quick: bool, only: Option<&str>) -> ExitCode {
+    use memvisor::bench::{BenchOptions, KEYS, run};
+    if let Some(only) = only
+        && !KEYS.iter().any(|k| k.contains(only))
+    {
+        eprintln!("memvisor bench: no figure matches '{only}' (keys: {})", KEYS.join(", "));
+        return ExitCode::from(2);
+    }
+    if !json {
+        println!(
+            "{:<22} {:>12} {:>12} {:>7} {:>7}",
+            "figure", "ours", "floor", "ratio", "target"
+        );
+    }
+    let figures = run(
+        BenchOptions { quick },
+        |key| only.is_none_or(|o| key.contains(o)),
+        |f| {
+            if json {
+                eprintln!("{}: {:.3}x its floor", f.key, f.ratio());
+            } else {
+                let fmt = |ns: f64| {
+                    if ns >= 1e6 {
+                        format!("{:.2} ms", ns / 1e6)
+                    } else if ns >= 1e3 {
+                        format!("{:.2} us", ns / 1e3)
+                    } else {
+                        format!("{ns:.0} ns")
+                    }
+                };
+                let extra: Vec<String> = f.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<22} {:>12} {:>12} {:>7.3} {:>7} {}  {}",
+                    f.key,
+                    fmt(f.ours_ns),
+                    fmt(f.floor_ns),
+                    f.ratio(),
+                    format!("<={}", f.target),
+                    if f.ratio() <= f.target { "met" } else { "MISSED" },
+                    extra.join(" ")
+                );
+            }
+        },
+    );
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> =
+            figures.iter().map(|f| (f.key.to_string(), f.to_json())).collect();
+        println!("{}", serde_json::Value::Object(object));
+    }
+    ExitCode::SUCCESS
 }

@@ -1,0 +1,573 @@
+//! `memvisor bench`: every hot path against its floor, in the same run.
+//!
+//! Each figure times memvisor's path and the bare kernel work it cannot
+//! avoid (its *floor*) in alternating batches within one process, and
+//! reports the medians and their ratio. Alternating batches let both sides
+//! see the same machine noise, so the ratio is steadier than either time.
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memvisor_devtrace::machine::{Answer, DmaBackend, Machine, MachineOptions};
+use memvisor_devtrace::trace::Trace;
+use memvisor_memory::discard::{BlockDiscardManager, RamDiscardManager};
+use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::{Backing, GuestRange, RamBlock};
+use memvisor_virtio_iommu::Request as IommuRequest;
+use memvisor_virtio_iommu::Status;
+use memvisor_virtio_iommu::request::{Attach, Map, Unmap};
+use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
+use memvisor_virtio_mem::{VirtioMemOptions, VirtioMemRegion};
+use memvisor_vmstate::Registry;
+use memvisor_vmstate::devices::virtio_mem::VirtioMemSection;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Where benchmark machines put their virtio-mem region.
+const HOT: u64 = 4 * GIB;
+/// The IOVA benchmark mappings use.
+const IOVA: u64 = 0x1000_0000;
+
+/// How long to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Few repetitions and small sizes: checks the command works, not the
+    /// numbers.
+    pub quick: bool,
+}
+
+/// One figure: memvisor's time beside its floor's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    /// The JSON key, such as `viommu_map_unmap_4k`.
+    pub key: &'static str,
+    /// What is timed, in words.
+    pub what: &'static str,
+    /// Median nanoseconds of memvisor's path, per operation.
+    pub ours_ns: f64,
+    /// Median nanoseconds of the floor, per operation.
+    pub floor_ns: f64,
+    /// The target for `ours_ns / floor_ns`.
+    pub target: f64,
+    /// Extra counts reported with the figure (`runs`, `stream_bytes`, ...).
+    pub extra: Vec<(&'static str, u64)>,
+}
+
+impl Figure {
+    /// `ours_ns / floor_ns`.
+    pub fn ratio(&self) -> f64 {
+        self.ours_ns / self.floor_ns
+    }
+
+    /// The figure as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "ours_ns": round(self.ours_ns),
+            "floor_ns": round(self.floor_ns),
+            "ratio": (self.ratio() * 1000.0).round() / 1000.0,
+            "target": self.target,
+            "met": self.ratio() <= self.target,
+        });
+        for (k, x) in &self.extra {
+            v[*k] = serde_json::json!(x);
+        }
+        v
+    }
+}
+
+fn round(ns: f64) -> f64 {
+    (ns * 10.0).round() / 10.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Times `samples` alternating batches of `iters` runs of `ours` and of
+/// `floor`, after one warm-up batch of each; returns the median time per
+/// run of each.
+fn compare(samples: usize, iters: u32, mut ours: impl FnMut(), mut floor: impl FnMut()) -> (f64, f64) {
+    let batch = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(iters)
+    };
+    batch(&mut ours);
+    batch(&mut floor);
+    let (mut o, mut f) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    for i in 0..samples {
+        // Alternate which side goes first, so neither always follows the other.
+        if i % 2 == 0 {
+            o.push(batch(&mut ours));
+            f.push(batch(&mut floor));
+        } else {
+            f.push(batch(&mut floor));
+            o.push(batch(&mut ours));
+        }
+    }
+    (median(o), median(f))
+}
+
+/// The io_uring buffer-table updates that pin and unpin one host range:
+/// the floor of every path that pins.
+struct PinFloor {
+    ring: io_uring::IoUring,
+}
+
+impl PinFloor {
+    fn new() -> Self {
+        let ring = io_uring::IoUring::new(1).expect("io_uring");
+        ring.submitter()
+            .register_buffers_sparse(1)
+            .expect("sparse buffer table");
+        Self { ring }
+    }
+
+    fn pin_unpin(&self, host: u64, len: u64) {
+        let buf = [libc::iovec {
+            iov_base: host as *mut libc::c_void,
+            iov_len: len as usize,
+        }];
+        let empty = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        // SAFETY: `host` is mapped guest RAM that outlives the call; the
+        // slot is cleared right away and never named by any I/O.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(0, &buf, None)
+                .expect("pin");
+            self.ring
+                .submitter()
+                .register_buffers_update(0, &empty, None)
+                .expect("unpin");
+        }
+    }
+}
+
+fn machine(header: &str) -> Machine {
+    let trace = Trace::parse("bench", header).expect("benchmark header parses");
+    let options = MachineOptions {
+        dma: DmaBackend::Uring,
+        ..MachineOptions::default()
+    };
+    Machine::new(&trace.header, &options).expect("benchmark machine")
+}
+
+fn vmem_device(region: u64, with_iommu: bool) -> String {
+    let vmem = format!(
+        r#"{{"device":"virtio-mem","id":"vmem0","addr":{HOT},"region_size":{region},"block_size":{},"requested_size":{region},"unplugged_inaccessible":true}}"#,
+        2 * MIB
+    );
+    let iommu = r#",{"device":"virtio-iommu","id":"viommu0","page_size_mask":18446744073709547520,"input_start":0,"input_end":18446744073709551615,"domain_start":1,"domain_end":100,"bypass":false,"endpoints":[8]}"#;
+    format!(
+        r#"{{"format":"devtrace","version":1,"source":"memvisor bench","ram":[{{"addr":0,"size":{}}}],"devices":[{vmem}{}]}}"#,
+        2 * MIB,
+        if with_iommu { iommu } else { "" }
+    )
+}
+
+fn vmem(m: &mut Machine, request: MemRequest) -> u16 {
+    match m.vmem_request(request).expect("virtio-mem request") {
+        Answer::Answered(a) => a.resp_wire,
+        Answer::NoAnswer => panic!("virtio-mem did not answer {request:?}"),
+    }
+}
+
+fn iommu(m: &mut Machine, request: IommuRequest) -> Status {
+    match m.iommu_request(request).expect("virtio-iommu request") {
+        Answer::Answered(s) => s,
+        Answer::NoAnswer => panic!("virtio-iommu did not answer {request:?}"),
+    }
+}
+
+fn host_of(m: &Machine, gpa: u64, len: u64) -> u64 {
+    m.memory()
+        .lookup(GuestRange::new(gpa, len).expect("range"))
+        .expect("guest RAM")
+        .host_address
+}
+
+/// One MAP and one UNMAP of `len` bytes through the request virtqueue, the
+/// device, the bridge's populated check and the io_uring backend.
+fn viommu_map_unmap(key: &'static str, len: u64, opts: BenchOptions) -> Figure {
+    let mut m = machine(&vmem_device(64 * MIB, true));
+    let plug = MemRequest::Plug(BlockRange {
+        addr: HOT,
+        nb_blocks: 2,
+    });
+    assert_eq!(vmem(&mut m, plug), 0, "plug for the benchmark");
+    let attach = IommuRequest::Attach(Attach {
+        domain: 1,
+        endpoint: 8,
+        flags: 0,
+        reserved: [0; 4],
+    });
+    assert_eq!(iommu(&mut m, attach), Status::Ok);
+    let map = IommuRequest::Map(Map {
+        domain: 1,
+        virt_start: IOVA,
+        virt_end: IOVA + len - 1,
+        phys_start: HOT,
+        flags: 3,
+    });
+    let unmap = IommuRequest::Unmap(Unmap {
+        domain: 1,
+        virt_start: IOVA,
+        virt_end: IOVA + len - 1,
+    });
+    let host = host_of(&m, HOT, len);
+    let floor = PinFloor::new();
+    let (samples, iters) = match (opts.quick, len > 64 * 1024) {
+        (true, _) => (3, 20),
+        (false, false) => (31, 4000),
+        (false, true) => (31, 100),
+    };
+    let (ours, floor_ns) = compare(
+        samples,
+        iters,
+        || {
+            assert_eq!(iommu(&mut m, map), Status::Ok);
+            assert_eq!(iommu(&mut m, unmap), Status::Ok);
+        },
+        || floor.pin_unpin(host, len),
+    );
+    assert_eq!(m.pinned_bytes(), 0);
+    Figure {
+        key,
+        what: "MAP + UNMAP through the virtqueue, device, bridge and io_uring pinning",
+        ours_ns: ours,
+        floor_ns,
+        target: 1.10,
+        extra: vec![("bytes", len)],
+    }
+}
+
+/// PLUG then UNPLUG of one 2 MiB block through the request queue with a
+/// `RamDmaListener` on the io_uring backend.
+fn vmem_plug_unplug(opts: BenchOptions) -> Figure {
+    let mut m = machine(&vmem_device(64 * MIB, false));
+    let block = BlockRange {
+        addr: HOT,
+        nb_blocks: 1,
+    };
+    let host = host_of(&m, HOT, 2 * MIB);
+    let region = m.vmem_region().expect("virtio-mem").clone();
+    let floor = PinFloor::new();
+    let (samples, iters) = if opts.quick { (3, 2) } else { (21, 20) };
+    let (ours, floor_ns) = compare(
+        samples,
+        iters,
+        || {
+            assert_eq!(vmem(&mut m, MemRequest::Plug(block)), 0);
+            assert_eq!(vmem(&mut m, MemRequest::Unplug(block)), 0);
+        },
+        || {
+            region.block().discard(0, 2 * MIB).expect("hole punch");
+            floor.pin_unpin(host, 2 * MIB);
+        },
+    );
+    Figure {
+        key: "vmem_plug_unplug",
+        what: "PLUG + UNPLUG of a 2 MiB block through the virtqueue with RamDmaListener on io_uring",
+        ours_ns: ours,
+        floor_ns,
+        target: 1.15,
+        extra: vec![],
+    }
+}
+
+/// A 1 TiB region of 2 MiB blocks (524,288 of them).
+fn tib_manager() -> (BlockDiscardManager, GuestRange) {
+    const TIB: u64 = 1 << 40;
+    let region = GuestRange::new(TIB, TIB).expect("range");
+    (BlockDiscardManager::new(region, 2 * MIB).expect("geometry"), region)
+}
+
+/// `is_populated` over a fully plugged 1 TiB region through the trait.
+fn populated_check(opts: BenchOptions) -> Figure {
+    let (manager, region) = tib_manager();
+    manager.write().plug(region, || Ok::<_, ()>(()), |_| {}).expect("plug");
+    let words = manager.populated().bitmap().words().to_vec();
+    let dynamic: &dyn RamDiscardManager = &manager;
+    let (samples, iters) = if opts.quick { (3, 10) } else { (31, 300) };
+    let (ours, floor_ns) = compare(
+        samples,
+        iters,
+        || assert!(dynamic.is_populated(black_box(region))),
+        || {
+            let mut all = true;
+            for &w in black_box(&words).iter() {
+                if w != u64::MAX {
+                    all = false;
+                    break;
+                }
+            }
+            assert!(all);
+        },
+    );
+    Figure {
+        key: "populated_check",
+        what: "is_populated over 1 TiB of 2 MiB blocks, all plugged, through the RamDiscardManager trait",
+        ours_ns: ours,
+        floor_ns,
+        target: 1.2,
+        extra: vec![("blocks", words.len() as u64 * 64)],
+    }
+}
+
+/// The reference run finder: maximal runs of set bits by trailing-zeros
+/// scanning, no trait, no locks. Returns (sum of run lengths in bits, runs).
+fn reference_runs(words: &[u64]) -> (u64, u64) {
+    let nbits = words.len() * 64;
+    let (mut sum, mut runs) = (0u64, 0u64);
+    let mut bit = 0usize;
+    let find = |from: usize, set: bool| -> usize {
+        let mut i = from;
+        while i < nbits {
+            let w = words[i / 64] ^ if set { 0 } else { u64::MAX };
+            let w = w & (u64::MAX << (i % 64));
+            if w != 0 {
+                return (i / 64 * 64 + w.trailing_zeros() as usize).min(nbits);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        nbits
+    };
+    while bit < nbits {
+        let start = find(bit, true);
+        if start >= nbits {
+            break;
+        }
+        let end = find(start, false);
+        sum += (end - start) as u64;
+        runs += 1;
+        bit = end;
+    }
+    (sum, runs)
+}
+
+/// `replay_populated` over the 1 TiB region with half the blocks plugged
+/// at random, summing run lengths, through the trait.
+fn populated_replay(opts: BenchOptions) -> Figure {
+    let (manager, region) = tib_manager();
+    {
+        // A fixed seed (splitmix64): the same layout in every run.
+        let mut state = 0x5eed_u64;
+        let mut writer = manager.write();
+        for block in 0..(region.len() / (2 * MIB)) {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            if (z ^ (z >> 31)) & 1 == 1 {
+                let r = GuestRange::new(region.start() + block * 2 * MIB, 2 * MIB).expect("range");
+                writer.plug(r, || Ok::<_, ()>(()), |_| {}).expect("plug");
+            }
+        }
+    }
+    let words = manager.populated().bitmap().words().to_vec();
+    let dynamic: &dyn RamDiscardManager = &manager;
+    let (ref_bits, runs) = reference_runs(&words);
+    let mut ours_sum = 0;
+    let (samples, iters) = if opts.quick { (3, 2) } else { (31, 20) };
+    let (ours, floor_ns) = compare(
+        samples,
+        iters,
+        || {
+            let mut sum = 0u64;
+            dynamic
+                .replay_populated(region, &mut |r| {
+                    sum += r.len();
+                    Ok(())
+                })
+                .expect("replay");
+            ours_sum = black_box(sum);
+        },
+        || {
+            black_box(reference_runs(black_box(&words)));
+        },
+    );
+    assert_eq!(ours_sum, ref_bits * 2 * MIB, "both walks find the same memory");
+    Figure {
+        key: "populated_replay",
+        what: "replay_populated over 1 TiB, half the blocks plugged at random, through the trait",
+        ours_ns: ours,
+        floor_ns,
+        target: 1.5,
+        extra: vec![("runs", runs), ("populated_bytes", ours_sum)],
+    }
+}
+
+fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array it is given.
+    let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(ret, 0, "pipe2: {}", std::io::Error::last_os_error());
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor we own; failure keeps the default size.
+        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, MIB as libc::c_int) };
+    }
+    // SAFETY: fresh descriptors that nothing else owns.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// A virtio-mem region of `size` bytes at [`HOT`] and a memory map holding it.
+fn vmem_region(size: u64) -> (Arc<VirtioMemRegion>, GuestMemoryMap) {
+    let block = Arc::new(RamBlock::new("vmem0", size, Backing::Memfd).expect("RAM block"));
+    let mut options = VirtioMemOptions::new(HOT);
+    options.requested_size = size;
+    let region = VirtioMemRegion::new(block.clone(), options).expect("virtio-mem region");
+    let map = GuestMemoryMap::builder()
+        .managed_ram(HOT, block, region.clone() as Arc<dyn RamDiscardManager>)
+        .expect("map")
+        .build()
+        .expect("map");
+    (region, map)
+}
+
+fn registry(region: &Arc<VirtioMemRegion>, map: &GuestMemoryMap) -> Registry {
+    let mut registry = Registry::with_memory(map.clone());
+    registry
+        .register(VirtioMemSection::new(0, region.clone()))
+        .expect("virtio-mem section");
+    memvisor_vmstate::ram::register_ram(&mut registry, map).expect("RAM sections");
+    registry
+}
+
+/// Save and load of a virtio-mem region with `plugged` bytes plugged and
+/// filled, through a pipe to a second thread loading into a fresh region.
+fn migration(opts: BenchOptions) -> Figure {
+    let (size, plugged, samples) = if opts.quick {
+        (256 * MIB, 32 * MIB, 1)
+    } else {
+        (4 * GIB, 512 * MIB, 5)
+    };
+    let (src, src_map) = vmem_region(size);
+    let plug = MemRequest::Plug(BlockRange {
+        addr: HOT,
+        nb_blocks: (plugged / (2 * MIB)) as u16,
+    });
+    assert_eq!(
+        src.handle(plug),
+        memvisor_virtio_mem::Response::Ack(None),
+        "plug for the benchmark"
+    );
+    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
+    for off in (0..plugged).step_by(MIB as usize) {
+        src.block().write(off, &pattern).expect("fill");
+    }
+    let (mut ours, mut floor, mut stream_bytes) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..samples {
+        // The floor: the same bytes through the same kind of pipe into a
+        // fresh mapping of the same size.
+        let dst = RamBlock::new("dst", size, Backing::Memfd).expect("RAM block");
+        let (mut rx, mut tx) = pipe();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: the plugged part of the source mapping, alive for the scope.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(src.block().host_address() as *const u8, plugged as usize) };
+                tx.write_all(bytes).expect("pipe write");
+                drop(tx);
+            });
+            // SAFETY: the first `plugged` bytes of the fresh destination mapping.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(dst.host_address() as *mut u8, plugged as usize) };
+            rx.read_exact(bytes).expect("pipe read");
+        });
+        floor.push(start.elapsed());
+        drop(dst);
+
+        let (dst, dst_map) = vmem_region(size);
+        let mut sender = registry(&src, &src_map);
+        let mut receiver = registry(&dst, &dst_map);
+        let (rx, tx) = pipe();
+        let start = Instant::now();
+        let loaded = std::thread::scope(|s| {
+            s.spawn(move || sender.save(tx).expect("save"));
+            receiver.load(BufReader::with_capacity(64 << 10, rx)).expect("load")
+        });
+        ours.push(start.elapsed());
+        stream_bytes = loaded.total_bytes;
+        assert_eq!(dst.plugged_size(), plugged);
+    }
+    let ns = |v: Vec<Duration>| median(v.into_iter().map(|d| d.as_nanos() as f64).collect());
+    Figure {
+        key: "migration",
+        what: "save + load of a virtio-mem region with plugged non-zero memory, through a pipe to a second thread",
+        ours_ns: ns(ours),
+        floor_ns: ns(floor),
+        target: 1.25,
+        extra: vec![
+            ("region_bytes", size),
+            ("populated_bytes", plugged),
+            ("stream_bytes", stream_bytes),
+        ],
+    }
+}
+
+/// The keys `run` knows, in order.
+pub const KEYS: [&str; 6] = [
+    "viommu_map_unmap_4k",
+    "viommu_map_unmap_2m",
+    "vmem_plug_unplug",
+    "populated_check",
+    "populated_replay",
+    "migration",
+];
+
+/// Runs the figures whose key `filter` accepts, calling `done` after each.
+pub fn run(opts: BenchOptions, filter: impl Fn(&str) -> bool, mut done: impl FnMut(&Figure)) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    for key in KEYS {
+        if !filter(key) {
+            continue;
+        }
+        let figure = match key {
+            "viommu_map_unmap_4k" => viommu_map_unmap(key, 4096, opts),
+            "viommu_map_unmap_2m" => viommu_map_unmap(key, 2 * MIB, opts),
+            "vmem_plug_unplug" => vmem_plug_unplug(opts),
+            "populated_check" => populated_check(opts),
+            "populated_replay" => populated_replay(opts),
+            "migration" => migration(opts),
+            _ => unreachable!("KEYS and this match agree"),
+        };
+        done(&figure);
+        figures.push(figure);
+    }
+    figures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_runs_counts_maximal_runs() {
+        assert_eq!(reference_runs(&[0b0110_1101]), (5, 3));
+        assert_eq!(reference_runs(&[u64::MAX, 1]), (65, 1));
+        assert_eq!(reference_runs(&[0, 0]), (0, 0));
+        assert_eq!(reference_runs(&[1 << 63, 1]), (2, 1));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

@@ -1,0 +1,49 @@
+//! `memvisor bench --quick --json` runs every figure and prints one
+//! well-formed JSON object. No time is asserted: the quick run only checks
+//! the command and the shape (and the stream-size bound, which is bytes).
+
+use std::process::Command;
+
+#[test]
+fn quick_bench_prints_every_figure_as_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args(["bench", "--quick", "--json"])
+        .output()
+        .expect("memvisor runs");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().expect("a line of output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    for key in [
+        "viommu_map_unmap_4k",
+        "viommu_map_unmap_2m",
+        "vmem_plug_unplug",
+        "populated_check",
+        "populated_replay",
+        "migration",
+    ] {
+        let f = &v[key];
+        for field in ["ours_ns", "floor_ns", "ratio"] {
+            let x = f[field].as_f64().unwrap_or_else(|| panic!("{key}.{field} in {f}"));
+            assert!(x > 0.0 && x.is_finite(), "{key}.{field} = {x}");
+        }
+    }
+    assert!(v["populated_replay"]["runs"].as_u64().unwrap() > 1000);
+    let stream = v["migration"]["stream_bytes"].as_u64().unwrap();
+    let populated = v["migration"]["populated_bytes"].as_u64().unwrap();
+    assert!(populated > 0);
+    assert!(
+        stream as f64 <= 1.01 * populated as f64 + 65536.0,
+        "stream {stream} bytes for {populated} populated bytes"
+    );
+}
+
+#[test]
+fn an_unknown_figure_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args(["bench", "--only", "nosuch"])
+        .output()
+        .expect("memvisor runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("viommu_map_unmap_4k"));
+}
