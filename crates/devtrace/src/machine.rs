@@ -505,6 +505,9 @@ impl Machine {
             sizes[0],
             QUEUE_DATA,
         )?;
+        // Linux's virtio-iommu driver polls its request queue (it has no
+        // callback), so it asks for no interrupts there.
+        requests.suppress_interrupts(true);
         let mut events = DriverQueue::new(map.memory(), GuestAddress(base + IOMMU_EVENTS_AT), sizes[1], QUEUE_DATA)?;
         let irq = Arc::new(EventFdInterrupt::new(2).map_err(MachineError::Interrupt)?);
         part.dev.ack_features(part.dev.avail_features());

@@ -20,8 +20,6 @@
 //! # let _ = head;
 //! ```
 
-use std::collections::HashMap;
-
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -101,7 +99,10 @@ pub struct DriverQueue {
     avail_idx: u16,
     last_used: u16,
     free: Vec<u16>,
-    in_flight: HashMap<u16, Vec<u16>>,
+    /// Per head index: the chain's descriptors `(index, addr, len, flags)`
+    /// while it is in flight (empty otherwise; capacity reused).
+    chains: Vec<Vec<(u16, u64, u32, u16)>>,
+    in_flight: usize,
 }
 
 const fn align_up(x: u64, a: u64) -> u64 {
@@ -149,7 +150,8 @@ impl DriverQueue {
             avail_idx: 0,
             last_used: 0,
             free: (0..size).rev().collect(),
-            in_flight: HashMap::new(),
+            chains: vec![Vec::new(); usize::from(size)],
+            in_flight: 0,
         })
     }
 
@@ -182,7 +184,7 @@ impl DriverQueue {
 
     /// Number of chains published and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight
     }
 
     /// Copies the buffers into the data area, builds a chain and publishes
@@ -198,7 +200,7 @@ impl DriverQueue {
                 Buf::Out(n) => align_up(u64::from(*n), 8),
             })
             .sum();
-        if self.in_flight.is_empty() {
+        if self.in_flight == 0 {
             self.data_next = 0;
         }
         let free = self.data_len - self.data_next;
@@ -213,11 +215,9 @@ impl DriverQueue {
                     self.mem.write_slice(d, addr).expect("data area checked in new");
                     (d.len() as u32, 0)
                 }
-                Buf::Out(n) => {
-                    let zeros = vec![0u8; *n as usize];
-                    self.mem.write_slice(&zeros, addr).expect("data area checked in new");
-                    (*n, VIRTQ_DESC_F_WRITE)
-                }
+                // Like a real driver, the response buffer is not cleared:
+                // only the `len` bytes the device reports are read back.
+                Buf::Out(n) => (*n, VIRTQ_DESC_F_WRITE),
             };
             self.data_next += align_up(u64::from(len), 8);
             descs.push((addr.0, len, flags));
@@ -239,16 +239,25 @@ impl DriverQueue {
                 free: self.free.len(),
             });
         }
-        let indices: Vec<u16> = (0..descs.len()).map(|_| self.free.pop().expect("checked")).collect();
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let (flags, next) = match indices.get(i + 1) {
-                Some(&next) => (flags | VIRTQ_DESC_F_NEXT, next),
+        // Descriptors are taken from the free list one by one; the chain
+        // remembers them (with what was written) so that completion needs
+        // no read-back of the table.
+        let head = *self.free.last().expect("checked");
+        let mut chain = std::mem::take(&mut self.chains[usize::from(head)]);
+        chain.clear();
+        for &(addr, len, flags) in descs {
+            chain.push((self.free.pop().expect("checked"), addr, len, flags));
+        }
+        for i in 0..chain.len() {
+            let (index, addr, len, flags) = chain[i];
+            let (flags, next) = match chain.get(i + 1) {
+                Some(&(next, ..)) => (flags | VIRTQ_DESC_F_NEXT, next),
                 None => (flags & !VIRTQ_DESC_F_NEXT, 0),
             };
-            self.write_descriptor(indices[i], Descriptor::new(addr, len, flags, next));
+            self.write_descriptor(index, Descriptor::new(addr, len, flags, next));
         }
-        let head = indices[0];
-        self.in_flight.insert(head, indices);
+        self.chains[usize::from(head)] = chain;
+        self.in_flight += 1;
         self.publish(head);
         Ok(head)
     }
@@ -269,6 +278,18 @@ impl DriverQueue {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.set_avail_idx(self.avail_idx);
+    }
+
+    /// Asks the device not to interrupt when it uses buffers
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`), as a driver that polls the used ring
+    /// does: Linux's virtio-iommu driver registers its request queue without
+    /// a callback, which sets this flag.
+    pub fn suppress_interrupts(&self, suppress: bool) {
+        const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        let flags = if suppress { VRING_AVAIL_F_NO_INTERRUPT } else { 0 };
+        self.mem
+            .write_obj(flags, self.avail)
+            .expect("avail ring checked in new");
     }
 
     /// Writes the avail index as given (a hostile driver may lie about it).
@@ -293,22 +314,30 @@ impl DriverQueue {
         self.last_used = self.last_used.wrapping_add(1);
         let head = id as u16;
         let mut data = Vec::new();
-        if let Some(indices) = self.in_flight.remove(&head) {
-            for &i in &indices {
-                let d: Descriptor = self
-                    .mem
-                    .read_obj(GuestAddress(self.desc.0 + 16 * u64::from(i)))
-                    .expect("descriptor table checked in new");
-                if d.flags() & VIRTQ_DESC_F_WRITE != 0 && data.len() < len as usize {
-                    let take = (len as usize - data.len()).min(d.len() as usize);
-                    let start = data.len();
-                    data.resize(start + take, 0);
-                    if self.mem.read_slice(&mut data[start..], d.addr()).is_err() {
-                        data.truncate(start);
-                    }
+        let mut chain = self
+            .chains
+            .get_mut(usize::from(head))
+            .map(std::mem::take)
+            .unwrap_or_default();
+        if !chain.is_empty() {
+            self.in_flight -= 1;
+        }
+        for &(_, addr, buf_len, flags) in &chain {
+            if flags & VIRTQ_DESC_F_WRITE != 0 && data.len() < len as usize {
+                let take = (len as usize - data.len()).min(buf_len as usize);
+                let start = data.len();
+                data.resize(start + take, 0);
+                if self.mem.read_slice(&mut data[start..], GuestAddress(addr)).is_err() {
+                    data.truncate(start);
                 }
             }
-            self.free.extend(indices);
+        }
+        // Returned in reverse, so the next chain takes the same ascending
+        // indices again.
+        self.free.extend(chain.iter().rev().map(|&(index, ..)| index));
+        chain.clear();
+        if let Some(slot) = self.chains.get_mut(usize::from(head)) {
+            *slot = chain;
         }
         Some(Used { head, len, data })
     }
