@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use memvisor_memory::GuestRange;
 use memvisor_memory::map::{GuestMemoryMap, MapError};
 use memvisor_virtio::device::Active;
-use memvisor_virtio::queue::{Malformed, RequestChain, drain_queue};
+use memvisor_virtio::queue::{Malformed, RequestChain, drain_queue, with_guest_buffer};
 use memvisor_virtio::{ActivateError, InterruptKind, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
@@ -816,7 +816,7 @@ impl Inner {
         let result = drain_queue(
             queue,
             REQUEST_QUEUE,
-            mem.memory(),
+            mem,
             interrupt.as_ref(),
             request::MAX_REQUEST,
             TAIL_SIZE,
@@ -854,7 +854,8 @@ impl Inner {
 /// if the driver made none available.
 fn push_event(active: &mut Active, bytes: &[u8; FAULT_SIZE]) -> Result<bool, Malformed> {
     let Active { mem, interrupt, queues } = active;
-    let mem = mem.memory();
+    let map = &*mem;
+    let mem = map.memory();
     let Some(queue) = queues.get_mut(usize::from(EVENT_QUEUE)) else {
         return Ok(false);
     };
@@ -898,11 +899,17 @@ fn push_event(active: &mut Active, bytes: &[u8; FAULT_SIZE]) -> Result<bool, Mal
             need: FAULT_SIZE,
         });
     }
-    mem.write_slice(bytes, desc.addr()).map_err(|_| Malformed::BadBuffer {
+    let bad = || Malformed::BadBuffer {
         head,
         addr: desc.addr().0,
         len: desc.len(),
-    })?;
+    };
+    // Never into discarded memory, which the write would populate again.
+    with_guest_buffer(map, desc.addr(), bytes.len() as u64, |mem| {
+        mem.write_slice(bytes, desc.addr())
+    })
+    .ok_or_else(bad)?
+    .map_err(|_| bad())?;
     queue
         .add_used(mem, head, FAULT_SIZE as u32)
         .map_err(|e| Malformed::Queue(e.to_string()))?;

@@ -290,7 +290,7 @@ impl VirtioDevice for VirtioMem {
         let result = drain_queue(
             queue,
             0,
-            active.mem.memory(),
+            &active.mem,
             active.interrupt.as_ref(),
             REQUEST_SIZE,
             RESPONSE_SIZE,

@@ -21,7 +21,7 @@
 //!
 //! driver.add(&[Buf::In(b"ping"), Buf::Out(4)]).unwrap();
 //! // A device that answers every request with its bytes reversed:
-//! let answered = drain_queue(&mut queue, 0, map.memory(), &irq, 64, 4, |req| {
+//! let answered = drain_queue(&mut queue, 0, &map, &irq, 64, 4, |req| {
 //!     Ok(req.request().iter().rev().copied().collect())
 //! })
 //! .unwrap();

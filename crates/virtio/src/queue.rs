@@ -13,6 +13,8 @@ use std::fmt;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use memvisor_memory::GuestRange;
+use memvisor_memory::map::GuestMemoryMap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -36,8 +38,9 @@ pub enum Malformed {
         /// Head index of the chain.
         head: u16,
     },
-    /// A descriptor points outside guest memory.
-    #[error("descriptor chain at head {head}: buffer [{addr:#x}, +{len:#x}) is not guest memory")]
+    /// A descriptor points outside guest memory, or into discarded memory
+    /// (an unplugged virtio-mem block), which the device must not touch.
+    #[error("descriptor chain at head {head}: buffer [{addr:#x}, +{len:#x}) is not accessible guest memory")]
     BadBuffer {
         /// Head index of the chain.
         head: u16,
@@ -115,7 +118,8 @@ impl RequestChain {
 }
 
 /// Walks the chain at `head`, gathering up to `max_request` readable bytes.
-fn read_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, max_request: usize) -> Result<RequestChain, Malformed> {
+fn read_chain(queue: &Queue, map: &GuestMemoryMap, head: u16, max_request: usize) -> Result<RequestChain, Malformed> {
+    let mem = map.memory();
     let size = queue.size();
     let table = GuestAddress(queue.desc_table());
     let mut chain = RequestChain {
@@ -148,7 +152,7 @@ fn read_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, max_request: usiz
             len,
         };
         if flags & VIRTQ_DESC_F_WRITE != 0 {
-            if !mem_contains(mem, addr, len) {
+            if with_guest_buffer(map, addr, u64::from(len), |_| ()).is_none() {
                 return Err(bad());
             }
             chain.writable.push((addr, len));
@@ -160,10 +164,11 @@ fn read_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, max_request: usiz
             let want = (len as usize).min(max_request.saturating_sub(chain.readable.len()));
             let start = chain.readable.len();
             chain.readable.resize(start + want, 0);
-            if !mem_contains(mem, addr, len) {
-                return Err(bad());
-            }
-            mem.read_slice(&mut chain.readable[start..], addr).map_err(|_| bad())?;
+            with_guest_buffer(map, addr, u64::from(len), |mem| {
+                mem.read_slice(&mut chain.readable[start..], addr)
+            })
+            .ok_or_else(bad)?
+            .map_err(|_| bad())?;
         }
         if flags & VIRTQ_DESC_F_NEXT == 0 {
             return Ok(chain);
@@ -176,9 +181,50 @@ fn read_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, max_request: usiz
     })
 }
 
-fn mem_contains(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> bool {
+/// Runs `f` on guest memory if the buffer `[addr, +len)` may be accessed:
+/// every byte is guest RAM and, in a managed region (virtio-mem), populated.
+/// The populated views of the managed regions it touches are held while
+/// `f` runs, so no unplug discards the buffer in between (DESIGN.md rule
+/// 3). `None` if the buffer may not be accessed; an empty buffer always may.
+///
+/// A buffer in discarded memory is refused rather than accessed: reading
+/// or writing it would populate memory the host has reclaimed (the
+/// guest must not use unplugged memory, `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`),
+/// so a chain pointing there is [`Malformed::BadBuffer`].
+pub fn with_guest_buffer<T>(
+    map: &GuestMemoryMap,
+    addr: GuestAddress,
+    len: u64,
+    f: impl FnOnce(&GuestMemoryMmap) -> T,
+) -> Option<T> {
     use vm_memory::GuestMemoryBackend;
-    len == 0 || mem.check_range(addr, len as usize)
+    let mem = map.memory();
+    if len == 0 {
+        return Some(f(mem));
+    }
+    let range = GuestRange::new(addr.0, len)?;
+    if !mem.check_range(addr, usize::try_from(len).ok()?) {
+        return None;
+    }
+    // Regions in ascending order, so several views are always taken in the
+    // same order. Buffers outside managed regions allocate nothing here.
+    let mut views = Vec::new();
+    let mut at = range.start();
+    while at < range.end() {
+        let region = map.region_at(at)?;
+        let part = region.range().intersection(&range)?;
+        if let Some(manager) = region.manager() {
+            let view = manager.populated();
+            if !view.is_populated(part) {
+                return None;
+            }
+            views.push(view);
+        }
+        at = part.end();
+    }
+    let result = f(mem);
+    drop(views);
+    Some(result)
 }
 
 /// Whether the driver wants an interrupt for the buffers just used. With
@@ -196,7 +242,7 @@ fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 
 /// Writes `response` into the chain's writable buffers and returns the
 /// number of bytes written (the used length).
-fn write_response(mem: &GuestMemoryMmap, chain: &RequestChain, response: &[u8]) -> Result<u32, Malformed> {
+fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8]) -> Result<u32, Malformed> {
     if response.len() > chain.writable_len {
         return Err(Malformed::ResponseTooShort {
             got: chain.writable_len,
@@ -209,11 +255,16 @@ fn write_response(mem: &GuestMemoryMmap, chain: &RequestChain, response: &[u8]) 
             break;
         }
         let n = rest.len().min(len as usize);
-        mem.write_slice(&rest[..n], addr).map_err(|_| Malformed::BadBuffer {
+        // Checked again now: handling the request may have unplugged the
+        // memory of its own response buffer.
+        let bad = || Malformed::BadBuffer {
             head: chain.head,
             addr: addr.0,
             len,
-        })?;
+        };
+        with_guest_buffer(map, addr, n as u64, |mem| mem.write_slice(&rest[..n], addr))
+            .ok_or_else(bad)?
+            .map_err(|_| bad())?;
         rest = &rest[n..];
     }
     Ok(response.len() as u32)
@@ -229,18 +280,24 @@ fn write_response(mem: &GuestMemoryMmap, chain: &RequestChain, response: &[u8]) 
 /// handler whose response may be longer, e.g. a PROBE, checks
 /// [`RequestChain::writable_len`] itself before acting.)
 ///
+/// Every buffer is read or written only while it is accessible guest RAM
+/// ([`with_guest_buffer`]): a buffer outside RAM or in discarded memory of
+/// a managed region (an unplugged virtio-mem block) is
+/// [`Malformed::BadBuffer`] and is never touched.
+///
 /// Returns the number of requests answered. On the first [`Malformed`]
 /// chain or request it stops and returns the error; requests answered
 /// before it stay answered. The caller then enters NEEDS_RESET.
 pub fn drain_queue(
     queue: &mut Queue,
     queue_index: u16,
-    mem: &GuestMemoryMmap,
+    map: &GuestMemoryMap,
     interrupt: &dyn VirtioInterrupt,
     max_request: usize,
     min_response: usize,
     mut handle: impl FnMut(&RequestChain) -> Result<Vec<u8>, Malformed>,
 ) -> Result<usize, Malformed> {
+    let mem = map.memory();
     let mut answered = 0;
     let result = loop {
         let avail = match queue.avail_idx(mem, Ordering::Acquire) {
@@ -264,14 +321,14 @@ pub fn drain_queue(
             Ok(None) => break Ok(answered),
             Err(e) => break Err(Malformed::Queue(e.to_string())),
         };
-        let outcome = read_chain(queue, mem, head, max_request).and_then(|chain| {
+        let outcome = read_chain(queue, map, head, max_request).and_then(|chain| {
             if chain.writable_len < min_response {
                 return Err(Malformed::ResponseTooShort {
                     got: chain.writable_len,
                     need: min_response,
                 });
             }
-            handle(&chain).and_then(|resp| write_response(mem, &chain, &resp))
+            handle(&chain).and_then(|resp| write_response(map, &chain, &resp))
         });
         match outcome {
             Ok(used_len) => {
@@ -321,7 +378,7 @@ mod tests {
     }
 
     fn drain(f: &mut Fixture) -> Result<usize, Malformed> {
-        drain_queue(&mut f.queue, 0, f.map.memory(), &f.irq, 16, 1, |req| {
+        drain_queue(&mut f.queue, 0, &f.map, &f.irq, 16, 1, |req| {
             if req.request().len() < 2 {
                 return Err(Malformed::RequestTooShort {
                     got: req.request().len(),
@@ -395,7 +452,7 @@ mod tests {
         let mut f = fixture();
         f.driver.add(&[Buf::In(b"xy")]).unwrap();
         let mut ran = false;
-        let result = drain_queue(&mut f.queue, 0, f.map.memory(), &f.irq, 16, 1, |_| {
+        let result = drain_queue(&mut f.queue, 0, &f.map, &f.irq, 16, 1, |_| {
             ran = true;
             Ok(vec![])
         });
