@@ -12,12 +12,18 @@
 //! map and unmap (`IORING_REGISTER_BUFFERS_UPDATE`); more rings are created
 //! as the tables fill. The kernel refuses buffers over 1 GiB, so longer
 //! mappings are split over several slots.
+//!
+//! The per-request path allocates nothing in the common case: a mapping of
+//! up to 1 GiB keeps its one slot inline, an unmap gathers the slots it
+//! frees on the stack, and slots are cleared from a static table of empty
+//! iovecs.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use io_uring::IoUring;
+use smallvec::SmallVec;
 
 use crate::mapper::{Access, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
 
@@ -44,9 +50,17 @@ struct RingTable {
     free: Vec<u32>,
 }
 
+/// The slots of one mapping, in IOVA order: a single one, stored inline,
+/// for any mapping of up to [`MAX_SLOT_BYTES`].
+type MappingSlots = SmallVec<[Slot; 1]>;
+
+/// Slots gathered by one unmap: inline for up to four mappings of up to
+/// [`MAX_SLOT_BYTES`] each, spilling to the heap past that.
+type FreedSlots = SmallVec<[Slot; 4]>;
+
 struct Mapping {
     len: u64,
-    slots: Vec<Slot>,
+    slots: MappingSlots,
 }
 
 #[derive(Default)]
@@ -99,6 +113,18 @@ fn iovec(host: u64, len: u64) -> libc::iovec {
     }
 }
 
+/// Slots cleared by one system call at most: one page of empty iovecs.
+const CLEAR_CHUNK: usize = 256;
+
+/// Empty iovecs, each clearing the slot it is given to. A constant rather
+/// than a `static` because `libc::iovec` holds a raw pointer (so is not
+/// `Sync`); [`RingTable::clear`] borrows it as a promoted `'static`, so it
+/// is neither built nor copied per call.
+const EMPTY_IOVECS: [libc::iovec; CLEAR_CHUNK] = [libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+}; CLEAR_CHUNK];
+
 impl RingTable {
     fn new() -> std::io::Result<Self> {
         let ring = IoUring::new(1)?;
@@ -118,6 +144,26 @@ impl RingTable {
         // through it unless a read I/O names the slot, which memvisor never
         // submits (its tests only submit writes *from* a slot).
         unsafe { self.ring.submitter().register_buffers_update(first, bufs, None) }
+    }
+
+    /// Clears slots `[first, first + n)`, unpinning them, and returns them
+    /// to the free list: one system call per [`CLEAR_CHUNK`] slots. A chunk
+    /// the kernel fails to clear is logged and kept off the free list.
+    fn clear(&mut self, ring: u32, first: u32, n: u32) {
+        let empty: &'static [libc::iovec; CLEAR_CHUNK] = &EMPTY_IOVECS;
+        let end = first + n;
+        let mut index = first;
+        while index < end {
+            let count = (end - index).min(CLEAR_CHUNK as u32);
+            if let Err(e) = self.update(index, &empty[..count as usize]) {
+                // Clearing a slot cannot fail on a valid table; if it ever
+                // does, the slot stays pinned and must not be reused.
+                log::error!("unpinning io_uring slots {index}+{count} of ring {ring} failed: {e}");
+            } else {
+                self.free.extend((index..index + count).rev());
+            }
+            index += count;
+        }
     }
 }
 
@@ -152,10 +198,10 @@ impl UringPinner {
     }
 
     /// Clears `slots` (unpinning them) and returns them to the free lists,
-    /// with one system call per run of consecutive slots in one ring.
-    fn release_slots(inner: &mut Inner, mut slots: Vec<Slot>) {
+    /// with one system call per run of consecutive slots in one ring (per
+    /// [`CLEAR_CHUNK`] slots of a longer run). Sorts `slots` in place.
+    fn release_slots(inner: &mut Inner, slots: &mut [Slot]) {
         slots.sort_unstable();
-        let empty = vec![iovec(0, 0); slots.len()];
         let mut i = 0;
         while i < slots.len() {
             let start = slots[i];
@@ -164,18 +210,7 @@ impl UringPinner {
             {
                 n += 1;
             }
-            let table = &mut inner.rings[start.ring as usize];
-            if let Err(e) = table.update(start.index, &empty[..n]) {
-                // Clearing a slot cannot fail on a valid table; if it ever
-                // does, the slot stays pinned and must not be reused.
-                log::error!(
-                    "unpinning io_uring slots {}+{n} of ring {} failed: {e}",
-                    start.index,
-                    start.ring
-                );
-            } else {
-                table.free.extend((start.index..start.index + n as u32).rev());
-            }
+            inner.rings[start.ring as usize].clear(start.ring, start.index, n as u32);
             i += n;
         }
     }
@@ -199,8 +234,8 @@ impl UringPinner {
 
     /// Pins `[host, host + len)` into fresh slots; on failure everything
     /// pinned so far is released.
-    fn pin(inner: &mut Inner, iova: u64, host: u64, len: u64) -> Result<Vec<Slot>, DmaError> {
-        let mut slots = Vec::with_capacity(len.div_ceil(MAX_SLOT_BYTES) as usize);
+    fn pin(inner: &mut Inner, iova: u64, host: u64, len: u64) -> Result<MappingSlots, DmaError> {
+        let mut slots = MappingSlots::with_capacity(len.div_ceil(MAX_SLOT_BYTES) as usize);
         let mut offset = 0;
         while offset < len {
             let chunk = (len - offset).min(MAX_SLOT_BYTES);
@@ -214,7 +249,7 @@ impl UringPinner {
             match result {
                 Ok(slot) => slots.push(slot),
                 Err(source) => {
-                    Self::release_slots(inner, slots);
+                    Self::release_slots(inner, &mut slots);
                     return Err(DmaError::Os {
                         op: "io_uring buffer registration",
                         iova,
@@ -290,25 +325,35 @@ impl DmaMapper for UringPinner {
                 mapping_len: m.len,
             });
         }
-        if let Some((&start, m)) = inner.mappings.range(iova..end).next_back()
-            && start + m.len > end
-        {
-            return Err(DmaError::Split {
-                iova,
-                len,
-                start,
-                mapping_len: m.len,
-            });
-        }
-        let starts: Vec<u64> = inner.mappings.range(iova..end).map(|(&s, _)| s).collect();
-        let mut slots = Vec::new();
+        // Remove the mappings starting in `[iova, end)`, last first, each
+        // search looking below the previous one's start (so unmapping a
+        // mapping by its own start searches once). Only the last can reach
+        // past `end` (mappings do not overlap), and it is checked before
+        // anything is removed.
+        let mut slots = FreedSlots::new();
         let mut bytes = 0;
-        for start in starts {
-            let m = inner.mappings.remove(&start).expect("collected above");
+        let mut below = end;
+        while below > iova
+            && let Some((&start, m)) = inner.mappings.range(iova..below).next_back()
+        {
+            if start + m.len > end {
+                return Err(DmaError::Split {
+                    iova,
+                    len,
+                    start,
+                    mapping_len: m.len,
+                });
+            }
+            let m = inner.mappings.remove(&start).expect("found above");
             bytes += m.len;
             slots.extend(m.slots);
+            below = start;
         }
-        Self::release_slots(&mut inner, slots);
+        if bytes == 0 {
+            // A hole: nothing to release.
+            return Ok(0);
+        }
+        Self::release_slots(&mut inner, &mut slots);
         inner.pinned -= bytes;
         self.budget.release(bytes);
         Ok(bytes)
@@ -340,11 +385,11 @@ impl Drop for UringPinner {
         // kernel worker), so pins would outlive the pinner for a while:
         // clear every slot synchronously first.
         let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-        let slots: Vec<Slot> = std::mem::take(&mut inner.mappings)
+        let mut slots: Vec<Slot> = std::mem::take(&mut inner.mappings)
             .into_values()
             .flat_map(|m| m.slots)
             .collect();
-        Self::release_slots(inner, slots);
+        Self::release_slots(inner, &mut slots);
         self.budget.release(std::mem::take(&mut inner.pinned));
     }
 }

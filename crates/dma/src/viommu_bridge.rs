@@ -42,20 +42,15 @@ pub enum UnplugGuard {
     Warn,
 }
 
-/// One mapping the bridge was told of.
-#[derive(Debug, Clone, Copy)]
-struct Live {
-    size: u64,
-    phys: u64,
-    pinned: bool,
-}
-
+/// The bridge's record. Only pinned mappings are kept: an [`UnmapEvent`]
+/// carries the IOVA, size and guest-physical address of the mapping it
+/// ends, so that pair finds the record, and `MMIO` mappings (never pinned)
+/// need none.
 #[derive(Default)]
 struct State {
-    /// Every accepted mapping, by IOVA.
-    by_iova: BTreeMap<u64, Live>,
-    /// Pinned mappings by guest-physical start (then IOVA, since several
-    /// IOVAs may map the same memory): the interval index for vetoes.
+    /// Size of every pinned mapping, by guest-physical start then IOVA
+    /// (several IOVAs may map the same memory): the interval index for
+    /// vetoes, and the record of what to unpin.
     by_phys: BTreeMap<(u64, u64), u64>,
     /// The longest pinned mapping ever seen: an overlap with
     /// `[start, end)` can only come from an entry starting in
@@ -64,13 +59,13 @@ struct State {
 }
 
 impl State {
-    /// IOVAs of pinned mappings overlapping `range`.
-    fn pinned_overlapping(&self, range: GuestRange) -> impl Iterator<Item = u64> + '_ {
+    /// Pinned mappings overlapping `range`, as `((phys, iova), size)`.
+    fn pinned_overlapping(&self, range: GuestRange) -> impl Iterator<Item = ((u64, u64), u64)> + '_ {
         let from = range.start().saturating_sub(self.longest.saturating_sub(1));
         self.by_phys
             .range((from, 0)..(range.end(), 0))
             .filter(move |&(&(phys, _), &size)| phys + size > range.start())
-            .map(|(&(_, iova), _)| iova)
+            .map(|(&key, &size)| (key, size))
     }
 }
 
@@ -87,16 +82,9 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn unpin(&self, state: &mut State, iova: u64) {
-        let Some(live) = state.by_iova.get_mut(&iova) else {
-            return;
-        };
-        if !live.pinned {
-            return;
-        }
-        live.pinned = false;
-        let (size, phys) = (live.size, live.phys);
-        state.by_phys.remove(&(phys, iova));
+    /// Unpins the mapping at `iova`, whose record the caller has just
+    /// removed (under the lock, which it still holds).
+    fn unpin(&self, iova: u64, size: u64) {
         if let Err(e) = self.mapper.unmap(iova, size) {
             log::error!("{}: unpinning iova {iova:#x} (+{size:#x}) failed: {e}", self.name);
         }
@@ -118,22 +106,17 @@ impl IommuNotifier for Core {
     }
 
     fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
-        let mut state = self.lock();
         if ev.flags.mmio() {
-            state.by_iova.insert(
-                ev.iova,
-                Live {
-                    size: ev.size,
-                    phys: ev.phys,
-                    pinned: false,
-                },
-            );
+            // Never pinned, so nothing to record (see notify_unmap).
             return Ok(());
         }
         let phys = GuestRange::new(ev.phys, ev.size).ok_or(Status::Range)?;
         let Some(host) = &ev.host else {
             return Err(Status::Inval);
         };
+        // Check, pin and record under the lock: a veto or a discard sees
+        // all of it or none of it.
+        let mut state = self.lock();
         // Rule 1, checked again under the guard the device holds (rule 3).
         if ev.populated.is_some_and(|view| !view.is_populated(phys)) {
             return Err(Status::Inval);
@@ -148,23 +131,22 @@ impl IommuNotifier for Core {
                 log::warn!("{}: refusing map of iova {:#x} -> {phys}: {e}", self.name, ev.iova);
                 status_for(&e)
             })?;
-        state.by_iova.insert(
-            ev.iova,
-            Live {
-                size: ev.size,
-                phys: ev.phys,
-                pinned: true,
-            },
-        );
         state.by_phys.insert((ev.phys, ev.iova), ev.size);
         state.longest = state.longest.max(ev.size);
         Ok(())
     }
 
     fn notify_unmap(&self, ev: &UnmapEvent) {
+        if ev.flags.mmio() {
+            // MMIO mappings are never pinned nor recorded.
+            return;
+        }
+        // No record means nothing is pinned: a forced unplug already
+        // unpinned it (notify_discard), or the map was refused.
         let mut state = self.lock();
-        self.unpin(&mut state, ev.iova);
-        state.by_iova.remove(&ev.iova);
+        if let Some(size) = state.by_phys.remove(&(ev.phys, ev.iova)) {
+            self.unpin(ev.iova, size);
+        }
     }
 }
 
@@ -180,7 +162,7 @@ impl RamDiscardListener for Core {
 
     fn may_discard(&self, range: GuestRange) -> bool {
         let state = self.lock();
-        let Some(iova) = state.pinned_overlapping(range).next() else {
+        let Some(((_, iova), _)) = state.pinned_overlapping(range).next() else {
             return true;
         };
         match self.guard {
@@ -207,10 +189,12 @@ impl RamDiscardListener for Core {
         }
         // Under Reject, a discard of pinned memory only comes from a forced
         // unplug (a system reset): drop the pins before the memory goes.
+        // Their records go too: the guest's later unmaps are then no-ops.
         let mut state = self.lock();
-        let overlapping: Vec<u64> = state.pinned_overlapping(range).collect();
-        for iova in overlapping {
-            self.unpin(&mut state, iova);
+        let overlapping: Vec<((u64, u64), u64)> = state.pinned_overlapping(range).collect();
+        for (key @ (_, iova), size) in overlapping {
+            state.by_phys.remove(&key);
+            self.unpin(iova, size);
         }
     }
 }
@@ -306,10 +290,8 @@ impl Drop for ViommuDmaBridge {
             manager.unregister_listener(id);
         }
         let mut state = self.core.lock();
-        let iovas: Vec<u64> = state.by_iova.keys().copied().collect();
-        for iova in iovas {
-            self.core.unpin(&mut state, iova);
+        for ((_, iova), size) in std::mem::take(&mut state.by_phys) {
+            self.core.unpin(iova, size);
         }
-        state.by_iova.clear();
     }
 }

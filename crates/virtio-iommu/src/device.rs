@@ -205,6 +205,87 @@ pub(crate) struct Domain {
     pub(crate) bypass: bool,
     pub(crate) endpoints: BTreeSet<u32>,
     pub(crate) mappings: DomainMappings,
+    /// The notifiers of every endpoint in `endpoints`: endpoints ascending,
+    /// each endpoint's notifiers in registration order. Kept in step with
+    /// `endpoints` and the endpoints' notifier lists, so that MAP and UNMAP
+    /// borrow it instead of collecting it (and cloning every `Arc`) per
+    /// request.
+    pub(crate) targets: Vec<Target>,
+}
+
+impl Domain {
+    /// A domain without endpoints (and so without targets).
+    pub(crate) fn new(bypass: bool, mappings: DomainMappings) -> Self {
+        Self {
+            bypass,
+            endpoints: BTreeSet::new(),
+            mappings,
+            targets: Vec::new(),
+        }
+    }
+
+    /// Where the targets of `endpoint` are in `targets`, or where they
+    /// would go (`targets` is sorted by endpoint).
+    fn span(&self, endpoint: u32) -> std::ops::Range<usize> {
+        let start = self.targets.partition_point(|t| t.endpoint < endpoint);
+        let len = self.targets[start..].partition_point(|t| t.endpoint == endpoint);
+        start..start + len
+    }
+
+    /// Adds `endpoint` (not attached here) with its `notifiers`; returns
+    /// where its targets are.
+    fn insert_endpoint(
+        &mut self,
+        endpoint: u32,
+        notifiers: &[(NotifierId, Arc<dyn IommuNotifier>)],
+    ) -> std::ops::Range<usize> {
+        let inserted = self.endpoints.insert(endpoint);
+        debug_assert!(inserted, "endpoint {endpoint} was attached already");
+        let at = self.span(endpoint).start;
+        self.targets.splice(
+            at..at,
+            notifiers.iter().map(|(_, n)| Target {
+                endpoint,
+                notifier: n.clone(),
+            }),
+        );
+        at..at + notifiers.len()
+    }
+
+    /// Removes `endpoint` and its targets.
+    fn remove_endpoint(&mut self, endpoint: u32) {
+        self.endpoints.remove(&endpoint);
+        let span = self.span(endpoint);
+        self.targets.drain(span);
+    }
+
+    /// Recomputes `targets` from `endpoints` and their notifiers in `all`.
+    pub(crate) fn rebuild_targets(&mut self, all: &BTreeMap<u32, Endpoint>) {
+        self.targets.clear();
+        for &endpoint in &self.endpoints {
+            if let Some(ep) = all.get(&endpoint) {
+                self.targets.extend(ep.notifiers.iter().map(|(_, n)| Target {
+                    endpoint,
+                    notifier: n.clone(),
+                }));
+            }
+        }
+    }
+
+    /// True if `targets` is what [`rebuild_targets`](Self::rebuild_targets)
+    /// would make of `all` (for debug assertions; allocation-free).
+    pub(crate) fn targets_fresh(&self, all: &BTreeMap<u32, Endpoint>) -> bool {
+        let mut cached = self.targets.iter();
+        for &endpoint in &self.endpoints {
+            for (_, n) in all.get(&endpoint).map_or(&[][..], |ep| &ep.notifiers[..]) {
+                match cached.next() {
+                    Some(t) if t.endpoint == endpoint && Arc::ptr_eq(&t.notifier, n) => {}
+                    _ => return false,
+                }
+            }
+        }
+        cached.next().is_none()
+    }
 }
 
 /// Logs at most once per interval, counting what it suppressed.
@@ -327,6 +408,27 @@ fn notify_all<'a>(
     Ok(())
 }
 
+/// Delivers every mapping of `mappings` to `targets` in ascending IOVA
+/// order, all or nothing: if one is refused, the ones delivered before are
+/// unmapped again (last first) and the refused mapping is returned with why.
+fn replay(
+    mem: Option<&GuestMemoryMap>,
+    targets: &[Target],
+    domain: u32,
+    mappings: &DomainMappings,
+    cause: MapCause,
+) -> Result<(), (Mapping, MapRefusal)> {
+    for (i, m) in mappings.iter().enumerate() {
+        if let Err(refusal) = deliver_map(mem, targets, domain, m, cause) {
+            for done in mappings.iter().take(i).rev() {
+                unmap_to(targets, domain, done, UnmapCause::Rollback);
+            }
+            return Err((*m, refusal));
+        }
+    }
+    Ok(())
+}
+
 /// The device model without its transport side.
 pub(crate) struct Core {
     pub(crate) config: IommuConfig,
@@ -385,44 +487,21 @@ impl Core {
         (self.config.domain_start..=self.config.domain_end).contains(&domain)
     }
 
-    /// The notifiers of one endpoint.
-    pub(crate) fn endpoint_targets(&self, endpoint: u32) -> Vec<Target> {
-        self.endpoints
-            .get(&endpoint)
-            .map(|ep| {
-                ep.notifiers
-                    .iter()
-                    .map(|(_, n)| Target {
-                        endpoint,
-                        notifier: n.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// The notifiers of every endpoint attached to `domain`.
-    pub(crate) fn domain_targets(&self, domain: u32) -> Vec<Target> {
-        self.domains
-            .get(&domain)
-            .map(|d| d.endpoints.iter().flat_map(|&e| self.endpoint_targets(e)).collect())
-            .unwrap_or_default()
-    }
-
     /// Detaches `endpoint` from `domain` (it is attached there), unmapping
     /// the domain's mappings from its notifiers; the domain ceases to
     /// exist with its last endpoint.
     fn detach_endpoint(&mut self, endpoint: u32, domain: u32, cause: UnmapCause) {
-        let targets = self.endpoint_targets(endpoint);
         let Some(d) = self.domains.get_mut(&domain) else {
             return;
         };
+        debug_assert!(d.targets_fresh(&self.endpoints));
+        let targets = &d.targets[d.span(endpoint)];
         if !targets.is_empty() {
             for m in d.mappings.iter().rev() {
-                unmap_to(&targets, domain, m, cause);
+                unmap_to(targets, domain, m, cause);
             }
         }
-        d.endpoints.remove(&endpoint);
+        d.remove_endpoint(endpoint);
         if d.endpoints.is_empty() {
             self.domains.remove(&domain);
         }
@@ -500,35 +579,31 @@ impl Core {
         if let Some(old) = old {
             self.detach_endpoint(a.endpoint, old, UnmapCause::Detach);
         }
-        let targets = self.endpoint_targets(a.endpoint);
-        let domain = self.domains.entry(a.domain).or_insert_with(|| Domain {
-            bypass,
-            endpoints: BTreeSet::new(),
-            mappings: DomainMappings::default(),
-        });
-        if !targets.is_empty() {
-            let mappings: Vec<Mapping> = domain.mappings.iter().copied().collect();
-            for (i, m) in mappings.iter().enumerate() {
-                if let Err(refusal) = deliver_map(self.mem.as_ref(), &targets, a.domain, m, MapCause::Attach) {
-                    for done in mappings[..i].iter().rev() {
-                        unmap_to(&targets, a.domain, done, UnmapCause::Rollback);
-                    }
-                    if self.domains.get(&a.domain).is_some_and(|d| d.endpoints.is_empty()) {
-                        self.domains.remove(&a.domain);
-                    }
-                    log::warn!(
-                        "{NAME}: attach of endpoint {} to domain {} failed replaying [{:#x}, {:#x}]: {refusal}",
-                        a.endpoint,
-                        a.domain,
-                        m.virt_start,
-                        m.virt_end
-                    );
-                    return refusal.status();
-                }
+        let notifiers = self.endpoints.get(&a.endpoint).map_or(&[][..], |ep| &ep.notifiers[..]);
+        let domain = self
+            .domains
+            .entry(a.domain)
+            .or_insert_with(|| Domain::new(bypass, DomainMappings::default()));
+        // The endpoint joins the domain's targets now, so that the replay
+        // borrows its slice of them; a failed replay takes it out again.
+        let span = domain.insert_endpoint(a.endpoint, notifiers);
+        let targets = &domain.targets[span];
+        if !targets.is_empty()
+            && let Err((m, refusal)) = replay(self.mem.as_ref(), targets, a.domain, &domain.mappings, MapCause::Attach)
+        {
+            domain.remove_endpoint(a.endpoint);
+            if domain.endpoints.is_empty() {
+                self.domains.remove(&a.domain);
             }
+            log::warn!(
+                "{NAME}: attach of endpoint {} to domain {} failed replaying [{:#x}, {:#x}]: {refusal}",
+                a.endpoint,
+                a.domain,
+                m.virt_start,
+                m.virt_end
+            );
+            return refusal.status();
         }
-        let domain = self.domains.get_mut(&a.domain).expect("inserted above");
-        domain.endpoints.insert(a.endpoint);
         if let Some(ep) = self.endpoints.get_mut(&a.endpoint) {
             ep.domain = Some(a.domain);
         }
@@ -580,7 +655,9 @@ impl Core {
         if span == u64::MAX || m.phys_start.checked_add(span).is_none() {
             return Status::Range;
         }
-        let Some(domain) = self.domains.get(&m.domain) else {
+        // One lookup: the checks, the notification (borrowing the cached
+        // targets) and the insertion all use this entry.
+        let Some(domain) = self.domains.get_mut(&m.domain) else {
             return Status::NoEnt;
         };
         if domain.bypass {
@@ -606,8 +683,8 @@ impl Core {
             phys_start: m.phys_start,
             flags,
         };
-        let targets = self.domain_targets(m.domain);
-        if let Err(refusal) = deliver_map(self.mem.as_ref(), &targets, m.domain, &mapping, MapCause::Map) {
+        debug_assert!(domain.targets_fresh(&self.endpoints));
+        if let Err(refusal) = deliver_map(self.mem.as_ref(), &domain.targets, m.domain, &mapping, MapCause::Map) {
             log::debug!(
                 "{NAME}: MAP [{:#x}, {:#x}] -> {:#x} in domain {} refused: {refusal}",
                 m.virt_start,
@@ -617,11 +694,7 @@ impl Core {
             );
             return refusal.status();
         }
-        self.domains
-            .get_mut(&m.domain)
-            .expect("checked above")
-            .mappings
-            .insert(mapping);
+        domain.mappings.insert(mapping);
         Status::Ok
     }
 
@@ -638,20 +711,19 @@ impl Core {
         if u.virt_start < self.config.input_start || u.virt_end > self.config.input_end {
             return Status::Range;
         }
-        let targets = self.domain_targets(u.domain);
         let Some(domain) = self.domains.get_mut(&u.domain) else {
             return Status::NoEnt;
         };
         if domain.bypass {
             return Status::Inval;
         }
-        let removed = match domain.mappings.covered(u.virt_start, u.virt_end) {
-            Ok(removed) => removed,
-            Err(_) => return Status::Range,
-        };
-        for m in &removed {
-            domain.mappings.remove(m.virt_start);
-            unmap_to(&targets, u.domain, m, UnmapCause::Unmap);
+        if domain.mappings.check_unmap(u.virt_start, u.virt_end).is_err() {
+            return Status::Range;
+        }
+        debug_assert!(domain.targets_fresh(&self.endpoints));
+        // Each covered mapping in ascending order: removed, then notified.
+        while let Some(m) = domain.mappings.remove_first_in(u.virt_start, u.virt_end) {
+            unmap_to(&domain.targets, u.domain, &m, UnmapCause::Unmap);
         }
         Status::Ok
     }
@@ -742,38 +814,53 @@ impl Core {
     ) -> Result<NotifierId, NotifierError> {
         let ep = self
             .endpoints
-            .get(&endpoint)
+            .get_mut(&endpoint)
             .ok_or(NotifierError::UnknownEndpoint(endpoint))?;
-        if let Some(domain_id) = ep.domain
-            && let Some(domain) = self.domains.get(&domain_id)
+        let target = Target { endpoint, notifier };
+        let domain = ep
+            .domain
+            .and_then(|d| self.domains.get_mut(&d).map(|domain| (d, domain)));
+        if let Some((domain_id, domain)) = &domain
+            && let Err((m, refusal)) = replay(
+                self.mem.as_ref(),
+                std::slice::from_ref(&target),
+                *domain_id,
+                &domain.mappings,
+                MapCause::Register,
+            )
         {
-            let targets = [Target {
-                endpoint,
-                notifier: notifier.clone(),
-            }];
-            let mappings: Vec<Mapping> = domain.mappings.iter().copied().collect();
-            for (i, m) in mappings.iter().enumerate() {
-                if let Err(refusal) = deliver_map(self.mem.as_ref(), &targets, domain_id, m, MapCause::Register) {
-                    for done in mappings[..i].iter().rev() {
-                        unmap_to(&targets, domain_id, done, UnmapCause::Rollback);
-                    }
-                    return Err(NotifierError::Refused {
-                        domain: domain_id,
-                        virt_start: m.virt_start,
-                        virt_end: m.virt_end,
-                        refusal,
-                    });
-                }
-            }
+            return Err(NotifierError::Refused {
+                domain: *domain_id,
+                virt_start: m.virt_start,
+                virt_end: m.virt_end,
+                refusal,
+            });
         }
         let id = NotifierId(self.next_notifier);
         self.next_notifier += 1;
-        self.endpoints
-            .get_mut(&endpoint)
-            .expect("checked above")
-            .notifiers
-            .push((id, notifier));
+        ep.notifiers.push((id, target.notifier.clone()));
+        if let Some((_, domain)) = domain {
+            // Registration order: after the endpoint's other notifiers.
+            let at = domain.span(endpoint).end;
+            domain.targets.insert(at, target);
+        }
         Ok(id)
+    }
+
+    fn add_endpoint(&mut self, endpoint: u32) -> bool {
+        if self.endpoints.contains_key(&endpoint) {
+            return false;
+        }
+        // Attached to no domain and without notifiers: no domain's targets
+        // change.
+        self.endpoints.insert(
+            endpoint,
+            Endpoint {
+                domain: None,
+                notifiers: Vec::new(),
+            },
+        );
+        true
     }
 
     fn unregister_notifier(&mut self, id: NotifierId) -> bool {
@@ -787,8 +874,10 @@ impl Core {
         let ep = self.endpoints.get_mut(&endpoint).expect("found above");
         let (_, notifier) = ep.notifiers.remove(pos);
         if let Some(domain_id) = ep.domain
-            && let Some(domain) = self.domains.get(&domain_id)
+            && let Some(domain) = self.domains.get_mut(&domain_id)
         {
+            let cached = domain.targets.remove(domain.span(endpoint).start + pos);
+            debug_assert!(Arc::ptr_eq(&cached.notifier, &notifier));
             let targets = [Target { endpoint, notifier }];
             for m in domain.mappings.iter().rev() {
                 unmap_to(&targets, domain_id, m, UnmapCause::Unregister);
@@ -964,18 +1053,7 @@ impl IommuHandle {
 
     /// Adds an endpoint to the topology (hotplug). Returns `false` if it exists.
     pub fn add_endpoint(&self, endpoint: u32) -> bool {
-        let mut inner = self.lock();
-        if inner.core.endpoints.contains_key(&endpoint) {
-            return false;
-        }
-        inner.core.endpoints.insert(
-            endpoint,
-            Endpoint {
-                domain: None,
-                notifiers: Vec::new(),
-            },
-        );
-        true
+        self.lock().core.add_endpoint(endpoint)
     }
 
     /// Gives the device the guest memory map (activation does too), so that
@@ -1151,5 +1229,376 @@ impl VirtioDevice for VirtioIommu {
 
     fn needs_reset(&self) -> bool {
         self.handle.lock().common.needs_reset()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memvisor_memory::{Backing, RamBlock};
+    use proptest::prelude::*;
+
+    use crate::persist::{DomainState, EndpointState, IommuState, MappingState};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// Records what it is told in a log shared by every recorder;
+    /// `refuse`s every mapping if asked to.
+    struct Recorder {
+        name: String,
+        refuse: bool,
+        log: Log,
+    }
+
+    impl IommuNotifier for Recorder {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        fn notify_map(&self, e: &MapEvent<'_>) -> Result<(), Status> {
+            if self.refuse {
+                return Err(Status::DevErr);
+            }
+            let line = format!(
+                "{} map e{} d{} {:#x} {:?}",
+                self.name, e.endpoint, e.domain, e.iova, e.cause
+            );
+            self.log.lock().unwrap().push(line);
+            Ok(())
+        }
+
+        fn notify_unmap(&self, e: &UnmapEvent) {
+            let line = format!(
+                "{} unmap e{} d{} {:#x} {:?}",
+                self.name, e.endpoint, e.domain, e.iova, e.cause
+            );
+            self.log.lock().unwrap().push(line);
+        }
+    }
+
+    fn recorder(name: &str, refuse: bool, log: &Log) -> Arc<dyn IommuNotifier> {
+        Arc::new(Recorder {
+            name: name.into(),
+            refuse,
+            log: log.clone(),
+        })
+    }
+
+    fn take(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    fn memory() -> GuestMemoryMap {
+        let ram = Arc::new(RamBlock::new("ram", 16 << 20, Backing::Memfd).unwrap());
+        GuestMemoryMap::builder().ram(0, ram).unwrap().build().unwrap()
+    }
+
+    fn config(endpoints: Vec<u32>) -> IommuConfig {
+        IommuConfig {
+            endpoints,
+            ..IommuConfig::default()
+        }
+    }
+
+    const ACKED: u64 = F_MAP_UNMAP;
+
+    fn attach(core: &mut Core, endpoint: u32, domain: u32) -> Status {
+        let a = request::Attach {
+            domain,
+            endpoint,
+            flags: 0,
+            reserved: [0; 4],
+        };
+        core.attach(a, ACKED)
+    }
+
+    fn map(core: &mut Core, domain: u32, iova: u64) -> Status {
+        let m = request::Map {
+            domain,
+            virt_start: iova,
+            virt_end: iova + 0xfff,
+            phys_start: iova,
+            flags: MapFlags::READ.bits(),
+        };
+        core.map(m, ACKED)
+    }
+
+    fn unmap(core: &mut Core, domain: u32, virt_start: u64, virt_end: u64) -> Status {
+        let u = request::Unmap {
+            domain,
+            virt_start,
+            virt_end,
+        };
+        core.unmap(u, ACKED)
+    }
+
+    /// Every domain's cached targets are what collecting them afresh gives
+    /// (endpoints ascending, each one's notifiers in registration order),
+    /// computed here independently of [`Domain::targets_fresh`].
+    fn assert_targets_fresh(core: &Core) {
+        let key = |endpoint: u32, n: &Arc<dyn IommuNotifier>| (endpoint, Arc::as_ptr(n).cast::<()>());
+        for (id, d) in &core.domains {
+            let expected: Vec<_> = d
+                .endpoints
+                .iter()
+                .flat_map(|&e| core.endpoints[&e].notifiers.iter().map(move |(_, n)| key(e, n)))
+                .collect();
+            let cached: Vec<_> = d.targets.iter().map(|t| key(t.endpoint, &t.notifier)).collect();
+            assert_eq!(cached, expected, "targets of domain {id}");
+        }
+    }
+
+    #[test]
+    fn map_and_unmap_tell_exactly_the_notifiers_attached_now() {
+        let log = Log::default();
+        let mut core = Core::new(config(vec![1, 2, 3]), Some(memory()));
+        core.register_notifier(1, recorder("a", false, &log)).unwrap();
+        let b1 = core.register_notifier(2, recorder("b1", false, &log)).unwrap();
+        core.register_notifier(3, recorder("c", false, &log)).unwrap();
+        // Endpoint 2 first: endpoint 1's targets must go before its.
+        assert_eq!(attach(&mut core, 2, 1), Status::Ok);
+        assert_eq!(attach(&mut core, 1, 1), Status::Ok);
+        core.register_notifier(2, recorder("b2", false, &log)).unwrap();
+        assert_eq!(map(&mut core, 1, 0x1000), Status::Ok);
+        assert_eq!(
+            take(&log),
+            [
+                "a map e1 d1 0x1000 Map",
+                "b1 map e2 d1 0x1000 Map",
+                "b2 map e2 d1 0x1000 Map"
+            ]
+        );
+        assert_eq!(attach(&mut core, 3, 2), Status::Ok);
+        assert_eq!(map(&mut core, 2, 0x2000), Status::Ok);
+        assert_eq!(take(&log), ["c map e3 d2 0x2000 Map"]);
+
+        // Endpoint 2 moves to domain 2, then loses a notifier.
+        assert_eq!(attach(&mut core, 2, 2), Status::Ok);
+        assert_eq!(
+            take(&log),
+            [
+                "b2 unmap e2 d1 0x1000 Detach",
+                "b1 unmap e2 d1 0x1000 Detach",
+                "b1 map e2 d2 0x2000 Attach",
+                "b2 map e2 d2 0x2000 Attach",
+            ]
+        );
+        assert!(core.unregister_notifier(b1));
+        assert_eq!(take(&log), ["b1 unmap e2 d2 0x2000 Unregister"]);
+        assert_targets_fresh(&core);
+
+        assert_eq!(map(&mut core, 1, 0x3000), Status::Ok);
+        assert_eq!(take(&log), ["a map e1 d1 0x3000 Map"]);
+        assert_eq!(map(&mut core, 2, 0x4000), Status::Ok);
+        assert_eq!(take(&log), ["b2 map e2 d2 0x4000 Map", "c map e3 d2 0x4000 Map"]);
+        assert_eq!(unmap(&mut core, 2, 0x4000, 0x4fff), Status::Ok);
+        assert_eq!(
+            take(&log),
+            ["c unmap e3 d2 0x4000 Unmap", "b2 unmap e2 d2 0x4000 Unmap"]
+        );
+        // Several mappings in one UNMAP: ascending, each to every target.
+        assert_eq!(unmap(&mut core, 1, 0, 0xffff), Status::Ok);
+        assert_eq!(take(&log), ["a unmap e1 d1 0x1000 Unmap", "a unmap e1 d1 0x3000 Unmap"]);
+        assert_eq!(unmap(&mut core, 2, 0x2000, 0x2fff), Status::Ok);
+        assert_eq!(
+            take(&log),
+            ["c unmap e3 d2 0x2000 Unmap", "b2 unmap e2 d2 0x2000 Unmap"]
+        );
+
+        // A hotplugged endpoint joins domain 2 between nothing and endpoint 2.
+        assert!(core.add_endpoint(0));
+        core.register_notifier(0, recorder("z", false, &log)).unwrap();
+        assert_eq!(attach(&mut core, 0, 2), Status::Ok);
+        assert_eq!(map(&mut core, 2, 0x5000), Status::Ok);
+        assert_eq!(
+            take(&log),
+            [
+                "z map e0 d2 0x5000 Map",
+                "b2 map e2 d2 0x5000 Map",
+                "c map e3 d2 0x5000 Map"
+            ]
+        );
+
+        // The last endpoint leaves domain 1, which ceases to exist; a new
+        // domain 1 starts without targets of the old one.
+        let detach = request::Detach { domain: 1, endpoint: 1 };
+        assert_eq!(core.detach(detach), Status::Ok);
+        assert!(!core.domains.contains_key(&1));
+        assert_eq!(attach(&mut core, 3, 1), Status::Ok);
+        assert_eq!(take(&log), ["c unmap e3 d2 0x5000 Detach"]);
+        assert_eq!(map(&mut core, 1, 0x6000), Status::Ok);
+        assert_eq!(take(&log), ["c map e3 d1 0x6000 Map"]);
+        assert_targets_fresh(&core);
+
+        // Reset: no domain, and so no target, survives.
+        core.detach_all(UnmapCause::Reset);
+        assert!(core.domains.is_empty());
+        take(&log);
+        assert_eq!(attach(&mut core, 2, 7), Status::Ok);
+        assert_eq!(map(&mut core, 7, 0x7000), Status::Ok);
+        assert_eq!(take(&log), ["b2 map e2 d7 0x7000 Map"]);
+        assert_targets_fresh(&core);
+    }
+
+    #[test]
+    fn a_refused_attach_leaves_no_target_behind() {
+        let log = Log::default();
+        let mut core = Core::new(config(vec![1, 2]), Some(memory()));
+        core.register_notifier(1, recorder("a", false, &log)).unwrap();
+        core.register_notifier(2, recorder("ok", false, &log)).unwrap();
+        core.register_notifier(2, recorder("no", true, &log)).unwrap();
+        assert_eq!(attach(&mut core, 1, 1), Status::Ok);
+        assert_eq!(map(&mut core, 1, 0x1000), Status::Ok);
+        take(&log);
+        assert_eq!(attach(&mut core, 2, 1), Status::DevErr);
+        assert_eq!(
+            take(&log),
+            ["ok map e2 d1 0x1000 Attach", "ok unmap e2 d1 0x1000 Rollback"]
+        );
+        assert_targets_fresh(&core);
+        assert_eq!(map(&mut core, 1, 0x2000), Status::Ok);
+        assert_eq!(take(&log), ["a map e1 d1 0x2000 Map"]);
+        // On a domain without mappings the attach succeeds; a MAP there is
+        // refused by the second target and rolled back from the first.
+        assert_eq!(attach(&mut core, 2, 3), Status::Ok);
+        assert_eq!(map(&mut core, 3, 0x1000), Status::DevErr);
+        assert_eq!(
+            take(&log),
+            ["ok map e2 d3 0x1000 Map", "ok unmap e2 d3 0x1000 Rollback"]
+        );
+        assert!(core.domains[&3].mappings.is_empty());
+        assert_targets_fresh(&core);
+    }
+
+    #[test]
+    fn loaded_state_fills_the_targets() {
+        let log = Log::default();
+        let dev = VirtioIommu::new(config(vec![1, 2, 3]), Some(memory())).unwrap();
+        let handle = dev.handle();
+        handle.register_notifier(2, recorder("b", false, &log)).unwrap();
+        handle.register_notifier(1, recorder("a", false, &log)).unwrap();
+        handle.register_notifier(3, recorder("c", false, &log)).unwrap();
+        let mapping = |iova: u64| MappingState {
+            virt_start: iova,
+            virt_end: iova + 0xfff,
+            phys_start: iova,
+            flags: MapFlags::READ.bits(),
+        };
+        let state = IommuState {
+            bypass: false,
+            endpoints: vec![
+                EndpointState { id: 2, domain: Some(5) },
+                EndpointState { id: 3, domain: Some(6) },
+                EndpointState { id: 1, domain: Some(5) },
+            ],
+            domains: vec![
+                DomainState {
+                    id: 5,
+                    bypass: false,
+                    mappings: vec![mapping(0x1000)],
+                },
+                DomainState {
+                    id: 6,
+                    bypass: false,
+                    mappings: vec![mapping(0x2000)],
+                },
+            ],
+        };
+        handle.load_state(&state).unwrap();
+        assert_eq!(
+            take(&log),
+            [
+                "a map e1 d5 0x1000 Restore",
+                "b map e2 d5 0x1000 Restore",
+                "c map e3 d6 0x2000 Restore",
+            ]
+        );
+        handle.with_core(|core| {
+            assert_targets_fresh(core);
+            assert_eq!(map(core, 5, 0x3000), Status::Ok);
+            assert_eq!(unmap(core, 6, 0x2000, 0x2fff), Status::Ok);
+        });
+        assert_eq!(
+            take(&log),
+            [
+                "a map e1 d5 0x3000 Map",
+                "b map e2 d5 0x3000 Map",
+                "c unmap e3 d6 0x2000 Unmap",
+            ]
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Attach(u32, u32),
+        Detach(u32),
+        Register(u32, bool),
+        Unregister(usize),
+        AddEndpoint(u32),
+        Map(u32, u64),
+        Unmap(u32, u64),
+        Reset,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u32..5, 0u32..3).prop_map(|(e, d)| Op::Attach(e, d)),
+            1 => (0u32..5).prop_map(Op::Detach),
+            3 => (0u32..5, prop::bool::weighted(0.2)).prop_map(|(e, r)| Op::Register(e, r)),
+            2 => (0usize..8).prop_map(Op::Unregister),
+            1 => (0u32..5).prop_map(Op::AddEndpoint),
+            3 => (0u32..3, 1u64..5).prop_map(|(d, p)| Op::Map(d, p << 12)),
+            2 => (0u32..3, 0u64..6).prop_map(|(d, p)| Op::Unmap(d, p << 12)),
+            1 => Just(Op::Reset),
+        ]
+    }
+
+    proptest! {
+        /// After any sequence of topology and notifier changes, every
+        /// domain's cached targets are what collecting them afresh gives,
+        /// and MAP tells exactly those.
+        #[test]
+        fn targets_never_go_stale(ops in prop::collection::vec(op(), 1..40)) {
+            let log = Log::default();
+            let mut core = Core::new(config(vec![1, 2, 3]), Some(memory()));
+            let mut ids = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Attach(e, d) => { attach(&mut core, e, d); }
+                    Op::Detach(e) => {
+                        if let Some(d) = core.endpoints.get(&e).and_then(|ep| ep.domain) {
+                            prop_assert_eq!(core.detach(request::Detach { domain: d, endpoint: e }), Status::Ok);
+                        }
+                    }
+                    Op::Register(e, refuse) => {
+                        if let Ok(id) = core.register_notifier(e, recorder(&format!("n{i}"), refuse, &log)) {
+                            ids.push(id);
+                        }
+                    }
+                    Op::Unregister(k) => {
+                        if !ids.is_empty() {
+                            let id = ids.remove(k % ids.len());
+                            prop_assert!(core.unregister_notifier(id));
+                        }
+                    }
+                    Op::AddEndpoint(e) => { core.add_endpoint(e); }
+                    Op::Map(d, iova) => {
+                        take(&log);
+                        if map(&mut core, d, iova) == Status::Ok {
+                            let told: Vec<String> = core.domains[&d]
+                                .endpoints
+                                .iter()
+                                .flat_map(|&e| core.endpoints[&e].notifiers.iter().map(move |(_, n)| (e, n.name().to_string())))
+                                .map(|(e, n)| format!("{n} map e{e} d{d} {iova:#x} Map"))
+                                .collect();
+                            prop_assert_eq!(take(&log), told);
+                        }
+                    }
+                    Op::Unmap(d, iova) => { unmap(&mut core, d, iova, iova + 0x1fff); }
+                    Op::Reset => core.detach_all(UnmapCause::Reset),
+                }
+                assert_targets_fresh(&core);
+            }
+        }
     }
 }

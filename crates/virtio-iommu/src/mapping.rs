@@ -129,7 +129,7 @@ impl DomainMappings {
     }
 
     /// The mappings in ascending IOVA order.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Mapping> + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Mapping> + ExactSizeIterator + '_ {
         self.by_start.values()
     }
 
@@ -161,16 +161,34 @@ impl DomainMappings {
     /// The mappings an UNMAP of `[start, end]` removes (every mapping
     /// wholly inside it), or the mapping it would split. Holes are fine.
     pub fn covered(&self, start: u64, end: u64) -> Result<Vec<Mapping>, WouldSplit> {
+        self.check_unmap(start, end)?;
+        Ok(self.by_start.range(start..=end).map(|(_, m)| *m).collect())
+    }
+
+    /// `Ok` if an UNMAP of `[start, end]` splits no mapping (so it removes
+    /// exactly the mappings wholly inside it), else the mapping it would
+    /// split: one reaching `start` from below first, then one reaching past
+    /// `end`. Allocation-free [`covered`](Self::covered) without the list.
+    pub fn check_unmap(&self, start: u64, end: u64) -> Result<(), WouldSplit> {
         if let Some((_, m)) = self.by_start.range(..start).next_back()
             && m.virt_end >= start
         {
             return Err(WouldSplit(*m));
         }
-        let inside: Vec<Mapping> = self.by_start.range(start..=end).map(|(_, m)| *m).collect();
-        match inside.last() {
-            Some(last) if last.virt_end > end => Err(WouldSplit(*last)),
-            _ => Ok(inside),
+        // The last mapping starting at or before `end`: if it starts before
+        // `start`, the check above saw it end before `start`.
+        match self.by_start.range(..=end).next_back() {
+            Some((_, m)) if m.virt_start >= start && m.virt_end > end => Err(WouldSplit(*m)),
+            _ => Ok(()),
         }
+    }
+
+    /// Removes and returns the mapping with the lowest start in
+    /// `[start, end]`. After [`check_unmap`](Self::check_unmap) said `Ok`,
+    /// calling this until `None` performs the UNMAP in ascending order.
+    pub fn remove_first_in(&mut self, start: u64, end: u64) -> Option<Mapping> {
+        let (&key, _) = self.by_start.range(start..=end).next()?;
+        self.by_start.remove(&key)
     }
 
     /// Removes the mapping starting at `virt_start`.
@@ -193,6 +211,25 @@ mod tests {
         }
     }
 
+    /// `covered` as it was first written, collecting then checking: the
+    /// oracle for `check_unmap` and `remove_first_in`.
+    fn covered_oracle(d: &DomainMappings, start: u64, end: u64) -> Result<Vec<Mapping>, WouldSplit> {
+        if let Some(m) = d.iter().rev().find(|m| m.virt_start < start)
+            && m.virt_end >= start
+        {
+            return Err(WouldSplit(*m));
+        }
+        let inside: Vec<Mapping> = d
+            .iter()
+            .filter(|m| (start..=end).contains(&m.virt_start))
+            .copied()
+            .collect();
+        match inside.last() {
+            Some(last) if last.virt_end > end => Err(WouldSplit(*last)),
+            _ => Ok(inside),
+        }
+    }
+
     #[test]
     fn lookup_overlap_and_cover() {
         let mut d = DomainMappings::default();
@@ -211,6 +248,15 @@ mod tests {
         assert_eq!(d.covered(0, 35), Err(WouldSplit(m(30, 39))));
         assert_eq!(d.covered(0, u64::MAX), Ok(vec![m(10, 19), m(30, 39)]));
         assert_eq!(d.covered(40, 50), Ok(vec![]));
+        assert_eq!(d.check_unmap(0, 29), Ok(()));
+        assert_eq!(d.check_unmap(15, 29), Err(WouldSplit(m(10, 19))));
+        assert_eq!(d.check_unmap(0, 35), Err(WouldSplit(m(30, 39))));
+        assert_eq!(d.check_unmap(35, 36), Err(WouldSplit(m(30, 39))));
+        assert_eq!(d.check_unmap(40, 50), Ok(()));
+        let mut u = d.clone();
+        assert_eq!(u.remove_first_in(0, u64::MAX), Some(m(10, 19)));
+        assert_eq!(u.remove_first_in(0, u64::MAX), Some(m(30, 39)));
+        assert_eq!(u.remove_first_in(0, u64::MAX), None);
         assert_eq!(MapFlags::from_bits(8), None);
         assert_eq!(format!("{:?}", MapFlags::READ | MapFlags::MMIO), "READ|MMIO");
     }
@@ -231,13 +277,25 @@ mod tests {
                     }
                 } else {
                     let split = model.iter().any(|x| x.virt_start <= e && s <= x.virt_end && (x.virt_start < s || x.virt_end > e));
-                    match d.covered(s, e) {
+                    let covered = d.covered(s, e);
+                    prop_assert_eq!(&covered, &covered_oracle(&d, s, e));
+                    prop_assert_eq!(d.check_unmap(s, e), covered.as_ref().map(|_| ()).map_err(|w| *w));
+                    match covered {
                         Err(_) => prop_assert!(split),
                         Ok(list) => {
                             prop_assert!(!split);
+                            // The in-place UNMAP removes the same mappings,
+                            // in the same (ascending) order.
+                            let mut in_place = d.clone();
+                            let mut popped = Vec::new();
+                            while let Some(x) = in_place.remove_first_in(s, e) {
+                                popped.push(x);
+                            }
+                            prop_assert_eq!(&popped, &list);
                             for x in &list {
                                 d.remove(x.virt_start);
                             }
+                            prop_assert!(d.iter().eq(in_place.iter()));
                             model.retain(|x| !(x.virt_start >= s && x.virt_end <= e));
                         }
                     }

@@ -180,18 +180,20 @@ impl IommuHandle {
                     ep.domain = e.domain;
                 }
             }
+            for d in core.domains.values_mut() {
+                d.rebuild_targets(&core.endpoints);
+            }
             let mut done: Vec<(u32, Mapping)> = Vec::new();
             let mut failure = None;
             'domains: for (&id, d) in &core.domains {
                 if d.bypass {
                     continue;
                 }
-                let targets = core.domain_targets(id);
-                if targets.is_empty() {
+                if d.targets.is_empty() {
                     continue;
                 }
                 for m in d.mappings.iter() {
-                    if let Err(refusal) = deliver_map(core.mem.as_ref(), &targets, id, m, MapCause::Restore) {
+                    if let Err(refusal) = deliver_map(core.mem.as_ref(), &d.targets, id, m, MapCause::Restore) {
                         failure = Some(LoadError::Refused {
                             domain: id,
                             virt_start: m.virt_start,
@@ -208,7 +210,8 @@ impl IommuHandle {
                 return Ok(());
             };
             for (id, m) in done.iter().rev() {
-                unmap_to(&core.domain_targets(*id), *id, m, UnmapCause::Rollback);
+                let targets = core.domains.get(id).map_or(&[][..], |d| &d.targets[..]);
+                unmap_to(targets, *id, m, UnmapCause::Rollback);
             }
             core.domains.clear();
             for ep in core.endpoints.values_mut() {
@@ -279,11 +282,8 @@ fn validate(core: &crate::device::Core, state: &IommuState) -> Result<BTreeMap<u
                 flags,
             });
         }
-        let domain = Domain {
-            bypass: d.bypass,
-            endpoints: BTreeSet::new(),
-            mappings,
-        };
+        // Its targets are filled in once the endpoints are attached.
+        let domain = Domain::new(d.bypass, mappings);
         if domains.insert(d.id, domain).is_some() {
             return Err(LoadError::Duplicate {
                 what: "domain",
