@@ -193,10 +193,10 @@ impl Rig {
         let mut iommu = VirtioIommu::new(config, Some(mem.clone())).expect("iommu");
         let handle = iommu.handle();
         let mut vmem = VirtioMem::new(region.clone());
-        let vmem_q = DriverQueue::new(mem.memory(), GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
+        let vmem_q = DriverQueue::new(&mem, GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
         activate(&mut vmem, &mem, vec![vmem_q.device_queue()]);
-        let iommu_q = DriverQueue::new(mem.memory(), GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
-        let event_q = DriverQueue::new(mem.memory(), GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
+        let iommu_q = DriverQueue::new(&mem, GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
+        let event_q = DriverQueue::new(&mem, GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
         activate(&mut iommu, &mem, vec![iommu_q.device_queue(), event_q.device_queue()]);
         let budget = match path {
             Path::Plain => PLAIN_BUDGET,
@@ -267,14 +267,14 @@ impl Rig {
 
     pub fn reactivate_vmem(&mut self) {
         self.vmem.reset();
-        self.vmem_q = DriverQueue::new(self.mem.memory(), GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
+        self.vmem_q = DriverQueue::new(&self.mem, GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
         activate(&mut self.vmem, &self.mem, vec![self.vmem_q.device_queue()]);
     }
 
     pub fn reactivate_iommu(&mut self) {
         self.iommu.reset();
-        self.iommu_q = DriverQueue::new(self.mem.memory(), GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
-        self.event_q = DriverQueue::new(self.mem.memory(), GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
+        self.iommu_q = DriverQueue::new(&self.mem, GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
+        self.event_q = DriverQueue::new(&self.mem, GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
         activate(
             &mut self.iommu,
             &self.mem,

@@ -279,8 +279,8 @@ pub fn source_stream() -> Vec<u8> {
     m.boot.write(MIB + 0x2000, &[7; 4096]).unwrap();
     // Drive the real device through its queue.
     let map = m.map.clone();
-    let mut q = DriverQueue::new(map.memory(), GuestAddress(0), 16, 16 * KIB).unwrap();
-    let ev = DriverQueue::new(map.memory(), GuestAddress(256 * KIB), 4, 4 * KIB).unwrap();
+    let mut q = DriverQueue::new(&map, GuestAddress(0), 16, 16 * KIB).unwrap();
+    let ev = DriverQueue::new(&map, GuestAddress(256 * KIB), 4, 4 * KIB).unwrap();
     let d = &mut m.iommu;
     d.ack_features(d.avail_features());
     d.activate(

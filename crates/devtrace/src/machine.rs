@@ -479,7 +479,7 @@ impl Machine {
             return Ok(());
         }
         let queue = DriverQueue::new(
-            map.memory(),
+            &map,
             GuestAddress(base + VMEM_QUEUE_AT),
             part.dev.queue_max_sizes()[0],
             QUEUE_DATA,
@@ -499,16 +499,11 @@ impl Machine {
             return Ok(());
         }
         let sizes = part.dev.queue_max_sizes().to_vec();
-        let requests = DriverQueue::new(
-            map.memory(),
-            GuestAddress(base + IOMMU_REQUESTS_AT),
-            sizes[0],
-            QUEUE_DATA,
-        )?;
+        let requests = DriverQueue::new(&map, GuestAddress(base + IOMMU_REQUESTS_AT), sizes[0], QUEUE_DATA)?;
         // Linux's virtio-iommu driver polls its request queue (it has no
         // callback), so it asks for no interrupts there.
         requests.suppress_interrupts(true);
-        let mut events = DriverQueue::new(map.memory(), GuestAddress(base + IOMMU_EVENTS_AT), sizes[1], QUEUE_DATA)?;
+        let mut events = DriverQueue::new(&map, GuestAddress(base + IOMMU_EVENTS_AT), sizes[1], QUEUE_DATA)?;
         let irq = Arc::new(EventFdInterrupt::new(2).map_err(MachineError::Interrupt)?);
         part.dev.ack_features(part.dev.avail_features());
         part.dev

@@ -10,7 +10,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
+};
 
 use crate::discard::RamDiscardManager;
 use crate::ram_block::RamBlock;
@@ -24,6 +26,8 @@ pub struct Region {
     block_offset: u64,
     host_address: u64,
     manager: Option<Arc<dyn RamDiscardManager>>,
+    /// The same region as `vm-memory` holds it (set by `build`).
+    vm: Option<Arc<GuestRegionMmap>>,
 }
 
 impl fmt::Debug for Region {
@@ -63,6 +67,20 @@ impl Region {
     pub fn manager(&self) -> Option<&Arc<dyn RamDiscardManager>> {
         self.manager.as_ref()
     }
+
+    /// `len` bytes of the region's memory from `offset` on, for volatile
+    /// access; `None` if they are not all inside the region (or the region
+    /// does not belong to a built map).
+    pub fn slice(&self, offset: u64, len: u64) -> Option<VolatileSlice<'_>> {
+        let end = offset.checked_add(len)?;
+        if end > self.range.len() {
+            return None;
+        }
+        self.vm
+            .as_ref()?
+            .get_slice(MemoryRegionAddress(offset), usize::try_from(len).ok()?)
+            .ok()
+    }
 }
 
 /// A guest-physical range resolved to host memory by [`GuestMemoryMap::lookup`].
@@ -76,6 +94,16 @@ pub struct HostRange<'a> {
     pub host_address: u64,
     /// Offset of its first byte inside the region's [`RamBlock`].
     pub block_offset: u64,
+}
+
+impl HostRange<'_> {
+    /// The range's memory, for volatile access without any further lookup.
+    pub fn slice(&self) -> VolatileSlice<'_> {
+        let offset = self.guest.start() - self.region.range.start();
+        self.region
+            .slice(offset, self.guest.len())
+            .expect("a looked-up range lies inside its region")
+    }
 }
 
 /// Errors of building or querying a [`GuestMemoryMap`].
@@ -224,6 +252,7 @@ impl GuestMemoryMapBuilder {
             block_offset: offset,
             host_address: 0,
             manager,
+            vm: None,
         });
         Ok(self)
     }
@@ -258,9 +287,11 @@ impl GuestMemoryMapBuilder {
             region.host_address = mmap.as_ptr() as u64;
             let vm_region = GuestRegionMmap::with_arc(mmap, GuestAddress(region.range.start()))
                 .ok_or_else(|| vm_err("region wraps".into()))?;
+            let vm_region = Arc::new(vm_region);
+            region.vm = Some(vm_region.clone());
             vm_regions.push(vm_region);
         }
-        let memory = GuestMemoryMmap::from_regions(vm_regions).map_err(|e| MapError::VmMemory {
+        let memory = GuestMemoryMmap::from_arc_regions(vm_regions).map_err(|e| MapError::VmMemory {
             range: GuestRange::default(),
             reason: e.to_string(),
         })?;

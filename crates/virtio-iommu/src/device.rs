@@ -11,18 +11,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use memvisor_memory::GuestRange;
 use memvisor_memory::map::{GuestMemoryMap, MapError};
 use memvisor_virtio::device::Active;
-use memvisor_virtio::queue::{Malformed, RequestChain, drain_queue, with_guest_buffer};
+use memvisor_virtio::queue::{DeviceRing, Malformed, RequestChain, Response, drain_queue, write_response};
 use memvisor_virtio::{ActivateError, InterruptKind, VirtioCommon, VirtioDevice, VirtioInterrupt};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::Bytes;
+use virtio_queue::Queue;
 
 use crate::config::{ConfigError, IommuConfig};
 use crate::mapping::{DomainMappings, MapFlags, Mapping};
@@ -523,7 +520,7 @@ impl Core {
         self.domains.clear();
     }
 
-    fn handle(&mut self, chain: &RequestChain, acked: u64) -> Result<Vec<u8>, Malformed> {
+    fn handle(&mut self, chain: &RequestChain, acked: u64) -> Result<Response, Malformed> {
         let request = Request::parse(chain.request())?;
         let writable = chain.writable_len();
         if writable < TAIL_SIZE {
@@ -537,9 +534,9 @@ impl Core {
             Request::Detach(d) => self.detach(d),
             Request::Map(m) => self.map(m, acked),
             Request::Unmap(u) => self.unmap(u, acked),
-            Request::Probe(p) => return Ok(self.probe(p, writable)),
+            Request::Probe(p) => return Ok(Response::from_vec(self.probe(p, writable))),
         };
-        Ok(status.tail().to_vec())
+        Ok(Response::from_slice(&status.tail()))
     }
 
     fn attach(&mut self, a: request::Attach, acked: u64) -> Status {
@@ -943,66 +940,31 @@ impl Inner {
 /// if the driver made none available.
 fn push_event(active: &mut Active, bytes: &[u8; FAULT_SIZE]) -> Result<bool, Malformed> {
     let Active { mem, interrupt, queues } = active;
-    let map = &*mem;
-    let mem = map.memory();
     let Some(queue) = queues.get_mut(usize::from(EVENT_QUEUE)) else {
         return Ok(false);
     };
-    let queue: &mut Queue = queue;
-    let avail = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(|e| Malformed::Queue(e.to_string()))?;
-    let pending = (avail - Wrapping(queue.next_avail())).0;
-    if pending == 0 {
+    let mut ring = DeviceRing::new(queue)?;
+    let Some(head) = ring.pop()? else {
         return Ok(false);
-    }
-    if pending > queue.size() {
-        return Err(Malformed::Queue(format!(
-            "event queue: avail index {} is {pending} ahead of {}, more than the queue size {}",
-            avail.0,
-            queue.next_avail(),
-            queue.size()
-        )));
-    }
-    let mut chain = match queue.iter(mem) {
-        Ok(mut it) => match it.next() {
-            Some(chain) => chain,
-            None => return Ok(false),
-        },
-        Err(e) => return Err(Malformed::Queue(e.to_string())),
     };
-    let head = chain.head_index();
-    let desc = chain.next().ok_or(Malformed::BadChain {
-        head,
-        reason: "empty event buffer chain",
-    })?;
-    if !desc.is_write_only() || desc.refers_to_indirect_table() {
+    let mut chain = RequestChain::new();
+    ring.read_chain(mem, head, 0, &mut chain)?;
+    if chain.readable_len() != 0 {
         return Err(Malformed::BadChain {
             head,
             reason: "event buffer is not a device-writable buffer",
         });
     }
-    if (desc.len() as usize) < FAULT_SIZE {
+    if chain.writable_len() < FAULT_SIZE {
         return Err(Malformed::ResponseTooShort {
-            got: desc.len() as usize,
+            got: chain.writable_len(),
             need: FAULT_SIZE,
         });
     }
-    let bad = || Malformed::BadBuffer {
-        head,
-        addr: desc.addr().0,
-        len: desc.len(),
-    };
     // Never into discarded memory, which the write would populate again.
-    with_guest_buffer(map, desc.addr(), bytes.len() as u64, |mem| {
-        mem.write_slice(bytes, desc.addr())
-    })
-    .ok_or_else(bad)?
-    .map_err(|_| bad())?;
-    queue
-        .add_used(mem, head, FAULT_SIZE as u32)
-        .map_err(|e| Malformed::Queue(e.to_string()))?;
-    if queue.needs_notification(mem).unwrap_or(true)
+    let len = write_response(mem, &chain, bytes)?;
+    ring.push_used(head, len)?;
+    if ring.finish()
         && let Err(e) = interrupt.trigger(InterruptKind::Queue(EVENT_QUEUE))
     {
         log::warn!("{NAME}: event queue interrupt failed: {e}");

@@ -31,8 +31,8 @@
 //! let config = IommuConfig { endpoints: vec![8], ..IommuConfig::default() };
 //! let mut dev = VirtioIommu::new(config, None).unwrap();
 //! dev.ack_features(dev.avail_features());
-//! let mut requests = DriverQueue::new(mem.memory(), GuestAddress(0), 16, 4096).unwrap();
-//! let events = DriverQueue::new(mem.memory(), GuestAddress(0x10_0000), 16, 4096).unwrap();
+//! let mut requests = DriverQueue::new(&mem, GuestAddress(0), 16, 4096).unwrap();
+//! let events = DriverQueue::new(&mem, GuestAddress(0x10_0000), 16, 4096).unwrap();
 //! let queues = vec![requests.device_queue(), events.device_queue()];
 //! dev.activate(mem.clone(), Arc::new(EventFdInterrupt::new(2).unwrap()), queues).unwrap();
 //!

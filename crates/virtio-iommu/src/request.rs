@@ -7,6 +7,8 @@
 
 use memvisor_virtio::queue::Malformed;
 
+use smallvec::SmallVec;
+
 use crate::wire::{
     ATTACH_SIZE, DETACH_SIZE, HEAD_SIZE, MAP_SIZE, PROBE_SIZE, T_ATTACH, T_DETACH, T_MAP, T_PROBE, T_UNMAP, UNMAP_SIZE,
     le_u32, le_u64,
@@ -152,45 +154,50 @@ impl Request {
     }
 
     /// The device-readable bytes a driver sends for this request (reserved
-    /// fields zero, except ATTACH's as given).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(MAX_REQUEST);
+    /// fields zero, except ATTACH's as given), without an allocation.
+    pub fn encode(&self) -> SmallVec<[u8; MAX_REQUEST]> {
+        let mut buf = [0u8; MAX_REQUEST];
+        let mut len = 0;
+        let mut put = |bytes: &[u8]| {
+            buf[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
         match self {
             Self::Attach(a) => {
-                b.extend_from_slice(&[T_ATTACH, 0, 0, 0]);
-                b.extend_from_slice(&a.domain.to_le_bytes());
-                b.extend_from_slice(&a.endpoint.to_le_bytes());
-                b.extend_from_slice(&a.flags.to_le_bytes());
-                b.extend_from_slice(&a.reserved);
+                put(&[T_ATTACH, 0, 0, 0]);
+                put(&a.domain.to_le_bytes());
+                put(&a.endpoint.to_le_bytes());
+                put(&a.flags.to_le_bytes());
+                put(&a.reserved);
             }
             Self::Detach(d) => {
-                b.extend_from_slice(&[T_DETACH, 0, 0, 0]);
-                b.extend_from_slice(&d.domain.to_le_bytes());
-                b.extend_from_slice(&d.endpoint.to_le_bytes());
-                b.extend_from_slice(&[0; 8]);
+                put(&[T_DETACH, 0, 0, 0]);
+                put(&d.domain.to_le_bytes());
+                put(&d.endpoint.to_le_bytes());
+                put(&[0; 8]);
             }
             Self::Map(m) => {
-                b.extend_from_slice(&[T_MAP, 0, 0, 0]);
-                b.extend_from_slice(&m.domain.to_le_bytes());
-                b.extend_from_slice(&m.virt_start.to_le_bytes());
-                b.extend_from_slice(&m.virt_end.to_le_bytes());
-                b.extend_from_slice(&m.phys_start.to_le_bytes());
-                b.extend_from_slice(&m.flags.to_le_bytes());
+                put(&[T_MAP, 0, 0, 0]);
+                put(&m.domain.to_le_bytes());
+                put(&m.virt_start.to_le_bytes());
+                put(&m.virt_end.to_le_bytes());
+                put(&m.phys_start.to_le_bytes());
+                put(&m.flags.to_le_bytes());
             }
             Self::Unmap(u) => {
-                b.extend_from_slice(&[T_UNMAP, 0, 0, 0]);
-                b.extend_from_slice(&u.domain.to_le_bytes());
-                b.extend_from_slice(&u.virt_start.to_le_bytes());
-                b.extend_from_slice(&u.virt_end.to_le_bytes());
-                b.extend_from_slice(&[0; 4]);
+                put(&[T_UNMAP, 0, 0, 0]);
+                put(&u.domain.to_le_bytes());
+                put(&u.virt_start.to_le_bytes());
+                put(&u.virt_end.to_le_bytes());
+                put(&[0; 4]);
             }
             Self::Probe(p) => {
-                b.extend_from_slice(&[T_PROBE, 0, 0, 0]);
-                b.extend_from_slice(&p.endpoint.to_le_bytes());
-                b.extend_from_slice(&[0; 64]);
+                put(&[T_PROBE, 0, 0, 0]);
+                put(&p.endpoint.to_le_bytes());
+                put(&[0; 64]);
             }
         }
-        b
+        SmallVec::from_buf_and_len(buf, len)
     }
 }
 

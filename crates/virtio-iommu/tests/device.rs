@@ -806,7 +806,7 @@ fn malformed_requests_put_the_device_in_needs_reset() {
     f.requests.add(&[Buf::In(&attach), Buf::Out(4)]).unwrap();
     f.requests.add(&[Buf::In(&unknown), Buf::Out(4)]).unwrap();
     f.dev.queue_notify(wire::REQUEST_QUEUE);
-    assert_eq!(f.requests.pop_used().unwrap().data, vec![0, 0, 0, 0]);
+    assert_eq!(f.requests.pop_used().unwrap().data[..], [0, 0, 0, 0]);
     assert!(f.requests.pop_used().is_none());
     assert_needs_reset(&mut f);
 

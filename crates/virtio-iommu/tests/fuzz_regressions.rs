@@ -24,6 +24,7 @@ fn attach_bytes() -> Vec<u8> {
         reserved: [0; 4],
     })
     .encode()
+    .to_vec()
 }
 
 fn assert_untouched(f: &Fixture) {
@@ -93,7 +94,7 @@ fn buffers_in_populated_memory_of_the_region_work() {
         .add_raw(&[(req, attach.len() as u32, 0), (resp, 4, VIRTQ_DESC_F_WRITE)])
         .unwrap();
     f.dev.queue_notify(wire::REQUEST_QUEUE);
-    assert_eq!(f.requests.pop_used().unwrap().data, vec![0, 0, 0, 0]);
+    assert_eq!(f.requests.pop_used().unwrap().data[..], [0, 0, 0, 0]);
     assert!(!f.dev.needs_reset());
     assert_eq!(f.handle.endpoint_domain(EP_A), Some(1));
 }

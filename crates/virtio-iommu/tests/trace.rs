@@ -203,8 +203,8 @@ fn viommu_dma_strict_trace_replays_with_the_recorded_answers() {
     let probe_size = trace.config.probe_size;
     let mut dev = VirtioIommu::new(trace.config, None).unwrap();
     dev.ack_features(dev.avail_features());
-    let mut requests = DriverQueue::new(mem.memory(), GuestAddress(base), 64, 64 * 1024).unwrap();
-    let events = DriverQueue::new(mem.memory(), GuestAddress(base + 0x10_0000), 16, 4096).unwrap();
+    let mut requests = DriverQueue::new(&mem, GuestAddress(base), 64, 64 * 1024).unwrap();
+    let events = DriverQueue::new(&mem, GuestAddress(base + 0x10_0000), 16, 4096).unwrap();
     dev.activate(
         mem.clone(),
         Arc::new(EventFdInterrupt::new(2).unwrap()),

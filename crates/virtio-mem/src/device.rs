@@ -24,7 +24,7 @@ use std::sync::Arc;
 use memvisor_memory::discard::RamDiscardManager;
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_virtio::config::read_config;
-use memvisor_virtio::queue::drain_queue;
+use memvisor_virtio::queue::{self, drain_queue};
 use memvisor_virtio::{ActivateError, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::Queue;
 
@@ -296,7 +296,7 @@ impl VirtioDevice for VirtioMem {
             RESPONSE_SIZE,
             |chain| {
                 let request = Request::parse(chain.request(), chain.writable_len())?;
-                Ok(region.handle(request).to_bytes().to_vec())
+                Ok(queue::Response::from_slice(&region.handle(request).to_bytes()))
             },
         );
         if let Err(malformed) = result {

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use memvisor_memory::map::GuestMemoryMap;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
+use crate::queue::DeviceQueue;
 
 /// `VIRTIO_F_VERSION_1`: the device follows virtio 1.x; every memvisor
 /// device offers it and refuses a driver that does not accept it.
@@ -28,12 +29,14 @@ pub enum ActivateError {
         got: usize,
     },
     /// A queue is not ready or its rings are not in guest memory.
-    #[error("{device}: queue {index} is not valid (not ready, bad size or rings outside guest memory)")]
+    #[error("{device}: queue {index} is not valid: {reason}")]
     InvalidQueue {
         /// Device name.
         device: &'static str,
         /// Queue index.
         index: usize,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The driver did not accept a feature the device requires.
     #[error("{device}: the driver did not accept required feature {feature} (bit {bit})")]
@@ -136,7 +139,7 @@ pub struct Active {
     /// The interrupt towards the driver.
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The driver's queues.
-    pub queues: Vec<Queue>,
+    pub queues: Vec<DeviceQueue>,
 }
 
 impl std::fmt::Debug for VirtioCommon {
@@ -229,11 +232,13 @@ impl VirtioCommon {
                 got: queues.len(),
             });
         }
-        for (index, queue) in queues.iter().enumerate() {
-            if !queue.is_valid(mem.memory()) {
-                return Err(ActivateError::InvalidQueue { device, index });
-            }
-        }
+        let queues = queues
+            .into_iter()
+            .enumerate()
+            .map(|(index, queue)| {
+                DeviceQueue::new(queue, &mem).map_err(|reason| ActivateError::InvalidQueue { device, index, reason })
+            })
+            .collect::<Result<_, _>>()?;
         self.active = Some(Active { mem, interrupt, queues });
         self.needs_reset = false;
         Ok(())

@@ -13,16 +13,21 @@
 //! use vm_memory::GuestAddress;
 //! # let block = Arc::new(RamBlock::new("ram", 1 << 20, Backing::Memfd).unwrap());
 //! # let map = GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap();
-//! let mut driver = DriverQueue::new(map.memory(), GuestAddress(0x1000), 16, 4096).unwrap();
+//! let mut driver = DriverQueue::new(&map, GuestAddress(0x1000), 16, 4096).unwrap();
 //! let head = driver.add(&[Buf::In(&[1, 2, 3]), Buf::Out(10)]).unwrap();
 //! // Hand `driver.device_queue()` to a device, kick it, then:
 //! assert!(driver.pop_used().is_none()); // nothing was processed yet
 //! # let _ = head;
 //! ```
 
+use std::sync::atomic::{Ordering, fence};
+
+use memvisor_memory::GuestRange;
+use memvisor_memory::map::{GuestMemoryMap, Region};
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = 0x1;
@@ -47,7 +52,8 @@ pub struct Used {
     pub len: u32,
     /// The first `len` bytes of the chain's writable buffers, concatenated
     /// (fewer if `len` exceeds them — a device bug the caller can detect).
-    pub data: Vec<u8>,
+    /// Short answers are kept inline, without an allocation.
+    pub data: SmallVec<[u8; 64]>,
 }
 
 /// Errors of the driver side.
@@ -88,7 +94,7 @@ pub enum DriverError {
 /// The driver side of one split virtqueue.
 #[derive(Debug)]
 pub struct DriverQueue {
-    mem: GuestMemoryMmap,
+    layout: Layout,
     size: u16,
     desc: GuestAddress,
     avail: GuestAddress,
@@ -103,6 +109,25 @@ pub struct DriverQueue {
     /// while it is in flight (empty otherwise; capacity reused).
     chains: Vec<Vec<(u16, u64, u32, u16)>>,
     in_flight: usize,
+}
+
+/// Everything the driver lays out — descriptor table, rings, data area —
+/// which one RAM region holds, so that it is one slice of guest memory.
+#[derive(Debug)]
+struct Layout {
+    map: GuestMemoryMap,
+    region: Region,
+    /// Offset of the layout in `region`.
+    offset: u64,
+    len: u64,
+}
+
+impl Layout {
+    fn area(&self) -> VolatileSlice<'_> {
+        self.region
+            .slice(self.offset, self.len)
+            .expect("layout checked in DriverQueue::new")
+    }
 }
 
 const fn align_up(x: u64, a: u64) -> u64 {
@@ -122,24 +147,32 @@ impl DriverQueue {
 
     /// Lays out a zeroed queue of `size` entries at `base` (4 KiB aligned),
     /// followed by `data_len` bytes for buffers.
-    pub fn new(mem: &GuestMemoryMmap, base: GuestAddress, size: u16, data_len: u64) -> Result<Self, DriverError> {
+    pub fn new(map: &GuestMemoryMap, base: GuestAddress, size: u16, data_len: u64) -> Result<Self, DriverError> {
         if size == 0 || !size.is_power_of_two() || size > 32768 {
             return Err(DriverError::Size(size));
         }
         let n = u64::from(size);
         let len = Self::footprint(size, data_len);
         let layout_err = DriverError::Layout { base: base.0, len };
-        use vm_memory::GuestMemoryBackend;
-        if base.0.checked_add(len).is_none() || !mem.check_range(base, len as usize) {
-            return Err(layout_err);
-        }
+        // One region must hold the whole layout, so that it is one slice.
+        let host = GuestRange::new(base.0, len)
+            .and_then(|range| map.lookup(range).ok())
+            .ok_or(layout_err.clone())?;
+        let layout = Layout {
+            map: map.clone(),
+            region: host.region.clone(),
+            offset: base.0 - host.region.range().start(),
+            len,
+        };
         let avail = GuestAddress(base.0 + 16 * n);
         let used = GuestAddress(base.0 + align_up(16 * n + 6 + 2 * n, 4096));
         let data_off = align_up(used.0 - base.0 + 6 + 8 * n, 4096);
-        let zeros = vec![0u8; data_off as usize];
-        mem.write_slice(&zeros, base).map_err(|_| layout_err)?;
+        layout
+            .area()
+            .write_slice(&vec![0u8; data_off as usize], 0)
+            .map_err(|_| layout_err)?;
         Ok(Self {
-            mem: mem.clone(),
+            layout,
             size,
             desc: base,
             avail,
@@ -207,12 +240,14 @@ impl DriverQueue {
         if need > free {
             return Err(DriverError::NoData { need, free });
         }
-        let mut descs = Vec::with_capacity(bufs.len());
+        let mut descs: SmallVec<[(u64, u32, u16); 4]> = SmallVec::with_capacity(bufs.len());
+        let area = self.layout.area();
         for b in bufs {
-            let addr = GuestAddress(self.data.0 + self.data_next);
+            let addr = self.data.0 + self.data_next;
             let (len, flags) = match b {
                 Buf::In(d) => {
-                    self.mem.write_slice(d, addr).expect("data area checked in new");
+                    area.write_slice(d, (addr - self.desc.0) as usize)
+                        .expect("data area checked in new");
                     (d.len() as u32, 0)
                 }
                 // Like a real driver, the response buffer is not cleared:
@@ -220,7 +255,7 @@ impl DriverQueue {
                 Buf::Out(n) => (*n, VIRTQ_DESC_F_WRITE),
             };
             self.data_next += align_up(u64::from(len), 8);
-            descs.push((addr.0, len, flags));
+            descs.push((addr, len, flags));
         }
         self.add_raw(&descs)
     }
@@ -248,13 +283,14 @@ impl DriverQueue {
         for &(addr, len, flags) in descs {
             chain.push((self.free.pop().expect("checked"), addr, len, flags));
         }
+        let area = self.layout.area();
         for i in 0..chain.len() {
             let (index, addr, len, flags) = chain[i];
             let (flags, next) = match chain.get(i + 1) {
                 Some(&(next, ..)) => (flags | VIRTQ_DESC_F_NEXT, next),
                 None => (flags & !VIRTQ_DESC_F_NEXT, 0),
             };
-            self.write_descriptor(index, Descriptor::new(addr, len, flags, next));
+            Self::store_descriptor(&area, self.size, index, Descriptor::new(addr, len, flags, next));
         }
         self.chains[usize::from(head)] = chain;
         self.in_flight += 1;
@@ -262,22 +298,32 @@ impl DriverQueue {
         Ok(head)
     }
 
+    fn offset(&self, addr: GuestAddress) -> usize {
+        (addr.0 - self.desc.0) as usize
+    }
+
+    fn store_descriptor(area: &VolatileSlice<'_>, size: u16, index: u16, desc: Descriptor) {
+        area.get_ref::<Descriptor>(16 * usize::from(index % size))
+            .expect("descriptor table checked in new")
+            .store(desc);
+    }
+
     /// Writes descriptor `index` of the table as given (no bookkeeping):
     /// for tests that build loops or out-of-range links.
     pub fn write_descriptor(&self, index: u16, desc: Descriptor) {
-        let addr = GuestAddress(self.desc.0 + 16 * u64::from(index % self.size));
-        self.mem.write_obj(desc, addr).expect("descriptor table checked in new");
+        Self::store_descriptor(&self.layout.area(), self.size, index, desc);
     }
 
     /// Puts `head` on the avail ring and advances the avail index.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        self.mem
-            .write_obj(head, GuestAddress(self.avail.0 + 4 + 2 * slot))
+        let slot = usize::from(self.avail_idx % self.size);
+        let area = self.layout.area();
+        area.store(head.to_le(), self.offset(self.avail) + 4 + 2 * slot, Ordering::Relaxed)
             .expect("avail ring checked in new");
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
+        // Release: the entry (and the chain) before the index.
+        area.store(self.avail_idx.to_le(), self.offset(self.avail) + 2, Ordering::Release)
+            .expect("avail ring checked in new");
     }
 
     /// Asks the device not to interrupt when it uses buffers
@@ -286,34 +332,37 @@ impl DriverQueue {
     /// a callback, which sets this flag.
     pub fn suppress_interrupts(&self, suppress: bool) {
         const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-        let flags = if suppress { VRING_AVAIL_F_NO_INTERRUPT } else { 0 };
-        self.mem
-            .write_obj(flags, self.avail)
+        let flags: u16 = if suppress { VRING_AVAIL_F_NO_INTERRUPT } else { 0 };
+        self.layout
+            .area()
+            .store(flags.to_le(), self.offset(self.avail), Ordering::Relaxed)
             .expect("avail ring checked in new");
     }
 
     /// Writes the avail index as given (a hostile driver may lie about it).
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(self.avail.0 + 2))
+        self.layout
+            .area()
+            .store(idx.to_le(), self.offset(self.avail) + 2, Ordering::Release)
             .expect("avail ring checked in new");
     }
 
     /// Reads the next completion from the used ring, if the device made one,
     /// and frees its descriptors.
     pub fn pop_used(&mut self) -> Option<Used> {
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(self.used.0 + 2)).ok()?;
+        let area = self.layout.area();
+        let used = self.offset(self.used);
+        let used_idx = u16::from_le(area.load::<u16>(used + 2, Ordering::Acquire).ok()?);
         if used_idx == self.last_used {
             return None;
         }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let slot = u64::from(self.last_used % self.size);
-        let elem = GuestAddress(self.used.0 + 4 + 8 * slot);
-        let id: u32 = self.mem.read_obj(elem).ok()?;
-        let len: u32 = self.mem.read_obj(GuestAddress(elem.0 + 4)).ok()?;
+        fence(Ordering::Acquire);
+        let slot = usize::from(self.last_used % self.size);
+        let [id, len] = area.get_ref::<[u32; 2]>(used + 4 + 8 * slot).ok()?.load();
+        let (id, len) = (u32::from_le(id), u32::from_le(len));
         self.last_used = self.last_used.wrapping_add(1);
         let head = id as u16;
-        let mut data = Vec::new();
+        let mut data = SmallVec::new();
         let mut chain = self
             .chains
             .get_mut(usize::from(head))
@@ -327,7 +376,19 @@ impl DriverQueue {
                 let take = (len as usize - data.len()).min(buf_len as usize);
                 let start = data.len();
                 data.resize(start + take, 0);
-                if self.mem.read_slice(&mut data[start..], GuestAddress(addr)).is_err() {
+                // Buffers of `add` are in the layout; hostile ones anywhere.
+                let read = match addr.checked_sub(self.desc.0) {
+                    Some(at) if at + take as u64 <= self.layout.len => {
+                        area.read_slice(&mut data[start..], at as usize).is_ok()
+                    }
+                    _ => self
+                        .layout
+                        .map
+                        .memory()
+                        .read_slice(&mut data[start..], GuestAddress(addr))
+                        .is_ok(),
+                };
+                if !read {
                     data.truncate(start);
                 }
             }

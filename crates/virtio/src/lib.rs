@@ -10,13 +10,13 @@
 //! use memvisor_memory::{Backing, RamBlock, map::GuestMemoryMap};
 //! use memvisor_virtio::driver::{Buf, DriverQueue};
 //! use memvisor_virtio::interrupt::{EventFdInterrupt, InterruptKind};
-//! use memvisor_virtio::queue::drain_queue;
+//! use memvisor_virtio::queue::{DeviceQueue, drain_queue};
 //! use vm_memory::GuestAddress;
 //!
 //! let block = Arc::new(RamBlock::new("ram", 1 << 20, Backing::Memfd).unwrap());
 //! let map = GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap();
-//! let mut driver = DriverQueue::new(map.memory(), GuestAddress(0), 8, 4096).unwrap();
-//! let mut queue = driver.device_queue();
+//! let mut driver = DriverQueue::new(&map, GuestAddress(0), 8, 4096).unwrap();
+//! let mut queue = DeviceQueue::new(driver.device_queue(), &map).unwrap();
 //! let irq = EventFdInterrupt::new(1).unwrap();
 //!
 //! driver.add(&[Buf::In(b"ping"), Buf::Out(4)]).unwrap();
@@ -26,7 +26,7 @@
 //! })
 //! .unwrap();
 //! assert_eq!(answered, 1);
-//! assert_eq!(driver.pop_used().unwrap().data, b"gnip");
+//! assert_eq!(&driver.pop_used().unwrap().data[..], b"gnip");
 //! assert_eq!(irq.take(InterruptKind::Queue(0)), 1);
 //! ```
 #![deny(missing_docs)]

@@ -11,19 +11,32 @@
 
 use std::fmt;
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 
 use memvisor_memory::GuestRange;
-use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::discard::{PopulatedView, RamDiscardManager};
+use memvisor_memory::map::{GuestMemoryMap, Region};
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
 
 const VIRTQ_DESC_F_NEXT: u16 = 0x1;
 const VIRTQ_DESC_F_WRITE: u16 = 0x2;
 const VIRTQ_DESC_F_INDIRECT: u16 = 0x4;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 0x1;
+
+/// Request bytes kept inline in a [`RequestChain`]: every request of
+/// memvisor's devices fits (the longest, virtio-iommu's PROBE, has 72), so
+/// gathering one allocates nothing.
+const INLINE_REQUEST: usize = 80;
+
+/// A device's answer to one request. Short answers (every virtio-mem
+/// response, every virtio-iommu status tail) stay inline, without an
+/// allocation; longer ones (a PROBE's properties) spill to the heap.
+pub type Response = SmallVec<[u8; 16]>;
 
 /// Why a request or its descriptor chain cannot be processed. The device
 /// that sees one stops processing and enters NEEDS_RESET.
@@ -81,10 +94,12 @@ pub enum Malformed {
 
 /// One request popped from a queue: its device-readable bytes and where to
 /// put the answer.
+#[derive(Default)]
 pub struct RequestChain {
     head: u16,
-    readable: Vec<u8>,
-    writable: Vec<(GuestAddress, u32)>,
+    readable: SmallVec<[u8; INLINE_REQUEST]>,
+    readable_len: usize,
+    writable: SmallVec<[(GuestAddress, u32); 4]>,
     writable_len: usize,
 }
 
@@ -92,18 +107,37 @@ impl fmt::Debug for RequestChain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestChain")
             .field("head", &self.head)
-            .field("readable", &self.readable.len())
+            .field("readable_len", &self.readable_len)
             .field("writable_len", &self.writable_len)
             .finish()
     }
 }
 
 impl RequestChain {
+    /// An empty chain, to be filled by [`DeviceRing::read_chain`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn clear(&mut self, head: u16) {
+        self.head = head;
+        self.readable.clear();
+        self.readable_len = 0;
+        self.writable.clear();
+        self.writable_len = 0;
+    }
+
     /// The device-readable bytes, gathered from all readable descriptors
     /// (at most the `max_request` given to [`drain_queue`]; longer requests
     /// are truncated there, which parsers treat as trailing data).
     pub fn request(&self) -> &[u8] {
         &self.readable
+    }
+
+    /// Total bytes of the device-readable descriptors, including any
+    /// beyond `max_request`.
+    pub fn readable_len(&self) -> usize {
+        self.readable_len
     }
 
     /// Total bytes of the device-writable descriptors.
@@ -117,132 +151,415 @@ impl RequestChain {
     }
 }
 
-/// Walks the chain at `head`, gathering up to `max_request` readable bytes.
-fn read_chain(queue: &Queue, map: &GuestMemoryMap, head: u16, max_request: usize) -> Result<RequestChain, Malformed> {
-    let mem = map.memory();
-    let size = queue.size();
-    let table = GuestAddress(queue.desc_table());
-    let mut chain = RequestChain {
-        head,
-        readable: Vec::new(),
-        writable: Vec::new(),
-        writable_len: 0,
-    };
-    let mut index = head;
-    for _ in 0..size {
-        if index >= size {
-            return Err(Malformed::BadChain {
-                head,
-                reason: "descriptor index past the queue size",
-            });
-        }
-        let desc: Descriptor = mem
-            .read_obj(GuestAddress(table.0 + u64::from(index) * 16))
-            .map_err(|e| Malformed::Queue(format!("descriptor {index}: {e}")))?;
-        let (addr, len, flags) = (desc.addr(), desc.len(), desc.flags());
-        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            return Err(Malformed::BadChain {
-                head,
-                reason: "indirect descriptors are not offered",
-            });
-        }
-        let bad = || Malformed::BadBuffer {
-            head,
-            addr: addr.0,
-            len,
-        };
-        if flags & VIRTQ_DESC_F_WRITE != 0 {
-            if with_guest_buffer(map, addr, u64::from(len), |_| ()).is_none() {
-                return Err(bad());
-            }
-            chain.writable.push((addr, len));
-            chain.writable_len += len as usize;
-        } else {
-            if !chain.writable.is_empty() {
-                return Err(Malformed::WrongDirection { head });
-            }
-            let want = (len as usize).min(max_request.saturating_sub(chain.readable.len()));
-            let start = chain.readable.len();
-            chain.readable.resize(start + want, 0);
-            with_guest_buffer(map, addr, u64::from(len), |mem| {
-                mem.read_slice(&mut chain.readable[start..], addr)
-            })
-            .ok_or_else(bad)?
-            .map_err(|_| bad())?;
-        }
-        if flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(chain);
-        }
-        index = desc.next();
-    }
-    Err(Malformed::BadChain {
-        head,
-        reason: "chain longer than the queue (a loop)",
-    })
+/// Where one ring of a split virtqueue lies in guest memory.
+#[derive(Debug, Clone)]
+struct RingArea {
+    region: Region,
+    /// The ring's offset in `region`.
+    offset: u64,
+    range: GuestRange,
+    what: &'static str,
 }
 
-/// Runs `f` on guest memory if the buffer `[addr, +len)` may be accessed:
-/// every byte is guest RAM and, in a managed region (virtio-mem), populated.
-/// The populated views of the managed regions it touches are held while
-/// `f` runs, so no unplug discards the buffer in between (DESIGN.md rule
-/// 3). `None` if the buffer may not be accessed; an empty buffer always may.
+impl RingArea {
+    fn resolve(map: &GuestMemoryMap, addr: u64, len: u64, what: &'static str) -> Result<Self, String> {
+        let range = GuestRange::new(addr, len).ok_or_else(|| format!("{what} at {addr:#x} (+{len:#x}) wraps"))?;
+        let host = map.lookup(range).map_err(|e| format!("{what}: {e}"))?;
+        Ok(Self {
+            region: host.region.clone(),
+            offset: range.start() - host.region.range().start(),
+            range,
+            what,
+        })
+    }
+
+    fn slice(&self) -> Result<RingSlice<'_>, Malformed> {
+        let slice = self
+            .region
+            .slice(self.offset, self.range.len())
+            .ok_or_else(|| Malformed::Queue(format!("{} {} is not in its region", self.what, self.range)))?;
+        Ok(RingSlice {
+            slice,
+            managed: self.region.manager().map(|m| (&**m, self.range)),
+            what: self.what,
+        })
+    }
+}
+
+/// One ring's memory during a drain.
+struct RingSlice<'a> {
+    slice: VolatileSlice<'a>,
+    /// A ring in a managed region (virtio-mem memory): its manager and the
+    /// ring's range, checked before every access, since touching the ring
+    /// after its block was unplugged would populate reclaimed memory.
+    managed: Option<(&'a dyn RamDiscardManager, GuestRange)>,
+    what: &'static str,
+}
+
+impl<'a> RingSlice<'a> {
+    /// The ring, if it may be touched now; the returned view (for a ring in
+    /// managed memory) keeps it populated while it is held.
+    fn hold(&self) -> Result<(&VolatileSlice<'a>, Option<PopulatedView<'a>>), Malformed> {
+        let Some((manager, range)) = self.managed else {
+            return Ok((&self.slice, None));
+        };
+        let view = manager.populated();
+        if !view.is_populated(range) {
+            return Err(Malformed::Queue(format!(
+                "{} {range} is in unplugged memory",
+                self.what
+            )));
+        }
+        Ok((&self.slice, Some(view)))
+    }
+
+    fn load_u16(&self, offset: usize, order: Ordering) -> Result<u16, Malformed> {
+        let (slice, _view) = self.hold()?;
+        slice
+            .load::<u16>(offset, order)
+            .map(u16::from_le)
+            .map_err(|e| Malformed::Queue(format!("{} at offset {offset:#x}: {e}", self.what)))
+    }
+
+    fn store_u16(&self, value: u16, offset: usize, order: Ordering) -> Result<(), Malformed> {
+        let (slice, _view) = self.hold()?;
+        slice
+            .store(value.to_le(), offset, order)
+            .map_err(|e| Malformed::Queue(format!("{} at offset {offset:#x}: {e}", self.what)))
+    }
+}
+
+/// A device's virtqueue: virtio-queue's [`Queue`] (size, ring addresses,
+/// indices, negotiated ring features) and where its rings lie in guest
+/// memory, resolved once when the device is activated rather than at every
+/// ring access.
 ///
-/// A buffer in discarded memory is refused rather than accessed: reading
-/// or writing it would populate memory the host has reclaimed (the
-/// guest must not use unplugged memory, `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`),
-/// so a chain pointing there is [`Malformed::BadBuffer`].
-pub fn with_guest_buffer<T>(
+/// Each ring must lie in one RAM region — a ring is one physically
+/// contiguous allocation of the guest. A ring in a managed region
+/// (virtio-mem memory) is checked to be populated before every access, and
+/// the queue is [`Malformed::Queue`] once it is not.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    queue: Queue,
+    desc: RingArea,
+    avail: RingArea,
+    used: RingArea,
+}
+
+impl DeviceQueue {
+    /// Resolves the rings of `queue`, which must be ready and valid, in
+    /// `map`; the error says what is wrong.
+    pub fn new(queue: Queue, map: &GuestMemoryMap) -> Result<Self, String> {
+        let size = queue.size();
+        if !queue.is_valid(map.memory()) {
+            return Err(format!(
+                "not ready, or size {size} or ring addresses (descriptors {:#x}, avail {:#x}, used {:#x}) invalid",
+                queue.desc_table(),
+                queue.avail_ring(),
+                queue.used_ring()
+            ));
+        }
+        let n = u64::from(size);
+        // The event-index fields trail the rings; they are always included.
+        Ok(Self {
+            desc: RingArea::resolve(map, queue.desc_table(), 16 * n, "descriptor table")?,
+            avail: RingArea::resolve(map, queue.avail_ring(), 6 + 2 * n, "avail ring")?,
+            used: RingArea::resolve(map, queue.used_ring(), 6 + 8 * n, "used ring")?,
+            queue,
+        })
+    }
+
+    /// The queue's state.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+}
+
+/// The device side of one [`DeviceQueue`] during one drain: takes
+/// available chains, reads them, and puts them on the used ring.
+pub struct DeviceRing<'a> {
+    queue: &'a mut Queue,
+    size: u16,
+    desc: RingSlice<'a>,
+    avail: RingSlice<'a>,
+    used: RingSlice<'a>,
+    /// The avail index last read: requests up to it need no new read.
+    avail_idx: Wrapping<u16>,
+    /// The used index when the drain began, for `VIRTIO_F_EVENT_IDX`.
+    first_used: Wrapping<u16>,
+}
+
+impl<'a> DeviceRing<'a> {
+    /// Starts a drain of `queue`.
+    pub fn new(queue: &'a mut DeviceQueue) -> Result<Self, Malformed> {
+        let DeviceQueue {
+            queue,
+            desc,
+            avail,
+            used,
+        } = queue;
+        let next_avail = Wrapping(queue.next_avail());
+        let first_used = Wrapping(queue.next_used());
+        Ok(Self {
+            size: queue.size(),
+            queue,
+            desc: desc.slice()?,
+            avail: avail.slice()?,
+            used: used.slice()?,
+            avail_idx: next_avail,
+            first_used,
+        })
+    }
+
+    /// Takes the next available chain's head index, if the driver made one
+    /// available.
+    pub fn pop(&mut self) -> Result<Option<u16>, Malformed> {
+        let next = Wrapping(self.queue.next_avail());
+        if next == self.avail_idx {
+            self.avail_idx = Wrapping(self.avail.load_u16(2, Ordering::Acquire)?);
+            let pending = (self.avail_idx - next).0;
+            if pending == 0 {
+                return Ok(None);
+            }
+            if pending > self.size {
+                return Err(Malformed::Queue(format!(
+                    "avail index {} is {pending} ahead of {}, more than the queue size {}",
+                    self.avail_idx.0, next.0, self.size
+                )));
+            }
+        }
+        let slot = usize::from(next.0 % self.size);
+        let head = self.avail.load_u16(4 + 2 * slot, Ordering::Relaxed)?;
+        self.queue.set_next_avail((next + Wrapping(1)).0);
+        Ok(Some(head))
+    }
+
+    fn descriptor(&self, index: u16) -> Result<Descriptor, Malformed> {
+        let (slice, _view) = self.desc.hold()?;
+        slice
+            .get_ref::<Descriptor>(16 * usize::from(index))
+            .map(|d| d.load())
+            .map_err(|e| Malformed::Queue(format!("descriptor {index}: {e}")))
+    }
+
+    /// Walks the chain at `head` into `chain` (whose buffers are reused),
+    /// gathering up to `max_request` readable bytes and noting the writable
+    /// buffers. Every buffer must be accessible guest memory
+    /// ([`read_guest`]).
+    pub fn read_chain(
+        &self,
+        map: &GuestMemoryMap,
+        head: u16,
+        max_request: usize,
+        chain: &mut RequestChain,
+    ) -> Result<(), Malformed> {
+        chain.clear(head);
+        let mut index = head;
+        for _ in 0..self.size {
+            if index >= self.size {
+                return Err(Malformed::BadChain {
+                    head,
+                    reason: "descriptor index past the queue size",
+                });
+            }
+            let desc = self.descriptor(index)?;
+            let (addr, len, flags) = (desc.addr(), desc.len(), desc.flags());
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                return Err(Malformed::BadChain {
+                    head,
+                    reason: "indirect descriptors are not offered",
+                });
+            }
+            let bad = || Malformed::BadBuffer {
+                head,
+                addr: addr.0,
+                len,
+            };
+            if flags & VIRTQ_DESC_F_WRITE != 0 {
+                if !guest_buffer_accessible(map, addr, u64::from(len)) {
+                    return Err(bad());
+                }
+                chain.writable.push((addr, len));
+                chain.writable_len += len as usize;
+            } else {
+                if !chain.writable.is_empty() {
+                    return Err(Malformed::WrongDirection { head });
+                }
+                let want = (len as usize).min(max_request.saturating_sub(chain.readable.len()));
+                // The part beyond `max_request` is not read, but must be
+                // accessible all the same.
+                if want < len as usize && !guest_buffer_accessible(map, addr, u64::from(len)) {
+                    return Err(bad());
+                }
+                let read = if want <= INLINE_REQUEST {
+                    let mut piece = [0u8; INLINE_REQUEST];
+                    let ok = read_guest(map, addr, &mut piece[..want]);
+                    chain.readable.extend_from_slice(&piece[..want]);
+                    ok
+                } else {
+                    let start = chain.readable.len();
+                    chain.readable.resize(start + want, 0);
+                    read_guest(map, addr, &mut chain.readable[start..])
+                };
+                if !read {
+                    return Err(bad());
+                }
+                chain.readable_len += len as usize;
+            }
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            index = desc.next();
+        }
+        Err(Malformed::BadChain {
+            head,
+            reason: "chain longer than the queue (a loop)",
+        })
+    }
+
+    /// Puts chain `head` on the used ring with `len` bytes written.
+    pub fn push_used(&mut self, head: u16, len: u32) -> Result<(), Malformed> {
+        let next = Wrapping(self.queue.next_used());
+        let offset = 4 + 8 * usize::from(next.0 % self.size);
+        {
+            let (slice, _view) = self.used.hold()?;
+            slice
+                .get_ref::<[u32; 2]>(offset)
+                .map(|elem| elem.store([u32::from(head).to_le(), len.to_le()]))
+                .map_err(|e| Malformed::Queue(format!("used ring at offset {offset:#x}: {e}")))?;
+        }
+        let next = next + Wrapping(1);
+        self.used.store_u16(next.0, 2, Ordering::Release)?;
+        self.queue.set_next_used(next.0);
+        Ok(())
+    }
+
+    /// Ends the drain and says whether the driver wants an interrupt for
+    /// the buffers used in it. With `VIRTIO_F_EVENT_IDX` that is the
+    /// `used_event` check, and the device publishes `avail_event` so that
+    /// the driver kicks for its next request; without it, the driver's
+    /// `VRING_AVAIL_F_NO_INTERRUPT` flag, which the specification says a
+    /// device should honour.
+    pub fn finish(self) -> bool {
+        let size = usize::from(self.size);
+        let new = Wrapping(self.queue.next_used());
+        if self.queue.event_idx_enabled() {
+            let published = self
+                .used
+                .store_u16(self.queue.next_avail(), 4 + 8 * size, Ordering::Relaxed);
+            if new == self.first_used {
+                return false;
+            }
+            // The used index must be visible before the driver's field is read.
+            fence(Ordering::SeqCst);
+            return match (published, self.avail.load_u16(4 + 2 * size, Ordering::Relaxed)) {
+                // vring_need_event(): the driver's event index lies in [first, new).
+                (Ok(()), Ok(used_event)) => (new - Wrapping(used_event) - Wrapping(1)) < (new - self.first_used),
+                _ => true,
+            };
+        }
+        if new == self.first_used {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        !matches!(self.avail.load_u16(0, Ordering::Relaxed), Ok(flags) if flags & VRING_AVAIL_F_NO_INTERRUPT != 0)
+    }
+}
+
+/// True if the buffer `[addr, +len)` is entirely guest RAM and, in managed
+/// regions, populated now. Buffers are checked again when they are read or
+/// written ([`read_guest`], [`write_guest`]).
+fn guest_buffer_accessible(map: &GuestMemoryMap, addr: GuestAddress, len: u64) -> bool {
+    with_guest_slices(map, addr, len, |_, _| ())
+}
+
+/// Runs `f(offset, slice)` over the pieces of the guest buffer
+/// `[addr, +len)` in order — one piece per RAM region it spans, `offset`
+/// being the piece's position in the buffer — if every byte is RAM and, in
+/// a managed region (virtio-mem), populated. The populated views of the
+/// managed regions are held while `f` runs, so no unplug discards the
+/// buffer in between (DESIGN.md rule 3). Returns false, without running
+/// `f`, if the buffer may not be accessed; an empty buffer always may.
+///
+/// A buffer in discarded memory is refused rather than accessed: touching
+/// it would populate memory the host has reclaimed (the guest must not use
+/// unplugged memory, `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`).
+fn with_guest_slices(
     map: &GuestMemoryMap,
     addr: GuestAddress,
     len: u64,
-    f: impl FnOnce(&GuestMemoryMmap) -> T,
-) -> Option<T> {
-    use vm_memory::GuestMemoryBackend;
-    let mem = map.memory();
+    mut f: impl FnMut(usize, VolatileSlice<'_>),
+) -> bool {
     if len == 0 {
-        return Some(f(mem));
+        return true;
     }
-    let range = GuestRange::new(addr.0, len)?;
-    if !mem.check_range(addr, usize::try_from(len).ok()?) {
-        return None;
+    let Some(range) = GuestRange::new(addr.0, len) else {
+        return false;
+    };
+    // The common case: the buffer lies in one region.
+    if let Ok(host) = map.lookup(range) {
+        let view = host.region.manager().map(|m| m.populated());
+        if view.as_ref().is_some_and(|v| !v.is_populated(range)) {
+            return false;
+        }
+        f(0, host.slice());
+        return true;
     }
-    // Regions in ascending order, so several views are always taken in the
-    // same order. Buffers outside managed regions allocate nothing here.
+    // Across regions (in ascending order, so several views are always
+    // taken in the same order): check every piece before touching any.
+    let mut pieces = Vec::new();
     let mut views = Vec::new();
     let mut at = range.start();
     while at < range.end() {
-        let region = map.region_at(at)?;
-        let part = region.range().intersection(&range)?;
+        let Some(region) = map.region_at(at) else {
+            return false;
+        };
+        let Some(host) = region
+            .range()
+            .intersection(&range)
+            .and_then(|part| map.lookup(part).ok())
+        else {
+            return false;
+        };
         if let Some(manager) = region.manager() {
             let view = manager.populated();
-            if !view.is_populated(part) {
-                return None;
+            if !view.is_populated(host.guest) {
+                return false;
             }
             views.push(view);
         }
-        at = part.end();
+        at = host.guest.end();
+        pieces.push(host);
     }
-    let result = f(mem);
+    for host in &pieces {
+        f((host.guest.start() - range.start()) as usize, host.slice());
+    }
     drop(views);
-    Some(result)
+    true
 }
 
-/// Whether the driver wants an interrupt for the buffers just used. With
-/// `VIRTIO_F_EVENT_IDX` that is virtio-queue's `used_event` check; without
-/// it, the driver's `VRING_AVAIL_F_NO_INTERRUPT` flag, which the
-/// specification says a device should honour (virtio-queue ignores it).
-fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem).unwrap_or(true);
-    }
-    let flags: u16 = mem.read_obj(GuestAddress(queue.avail_ring())).unwrap_or(0);
-    flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+/// Copies the guest buffer at `addr` into `dst`, if it may be accessed
+/// (see [`write_guest`]); false, with nothing read, if not.
+pub fn read_guest(map: &GuestMemoryMap, addr: GuestAddress, dst: &mut [u8]) -> bool {
+    with_guest_slices(map, addr, dst.len() as u64, |at, slice| {
+        slice.copy_to(&mut dst[at..]);
+    })
+}
+
+/// Copies `src` into the guest buffer at `addr` if every byte of it is
+/// guest RAM and, in a managed region (virtio-mem), populated — checked
+/// under the region's populated view, held for the copy; false, with
+/// nothing written, if not. A device never writes into discarded memory,
+/// which would populate memory the host has reclaimed.
+pub fn write_guest(map: &GuestMemoryMap, addr: GuestAddress, src: &[u8]) -> bool {
+    with_guest_slices(map, addr, src.len() as u64, |at, slice| {
+        slice.copy_from(&src[at..]);
+    })
 }
 
 /// Writes `response` into the chain's writable buffers and returns the
 /// number of bytes written (the used length).
-fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8]) -> Result<u32, Malformed> {
+pub fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8]) -> Result<u32, Malformed> {
     if response.len() > chain.writable_len {
         return Err(Malformed::ResponseTooShort {
             got: chain.writable_len,
@@ -257,14 +574,13 @@ fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8]) -
         let n = rest.len().min(len as usize);
         // Checked again now: handling the request may have unplugged the
         // memory of its own response buffer.
-        let bad = || Malformed::BadBuffer {
-            head: chain.head,
-            addr: addr.0,
-            len,
-        };
-        with_guest_buffer(map, addr, n as u64, |mem| mem.write_slice(&rest[..n], addr))
-            .ok_or_else(bad)?
-            .map_err(|_| bad())?;
+        if !write_guest(map, addr, &rest[..n]) {
+            return Err(Malformed::BadBuffer {
+                head: chain.head,
+                addr: addr.0,
+                len,
+            });
+        }
         rest = &rest[n..];
     }
     Ok(response.len() as u32)
@@ -281,47 +597,33 @@ fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8]) -
 /// [`RequestChain::writable_len`] itself before acting.)
 ///
 /// Every buffer is read or written only while it is accessible guest RAM
-/// ([`with_guest_buffer`]): a buffer outside RAM or in discarded memory of
-/// a managed region (an unplugged virtio-mem block) is
-/// [`Malformed::BadBuffer`] and is never touched.
+/// ([`read_guest`], [`write_guest`]): a buffer outside RAM or in discarded
+/// memory of a managed region (an unplugged virtio-mem block) is
+/// [`Malformed::BadBuffer`] and is never touched; the rings likewise
+/// ([`DeviceRing`]).
 ///
 /// Returns the number of requests answered. On the first [`Malformed`]
 /// chain or request it stops and returns the error; requests answered
 /// before it stay answered. The caller then enters NEEDS_RESET.
 pub fn drain_queue(
-    queue: &mut Queue,
+    queue: &mut DeviceQueue,
     queue_index: u16,
     map: &GuestMemoryMap,
     interrupt: &dyn VirtioInterrupt,
     max_request: usize,
     min_response: usize,
-    mut handle: impl FnMut(&RequestChain) -> Result<Vec<u8>, Malformed>,
+    mut handle: impl FnMut(&RequestChain) -> Result<Response, Malformed>,
 ) -> Result<usize, Malformed> {
-    let mem = map.memory();
+    let mut ring = DeviceRing::new(queue)?;
+    let mut chain = RequestChain::new();
     let mut answered = 0;
     let result = loop {
-        let avail = match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) => idx,
-            Err(e) => break Err(Malformed::Queue(e.to_string())),
-        };
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending == 0 {
-            break Ok(answered);
-        }
-        if pending > queue.size() {
-            break Err(Malformed::Queue(format!(
-                "avail index {} is {pending} ahead of {}, more than the queue size {}",
-                avail.0,
-                queue.next_avail(),
-                queue.size()
-            )));
-        }
-        let head = match queue.iter(mem).map(|mut it| it.next().map(|c| c.head_index())) {
+        let head = match ring.pop() {
             Ok(Some(head)) => head,
             Ok(None) => break Ok(answered),
-            Err(e) => break Err(Malformed::Queue(e.to_string())),
+            Err(e) => break Err(e),
         };
-        let outcome = read_chain(queue, map, head, max_request).and_then(|chain| {
+        let outcome = ring.read_chain(map, head, max_request, &mut chain).and_then(|()| {
             if chain.writable_len < min_response {
                 return Err(Malformed::ResponseTooShort {
                     got: chain.writable_len,
@@ -330,20 +632,15 @@ pub fn drain_queue(
             }
             handle(&chain).and_then(|resp| write_response(map, &chain, &resp))
         });
-        match outcome {
-            Ok(used_len) => {
-                if let Err(e) = queue.add_used(mem, head, used_len) {
-                    break Err(Malformed::Queue(e.to_string()));
-                }
-                answered += 1;
-            }
+        match outcome.and_then(|used_len| ring.push_used(head, used_len)) {
+            Ok(()) => answered += 1,
             Err(e) => break Err(e),
         }
     };
-    if answered > 0 && wants_interrupt(queue, mem) {
-        if let Err(e) = interrupt.trigger(InterruptKind::Queue(queue_index)) {
-            log::warn!("queue {queue_index}: interrupt failed: {e}");
-        }
+    if ring.finish()
+        && let Err(e) = interrupt.trigger(InterruptKind::Queue(queue_index))
+    {
+        log::warn!("queue {queue_index}: interrupt failed: {e}");
     }
     result
 }
@@ -360,15 +657,15 @@ mod tests {
     struct Fixture {
         map: GuestMemoryMap,
         driver: DriverQueue,
-        queue: Queue,
+        queue: DeviceQueue,
         irq: EventFdInterrupt,
     }
 
     fn fixture() -> Fixture {
         let block = Arc::new(RamBlock::new("ram", 1 << 20, Backing::Memfd).unwrap());
         let map = GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap();
-        let driver = DriverQueue::new(map.memory(), GuestAddress(0), 16, 8192).unwrap();
-        let queue = driver.device_queue();
+        let driver = DriverQueue::new(&map, GuestAddress(0), 16, 8192).unwrap();
+        let queue = DeviceQueue::new(driver.device_queue(), &map).unwrap();
         Fixture {
             map,
             driver,
@@ -385,7 +682,7 @@ mod tests {
                     need: 2,
                 });
             }
-            Ok(req.request().to_vec())
+            Ok(Response::from_slice(req.request()))
         })
     }
 
@@ -399,7 +696,7 @@ mod tests {
         assert_eq!(drain(&mut f).unwrap(), 2);
         let used = f.driver.pop_used().unwrap();
         assert_eq!((used.len, used.data.as_slice()), (4, &b"abcd"[..]));
-        assert_eq!(f.driver.pop_used().unwrap().data, b"xy");
+        assert_eq!(&f.driver.pop_used().unwrap().data[..], b"xy");
         assert!(f.driver.pop_used().is_none());
         assert_eq!(f.irq.take(InterruptKind::Queue(0)), 1, "one interrupt per drain");
         assert_eq!(drain(&mut f).unwrap(), 0);
@@ -408,7 +705,7 @@ mod tests {
         f.driver.add(&[Buf::In(b"zz"), Buf::Out(2)]).unwrap();
         assert_eq!(drain(&mut f).unwrap(), 1);
         assert_eq!(f.irq.take(InterruptKind::Queue(0)), 0);
-        assert_eq!(f.driver.pop_used().unwrap().data, b"zz");
+        assert_eq!(&f.driver.pop_used().unwrap().data[..], b"zz");
     }
 
     #[test]
@@ -416,7 +713,7 @@ mod tests {
         let mut f = fixture();
         f.driver.add(&[Buf::In(&[7u8; 100]), Buf::Out(100)]).unwrap();
         assert_eq!(drain(&mut f).unwrap(), 1);
-        assert_eq!(f.driver.pop_used().unwrap().data, vec![7u8; 16]);
+        assert_eq!(f.driver.pop_used().unwrap().data[..], [7u8; 16]);
     }
 
     #[test]
@@ -429,7 +726,7 @@ mod tests {
             .unwrap();
         assert_eq!(drain(&mut f), Err(Malformed::WrongDirection { head: bad }));
         // The request before the bad one was answered.
-        assert_eq!(f.driver.pop_used().unwrap().data, b"ok");
+        assert_eq!(&f.driver.pop_used().unwrap().data[..], b"ok");
 
         let mut f = fixture();
         f.driver
@@ -454,7 +751,7 @@ mod tests {
         let mut ran = false;
         let result = drain_queue(&mut f.queue, 0, &f.map, &f.irq, 16, 1, |_| {
             ran = true;
-            Ok(vec![])
+            Ok(Response::new())
         });
         assert_eq!(result, Err(Malformed::ResponseTooShort { got: 0, need: 1 }));
         assert!(!ran);

@@ -89,7 +89,7 @@ impl Machine {
             .build()
             .unwrap();
         let mut vmem = VirtioMem::new(region.clone());
-        let vmem_q = DriverQueue::new(mem.memory(), GuestAddress(0), 16, 4096).unwrap();
+        let vmem_q = DriverQueue::new(&mem, GuestAddress(0), 16, 4096).unwrap();
         activate(&mut vmem, &mem, vec![vmem_q.device_queue()]);
         let config = IommuConfig {
             endpoints: vec![ENDPOINT],
@@ -97,8 +97,8 @@ impl Machine {
             ..IommuConfig::default()
         };
         let mut iommu = VirtioIommu::new(config, None).unwrap();
-        let iommu_q = DriverQueue::new(mem.memory(), GuestAddress(0x10_0000), 16, 4096).unwrap();
-        let event_q = DriverQueue::new(mem.memory(), GuestAddress(0x20_0000), 4, 4096).unwrap();
+        let iommu_q = DriverQueue::new(&mem, GuestAddress(0x10_0000), 16, 4096).unwrap();
+        let event_q = DriverQueue::new(&mem, GuestAddress(0x20_0000), 4, 4096).unwrap();
         activate(&mut iommu, &mem, vec![iommu_q.device_queue(), event_q.device_queue()]);
         let handle = iommu.handle();
         let budget = Arc::new(budget.map_or_else(PinBudget::unlimited, PinBudget::limited));

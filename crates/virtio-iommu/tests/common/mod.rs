@@ -108,8 +108,8 @@ impl Fixture {
         let mut dev = VirtioIommu::new(config, None).unwrap();
         let features = features.unwrap_or(dev.avail_features()) | memvisor_virtio::device::VIRTIO_F_VERSION_1;
         dev.ack_features(features);
-        let requests = DriverQueue::new(memory.map.memory(), GuestAddress(0), 64, 256 * 1024).unwrap();
-        let events = DriverQueue::new(memory.map.memory(), GuestAddress(0x20_0000), 16, 4096).unwrap();
+        let requests = DriverQueue::new(&memory.map, GuestAddress(0), 64, 256 * 1024).unwrap();
+        let events = DriverQueue::new(&memory.map, GuestAddress(0x20_0000), 16, 4096).unwrap();
         let irq = Arc::new(EventFdInterrupt::new(2).unwrap());
         dev.activate(
             memory.map.clone(),

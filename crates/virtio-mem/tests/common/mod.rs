@@ -95,7 +95,7 @@ impl Guest {
     /// Acks `features` and activates with a fresh queue in boot RAM.
     pub fn activate_with(&mut self, features: u64) -> Result<(), memvisor_virtio::ActivateError> {
         self.dev.ack_features(features);
-        let driver = DriverQueue::new(self.map.memory(), GuestAddress(0), 16, 16 * 1024).unwrap();
+        let driver = DriverQueue::new(&self.map, GuestAddress(0), 16, 16 * 1024).unwrap();
         let queue = driver.device_queue();
         self.dev.activate(self.map.clone(), self.irq.clone(), vec![queue])?;
         self.driver = Some(driver);

@@ -173,7 +173,7 @@ impl Machine {
 
     /// Activates both devices with queues in boot RAM.
     pub fn activate(&mut self) {
-        let mem = self.map.memory();
+        let mem = &self.map;
         self.vmem.ack_features(self.vmem.avail_features());
         let q = DriverQueue::new(mem, GuestAddress(VMEM_QUEUE), 16, 16 * KIB).unwrap();
         self.vmem
