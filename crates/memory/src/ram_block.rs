@@ -630,7 +630,12 @@ impl RamBlock {
             // backings the page was just allocated by fallocate, so the
             // access does not fault with SIGBUS.
             let byte = unsafe { AtomicU8::from_ptr(ptr.add(page)) };
-            byte.fetch_add(0, Ordering::Relaxed);
+            // A write fault, which populates the page. (An idempotent
+            // `fetch_add(0)` is compiled to a plain load in release builds,
+            // and a read fault maps no page of its own.) Writing 0 over 0
+            // changes nothing; a non-zero byte means the page has content,
+            // so it is populated already.
+            let _ = byte.compare_exchange(0, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -11,15 +11,15 @@
 
 use std::fmt;
 use std::num::Wrapping;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicU16, Ordering, fence};
 
 use memvisor_memory::GuestRange;
-use memvisor_memory::discard::{PopulatedView, RamDiscardManager};
+use memvisor_memory::discard::PopulatedView;
 use memvisor_memory::map::{GuestMemoryMap, Region};
 use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
+use vm_memory::{ByteValued, GuestAddress, VolatileSlice};
 
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
 
@@ -151,81 +151,98 @@ impl RequestChain {
     }
 }
 
-/// Where one ring of a split virtqueue lies in guest memory.
+/// Where one ring of a split virtqueue lies in guest memory, resolved to
+/// its host address once: ring accesses are the hottest path of every
+/// device, and a memory-map lookup (or a `vm-memory` slice) per access
+/// costs more than the access.
 #[derive(Debug, Clone)]
 struct RingArea {
+    /// The region holding the ring; holding it keeps the mapping alive.
     region: Region,
-    /// The ring's offset in `region`.
-    offset: u64,
+    /// Host address of the ring's first byte.
+    host: usize,
     range: GuestRange,
     what: &'static str,
 }
 
 impl RingArea {
+    /// The ring of `len` bytes at guest address `addr`.
     fn resolve(map: &GuestMemoryMap, addr: u64, len: u64, what: &'static str) -> Result<Self, String> {
         let range = GuestRange::new(addr, len).ok_or_else(|| format!("{what} at {addr:#x} (+{len:#x}) wraps"))?;
         let host = map.lookup(range).map_err(|e| format!("{what}: {e}"))?;
         Ok(Self {
             region: host.region.clone(),
-            offset: range.start() - host.region.range().start(),
+            host: usize::try_from(host.host_address).map_err(|e| format!("{what}: {e}"))?,
             range,
             what,
         })
     }
 
-    fn slice(&self) -> Result<RingSlice<'_>, Malformed> {
-        let slice = self
-            .region
-            .slice(self.offset, self.range.len())
-            .ok_or_else(|| Malformed::Queue(format!("{} {} is not in its region", self.what, self.range)))?;
-        Ok(RingSlice {
-            slice,
-            managed: self.region.manager().map(|m| (&**m, self.range)),
-            what: self.what,
-        })
-    }
-}
-
-/// One ring's memory during a drain.
-struct RingSlice<'a> {
-    slice: VolatileSlice<'a>,
-    /// A ring in a managed region (virtio-mem memory): its manager and the
-    /// ring's range, checked before every access, since touching the ring
-    /// after its block was unplugged would populate reclaimed memory.
-    managed: Option<(&'a dyn RamDiscardManager, GuestRange)>,
-    what: &'static str,
-}
-
-impl<'a> RingSlice<'a> {
-    /// The ring, if it may be touched now; the returned view (for a ring in
-    /// managed memory) keeps it populated while it is held.
-    fn hold(&self) -> Result<(&VolatileSlice<'a>, Option<PopulatedView<'a>>), Malformed> {
-        let Some((manager, range)) = self.managed else {
-            return Ok((&self.slice, None));
+    /// Checks that the ring may be touched now. A ring in a managed region
+    /// (virtio-mem memory) must be populated — touching it after its block
+    /// was unplugged would populate reclaimed memory — and the returned
+    /// view keeps it so while it is held. Plain RAM needs no check.
+    fn hold(&self) -> Result<Option<PopulatedView<'_>>, Malformed> {
+        let Some(manager) = self.region.manager() else {
+            return Ok(None);
         };
         let view = manager.populated();
-        if !view.is_populated(range) {
+        if !view.is_populated(self.range) {
             return Err(Malformed::Queue(format!(
-                "{} {range} is in unplugged memory",
-                self.what
+                "{} {} is in unplugged memory",
+                self.what, self.range
             )));
         }
-        Ok((&self.slice, Some(view)))
+        Ok(Some(view))
+    }
+
+    /// Host pointer to a `T` at `offset`. The offsets are the device's
+    /// own (a ring field, or an entry `index % size`), so one outside the
+    /// ring is a bug in this module, not guest input.
+    fn ptr<T>(&self, offset: usize) -> *mut T {
+        assert!(
+            offset + std::mem::size_of::<T>() <= self.range.len() as usize
+                && (self.host + offset) % std::mem::align_of::<T>() == 0,
+            "{} access at offset {offset:#x} is outside the ring or misaligned",
+            self.what
+        );
+        (self.host + offset) as *mut T
+    }
+
+    /// The ring's little-endian 16-bit field at `offset`, shared with the
+    /// driver.
+    fn u16_at(&self, offset: usize) -> &AtomicU16 {
+        // SAFETY: `ptr` checked that the two bytes lie inside the ring,
+        // which lies inside `region`'s mapping (resolved by lookup), and
+        // that they are aligned; `self.region` keeps the mapping alive for
+        // as long as `self`. The driver changes the memory concurrently,
+        // which is what an atomic allows.
+        unsafe { AtomicU16::from_ptr(self.ptr::<u16>(offset)) }
     }
 
     fn load_u16(&self, offset: usize, order: Ordering) -> Result<u16, Malformed> {
-        let (slice, _view) = self.hold()?;
-        slice
-            .load::<u16>(offset, order)
-            .map(u16::from_le)
-            .map_err(|e| Malformed::Queue(format!("{} at offset {offset:#x}: {e}", self.what)))
+        let _view = self.hold()?;
+        Ok(u16::from_le(self.u16_at(offset).load(order)))
     }
 
     fn store_u16(&self, value: u16, offset: usize, order: Ordering) -> Result<(), Malformed> {
-        let (slice, _view) = self.hold()?;
-        slice
-            .store(value.to_le(), offset, order)
-            .map_err(|e| Malformed::Queue(format!("{} at offset {offset:#x}: {e}", self.what)))
+        let _view = self.hold()?;
+        self.u16_at(offset).store(value.to_le(), order);
+        Ok(())
+    }
+
+    fn read<T: ByteValued>(&self, offset: usize) -> Result<T, Malformed> {
+        let _view = self.hold()?;
+        // SAFETY: as in `u16_at`; `T` is plain data, valid for any bytes,
+        // and read volatile because the driver may write it concurrently.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr::<T>(offset)) })
+    }
+
+    fn write<T: ByteValued>(&self, offset: usize, value: T) -> Result<(), Malformed> {
+        let _view = self.hold()?;
+        // SAFETY: as in `u16_at`; volatile because the driver reads it.
+        unsafe { std::ptr::write_volatile(self.ptr::<T>(offset), value) };
+        Ok(())
     }
 }
 
@@ -280,9 +297,9 @@ impl DeviceQueue {
 pub struct DeviceRing<'a> {
     queue: &'a mut Queue,
     size: u16,
-    desc: RingSlice<'a>,
-    avail: RingSlice<'a>,
-    used: RingSlice<'a>,
+    desc: &'a RingArea,
+    avail: &'a RingArea,
+    used: &'a RingArea,
     /// The avail index last read: requests up to it need no new read.
     avail_idx: Wrapping<u16>,
     /// The used index when the drain began, for `VIRTIO_F_EVENT_IDX`.
@@ -303,9 +320,9 @@ impl<'a> DeviceRing<'a> {
         Ok(Self {
             size: queue.size(),
             queue,
-            desc: desc.slice()?,
-            avail: avail.slice()?,
-            used: used.slice()?,
+            desc,
+            avail,
+            used,
             avail_idx: next_avail,
             first_used,
         })
@@ -335,11 +352,7 @@ impl<'a> DeviceRing<'a> {
     }
 
     fn descriptor(&self, index: u16) -> Result<Descriptor, Malformed> {
-        let (slice, _view) = self.desc.hold()?;
-        slice
-            .get_ref::<Descriptor>(16 * usize::from(index))
-            .map(|d| d.load())
-            .map_err(|e| Malformed::Queue(format!("descriptor {index}: {e}")))
+        self.desc.read(16 * usize::from(index))
     }
 
     /// Walks the chain at `head` into `chain` (whose buffers are reused),
@@ -421,13 +434,7 @@ impl<'a> DeviceRing<'a> {
     pub fn push_used(&mut self, head: u16, len: u32) -> Result<(), Malformed> {
         let next = Wrapping(self.queue.next_used());
         let offset = 4 + 8 * usize::from(next.0 % self.size);
-        {
-            let (slice, _view) = self.used.hold()?;
-            slice
-                .get_ref::<[u32; 2]>(offset)
-                .map(|elem| elem.store([u32::from(head).to_le(), len.to_le()]))
-                .map_err(|e| Malformed::Queue(format!("used ring at offset {offset:#x}: {e}")))?;
-        }
+        self.used.write(offset, [u32::from(head).to_le(), len.to_le()])?;
         let next = next + Wrapping(1);
         self.used.store_u16(next.0, 2, Ordering::Release)?;
         self.queue.set_next_used(next.0);
@@ -782,5 +789,51 @@ mod tests {
         let mut f = fixture();
         f.driver.add_raw(&[(0x9000, 16, VIRTQ_DESC_F_INDIRECT)]).unwrap();
         assert!(matches!(drain(&mut f), Err(Malformed::BadChain { .. })));
+    }
+
+    #[test]
+    fn rings_in_unplugged_memory_are_never_touched() {
+        use memvisor_memory::discard::BlockDiscardManager;
+        const MIB: u64 = 1 << 20;
+        let hot = Arc::new(RamBlock::new("hot", 4 * MIB, Backing::Memfd).unwrap());
+        let region = GuestRange::new(0x1_0000_0000, 4 * MIB).unwrap();
+        let manager = Arc::new(BlockDiscardManager::new(region, 2 * MIB).unwrap());
+        let map = GuestMemoryMap::builder()
+            .ram(0, Arc::new(RamBlock::new("boot", MIB, Backing::Memfd).unwrap()))
+            .unwrap()
+            .managed_ram(region.start(), hot.clone(), manager.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let first = GuestRange::new(region.start(), 2 * MIB).unwrap();
+        manager.write().plug(first, || Ok::<_, ()>(()), |_| {}).unwrap();
+        // A guest that puts a queue (rings and buffers) in a plugged block.
+        let mut driver = DriverQueue::new(&map, GuestAddress(region.start()), 16, 8192).unwrap();
+        let mut queue = DeviceQueue::new(driver.device_queue(), &map).unwrap();
+        let irq = EventFdInterrupt::new(1).unwrap();
+        let echo = |req: &RequestChain| Ok(Response::from_slice(req.request()));
+        driver.add(&[Buf::In(b"ok"), Buf::Out(2)]).unwrap();
+        assert_eq!(drain_queue(&mut queue, 0, &map, &irq, 16, 1, echo), Ok(1));
+        assert_eq!(&driver.pop_used().unwrap().data[..], b"ok");
+
+        // ... then unplugs that block and kicks the queue.
+        driver.add(&[Buf::In(b"no"), Buf::Out(2)]).unwrap();
+        manager
+            .write()
+            .unplug(first, false, |r| {
+                hot.discard(r.start() - region.start(), r.len()).unwrap()
+            })
+            .unwrap();
+        assert_eq!(hot.resident_bytes(0, 2 * MIB).unwrap(), 0);
+        let result = drain_queue(&mut queue, 0, &map, &irq, 16, 1, echo);
+        assert!(
+            matches!(&result, Err(Malformed::Queue(why)) if why.contains("unplugged memory")),
+            "{result:?}"
+        );
+        assert_eq!(
+            hot.resident_bytes(0, 2 * MIB).unwrap(),
+            0,
+            "the device populated discarded memory"
+        );
     }
 }
