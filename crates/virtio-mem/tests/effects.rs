@@ -174,18 +174,25 @@ fn other_threads_query_while_the_device_works() {
     let stop2 = stop.clone();
     // A DMA-path thread: whatever it sees populated under its view stays
     // populated until it drops the view.
+    let started = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let started2 = started.clone();
     let reader = std::thread::spawn(move || {
         let mut checks = 0u64;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+        started2.wait();
+        // At least one check, however the threads are scheduled.
+        loop {
             let view = region.populated();
             if view.is_populated(r(blk(0), BS)) {
                 std::thread::yield_now();
                 assert!(view.is_populated(r(blk(0), BS)));
             }
             checks += 1;
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                break checks;
+            }
         }
-        checks
     });
+    started.wait();
     for _ in 0..200 {
         assert_eq!(g.plug(blk(0), 1), ACK);
         assert_eq!(g.unplug(blk(0), 1), ACK);
