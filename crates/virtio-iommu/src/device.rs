@@ -943,7 +943,7 @@ fn push_event(active: &mut Active, bytes: &[u8; FAULT_SIZE]) -> Result<bool, Mal
     let Some(queue) = queues.get_mut(usize::from(EVENT_QUEUE)) else {
         return Ok(false);
     };
-    let mut ring = DeviceRing::new(queue)?;
+    let mut ring = DeviceRing::new(queue);
     let Some(head) = ring.pop()? else {
         return Ok(false);
     };

@@ -308,7 +308,7 @@ pub struct DeviceRing<'a> {
 
 impl<'a> DeviceRing<'a> {
     /// Starts a drain of `queue`.
-    pub fn new(queue: &'a mut DeviceQueue) -> Result<Self, Malformed> {
+    pub fn new(queue: &'a mut DeviceQueue) -> Self {
         let DeviceQueue {
             queue,
             desc,
@@ -317,7 +317,7 @@ impl<'a> DeviceRing<'a> {
         } = queue;
         let next_avail = Wrapping(queue.next_avail());
         let first_used = Wrapping(queue.next_used());
-        Ok(Self {
+        Self {
             size: queue.size(),
             queue,
             desc,
@@ -325,7 +325,7 @@ impl<'a> DeviceRing<'a> {
             used,
             avail_idx: next_avail,
             first_used,
-        })
+        }
     }
 
     /// Takes the next available chain's head index, if the driver made one
@@ -621,7 +621,7 @@ pub fn drain_queue(
     min_response: usize,
     mut handle: impl FnMut(&RequestChain) -> Result<Response, Malformed>,
 ) -> Result<usize, Malformed> {
-    let mut ring = DeviceRing::new(queue)?;
+    let mut ring = DeviceRing::new(queue);
     let mut chain = RequestChain::new();
     let mut answered = 0;
     let result = loop {
