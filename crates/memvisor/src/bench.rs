@@ -93,10 +93,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Times `samples` alternating batches of `iters` runs of `ours` and of
-/// `floor`, after one warm-up batch of each; returns the median time per
-/// run of each.
-fn compare(samples: usize, iters: u32, mut ours: impl FnMut(), mut floor: impl FnMut()) -> (f64, f64) {
+/// Times `samples` rounds of one batch of `iters` runs of each of `paths`
+/// (after one warm-up batch of each), rotating which goes first in every
+/// round so that none always follows another; returns each path's median
+/// time per run, in the order given.
+fn compare(samples: usize, iters: u32, paths: &mut [&mut dyn FnMut()]) -> Vec<f64> {
     let batch = |f: &mut dyn FnMut()| {
         let start = Instant::now();
         for _ in 0..iters {
@@ -104,20 +105,41 @@ fn compare(samples: usize, iters: u32, mut ours: impl FnMut(), mut floor: impl F
         }
         start.elapsed().as_nanos() as f64 / f64::from(iters)
     };
-    batch(&mut ours);
-    batch(&mut floor);
-    let (mut o, mut f) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
-    for i in 0..samples {
-        // Alternate which side goes first, so neither always follows the other.
-        if i % 2 == 0 {
-            o.push(batch(&mut ours));
-            f.push(batch(&mut floor));
-        } else {
-            f.push(batch(&mut floor));
-            o.push(batch(&mut ours));
+    for f in paths.iter_mut() {
+        batch(f);
+    }
+    let n = paths.len();
+    let mut times = vec![Vec::with_capacity(samples); n];
+    for round in 0..samples {
+        for k in 0..n {
+            let i = (round + k) % n;
+            times[i].push(batch(paths[i]));
         }
     }
-    (median(o), median(f))
+    times.into_iter().map(median).collect()
+}
+
+/// Times `scenario`'s path and floor against each other ([`compare`]).
+fn compare_pair(samples: usize, iters: u32, scenario: &mut dyn Scenario) -> (f64, f64) {
+    let scenario = std::cell::RefCell::new(scenario);
+    let t = compare(
+        samples,
+        iters,
+        &mut [&mut || scenario.borrow_mut().ours(), &mut || {
+            scenario.borrow_mut().floor()
+        }],
+    );
+    (t[0], t[1])
+}
+
+/// A hot path and its floor, set up and ready to time. `memvisor bench`
+/// and the criterion benchmarks (`crates/memvisor/benches`) time the same
+/// two calls.
+pub trait Scenario {
+    /// memvisor's path, once.
+    fn ours(&mut self);
+    /// The floor: the bare kernel (or memory) work the path cannot avoid.
+    fn floor(&mut self);
 }
 
 /// The io_uring buffer-table updates that pin and unpin one host range:
@@ -159,10 +181,10 @@ impl PinFloor {
     }
 }
 
-fn machine(header: &str) -> Machine {
+fn machine(header: &str, dma: DmaBackend) -> Machine {
     let trace = Trace::parse("bench", header).expect("benchmark header parses");
     let options = MachineOptions {
-        dma: DmaBackend::Uring,
+        dma,
         ..MachineOptions::default()
     };
     Machine::new(&trace.header, &options).expect("benchmark machine")
@@ -211,82 +233,158 @@ fn map_unmap(m: &mut Machine, map: IommuRequest, unmap: IommuRequest) {
     assert_eq!(iommu(m, unmap), Status::Ok);
 }
 
-/// One MAP and one UNMAP of `len` bytes through the request virtqueue, the
-/// device, the bridge's populated check and the io_uring backend.
+/// One MAP and one UNMAP of `len` bytes at [`IOVA`] through the request
+/// virtqueue, the device, the bridge's populated check and the DMA
+/// backend; the floor pins and unpins the same host range.
+pub struct ViommuMapUnmap {
+    machine: Machine,
+    map: IommuRequest,
+    unmap: IommuRequest,
+    host: u64,
+    len: u64,
+    pin: PinFloor,
+}
+
+impl ViommuMapUnmap {
+    /// A machine whose vIOMMU endpoint is assigned to `dma`, mapping `len`
+    /// bytes (at most 4 MiB) onto the start of plugged virtio-mem memory.
+    /// With [`DmaBackend::None`] the same requests pin nothing: the
+    /// virtqueue and device alone.
+    pub fn new(len: u64, dma: DmaBackend) -> Self {
+        let mut machine = machine(&vmem_device(64 * MIB, true), dma);
+        let plug = MemRequest::Plug(BlockRange {
+            addr: HOT,
+            nb_blocks: 2,
+        });
+        assert_eq!(vmem(&mut machine, plug), 0, "plug for the benchmark");
+        let attach = IommuRequest::Attach(Attach {
+            domain: 1,
+            endpoint: 8,
+            flags: 0,
+            reserved: [0; 4],
+        });
+        assert_eq!(iommu(&mut machine, attach), Status::Ok);
+        let map = IommuRequest::Map(Map {
+            domain: 1,
+            virt_start: IOVA,
+            virt_end: IOVA + len - 1,
+            phys_start: HOT,
+            flags: 3,
+        });
+        let unmap = IommuRequest::Unmap(Unmap {
+            domain: 1,
+            virt_start: IOVA,
+            virt_end: IOVA + len - 1,
+        });
+        let host = host_of(&machine, HOT, len);
+        Self {
+            machine,
+            map,
+            unmap,
+            host,
+            len,
+            pin: PinFloor::new(),
+        }
+    }
+
+    /// Bytes the machine has pinned (none between two runs of `ours`).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.machine.pinned_bytes()
+    }
+}
+
+impl Scenario for ViommuMapUnmap {
+    fn ours(&mut self) {
+        map_unmap(&mut self.machine, self.map, self.unmap);
+    }
+
+    fn floor(&mut self) {
+        self.pin.pin_unpin(self.host, self.len);
+    }
+}
+
+/// The `viommu_map_unmap_*` figure, with `no_dma_ns`: the same requests on
+/// a machine with no DMA backend, timed in the same rounds.
 fn viommu_map_unmap(key: &'static str, len: u64, opts: BenchOptions) -> Figure {
-    let mut m = machine(&vmem_device(64 * MIB, true));
-    let plug = MemRequest::Plug(BlockRange {
-        addr: HOT,
-        nb_blocks: 2,
-    });
-    assert_eq!(vmem(&mut m, plug), 0, "plug for the benchmark");
-    let attach = IommuRequest::Attach(Attach {
-        domain: 1,
-        endpoint: 8,
-        flags: 0,
-        reserved: [0; 4],
-    });
-    assert_eq!(iommu(&mut m, attach), Status::Ok);
-    let map = IommuRequest::Map(Map {
-        domain: 1,
-        virt_start: IOVA,
-        virt_end: IOVA + len - 1,
-        phys_start: HOT,
-        flags: 3,
-    });
-    let unmap = IommuRequest::Unmap(Unmap {
-        domain: 1,
-        virt_start: IOVA,
-        virt_end: IOVA + len - 1,
-    });
-    let host = host_of(&m, HOT, len);
-    let floor = PinFloor::new();
+    let mut pinning = ViommuMapUnmap::new(len, DmaBackend::Uring);
+    let mut bare = ViommuMapUnmap::new(len, DmaBackend::None);
     let (samples, iters) = match (opts.quick, len > 64 * 1024) {
         (true, _) => (3, 20),
         (false, false) => (31, 4000),
         (false, true) => (31, 100),
     };
-    let (ours, floor_ns) = compare(
+    let pinning = std::cell::RefCell::new(&mut pinning);
+    let t = compare(
         samples,
         iters,
-        || map_unmap(&mut m, map, unmap),
-        || floor.pin_unpin(host, len),
+        &mut [
+            &mut || pinning.borrow_mut().ours(),
+            &mut || pinning.borrow_mut().floor(),
+            &mut || bare.ours(),
+        ],
     );
-    assert_eq!(m.pinned_bytes(), 0);
+    assert_eq!(pinning.borrow().pinned_bytes(), 0);
     Figure {
         key,
         what: "MAP + UNMAP through the virtqueue, device, bridge and io_uring pinning",
-        ours_ns: ours,
-        floor_ns,
+        ours_ns: t[0],
+        floor_ns: t[1],
         target: 1.10,
-        extra: vec![("bytes", len)],
+        extra: vec![("bytes", len), ("no_dma_ns", t[2].round() as u64)],
     }
 }
 
 /// PLUG then UNPLUG of one 2 MiB block through the request queue with a
-/// `RamDmaListener` on the io_uring backend.
+/// `RamDmaListener` on the io_uring backend; the floor punches the same
+/// hole and pins and unpins the same range.
+pub struct VmemPlugUnplug {
+    machine: Machine,
+    region: Arc<VirtioMemRegion>,
+    host: u64,
+    pin: PinFloor,
+}
+
+impl VmemPlugUnplug {
+    /// A machine with a 64 MiB virtio-mem region and an assigned device on
+    /// the io_uring backend, no vIOMMU.
+    pub fn new() -> Self {
+        let machine = machine(&vmem_device(64 * MIB, false), DmaBackend::Uring);
+        let host = host_of(&machine, HOT, 2 * MIB);
+        let region = machine.vmem_region().expect("virtio-mem").clone();
+        Self {
+            machine,
+            region,
+            host,
+            pin: PinFloor::new(),
+        }
+    }
+}
+
+impl Default for VmemPlugUnplug {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scenario for VmemPlugUnplug {
+    fn ours(&mut self) {
+        let block = BlockRange {
+            addr: HOT,
+            nb_blocks: 1,
+        };
+        assert_eq!(vmem(&mut self.machine, MemRequest::Plug(block)), 0);
+        assert_eq!(vmem(&mut self.machine, MemRequest::Unplug(block)), 0);
+    }
+
+    fn floor(&mut self) {
+        self.region.block().discard(0, 2 * MIB).expect("hole punch");
+        self.pin.pin_unpin(self.host, 2 * MIB);
+    }
+}
+
 fn vmem_plug_unplug(opts: BenchOptions) -> Figure {
-    let mut m = machine(&vmem_device(64 * MIB, false));
-    let block = BlockRange {
-        addr: HOT,
-        nb_blocks: 1,
-    };
-    let host = host_of(&m, HOT, 2 * MIB);
-    let region = m.vmem_region().expect("virtio-mem").clone();
-    let floor = PinFloor::new();
     let (samples, iters) = if opts.quick { (3, 2) } else { (21, 20) };
-    let (ours, floor_ns) = compare(
-        samples,
-        iters,
-        || {
-            assert_eq!(vmem(&mut m, MemRequest::Plug(block)), 0);
-            assert_eq!(vmem(&mut m, MemRequest::Unplug(block)), 0);
-        },
-        || {
-            region.block().discard(0, 2 * MIB).expect("hole punch");
-            floor.pin_unpin(host, 2 * MIB);
-        },
-    );
+    let (ours, floor_ns) = compare_pair(samples, iters, &mut VmemPlugUnplug::new());
     Figure {
         key: "vmem_plug_unplug",
         what: "PLUG + UNPLUG of a 2 MiB block through the virtqueue with RamDmaListener on io_uring",
@@ -304,35 +402,65 @@ fn tib_manager() -> (BlockDiscardManager, GuestRange) {
     (BlockDiscardManager::new(region, 2 * MIB).expect("geometry"), region)
 }
 
-/// `is_populated` over a fully plugged 1 TiB region through the trait.
-fn populated_check(opts: BenchOptions) -> Figure {
-    let (manager, region) = tib_manager();
-    manager.write().plug(region, || Ok::<_, ()>(()), |_| {}).expect("plug");
-    let words = manager.populated().bitmap().words().to_vec();
-    let dynamic: &dyn RamDiscardManager = &manager;
-    let (samples, iters) = if opts.quick { (3, 10) } else { (31, 300) };
-    let (ours, floor_ns) = compare(
-        samples,
-        iters,
-        || assert!(dynamic.is_populated(black_box(region))),
-        || {
-            let mut all = true;
-            for &w in black_box(&words).iter() {
-                if w != u64::MAX {
-                    all = false;
-                    break;
-                }
+/// `is_populated` over a fully plugged 1 TiB region of 2 MiB blocks,
+/// through the [`RamDiscardManager`] trait; the floor tests the same
+/// bitmap's words in a plain loop.
+pub struct PopulatedCheck {
+    manager: BlockDiscardManager,
+    region: GuestRange,
+    words: Vec<u64>,
+}
+
+impl PopulatedCheck {
+    /// The region, all plugged.
+    pub fn new() -> Self {
+        let (manager, region) = tib_manager();
+        manager.write().plug(region, || Ok::<_, ()>(()), |_| {}).expect("plug");
+        let words = manager.populated().bitmap().words().to_vec();
+        Self { manager, region, words }
+    }
+
+    /// Blocks in the region.
+    pub fn blocks(&self) -> u64 {
+        self.words.len() as u64 * 64
+    }
+}
+
+impl Default for PopulatedCheck {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scenario for PopulatedCheck {
+    fn ours(&mut self) {
+        let dynamic: &dyn RamDiscardManager = &self.manager;
+        assert!(dynamic.is_populated(black_box(self.region)));
+    }
+
+    fn floor(&mut self) {
+        let mut all = true;
+        for &w in black_box(&self.words).iter() {
+            if w != u64::MAX {
+                all = false;
+                break;
             }
-            assert!(all);
-        },
-    );
+        }
+        assert!(all);
+    }
+}
+
+fn populated_check(opts: BenchOptions) -> Figure {
+    let (samples, iters) = if opts.quick { (3, 10) } else { (31, 300) };
+    let mut scenario = PopulatedCheck::new();
+    let (ours, floor_ns) = compare_pair(samples, iters, &mut scenario);
     Figure {
         key: "populated_check",
         what: "is_populated over 1 TiB of 2 MiB blocks, all plugged, through the RamDiscardManager trait",
         ours_ns: ours,
         floor_ns,
         target: 1.2,
-        extra: vec![("blocks", words.len() as u64 * 64)],
+        extra: vec![("blocks", scenario.blocks())],
     }
 }
 
@@ -368,54 +496,82 @@ fn reference_runs(words: &[u64]) -> (u64, u64) {
 }
 
 /// `replay_populated` over the 1 TiB region with half the blocks plugged
-/// at random, summing run lengths, through the trait.
-fn populated_replay(opts: BenchOptions) -> Figure {
-    let (manager, region) = tib_manager();
-    {
-        // A fixed seed (splitmix64): the same layout in every run.
-        let mut state = 0x5eed_u64;
-        let mut writer = manager.write();
-        for block in 0..(region.len() / (2 * MIB)) {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            if (z ^ (z >> 31)) & 1 == 1 {
-                let r = GuestRange::new(region.start() + block * 2 * MIB, 2 * MIB).expect("range");
-                writer.plug(r, || Ok::<_, ()>(()), |_| {}).expect("plug");
+/// at random, summing run lengths, through the trait; the floor is
+/// [`reference_runs`] over the same words.
+pub struct PopulatedReplay {
+    manager: BlockDiscardManager,
+    region: GuestRange,
+    words: Vec<u64>,
+    /// The sum of run lengths `ours` found last, in bytes.
+    last_sum: u64,
+}
+
+impl PopulatedReplay {
+    /// The region, half plugged by a fixed pseudo-random layout.
+    pub fn new() -> Self {
+        let (manager, region) = tib_manager();
+        {
+            // A fixed seed (splitmix64): the same layout in every run.
+            let mut state = 0x5eed_u64;
+            let mut writer = manager.write();
+            for block in 0..(region.len() / (2 * MIB)) {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                if (z ^ (z >> 31)) & 1 == 1 {
+                    let r = GuestRange::new(region.start() + block * 2 * MIB, 2 * MIB).expect("range");
+                    writer.plug(r, || Ok::<_, ()>(()), |_| {}).expect("plug");
+                }
             }
         }
+        let words = manager.populated().bitmap().words().to_vec();
+        Self {
+            manager,
+            region,
+            words,
+            last_sum: 0,
+        }
     }
-    let words = manager.populated().bitmap().words().to_vec();
-    let dynamic: &dyn RamDiscardManager = &manager;
-    let (ref_bits, runs) = reference_runs(&words);
-    let mut ours_sum = 0;
+}
+
+impl Default for PopulatedReplay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scenario for PopulatedReplay {
+    fn ours(&mut self) {
+        let dynamic: &dyn RamDiscardManager = &self.manager;
+        let mut sum = 0u64;
+        dynamic
+            .replay_populated(self.region, &mut |r| {
+                sum += r.len();
+                Ok(())
+            })
+            .expect("replay");
+        self.last_sum = black_box(sum);
+    }
+
+    fn floor(&mut self) {
+        black_box(reference_runs(black_box(&self.words)));
+    }
+}
+
+fn populated_replay(opts: BenchOptions) -> Figure {
     let (samples, iters) = if opts.quick { (3, 2) } else { (31, 20) };
-    let (ours, floor_ns) = compare(
-        samples,
-        iters,
-        || {
-            let mut sum = 0u64;
-            dynamic
-                .replay_populated(region, &mut |r| {
-                    sum += r.len();
-                    Ok(())
-                })
-                .expect("replay");
-            ours_sum = black_box(sum);
-        },
-        || {
-            black_box(reference_runs(black_box(&words)));
-        },
-    );
-    assert_eq!(ours_sum, ref_bits * 2 * MIB, "both walks find the same memory");
+    let mut scenario = PopulatedReplay::new();
+    let (ours, floor_ns) = compare_pair(samples, iters, &mut scenario);
+    let (ref_bits, runs) = reference_runs(&scenario.words);
+    assert_eq!(scenario.last_sum, ref_bits * 2 * MIB, "both walks find the same memory");
     Figure {
         key: "populated_replay",
         what: "replay_populated over 1 TiB, half the blocks plugged at random, through the trait",
         ours_ns: ours,
         floor_ns,
         target: 1.5,
-        extra: vec![("runs", runs), ("populated_bytes", ours_sum)],
+        extra: vec![("runs", runs), ("populated_bytes", scenario.last_sum)],
     }
 }
 
@@ -455,62 +611,124 @@ fn registry(region: &Arc<VirtioMemRegion>, map: &GuestMemoryMap) -> Registry {
     registry
 }
 
-/// Save and load of a virtio-mem region with `plugged` bytes plugged and
-/// filled, through a pipe to a second thread loading into a fresh region.
+/// Save and load of a virtio-mem region with part of it plugged and filled
+/// with non-zero data, through a pipe to a second thread loading into a
+/// fresh region; the floor copies the same bytes through the same kind of
+/// pipe into a fresh mapping of the same size. Each run needs a fresh
+/// destination, made (untimed) by [`destination`](Self::destination) and
+/// [`floor_destination`](Self::floor_destination).
+pub struct Migration {
+    src: Arc<VirtioMemRegion>,
+    src_map: GuestMemoryMap,
+    size: u64,
+    plugged: u64,
+}
+
+impl Migration {
+    /// A `size`-byte source region with its first `plugged` bytes (a
+    /// multiple of 2 MiB) plugged and filled.
+    pub fn new(size: u64, plugged: u64) -> Self {
+        let (src, src_map) = vmem_region(size);
+        let plug = MemRequest::Plug(BlockRange {
+            addr: HOT,
+            nb_blocks: (plugged / (2 * MIB)) as u16,
+        });
+        assert_eq!(
+            src.handle(plug),
+            memvisor_virtio_mem::Response::Ack(None),
+            "plug for the benchmark"
+        );
+        let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
+        for off in (0..plugged).step_by(MIB as usize) {
+            src.block().write(off, &pattern).expect("fill");
+        }
+        Self {
+            src,
+            src_map,
+            size,
+            plugged,
+        }
+    }
+
+    /// A fresh destination region, and the two ends' section registries,
+    /// for one [`save_load`](Self::save_load).
+    pub fn destination(&self) -> Destination {
+        let (region, map) = vmem_region(self.size);
+        Destination {
+            sender: registry(&self.src, &self.src_map),
+            receiver: registry(&region, &map),
+            region,
+        }
+    }
+
+    /// Saves the source and loads it into `dst` through a pipe, on two
+    /// threads; returns the bytes that crossed the pipe.
+    pub fn save_load(&self, dst: Destination) -> u64 {
+        let Destination {
+            region,
+            mut sender,
+            mut receiver,
+        } = dst;
+        let (rx, tx) = pipe();
+        let loaded = std::thread::scope(|s| {
+            s.spawn(move || sender.save(tx).expect("save"));
+            receiver.load(BufReader::with_capacity(64 << 10, rx)).expect("load")
+        });
+        assert_eq!(region.plugged_size(), self.plugged);
+        loaded.total_bytes
+    }
+
+    /// A fresh mapping for [`copy`](Self::copy).
+    pub fn floor_destination(&self) -> RamBlock {
+        RamBlock::new("dst", self.size, Backing::Memfd).expect("RAM block")
+    }
+
+    /// The floor: the plugged bytes through a pipe into `dst`.
+    pub fn copy(&self, dst: &RamBlock) {
+        let (mut rx, mut tx) = pipe();
+        let plugged = self.plugged as usize;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: the plugged part of the source mapping, alive for the scope.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(self.src.block().host_address() as *const u8, plugged) };
+                tx.write_all(bytes).expect("pipe write");
+                drop(tx);
+            });
+            // SAFETY: the first `plugged` bytes of the fresh destination mapping.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(dst.host_address() as *mut u8, plugged) };
+            rx.read_exact(bytes).expect("pipe read");
+        });
+    }
+}
+
+/// One migration's destination, made before the timed
+/// [`Migration::save_load`].
+pub struct Destination {
+    region: Arc<VirtioMemRegion>,
+    sender: Registry,
+    receiver: Registry,
+}
+
 fn migration(opts: BenchOptions) -> Figure {
     let (size, plugged, samples) = if opts.quick {
         (256 * MIB, 32 * MIB, 1)
     } else {
         (4 * GIB, 512 * MIB, 5)
     };
-    let (src, src_map) = vmem_region(size);
-    let plug = MemRequest::Plug(BlockRange {
-        addr: HOT,
-        nb_blocks: (plugged / (2 * MIB)) as u16,
-    });
-    assert_eq!(
-        src.handle(plug),
-        memvisor_virtio_mem::Response::Ack(None),
-        "plug for the benchmark"
-    );
-    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
-    for off in (0..plugged).step_by(MIB as usize) {
-        src.block().write(off, &pattern).expect("fill");
-    }
+    let scenario = Migration::new(size, plugged);
     let (mut ours, mut floor, mut stream_bytes) = (Vec::new(), Vec::new(), 0);
     for _ in 0..samples {
-        // The floor: the same bytes through the same kind of pipe into a
-        // fresh mapping of the same size.
-        let dst = RamBlock::new("dst", size, Backing::Memfd).expect("RAM block");
-        let (mut rx, mut tx) = pipe();
+        let dst = scenario.floor_destination();
         let start = Instant::now();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: the plugged part of the source mapping, alive for the scope.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(src.block().host_address() as *const u8, plugged as usize) };
-                tx.write_all(bytes).expect("pipe write");
-                drop(tx);
-            });
-            // SAFETY: the first `plugged` bytes of the fresh destination mapping.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(dst.host_address() as *mut u8, plugged as usize) };
-            rx.read_exact(bytes).expect("pipe read");
-        });
+        scenario.copy(&dst);
         floor.push(start.elapsed());
         drop(dst);
 
-        let (dst, dst_map) = vmem_region(size);
-        let mut sender = registry(&src, &src_map);
-        let mut receiver = registry(&dst, &dst_map);
-        let (rx, tx) = pipe();
+        let dst = scenario.destination();
         let start = Instant::now();
-        let loaded = std::thread::scope(|s| {
-            s.spawn(move || sender.save(tx).expect("save"));
-            receiver.load(BufReader::with_capacity(64 << 10, rx)).expect("load")
-        });
+        stream_bytes = scenario.save_load(dst);
         ours.push(start.elapsed());
-        stream_bytes = loaded.total_bytes;
-        assert_eq!(dst.plugged_size(), plugged);
     }
     let ns = |v: Vec<Duration>| median(v.into_iter().map(|d| d.as_nanos() as f64).collect());
     Figure {
