@@ -25,6 +25,9 @@ fn viommu_map_unmap(c: &mut Criterion) {
         pair(c, name, &mut ViommuMapUnmap::new(len, DmaBackend::Uring));
         let mut bare = ViommuMapUnmap::new(len, DmaBackend::None);
         c.bench_function(&format!("{name}/no_dma"), |b| b.iter(|| bare.ours()));
+        c.bench_function(&format!("{name}/no_dma_with_floor"), |b| {
+            b.iter(|| bare.requests_with_floor())
+        });
     }
 }
 
