@@ -19,6 +19,7 @@
 //! iovecs.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -197,6 +198,14 @@ impl UringPinner {
         self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
+    /// Unpins `slots`, which held the `bytes` of mappings just removed from
+    /// the table, and gives the bytes back to the budget.
+    fn unpin(&self, inner: &mut Inner, slots: &mut [Slot], bytes: u64) {
+        Self::release_slots(inner, slots);
+        inner.pinned -= bytes;
+        self.budget.release(bytes);
+    }
+
     /// Clears `slots` (unpinning them) and returns them to the free lists,
     /// with one system call per run of consecutive slots in one ring (per
     /// [`CLEAR_CHUNK`] slots of a longer run). Sorts `slots` in place.
@@ -314,6 +323,15 @@ impl DmaMapper for UringPinner {
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
         let end = iova.saturating_add(len);
         let mut inner = self.lock();
+        // The common case, one search: the range is exactly one mapping
+        // (which leaves no room for another in it or reaching into it).
+        if let Entry::Occupied(found) = inner.mappings.entry(iova)
+            && found.get().len == len
+        {
+            let mut slots = found.remove().slots;
+            self.unpin(&mut inner, &mut slots, len);
+            return Ok(len);
+        }
         // A mapping starting before the range but reaching into it would be split.
         if let Some((&start, m)) = inner.mappings.range(..iova).next_back()
             && start + m.len > iova
@@ -353,9 +371,7 @@ impl DmaMapper for UringPinner {
             // A hole: nothing to release.
             return Ok(0);
         }
-        Self::release_slots(&mut inner, &mut slots);
-        inner.pinned -= bytes;
-        self.budget.release(bytes);
+        self.unpin(&mut inner, &mut slots, bytes);
         Ok(bytes)
     }
 
@@ -572,10 +588,18 @@ mod tests {
         ));
         assert!(matches!(p.unmap(3 * MIB, 4 * MIB), Err(DmaError::Split { start, .. }) if start == 2 * MIB));
         assert!(matches!(p.unmap(MIB, 2 * MIB), Err(DmaError::Split { .. })));
+        // Starting where the mapping starts is not enough to take it whole.
+        assert!(matches!(p.unmap(2 * MIB, MIB), Err(DmaError::Split { start, .. }) if start == 2 * MIB));
         assert_eq!(p.pinned_bytes(), 2 * MIB);
         // Holes are fine.
         assert_eq!(p.unmap(0, 2 * MIB).unwrap(), 0);
         assert_eq!(p.unmap(0, 8 * MIB).unwrap(), 2 * MIB);
+        // A range starting at a mapping and reaching past it takes the
+        // mappings inside it, whatever lies between.
+        p.map(2 * MIB, h, MIB, Access::READ).unwrap();
+        p.map(4 * MIB, h, MIB, Access::READ).unwrap();
+        assert_eq!(p.unmap(2 * MIB, 4 * MIB).unwrap(), 2 * MIB);
+        assert_eq!(p.pinned_bytes(), 0);
     }
 
     #[test]

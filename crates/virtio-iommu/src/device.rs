@@ -714,10 +714,14 @@ impl Core {
         if domain.bypass {
             return Status::Inval;
         }
+        debug_assert!(domain.targets_fresh(&self.endpoints));
+        if let Some(m) = domain.mappings.remove_exact(u.virt_start, u.virt_end) {
+            unmap_to(&domain.targets, u.domain, &m, UnmapCause::Unmap);
+            return Status::Ok;
+        }
         if domain.mappings.check_unmap(u.virt_start, u.virt_end).is_err() {
             return Status::Range;
         }
-        debug_assert!(domain.targets_fresh(&self.endpoints));
         // Each covered mapping in ascending order: removed, then notified.
         while let Some(m) = domain.mappings.remove_first_in(u.virt_start, u.virt_end) {
             unmap_to(&domain.targets, u.domain, &m, UnmapCause::Unmap);
