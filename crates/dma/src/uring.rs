@@ -512,30 +512,20 @@ mod tests {
         let n = u64::from(SLOTS_PER_RING) + 100;
         let ram = RamBlock::new("ram", n * PAGE_SIZE, Backing::Memfd).unwrap();
         let p = pinner(None);
-        for i in 0..n {
-            p.map(
-                i * PAGE_SIZE,
-                ram.host_address() + i * PAGE_SIZE,
-                PAGE_SIZE,
-                Access::READ,
-            )
-            .unwrap();
-        }
+        let fill = || {
+            for i in 0..n {
+                let at = i * PAGE_SIZE;
+                p.map(at, ram.host_address() + at, PAGE_SIZE, Access::READ).unwrap();
+            }
+        };
+        fill();
         assert_eq!(p.ring_count(), 2);
         assert_eq!(p.pinned_bytes(), n * PAGE_SIZE);
         // One unmap clears them all, coalesced per ring.
         assert_eq!(p.unmap(0, n * PAGE_SIZE).unwrap(), n * PAGE_SIZE);
         assert_eq!(p.mapping_count(), 0);
         // Freed slots are reused before any new ring is made.
-        for i in 0..n {
-            p.map(
-                i * PAGE_SIZE,
-                ram.host_address() + i * PAGE_SIZE,
-                PAGE_SIZE,
-                Access::READ,
-            )
-            .unwrap();
-        }
+        fill();
         assert_eq!(p.ring_count(), 2);
         p.unmap(0, u64::MAX).unwrap();
     }
