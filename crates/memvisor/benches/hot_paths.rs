@@ -47,16 +47,16 @@ fn migration(c: &mut Criterion) {
     let mut group = c.benchmark_group("migration");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
     group.bench_function("ours", |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || scenario.destination(),
             |dst| scenario.save_load(dst),
             BatchSize::PerIteration,
         )
     });
     group.bench_function("floor", |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || scenario.floor_destination(),
-            |dst| scenario.copy(&dst),
+            |dst| scenario.copy(dst),
             BatchSize::PerIteration,
         )
     });
