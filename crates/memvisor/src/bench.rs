@@ -751,7 +751,7 @@ fn migration(opts: BenchOptions) -> Figure {
     let (size, plugged, samples) = if opts.quick {
         (256 * MIB, 32 * MIB, 1)
     } else {
-        (4 * GIB, 512 * MIB, 9)
+        (4 * GIB, 512 * MIB, 15)
     };
     let scenario = Migration::new(size, plugged);
     let (mut ours, mut floor, mut stream_bytes) = (Vec::new(), Vec::new(), 0);
