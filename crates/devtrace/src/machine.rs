@@ -15,6 +15,12 @@
 //! * [`DmaBackend::None`] attaches no mapper (the IOMMU device still checks
 //!   every MAP against populated RAM).
 //!
+//! Each assigned device is a vmstate [`DmaDevice`], whose section carries
+//! its path through a migration and attaches it again on load.
+//!
+//! [`ViommuDmaBridge`]: memvisor_dma::viommu_bridge::ViommuDmaBridge
+//! [`RamDmaListener`]: memvisor_dma::ram_listener::RamDmaListener
+//!
 //! The driver side lives in a small RAM region of its own (the *driver
 //! RAM*, [`DRIVER_RAM_SIZE`] bytes at the first 1 GiB boundary above all
 //! trace memory), so that the rings and buffers never overlap memory the
@@ -26,10 +32,9 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use memvisor_dma::mapper::{DmaMapper, PinBudget};
-use memvisor_dma::ram_listener::{RamDmaListener, SetupError};
 use memvisor_dma::uring::UringPinner;
 use memvisor_dma::vfio::{VfioContainerMapper, VfioSetupError};
-use memvisor_dma::viommu_bridge::{UnplugGuard, ViommuDmaBridge};
+use memvisor_dma::viommu_bridge::UnplugGuard;
 use memvisor_memory::discard::RamDiscardManager;
 use memvisor_memory::map::{GuestMemoryMap, MapError};
 use memvisor_memory::policy::DiscardPolicy;
@@ -38,13 +43,12 @@ use memvisor_virtio::driver::{Buf, DriverError, DriverQueue};
 use memvisor_virtio::{ActivateError, EventFdInterrupt, VirtioDevice};
 use memvisor_virtio_iommu::config::ConfigError;
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
-use memvisor_virtio_iommu::{
-    IommuConfig, IommuHandle, Limits, NotifierId, Request as IommuRequest, Status, VirtioIommu, wire,
-};
+use memvisor_virtio_iommu::{IommuConfig, IommuHandle, Limits, Request as IommuRequest, Status, VirtioIommu, wire};
 use memvisor_virtio_mem::defs::{CONFIG_SIZE, RESPONSE_SIZE, VirtioMemConfig, VirtioMemResp};
 use memvisor_virtio_mem::{
     BlockRange, BlockState, Request as MemRequest, VirtioMem, VirtioMemError, VirtioMemOptions, VirtioMemRegion,
 };
+use memvisor_vmstate::devices::dma::{DmaAttachError, DmaDevice, DmaPath, DmaTarget};
 use memvisor_vmstate::devices::virtio_iommu::VirtioIommuSection;
 use memvisor_vmstate::devices::virtio_mem::VirtioMemSection;
 use memvisor_vmstate::{Registry, VmStateError, ram};
@@ -118,18 +122,10 @@ pub enum MachineError {
     IommuConfig(#[from] ConfigError),
     /// The DMA layer could not be attached.
     #[error("DMA setup: {0}")]
-    Dma(#[from] SetupError),
+    Dma(#[from] DmaAttachError),
     /// The VFIO container could not be opened.
     #[error("--dma vfio: {0}")]
     Vfio(#[from] VfioSetupError),
-    /// A notifier could not be registered with the IOMMU.
-    #[error("registering the DMA bridge of endpoint {endpoint}: {reason}")]
-    Notifier {
-        /// The endpoint.
-        endpoint: u32,
-        /// Why.
-        reason: String,
-    },
     /// The driver could not lay out its queues.
     #[error("driver queue: {0}")]
     Driver(#[from] DriverError),
@@ -182,19 +178,13 @@ struct IommuPart {
     events: Option<DriverQueue>,
 }
 
-/// One assigned endpoint behind the vIOMMU.
-struct Assigned {
-    notifier: NotifierId,
-    bridge: ViommuDmaBridge,
-}
-
 /// The replay machine; see the [module documentation](self).
 pub struct Machine {
     // Drop order matters: the DMA layer goes first (unpinning everything,
     // see `Drop`), then devices, then memory.
-    assigned: Vec<Assigned>,
-    ram_listener: Option<RamDmaListener>,
-    mappers: Vec<Arc<dyn DmaMapper>>,
+    /// The assigned devices with the path each attaches through (one per
+    /// vIOMMU endpoint, or one on plain RAM); empty without a backend.
+    dma: Vec<(DmaDevice, DmaPath)>,
     budget: Arc<PinBudget>,
     mem: Option<MemPart>,
     iommu: Option<IommuPart>,
@@ -211,7 +201,7 @@ impl std::fmt::Debug for Machine {
             .field("regions", &self.map.regions().len())
             .field("virtio_mem", &self.mem.as_ref().map(|m| m.region.clone()))
             .field("virtio_iommu", &self.iommu.as_ref().map(|i| i.handle.clone()))
-            .field("mappers", &self.mappers.len())
+            .field("dma", &self.dma.len())
             .field("pinned_bytes", &self.pinned_bytes())
             .finish()
     }
@@ -250,12 +240,17 @@ impl Machine {
     /// invalid device geometry or IOMMU configuration, a VFIO container
     /// that cannot be opened, `--dma vfio` with more than one endpoint.
     pub fn new(header: &Header, options: &MachineOptions) -> Result<Self, MachineError> {
-        let mut this = Self::build(header, options)?;
-        this.attach_dma(options)?;
+        let this = Self::build(header, options)?;
+        // Each registration or listener pins what its path reaches: a
+        // bridge gets the endpoint's mappings replayed, the plain-RAM
+        // listener maps all populated RAM.
+        for (device, path) in &this.dma {
+            device.attach(*path)?;
+        }
         Ok(this)
     }
 
-    /// The machine without its DMA layer.
+    /// The machine with its DMA devices created but not attached.
     fn build(header: &Header, options: &MachineOptions) -> Result<Self, MachineError> {
         let mems: Vec<&MemDevice> = header
             .devices
@@ -326,9 +321,7 @@ impl Machine {
             None => PinBudget::unlimited(),
         });
         let mut this = Self {
-            assigned: Vec::new(),
-            ram_listener: None,
-            mappers: Vec::new(),
+            dma: Vec::new(),
             budget,
             mem,
             iommu: None,
@@ -352,41 +345,53 @@ impl Machine {
                 events: None,
             });
         }
+        this.dma = this.dma_devices(options)?;
         Ok(this)
     }
 
-    /// Attaches the assigned devices: a bridge per vIOMMU endpoint (its
-    /// registration replays the endpoint's mappings, which pins them), or
-    /// the plain-RAM listener (which maps all populated RAM).
-    fn attach_dma(&mut self, options: &MachineOptions) -> Result<(), MachineError> {
-        let policy = self.policy.clone();
-        if let Some(iommu) = &self.iommu {
-            let (id, endpoints, handle) = (iommu.id.clone(), iommu.endpoints.clone(), iommu.handle.clone());
-            if matches!(options.dma, DmaBackend::Vfio { .. }) && endpoints.len() > 1 {
-                return Err(MachineError::Header(format!(
-                    "--dma vfio assigns one device (one IOMMU group), but the virtio-iommu has {} endpoints",
-                    endpoints.len()
-                )));
+    /// The assigned devices, detached: one per vIOMMU endpoint (path 2),
+    /// or one on plain RAM (path 1); none with [`DmaBackend::None`].
+    fn dma_devices(&self, options: &MachineOptions) -> Result<Vec<(DmaDevice, DmaPath)>, MachineError> {
+        let mut devices = Vec::new();
+        let Some(iommu) = &self.iommu else {
+            if let Some(device) = self.dma_device("assigned0", options.dma)? {
+                devices.push((device, DmaPath::Ram));
             }
-            for endpoint in endpoints {
-                let name = format!("{id}:ep{endpoint}");
-                let Some(mapper) = self.mapper(&name, options.dma)? else {
-                    continue;
-                };
-                let bridge = ViommuDmaBridge::attach(&name, &self.map, mapper, &policy, options.unplug_guard)?;
-                let notifier =
-                    handle
-                        .register_notifier(endpoint, bridge.notifier())
-                        .map_err(|e| MachineError::Notifier {
-                            endpoint,
-                            reason: e.to_string(),
-                        })?;
-                self.assigned.push(Assigned { notifier, bridge });
-            }
-        } else if let Some(mapper) = self.mapper("assigned0", options.dma)? {
-            self.ram_listener = Some(RamDmaListener::attach("assigned0", &self.map, mapper, &policy)?);
+            return Ok(devices);
+        };
+        if matches!(options.dma, DmaBackend::Vfio { .. }) && iommu.endpoints.len() > 1 {
+            return Err(MachineError::Header(format!(
+                "--dma vfio assigns one device (one IOMMU group), but the virtio-iommu has {} endpoints",
+                iommu.endpoints.len()
+            )));
         }
-        Ok(())
+        for &endpoint in &iommu.endpoints {
+            let name = format!("{}:ep{endpoint}", iommu.id);
+            if let Some(device) = self.dma_device(&name, options.dma)? {
+                let path = DmaPath::Viommu {
+                    iommu_instance: 0,
+                    endpoint,
+                    guard: options.unplug_guard,
+                };
+                devices.push((device, path));
+            }
+        }
+        Ok(devices)
+    }
+
+    fn dma_device(&self, name: &str, backend: DmaBackend) -> Result<Option<DmaDevice>, MachineError> {
+        let mapper: Arc<dyn DmaMapper> = match backend {
+            DmaBackend::None => return Ok(None),
+            DmaBackend::Uring => Arc::new(UringPinner::new(name, self.budget.clone())),
+            DmaBackend::Vfio { group } => Arc::new(VfioContainerMapper::open(name, group, self.budget.clone())?),
+        };
+        let target = DmaTarget {
+            memory: self.map.clone(),
+            mapper,
+            policy: self.policy.clone(),
+            iommu: self.iommu.as_ref().map(|i| i.handle.clone()),
+        };
+        Ok(Some(DmaDevice::new(name, target)))
     }
 
     /// The vmstate registry of this machine's state: RAM (populated only),
@@ -400,17 +405,10 @@ impl Machine {
         if let Some(i) = &self.iommu {
             registry.register(VirtioIommuSection::new(0, i.handle.clone()))?;
         }
+        for (instance, (device, _)) in (0..).zip(&self.dma) {
+            registry.register(device.section(instance))?;
+        }
         Ok(registry)
-    }
-
-    fn mapper(&mut self, name: &str, backend: DmaBackend) -> Result<Option<Arc<dyn DmaMapper>>, MachineError> {
-        let mapper: Arc<dyn DmaMapper> = match backend {
-            DmaBackend::None => return Ok(None),
-            DmaBackend::Uring => Arc::new(UringPinner::new(name, self.budget.clone())),
-            DmaBackend::Vfio { group } => Arc::new(VfioContainerMapper::open(name, group, self.budget.clone())?),
-        };
-        self.mappers.push(mapper.clone());
-        Ok(Some(mapper))
     }
 
     /// The guest memory map (boot RAM, the virtio-mem region, driver RAM).
@@ -440,13 +438,16 @@ impl Machine {
 
     /// Bytes the DMA backends have pinned now, by their own count.
     pub fn pinned_bytes(&self) -> u64 {
-        self.mappers.iter().map(|m| m.pinned_bytes()).sum()
+        self.dma.iter().map(|(d, _)| d.pinned_bytes()).sum()
     }
 
     /// The guest-physical ranges the vIOMMU bridges hold pinned now, by
     /// their own record (empty without a vIOMMU or a DMA backend).
     pub fn pinned_ranges(&self) -> Vec<memvisor_memory::GuestRange> {
-        self.assigned.iter().flat_map(|a| a.bridge.pinned_ranges()).collect()
+        self.dma
+            .iter()
+            .flat_map(|(d, _)| d.pinned_ranges().unwrap_or_default())
+            .collect()
     }
 
     /// The VM's pin budget.
@@ -608,13 +609,13 @@ impl Machine {
 
     /// Saves the whole machine to `w` as a vmstate stream — RAM
     /// (populated memory only), the virtio-mem region, the virtio-iommu
-    /// domains and mappings, in the order vmstate declares — and returns
-    /// the bytes written. The machine is meant to be dropped afterwards
-    /// (which releases every pin).
+    /// domains and mappings, and each assigned device's DMA path
+    /// (configuration only: pins are re-derived on load), in the order
+    /// vmstate declares — and returns the bytes written. The machine is
+    /// meant to be dropped afterwards (which releases every pin).
     ///
-    /// Not in the stream: the DMA layer (it is configuration, given again
-    /// to [`restore`](Self::restore), and its pins are re-derived), and the
-    /// virtqueues (each request completes before the next event, so no
+    /// Not in the stream: the DMA backends (given again to
+    /// [`restore`](Self::restore) in its options), and the virtqueues (each request completes before the next event, so no
     /// request is in flight; the restored machine's driver sets its queues
     /// up anew, as it does after a reset).
     pub fn save(&mut self, w: &mut dyn Write) -> Result<u64, MachineError> {
@@ -622,33 +623,29 @@ impl Machine {
         Ok(summary.total_bytes)
     }
 
-    /// Builds a fresh machine for `header` and loads a stream written by
-    /// [`save`](Self::save) into it, then attaches the DMA layer: the
-    /// bridges' registration replays every restored mapping (checked
-    /// against the restored blocks, and pinned), or the plain-RAM listener
-    /// maps all populated RAM. DMA attaches only once the whole stream is
-    /// loaded, because loading RAM discards what the source did not send.
-    /// The devices are activated with fresh queues before their next
-    /// request.
+    /// Builds a fresh machine for `header` and `options` and loads a
+    /// stream written by [`save`](Self::save) into it. The DMA sections
+    /// attach their devices once the whole stream is loaded and checked
+    /// (loading RAM discards what the source did not send): the bridges'
+    /// registration replays every restored mapping (checked against the
+    /// restored blocks, and pinned), or the plain-RAM listener maps all
+    /// populated RAM. The devices are activated with fresh queues before
+    /// their next request.
     pub fn restore(header: &Header, options: &MachineOptions, r: &mut dyn Read) -> Result<Self, MachineError> {
-        let mut machine = Self::build(header, options)?;
+        let machine = Self::build(header, options)?;
         machine.registry()?.load(std::io::BufReader::new(r))?;
-        machine.attach_dma(options)?;
         Ok(machine)
     }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        // Unregistering a notifier sends it an unmap for every mapping it
-        // holds, so the bridges unpin before they are dropped.
-        if let Some(iommu) = &self.iommu {
-            for a in &self.assigned {
-                iommu.handle.unregister_notifier(a.notifier);
-            }
+        // Detaching unregisters each bridge from the IOMMU (which unmaps
+        // through it) and unpins whatever is left, before the devices and
+        // memory go.
+        for (device, _) in self.dma.drain(..) {
+            device.detach();
         }
-        self.assigned.clear();
-        self.ram_listener = None;
     }
 }
 
