@@ -615,9 +615,10 @@ impl Machine {
     /// meant to be dropped afterwards (which releases every pin).
     ///
     /// Not in the stream: the DMA backends (given again to
-    /// [`restore`](Self::restore) in its options), and the virtqueues (each request completes before the next event, so no
-    /// request is in flight; the restored machine's driver sets its queues
-    /// up anew, as it does after a reset).
+    /// [`restore`](Self::restore) in its options), and the virtqueues
+    /// (each request completes before the next event, so no request is in
+    /// flight; the restored machine's driver sets its queues up anew, as it
+    /// does after a reset).
     pub fn save(&mut self, w: &mut dyn Write) -> Result<u64, MachineError> {
         let summary = self.registry()?.save(w)?;
         Ok(summary.total_bytes)
