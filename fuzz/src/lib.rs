@@ -28,7 +28,7 @@ use memvisor_memory::{Backing, GuestRange, RamBlock};
 use memvisor_virtio::driver::{Buf, DriverQueue};
 use memvisor_virtio::{EventFdInterrupt, VirtioDevice};
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
-use memvisor_virtio_iommu::{IommuConfig, IommuHandle, Limits, Request as IommuRequest, VirtioIommu, wire};
+use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Limits, Request as IommuRequest, VirtioIommu, wire};
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
 use memvisor_virtio_mem::{VirtioMem, VirtioMemOptions, VirtioMemRegion};
 use virtio_queue::desc::split::Descriptor;
@@ -179,7 +179,7 @@ impl Rig {
             .unwrap()
             .build()
             .unwrap();
-        let config = IommuConfig {
+        let config = IommuOptions {
             endpoints: vec![ENDPOINT, OTHER_ENDPOINT],
             bypass: false,
             domain_start: 0,
@@ -188,7 +188,7 @@ impl Rig {
                 max_domains: 8,
                 max_mappings_per_domain: 64,
             },
-            ..IommuConfig::default()
+            ..IommuOptions::default()
         };
         let mut iommu = VirtioIommu::new(config, Some(mem.clone())).expect("iommu");
         let handle = iommu.handle();
@@ -334,7 +334,7 @@ impl Rig {
 
     /// A well-formed virtio-iommu request; returns the status byte.
     pub fn iommu_request(&mut self, request: IommuRequest, out: u32) -> Option<u8> {
-        self.iommu_q.add(&[Buf::In(&request.encode()), Buf::Out(out)]).ok()?;
+        self.iommu_q.add(&[Buf::In(&request.to_bytes()), Buf::Out(out)]).ok()?;
         self.kick_iommu().first().copied()
     }
 
@@ -456,7 +456,7 @@ impl MemReq {
             Addr::Hot { block, .. } => HOT + (u64::from(block) % (NB_BLOCKS + 2)) * BLOCK,
             a => a.resolve(data),
         };
-        memvisor_virtio_mem::defs::VirtioMemReq {
+        memvisor_virtio_mem::wire::VirtioMemReq {
             req_type,
             addr,
             nb_blocks,
@@ -724,7 +724,7 @@ impl Rig {
                 value,
                 truncate,
             } => {
-                let mut bytes = req.request(data.0).encode();
+                let mut bytes = req.request(data.0).to_bytes();
                 if !bytes.is_empty() {
                     let i = usize::from(*at) % bytes.len();
                     bytes[i] = *value;

@@ -28,7 +28,7 @@ use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::driver::{Buf, DriverQueue};
 use memvisor_virtio::interrupt::EventFdInterrupt;
 use memvisor_virtio_iommu::request::{Attach, Map};
-use memvisor_virtio_iommu::{IommuConfig, IommuHandle, Request, Status, VirtioIommu, wire};
+use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Request, Status, VirtioIommu, wire};
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
 use memvisor_virtio_mem::{VirtioMemOptions, VirtioMemRegion};
 use memvisor_vmstate::devices::dma::{DmaDevice, DmaPath, DmaTarget};
@@ -99,11 +99,11 @@ impl VmMachine {
             .unwrap()
             .build()
             .unwrap();
-        let config = IommuConfig {
+        let config = IommuOptions {
             endpoints: vec![EP_A, EP_B],
             domain_start: 1,
             domain_end: 1000,
-            ..IommuConfig::default()
+            ..IommuOptions::default()
         };
         let iommu = VirtioIommu::new(config, Some(map.clone())).expect("iommu");
         let policy = DiscardPolicy::new();
@@ -290,7 +290,7 @@ pub fn source_stream() -> Vec<u8> {
     )
     .unwrap();
     let mut send = |req: Request| {
-        q.add(&[Buf::In(&req.encode()), Buf::Out(4)]).unwrap();
+        q.add(&[Buf::In(&req.to_bytes()), Buf::Out(4)]).unwrap();
         d.queue_notify(wire::REQUEST_QUEUE);
         let used = q.pop_used().unwrap();
         assert_eq!(Status::from_u8(used.data[0]), Some(Status::Ok), "{req:?}");

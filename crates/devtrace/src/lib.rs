@@ -1,13 +1,13 @@
-//! Recorded device traces (`shared/traces/FORMAT.md`, devtrace v1) and the
+//! Recorded device traces (devtrace v1, `docs/devtrace.md`) and the
 //! engine that replays them through memvisor's real devices, real DMA
 //! layer and real memory.
 //!
 //! ```
-//! use memvisor_devtrace::{DmaBackend, MachineOptions, ReplayOptions, Trace, builtin, replay};
+//! use memvisor_devtrace::{ReplayMachineOptions, ReplayOptions, Trace, builtin, replay};
 //!
 //! let trace = Trace::parse("vmem-resize.jsonl", builtin::VMEM_RESIZE).unwrap();
 //! let options = ReplayOptions {
-//!     machine: MachineOptions { dma: DmaBackend::None, ..MachineOptions::default() },
+//!     machine: ReplayMachineOptions { dma: None, ..ReplayMachineOptions::default() },
 //!     ..ReplayOptions::default()
 //! };
 //! let report = replay(&trace, &options, &mut |_progress| {}).unwrap();
@@ -17,11 +17,14 @@
 //!
 //! * [`trace`] — the format: [`Trace::parse`] reads a devtrace strictly
 //!   (every error names its line) into a [`Header`] and [`Event`]s.
-//! * [`machine`] — [`Machine`]: the machine a header describes (boot RAM,
-//!   a virtio-mem device, a virtio-iommu device with its endpoints, the DMA
-//!   layer), the guest driver that talks to its devices through real split
-//!   virtqueues in guest memory, and [`Machine::save`] / [`Machine::restore`]
-//!   (a vmstate stream) to tear it down and rebuild it mid-trace.
+//! * [`machine`] — [`machine_config`]: the [`MachineConfig`] a header
+//!   describes (boot RAM, a virtio-mem device, a virtio-iommu device with
+//!   its endpoints, the assigned devices); [`ReplayMachine`]: that machine
+//!   and the guest that talks to its devices through real split virtqueues
+//!   in guest memory, saved and restored (a vmstate stream) to tear it down
+//!   and rebuild it mid-trace.
+//!
+//! [`MachineConfig`]: memvisor_machine::MachineConfig
 //! * [`replay`](mod@replay) — [`replay()`]: every event applied and every
 //!   recorded answer compared; the [`Report`].
 //! * [`builtin`] — the recorded Linux traces, embedded.
@@ -31,7 +34,8 @@ pub mod machine;
 pub mod replay;
 pub mod trace;
 
-pub use machine::{DmaBackend, Machine, MachineError, MachineOptions};
+pub use machine::{ReplayMachine, ReplayMachineError, ReplayMachineOptions, machine_config};
+pub use memvisor_machine::DmaBackend;
 pub use memvisor_dma::viommu_bridge::UnplugGuard;
 pub use replay::{Mismatch, Progress, ReplayError, ReplayOptions, Report, replay};
 pub use trace::{Device, Event, Header, Op, Trace, TraceError};

@@ -9,14 +9,16 @@ use std::time::Instant;
 use memvisor_virtio_iommu::Status;
 use serde::Serialize;
 
-use crate::machine::{Answer, Machine, MachineError, MachineOptions, iommu_request, mem_request};
+use memvisor_guest::Answer;
+
+use crate::machine::{ReplayMachine, ReplayMachineError, ReplayMachineOptions, iommu_request, mem_request};
 use crate::trace::{Event, MemResp, Op, Trace, state_name};
 
 /// How to replay.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReplayOptions {
     /// How to build the machine.
-    pub machine: MachineOptions,
+    pub machine: ReplayMachineOptions,
     /// After every this many events, save the machine, drop it (releasing
     /// every pin) and restore it into fresh objects.
     pub migrate_every: Option<NonZeroUsize>,
@@ -102,7 +104,7 @@ pub enum ReplayError {
         /// The trace's name.
         trace: String,
         /// Why.
-        source: Box<MachineError>,
+        source: Box<ReplayMachineError>,
     },
     /// An event could not be applied (not a differing answer: an event the
     /// machine cannot carry out, such as an invalid requested size).
@@ -115,7 +117,7 @@ pub enum ReplayError {
         /// The event.
         op: String,
         /// Why.
-        source: Box<MachineError>,
+        source: Box<ReplayMachineError>,
     },
     /// Saving or restoring the machine failed.
     #[error("{trace}: migration after line {line}: {source}")]
@@ -125,7 +127,7 @@ pub enum ReplayError {
         /// The last event replayed before it.
         line: usize,
         /// Why.
-        source: Box<MachineError>,
+        source: Box<ReplayMachineError>,
     },
 }
 
@@ -152,7 +154,7 @@ pub fn replay(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, ReplayError> {
     let start = Instant::now();
-    let mut machine = Machine::new(&trace.header, &options.machine).map_err(|source| ReplayError::Setup {
+    let mut machine = ReplayMachine::new(&trace.header, &options.machine).map_err(|source| ReplayError::Setup {
         trace: trace.name.clone(),
         source: Box::new(source),
     })?;
@@ -193,8 +195,8 @@ pub fn replay(
             let mut stream = Vec::new();
             report.migration_bytes += machine.save(&mut stream).map_err(migration_error)?;
             drop(machine);
-            machine =
-                Machine::restore(&trace.header, &options.machine, &mut stream.as_slice()).map_err(migration_error)?;
+            machine = ReplayMachine::restore(&trace.header, &options.machine, &mut stream.as_slice())
+                .map_err(migration_error)?;
             report.migrations += 1;
         }
         if (i + 1) % 256 == 0 {
@@ -202,8 +204,8 @@ pub fn replay(
         }
     }
     progress(Progress { done: total, total });
-    report.plugged_size = machine.plugged_size();
-    report.pinned_bytes = machine.pinned_bytes();
+    report.plugged_size = machine.machine().plugged_size();
+    report.pinned_bytes = machine.machine().pinned_bytes();
     report.vm_pin_kib = memvisor_dma::mapper::vm_pin_kib();
     drop(machine);
     report.elapsed_s = start.elapsed().as_secs_f64();
@@ -228,7 +230,7 @@ fn check(report: &mut Report, event: &Event, field: &'static str, expected: Opti
 
 const NO_ANSWER: &str = "no answer (the device needs a reset)";
 
-fn apply(machine: &mut Machine, event: &Event, report: &mut Report) -> Result<(), MachineError> {
+fn apply(machine: &mut ReplayMachine, event: &Event, report: &mut Report) -> Result<(), ReplayMachineError> {
     let op = event.op;
     match op {
         Op::SetRequestedSize { size } => machine.set_requested_size(size)?,
@@ -240,7 +242,7 @@ fn apply(machine: &mut Machine, event: &Event, report: &mut Report) -> Result<()
             plugged_size,
             usable_region_size,
         } => {
-            let config = machine.vmem_config();
+            let config = machine.vmem_config()?;
             let hex = |v: u64| format!("{v:#x}");
             check(
                 report,
@@ -261,16 +263,17 @@ fn apply(machine: &mut Machine, event: &Event, report: &mut Report) -> Result<()
             let request = mem_request(&op).expect("a virtio-mem request");
             report.requests += 1;
             let answer = machine.vmem_request(request)?;
-            let (actual, state) = match answer {
-                Answer::Answered(a) => (
-                    a.resp
-                        .map_or_else(|| format!("invalid resp {}", a.resp_wire), |r| r.name().to_string()),
-                    Some(a),
-                ),
-                Answer::NoAnswer => (NO_ANSWER.to_string(), None),
+            let answer = match answer {
+                Answer::Answered(a) => Some((MemResp::from_wire(a.resp_type), a)),
+                Answer::NoAnswer => None,
+            };
+            let actual = match answer {
+                Some((Some(resp), _)) => resp.name().to_string(),
+                Some((None, a)) => format!("invalid resp {}", a.resp_type),
+                None => NO_ANSWER.to_string(),
             };
             if matches!(op, Op::Unplug { .. } | Op::UnplugAll { .. })
-                && state.is_some_and(|a| a.resp == Some(MemResp::Busy))
+                && answer.is_some_and(|(resp, _)| resp == Some(MemResp::Busy))
             {
                 report.busy_unplugs += 1;
             }
@@ -279,11 +282,11 @@ fn apply(machine: &mut Machine, event: &Event, report: &mut Report) -> Result<()
                 state: Some(expected), ..
             } = op
             {
-                let actual = match state {
-                    Some(a) if a.resp == Some(MemResp::Ack) => a
+                let actual = match answer {
+                    Some((Some(MemResp::Ack), a)) => a
                         .state
                         .map_or_else(|| "an invalid state".to_string(), |s| state_name(s).to_string()),
-                    Some(a) => format!("no state (resp {})", a.resp.map_or("invalid", MemResp::name)),
+                    Some((resp, _)) => format!("no state (resp {})", resp.map_or("invalid", MemResp::name)),
                     None => NO_ANSWER.to_string(),
                 };
                 check(report, event, "state", Some(state_name(expected).to_string()), actual);

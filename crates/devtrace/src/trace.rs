@@ -182,7 +182,7 @@ impl MemResp {
 
     /// From the wire value (`VIRTIO_MEM_RESP_*`).
     pub fn from_wire(value: u16) -> Option<Self> {
-        use memvisor_virtio_mem::defs::*;
+        use memvisor_virtio_mem::wire::*;
         Some(match value {
             VIRTIO_MEM_RESP_ACK => Self::Ack,
             VIRTIO_MEM_RESP_NACK => Self::Nack,

@@ -9,7 +9,9 @@
 //!   populated guest RAM, following each region's discard manager;
 //! * path 2, with a vIOMMU: [`viommu_bridge::ViommuDmaBridge`] pins each
 //!   guest IOMMU mapping only if its target is populated, under the
-//!   manager's read guard, and vetoes unplugs of what it pins.
+//!   manager's read guard, and vetoes unplugs of what it pins;
+//! * [`attach::DmaDevice`] — one device's attachment through either path,
+//!   and its migration section ([`persist::DmaSection`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -45,7 +47,9 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod attach;
 pub mod mapper;
+pub mod persist;
 pub mod ram_listener;
 pub mod uring;
 pub mod vfio;

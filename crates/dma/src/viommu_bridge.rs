@@ -2,7 +2,7 @@
 //! through virtio-iommu, and only those are mapped for DMA.
 //!
 //! [`ViommuDmaBridge`] is the [`IommuNotifier`] of an assigned endpoint. For
-//! every MAP it is told of, it refuses (`S_INVAL`) anything that is not
+//! every MAP it is told of, it refuses (as [`NotifierRefusal::Invalid`]) anything that is not
 //! entirely populated RAM — the IOMMU device checks too, and the bridge
 //! re-checks under the same read guard, which the device holds for the
 //! whole notification (DESIGN.md rule 3) — and pins the rest through its
@@ -23,15 +23,15 @@ use memvisor_memory::GuestRange;
 use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager, Refusal};
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
-use memvisor_virtio_iommu::notifier::{IommuNotifier, MapEvent, UnmapEvent};
-use memvisor_virtio_iommu::wire::Status;
+use memvisor_iommu::{IommuNotifier, MapEvent, NotifierRefusal, UnmapEvent};
 
 use crate::mapper::{Access, DmaError, DmaMapper};
 use crate::ram_listener::SetupError;
 
 /// What the bridge does when the guest unplugs memory that a live IOMMU
 /// mapping still covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnplugGuard {
     /// Veto the unplug: virtio-mem answers `VIRTIO_MEM_RESP_BUSY`.
     #[default]
@@ -91,12 +91,14 @@ impl Core {
     }
 }
 
-fn status_for(e: &DmaError) -> Status {
+/// How the IOMMU learns why a mapping was refused: out of budget or slots,
+/// an overlap, an address the backend cannot map, or a backend failure.
+fn refusal_for(e: &DmaError) -> NotifierRefusal {
     match e {
-        DmaError::BudgetExceeded { .. } | DmaError::TooManyMappings { .. } => Status::NoMem,
-        DmaError::Overlap { .. } => Status::Inval,
-        DmaError::Unaligned { .. } | DmaError::IovaOutOfRange { .. } => Status::Range,
-        DmaError::Split { .. } | DmaError::Os { .. } => Status::DevErr,
+        DmaError::BudgetExceeded { .. } | DmaError::TooManyMappings { .. } => NotifierRefusal::NoResources,
+        DmaError::Overlap { .. } => NotifierRefusal::Invalid,
+        DmaError::Unaligned { .. } | DmaError::IovaOutOfRange { .. } => NotifierRefusal::OutOfRange,
+        DmaError::Split { .. } | DmaError::Os { .. } => NotifierRefusal::Failed,
     }
 }
 
@@ -105,21 +107,21 @@ impl IommuNotifier for Core {
         &self.name
     }
 
-    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
+    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
         if ev.flags.mmio() {
             // Never pinned, so nothing to record (see notify_unmap).
             return Ok(());
         }
-        let phys = GuestRange::new(ev.phys, ev.size).ok_or(Status::Range)?;
+        let phys = GuestRange::new(ev.phys, ev.size).ok_or(NotifierRefusal::OutOfRange)?;
         let Some(host) = &ev.host else {
-            return Err(Status::Inval);
+            return Err(NotifierRefusal::Invalid);
         };
         // Check, pin and record under the lock: a veto or a discard sees
         // all of it or none of it.
         let mut state = self.lock();
         // Rule 1, checked again under the guard the device holds (rule 3).
         if ev.populated.is_some_and(|view| !view.is_populated(phys)) {
-            return Err(Status::Inval);
+            return Err(NotifierRefusal::Invalid);
         }
         let access = Access {
             read: ev.flags.read(),
@@ -129,7 +131,7 @@ impl IommuNotifier for Core {
             .map(ev.iova, host.host_address, ev.size, access)
             .map_err(|e| {
                 log::warn!("{}: refusing map of iova {:#x} -> {phys}: {e}", self.name, ev.iova);
-                status_for(&e)
+                refusal_for(&e)
             })?;
         state.by_phys.insert((ev.phys, ev.iova), ev.size);
         state.longest = state.longest.max(ev.size);

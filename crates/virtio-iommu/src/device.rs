@@ -7,7 +7,7 @@
 //! All state lives behind one mutex shared by the [`VirtioIommu`] (what
 //! the transport drives) and every [`IommuHandle`] (what the VMM, the DMA
 //! layer and emulated devices use). The lock order is *IOMMU device →
-//! discard manager (read) → notifier's own locks*; see [`crate::notifier`].
+//! discard manager (read) → notifier's own locks*; see the `memvisor-iommu` contract.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -21,9 +21,11 @@ use memvisor_virtio::queue::{DeviceRing, Malformed, RequestChain, Response, drai
 use memvisor_virtio::{ActivateError, InterruptKind, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::Queue;
 
-use crate::config::{ConfigError, IommuConfig};
+use crate::options::{OptionsError, IommuOptions};
 use crate::mapping::{DomainMappings, MapFlags, Mapping};
-use crate::notifier::{IommuNotifier, MapCause, MapEvent, NotifierId, UnmapCause, UnmapEvent};
+use memvisor_iommu::{
+    IommuNotifier, MapCause, MapEvent, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError, UnmapCause, UnmapEvent,
+};
 use crate::request::{self, Request};
 use crate::wire::{
     self, ATTACH_F_BYPASS, CONFIG_BYPASS_OFFSET, ConfigSpace, EVENT_QUEUE, F_BYPASS_CONFIG, F_DOMAIN_RANGE,
@@ -69,14 +71,14 @@ pub enum MapRefusal {
     #[error("no guest memory map to check the mapping against")]
     NoMemoryMap,
     /// A notifier refused the mapping.
-    #[error("notifier '{notifier}' of endpoint {endpoint} refused the mapping with {status}")]
+    #[error("notifier '{notifier}' of endpoint {endpoint} refused the mapping: {refusal}")]
     Notifier {
         /// The notifier's name.
         notifier: String,
         /// Its endpoint.
         endpoint: u32,
-        /// The status it answered.
-        status: Status,
+        /// Why it refused.
+        refusal: NotifierRefusal,
     },
 }
 
@@ -84,7 +86,12 @@ impl MapRefusal {
     /// The status a request refused for this reason is answered with.
     pub fn status(&self) -> Status {
         match self {
-            Self::Notifier { status, .. } => *status,
+            Self::Notifier { refusal, .. } => match refusal {
+                NotifierRefusal::NoResources => Status::NoMem,
+                NotifierRefusal::Invalid => Status::Inval,
+                NotifierRefusal::OutOfRange => Status::Range,
+                NotifierRefusal::Failed => Status::DevErr,
+            },
             Self::NoMemoryMap => Status::DevErr,
             _ => Status::Inval,
         }
@@ -392,13 +399,12 @@ fn notify_all<'a>(
             host: host.clone(),
             populated,
         };
-        if let Err(status) = t.notifier.notify_map(&event) {
+        if let Err(refusal) = t.notifier.notify_map(&event) {
             unmap_to(&targets[..i], domain, m, UnmapCause::Rollback);
-            let status = if status == Status::Ok { Status::DevErr } else { status };
             return Err(MapRefusal::Notifier {
                 notifier: t.notifier.name().to_string(),
                 endpoint: t.endpoint,
-                status,
+                refusal,
             });
         }
     }
@@ -428,7 +434,7 @@ fn replay(
 
 /// The device model without its transport side.
 pub(crate) struct Core {
-    pub(crate) config: IommuConfig,
+    pub(crate) options: IommuOptions,
     pub(crate) bypass: bool,
     pub(crate) endpoints: BTreeMap<u32, Endpoint>,
     pub(crate) domains: BTreeMap<u32, Domain>,
@@ -439,8 +445,8 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    fn new(config: IommuConfig, mem: Option<GuestMemoryMap>) -> Self {
-        let endpoints = config
+    fn new(options: IommuOptions, mem: Option<GuestMemoryMap>) -> Self {
+        let endpoints = options
             .endpoints
             .iter()
             .map(|&id| {
@@ -454,8 +460,8 @@ impl Core {
             })
             .collect();
         Self {
-            bypass: config.bypass,
-            config,
+            bypass: options.bypass,
+            options,
             endpoints,
             domains: BTreeMap::new(),
             mem,
@@ -470,18 +476,18 @@ impl Core {
 
     fn config_space(&self) -> ConfigSpace {
         ConfigSpace {
-            page_size_mask: self.config.page_size_mask,
-            input_start: self.config.input_start,
-            input_end: self.config.input_end,
-            domain_start: self.config.domain_start,
-            domain_end: self.config.domain_end,
-            probe_size: self.config.probe_size,
+            page_size_mask: self.options.page_size_mask,
+            input_start: self.options.input_start,
+            input_end: self.options.input_end,
+            domain_start: self.options.domain_start,
+            domain_end: self.options.domain_end,
+            probe_size: self.options.probe_size,
             bypass: self.bypass,
         }
     }
 
     pub(crate) fn domain_in_range(&self, domain: u32) -> bool {
-        (self.config.domain_start..=self.config.domain_end).contains(&domain)
+        (self.options.domain_start..=self.options.domain_end).contains(&domain)
     }
 
     /// Detaches `endpoint` from `domain` (it is attached there), unmapping
@@ -568,7 +574,7 @@ impl Core {
         }
         let frees_old = old.is_some_and(|o| self.domains.get(&o).is_some_and(|d| d.endpoints.len() == 1));
         let creates = existing.is_none();
-        if creates && !frees_old && self.domains.len() >= self.config.limits.max_domains {
+        if creates && !frees_old && self.domains.len() >= self.options.limits.max_domains {
             return Status::NoMem;
         }
         // A re-attach behaves as a DETACH followed by the ATTACH (spec
@@ -641,10 +647,10 @@ impl Core {
         if m.virt_end < m.virt_start {
             return Status::Inval;
         }
-        if m.virt_start < self.config.input_start || m.virt_end > self.config.input_end {
+        if m.virt_start < self.options.input_start || m.virt_end > self.options.input_end {
             return Status::Range;
         }
-        let granule = self.config.granule();
+        let granule = self.options.granule();
         if m.virt_start % granule != 0 || m.virt_end.wrapping_add(1) % granule != 0 || m.phys_start % granule != 0 {
             return Status::Range;
         }
@@ -661,7 +667,7 @@ impl Core {
             return Status::Inval;
         }
         if self
-            .config
+            .options
             .reserved_regions
             .iter()
             .any(|r| r.start <= m.virt_end && m.virt_start <= r.end)
@@ -671,7 +677,7 @@ impl Core {
         if domain.mappings.overlaps(m.virt_start, m.virt_end) {
             return Status::Inval;
         }
-        if domain.mappings.len() >= self.config.limits.max_mappings_per_domain {
+        if domain.mappings.len() >= self.options.limits.max_mappings_per_domain {
             return Status::NoMem;
         }
         let mapping = Mapping {
@@ -705,7 +711,7 @@ impl Core {
         if u.virt_end < u.virt_start {
             return Status::Inval;
         }
-        if u.virt_start < self.config.input_start || u.virt_end > self.config.input_end {
+        if u.virt_start < self.options.input_start || u.virt_end > self.options.input_end {
             return Status::Range;
         }
         let Some(domain) = self.domains.get_mut(&u.domain) else {
@@ -730,7 +736,7 @@ impl Core {
     }
 
     fn probe(&self, p: request::Probe, writable: usize) -> Vec<u8> {
-        let probe_size = self.config.probe_size as usize;
+        let probe_size = self.options.probe_size as usize;
         if writable - TAIL_SIZE < probe_size {
             // Too small for the properties: write no property (spec 5.13.6.8.2).
             let mut response = vec![0u8; writable];
@@ -742,7 +748,7 @@ impl Core {
             response[probe_size] = Status::NoEnt as u8;
             return response;
         }
-        for (i, r) in self.config.reserved_regions.iter().enumerate() {
+        for (i, r) in self.options.reserved_regions.iter().enumerate() {
             let at = i * RESV_MEM_PROPERTY_SIZE;
             response[at..at + RESV_MEM_PROPERTY_SIZE].copy_from_slice(&wire::resv_mem_property(
                 r.kind.subtype(),
@@ -1081,7 +1087,7 @@ impl IommuHandle {
     pub fn system_reset(&self) {
         let mut inner = self.lock();
         inner.core.detach_all(UnmapCause::Reset);
-        inner.core.bypass = inner.core.config.bypass;
+        inner.core.bypass = inner.core.options.bypass;
     }
 
     /// Runs `f` on the device model (for [`crate::persist`]).
@@ -1102,13 +1108,13 @@ impl fmt::Debug for VirtioIommu {
 }
 
 impl VirtioIommu {
-    /// A device with `config`; `mem`, if given now, lets translation and
+    /// A device with `options`; `mem`, if given now, lets translation and
     /// state loading work before activation.
-    pub fn new(config: IommuConfig, mem: Option<GuestMemoryMap>) -> Result<Self, ConfigError> {
-        config.validate()?;
+    pub fn new(options: IommuOptions, mem: Option<GuestMemoryMap>) -> Result<Self, OptionsError> {
+        options.validate()?;
         let inner = Inner {
             common: VirtioCommon::new(NAME, AVAIL_FEATURES, QUEUE_SIZES.to_vec()),
-            core: Core::new(config, mem),
+            core: Core::new(options, mem),
         };
         Ok(Self {
             handle: IommuHandle {
@@ -1198,6 +1204,33 @@ impl VirtioDevice for VirtioIommu {
     }
 }
 
+impl NotifierRegistry for IommuHandle {
+    fn register_notifier(
+        &self,
+        endpoint: u32,
+        notifier: Arc<dyn IommuNotifier>,
+    ) -> Result<NotifierId, RegisterError> {
+        IommuHandle::register_notifier(self, endpoint, notifier).map_err(|e| match e {
+            NotifierError::UnknownEndpoint(endpoint) => RegisterError::UnknownEndpoint(endpoint),
+            NotifierError::Refused {
+                domain,
+                virt_start,
+                virt_end,
+                refusal,
+            } => RegisterError::Replay {
+                domain,
+                virt_start,
+                virt_end,
+                reason: refusal.to_string(),
+            },
+        })
+    }
+
+    fn unregister_notifier(&self, id: NotifierId) -> bool {
+        IommuHandle::unregister_notifier(self, id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1221,9 +1254,9 @@ mod tests {
             &self.name
         }
 
-        fn notify_map(&self, e: &MapEvent<'_>) -> Result<(), Status> {
+        fn notify_map(&self, e: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
             if self.refuse {
-                return Err(Status::DevErr);
+                return Err(NotifierRefusal::Failed);
             }
             let line = format!(
                 "{} map e{} d{} {:#x} {:?}",
@@ -1259,10 +1292,10 @@ mod tests {
         GuestMemoryMap::builder().ram(0, ram).unwrap().build().unwrap()
     }
 
-    fn config(endpoints: Vec<u32>) -> IommuConfig {
-        IommuConfig {
+    fn config(endpoints: Vec<u32>) -> IommuOptions {
+        IommuOptions {
             endpoints,
-            ..IommuConfig::default()
+            ..IommuOptions::default()
         }
     }
 

@@ -13,23 +13,24 @@
 //! * [`request`] — guest bytes → [`Request`] (or a malformed-request error);
 //! * [`device`] — [`VirtioIommu`] (the transport's side) and [`IommuHandle`]
 //!   (the VMM's and emulated devices' side);
-//! * [`notifier`] — the [`IommuNotifier`] contract;
+//! * the [`IommuNotifier`] contract lives in `memvisor-iommu` (re-exported
+//!   here), shared with the DMA layer;
 //! * [`persist`] — versioned migration state.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use memvisor_memory::{Backing, RamBlock, map::GuestMemoryMap};
 //! use memvisor_virtio::VirtioDevice;
-//! use memvisor_virtio::driver::{Buf, DriverQueue};
+//! use memvisor_guest::{Buf, DriverQueue};
 //! use memvisor_virtio::interrupt::EventFdInterrupt;
 //! use memvisor_virtio_iommu::request::{Attach, Map, Request};
-//! use memvisor_virtio_iommu::{Access, IommuConfig, Status, VirtioIommu, wire};
+//! use memvisor_virtio_iommu::{Access, IommuOptions, Status, VirtioIommu, wire};
 //! use vm_memory::GuestAddress;
 //!
 //! let ram = Arc::new(RamBlock::new("ram", 16 << 20, Backing::Memfd).unwrap());
 //! let mem = GuestMemoryMap::builder().ram(0, ram).unwrap().build().unwrap();
-//! let config = IommuConfig { endpoints: vec![8], ..IommuConfig::default() };
-//! let mut dev = VirtioIommu::new(config, None).unwrap();
+//! let options = IommuOptions { endpoints: vec![8], ..IommuOptions::default() };
+//! let mut dev = VirtioIommu::new(options, None).unwrap();
 //! dev.ack_features(dev.avail_features());
 //! let mut requests = DriverQueue::new(&mem, GuestAddress(0), 16, 4096).unwrap();
 //! let events = DriverQueue::new(&mem, GuestAddress(0x10_0000), 16, 4096).unwrap();
@@ -45,7 +46,7 @@
 //!     flags: wire::MAP_F_READ,
 //! });
 //! for request in [attach, map] {
-//!     requests.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
+//!     requests.add(&[Buf::In(&request.to_bytes()), Buf::Out(4)]).unwrap();
 //!     dev.queue_notify(wire::REQUEST_QUEUE);
 //!     assert_eq!(requests.pop_used().unwrap().data[0], Status::Ok as u8);
 //! }
@@ -55,18 +56,20 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod config;
+pub mod options;
 pub mod device;
 pub mod mapping;
-pub mod notifier;
 pub mod persist;
 pub mod request;
 pub mod wire;
 
-pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
+pub use options::{IommuOptions, Limits, ReservedKind, ReservedRegion};
 pub use device::{Access, Fault, FaultKind, IommuHandle, MapRefusal, NotifierError, Translation, VirtioIommu};
 pub use mapping::{MapFlags, Mapping};
-pub use notifier::{IommuNotifier, MapCause, MapEvent, NotifierId, UnmapCause, UnmapEvent};
+pub use memvisor_iommu::{
+    IommuNotifier, MapCause, MapEvent, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError, UnmapCause,
+    UnmapEvent,
+};
 pub use persist::{IommuState, LoadError};
 pub use request::Request;
 pub use wire::Status;

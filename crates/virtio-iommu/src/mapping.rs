@@ -4,80 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
-use std::fmt;
 
-use crate::wire::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
-
-/// The flags of a mapping (`VIRTIO_IOMMU_MAP_F_*`), only known bits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct MapFlags(u32);
-
-impl MapFlags {
-    /// Endpoints may read.
-    pub const READ: Self = Self(MAP_F_READ);
-    /// Endpoints may write.
-    pub const WRITE: Self = Self(MAP_F_WRITE);
-    /// The target is memory-mapped I/O, not RAM: never pinned.
-    pub const MMIO: Self = Self(MAP_F_MMIO);
-    /// Every known bit.
-    pub const ALL: Self = Self(MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO);
-
-    /// The flags for `bits`, or `None` if a bit is unknown.
-    pub const fn from_bits(bits: u32) -> Option<Self> {
-        if bits & !Self::ALL.0 != 0 {
-            None
-        } else {
-            Some(Self(bits))
-        }
-    }
-
-    /// The wire value.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// True if every bit of `other` is set.
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Reads allowed.
-    pub const fn read(self) -> bool {
-        self.contains(Self::READ)
-    }
-
-    /// Writes allowed.
-    pub const fn write(self) -> bool {
-        self.contains(Self::WRITE)
-    }
-
-    /// An MMIO mapping.
-    pub const fn mmio(self) -> bool {
-        self.contains(Self::MMIO)
-    }
-}
-
-impl std::ops::BitOr for MapFlags {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
-}
-
-impl fmt::Debug for MapFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = [(Self::READ, "READ"), (Self::WRITE, "WRITE"), (Self::MMIO, "MMIO")]
-            .into_iter()
-            .filter(|(flag, _)| self.contains(*flag))
-            .map(|(_, name)| name)
-            .collect();
-        if names.is_empty() {
-            f.write_str("(none)")
-        } else {
-            f.write_str(&names.join("|"))
-        }
-    }
-}
+pub use memvisor_iommu::MapFlags;
 
 /// One mapping, as created by a single MAP request: IOVAs
 /// `[virt_start, virt_end]` (inclusive) onto guest-physical

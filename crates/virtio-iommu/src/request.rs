@@ -2,7 +2,7 @@
 //!
 //! Only the *shape* of a request is checked here (its length and type);
 //! what its fields mean is decided in [`crate::device`], which answers bad
-//! values with a virtio status. [`Request::encode`] is the inverse, for
+//! values with a virtio status. [`Request::to_bytes`] is the inverse, for
 //! drivers, tests and the trace replayer.
 
 use memvisor_virtio::queue::Malformed;
@@ -155,7 +155,7 @@ impl Request {
 
     /// The device-readable bytes a driver sends for this request (reserved
     /// fields zero, except ATTACH's as given), without an allocation.
-    pub fn encode(&self) -> SmallVec<[u8; MAX_REQUEST]> {
+    pub fn to_bytes(&self) -> SmallVec<[u8; MAX_REQUEST]> {
         let mut buf = [0u8; MAX_REQUEST];
         let mut len = 0;
         let mut put = |bytes: &[u8]| {
@@ -232,7 +232,7 @@ mod tests {
         ];
         let sizes = [ATTACH_SIZE, DETACH_SIZE, MAP_SIZE, UNMAP_SIZE, PROBE_SIZE];
         for (r, size) in reqs.iter().zip(sizes) {
-            let bytes = r.encode();
+            let bytes = r.to_bytes();
             assert_eq!(bytes.len(), size);
             assert_eq!(Request::parse(&bytes).unwrap(), *r);
             assert_eq!(

@@ -9,7 +9,7 @@
 use std::fmt;
 
 /// The virtio device ID of an IOMMU.
-pub const DEVICE_ID: u32 = 23;
+pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_IOMMU;
 
 /// Index of the request queue.
 pub const REQUEST_QUEUE: u16 = 0;
@@ -52,6 +52,13 @@ pub const MAP_F_READ: u32 = 1 << 0;
 pub const MAP_F_WRITE: u32 = 1 << 1;
 /// `VIRTIO_IOMMU_MAP_F_MMIO`.
 pub const MAP_F_MMIO: u32 = 1 << 2;
+
+// The notification contract's flags carry the wire bits unchanged.
+const _: () = assert!(
+    memvisor_iommu::MapFlags::READ.bits() == MAP_F_READ
+        && memvisor_iommu::MapFlags::WRITE.bits() == MAP_F_WRITE
+        && memvisor_iommu::MapFlags::MMIO.bits() == MAP_F_MMIO
+);
 
 /// `VIRTIO_IOMMU_PROBE_T_RESV_MEM`.
 pub const PROBE_T_RESV_MEM: u16 = 1;

@@ -12,12 +12,13 @@ use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::{DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1};
 use memvisor_virtio::driver::Buf;
 use memvisor_virtio::interrupt::InterruptKind;
-use memvisor_virtio_iommu::config::X86_MSI_WINDOW;
+use memvisor_virtio_iommu::options::X86_MSI_WINDOW;
 use memvisor_virtio_iommu::request::Attach;
 use memvisor_virtio_iommu::wire::{self, FaultEvent};
 use memvisor_virtio_iommu::{
-    Access, FaultKind, IommuConfig, IommuNotifier, IommuState, Limits, LoadError, MapCause, MapEvent, MapFlags,
-    MapRefusal, Request, ReservedKind, ReservedRegion, Status, Translation, UnmapCause, UnmapEvent, VirtioIommu,
+    Access, FaultKind, IommuOptions, IommuNotifier, IommuState, Limits, LoadError, MapCause, MapEvent, MapFlags,
+    MapRefusal, NotifierRefusal, Request, ReservedKind, ReservedRegion, Status, Translation, UnmapCause, UnmapEvent,
+    VirtioIommu,
 };
 
 const READ: u32 = wire::MAP_F_READ;
@@ -57,7 +58,7 @@ fn unmap_seen(seen: &[Seen]) -> Vec<(u32, u64, UnmapCause)> {
 
 #[test]
 fn config_space_and_features() {
-    let mut f = Fixture::new(IommuConfig {
+    let mut f = Fixture::new(IommuOptions {
         input_start: 0x1000,
         input_end: 0xffff_ffff,
         ..config()
@@ -190,7 +191,7 @@ fn bypass_domains_and_the_bypass_config_field() {
 
 #[test]
 fn map_statuses() {
-    let cfg = IommuConfig {
+    let cfg = IommuOptions {
         input_start: 0x1000,
         input_end: 0xffff_ffff,
         reserved_regions: vec![
@@ -247,7 +248,7 @@ fn map_statuses() {
 #[test]
 fn unmap_follows_the_seven_examples_of_the_specification() {
     // Byte granularity, as in the specification's examples.
-    let cfg = IommuConfig {
+    let cfg = IommuOptions {
         page_size_mask: 1,
         ..config()
     };
@@ -394,7 +395,7 @@ fn map_targets_must_be_populated_guest_ram() {
 
 #[test]
 fn hostile_limits_answer_nomem_and_the_device_keeps_working() {
-    let mut f = Fixture::new(IommuConfig {
+    let mut f = Fixture::new(IommuOptions {
         limits: Limits {
             max_domains: 2,
             max_mappings_per_domain: 3,
@@ -429,7 +430,7 @@ fn hostile_limits_answer_nomem_and_the_device_keeps_working() {
 
 #[test]
 fn probe_reports_reserved_regions_and_zero_fills() {
-    let mut f = Fixture::new(IommuConfig {
+    let mut f = Fixture::new(IommuOptions {
         reserved_regions: vec![
             X86_MSI_WINDOW,
             ReservedRegion {
@@ -564,7 +565,7 @@ fn a_refusing_notifier_fails_the_map_and_nothing_is_recorded() {
     f.handle.register_notifier(EP_B, b.clone()).unwrap();
     assert_eq!(f.attach(1, EP_A), Status::Ok);
     assert_eq!(f.attach(1, EP_B), Status::Ok);
-    b.refuse_at(0x20000, Status::NoMem);
+    b.refuse_at(0x20000, NotifierRefusal::NoResources);
     assert_eq!(f.map(1, 0x20000, 0x20fff, 0x400000, RW), Status::NoMem);
     assert!(ranges(&f, 1).is_empty());
     // A accepted first and was rolled back; B has nothing.
@@ -592,9 +593,12 @@ fn a_refusing_notifier_fails_the_map_and_nothing_is_recorded() {
         ]
     );
     assert!(b.take().is_empty());
-    // A refusal with S_OK is a device error.
-    b.refuse_at(0x30000, Status::Ok);
+    // Each refusal has its status: a failed consumer is a device error,
+    // an address it cannot map is out of range.
+    b.refuse_at(0x30000, NotifierRefusal::Failed);
     assert_eq!(f.map(1, 0x30000, 0x30fff, 0x400000, RW), Status::DevErr);
+    b.refuse_at(0x30000, NotifierRefusal::OutOfRange);
+    assert_eq!(f.map(1, 0x30000, 0x30fff, 0x400000, RW), Status::Range);
     // Other maps go through.
     assert_eq!(f.map(1, 0x10000, 0x10fff, 0x400000, RW), Status::Ok);
     assert_eq!(ranges(&f, 1), vec![(0x10000, 0x10fff)]);
@@ -612,8 +616,8 @@ fn a_refusing_notifier_rolls_an_attach_back() {
     }
     let b = Recorder::new("b");
     f.handle.register_notifier(EP_B, b.clone()).unwrap();
-    b.refuse_at(0x30000, Status::Fault);
-    assert_eq!(f.attach(1, EP_B), Status::Fault);
+    b.refuse_at(0x30000, NotifierRefusal::Invalid);
+    assert_eq!(f.attach(1, EP_B), Status::Inval);
     assert_eq!(
         b.take().iter().map(|s| (s.is_map(), s.iova())).collect::<Vec<_>>(),
         vec![(true, 0x10000), (true, 0x20000), (false, 0x20000), (false, 0x10000)]
@@ -625,7 +629,7 @@ fn a_refusing_notifier_rolls_an_attach_back() {
     // A failed re-attach leaves the endpoint detached (DETACH, then the
     // failed ATTACH) and its old domain, now empty, gone.
     assert_eq!(f.attach(2, EP_B), Status::Ok);
-    assert_eq!(f.attach(1, EP_B), Status::Fault);
+    assert_eq!(f.attach(1, EP_B), Status::Inval);
     b.take();
     assert_eq!(f.handle.endpoint_domain(EP_B), None);
     assert_eq!(f.handle.domains(), vec![1]);
@@ -748,7 +752,7 @@ fn assert_needs_reset(f: &mut Fixture) {
         flags: 0,
         reserved: [0; 4],
     });
-    assert!(f.send_raw(&[Buf::In(&attach.encode()), Buf::Out(4)]).is_none());
+    assert!(f.send_raw(&[Buf::In(&attach.to_bytes()), Buf::Out(4)]).is_none());
     assert_eq!(f.handle.endpoint_domain(EP_C), None);
 }
 
@@ -760,7 +764,7 @@ fn malformed_requests_put_the_device_in_needs_reset() {
         flags: 0,
         reserved: [0; 4],
     })
-    .encode();
+    .to_bytes();
 
     // A request shorter than its type.
     let mut f = Fixture::new(config());
@@ -899,7 +903,7 @@ fn state_save_and_load_replays_mappings_in_order() {
     let dev = fresh();
     let h = dev.handle();
     let picky = Recorder::new("picky");
-    picky.refuse_at(0x300000, Status::NoMem);
+    picky.refuse_at(0x300000, NotifierRefusal::NoResources);
     h.register_notifier(EP_A, picky.clone()).unwrap();
     let err = h.load_state(&state).unwrap_err();
     assert!(
@@ -909,7 +913,7 @@ fn state_save_and_load_replays_mappings_in_order() {
                 domain: 1,
                 virt_start: 0x300000,
                 refusal: MapRefusal::Notifier {
-                    status: Status::NoMem,
+                    refusal: NotifierRefusal::NoResources,
                     ..
                 },
                 ..
@@ -928,7 +932,7 @@ fn state_save_and_load_replays_mappings_in_order() {
 
     // A state naming an endpoint this topology lacks.
     let dev = VirtioIommu::new(
-        IommuConfig {
+        IommuOptions {
             endpoints: vec![EP_A, EP_C],
             ..config()
         },
@@ -985,7 +989,7 @@ impl IommuNotifier for UnplugRacer {
     fn name(&self) -> &str {
         "racer"
     }
-    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
+    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
         let manager = self.manager.clone();
         let block = self.memory.clone();
         let target = range(ev.phys, ev.size);

@@ -23,7 +23,7 @@ fn attach_bytes() -> Vec<u8> {
         flags: 0,
         reserved: [0; 4],
     })
-    .encode()
+    .to_bytes()
     .to_vec()
 }
 

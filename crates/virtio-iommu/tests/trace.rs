@@ -11,10 +11,10 @@ use memvisor_memory::{Backing, RamBlock};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::driver::{Buf, DriverQueue};
 use memvisor_virtio::interrupt::EventFdInterrupt;
-use memvisor_virtio_iommu::config::X86_MSI_WINDOW;
+use memvisor_virtio_iommu::options::X86_MSI_WINDOW;
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
 use memvisor_virtio_iommu::{
-    IommuConfig, IommuNotifier, MapEvent, Request, ReservedKind, ReservedRegion, Status, UnmapEvent, VirtioIommu, wire,
+    IommuOptions, IommuNotifier, MapEvent, NotifierRefusal, Request, ReservedKind, ReservedRegion, Status, UnmapEvent, VirtioIommu, wire,
 };
 use serde_json::Value;
 use vm_memory::GuestAddress;
@@ -42,7 +42,7 @@ struct Event {
 /// The header's virtio-iommu device and RAM, and the events.
 struct Trace {
     ram: Vec<(u64, u64)>,
-    config: IommuConfig,
+    config: IommuOptions,
     events: Vec<Event>,
 }
 
@@ -62,14 +62,14 @@ fn read_trace(text: &str) -> Trace {
         .find(|d| d["device"] == "virtio-iommu")
         .expect("trace line 1: no virtio-iommu device");
     let id = dev["id"].as_str().expect("trace line 1: device without id").to_string();
-    let mut config = IommuConfig {
+    let mut config = IommuOptions {
         page_size_mask: field(1, dev, "page_size_mask"),
         input_start: field(1, dev, "input_start"),
         input_end: field(1, dev, "input_end"),
         domain_start: field32(1, dev, "domain_start"),
         domain_end: field32(1, dev, "domain_end"),
         bypass: dev["bypass"].as_bool().expect("trace line 1: `bypass`"),
-        ..IommuConfig::default()
+        ..IommuOptions::default()
     };
     if let Some(regions) = dev.get("reserved_regions").and_then(Value::as_array) {
         config.reserved_regions = regions
@@ -173,7 +173,7 @@ impl IommuNotifier for Live {
     fn name(&self) -> &str {
         "live"
     }
-    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
+    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
         assert!(ev.host.is_some(), "the trace maps only RAM");
         assert!(self.maps.lock().unwrap().insert(ev.iova, ev.size).is_none());
         self.total.lock().unwrap().0 += 1;
@@ -232,7 +232,7 @@ fn viommu_dma_strict_trace_replays_with_the_recorded_answers() {
             Request::Probe(_) => probe_size + 4,
             _ => 4,
         };
-        requests.add(&[Buf::In(&request.encode()), Buf::Out(out)]).unwrap();
+        requests.add(&[Buf::In(&request.to_bytes()), Buf::Out(out)]).unwrap();
         dev.queue_notify(wire::REQUEST_QUEUE);
         let used = requests
             .pop_used()

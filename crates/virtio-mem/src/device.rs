@@ -28,8 +28,8 @@ use memvisor_virtio::queue::{self, drain_queue};
 use memvisor_virtio::{ActivateError, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::Queue;
 
-use crate::defs::{
-    QUEUE_SIZE, REQUEST_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+use crate::wire::{
+    QUEUE_SIZE, REQUEST_SIZE, RESPONSE_SIZE, DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE,
 };
 use crate::region::{VirtioMemError, VirtioMemRegion, warn_limited};
 use crate::request::{BlockRange, BlockState, Request, Response};
@@ -194,10 +194,10 @@ impl VirtioMem {
     pub fn new(region: Arc<VirtioMemRegion>) -> Self {
         let mut features = 0;
         if region.node_id().is_some() {
-            features |= 1 << VIRTIO_MEM_F_ACPI_PXM;
+            features |= F_ACPI_PXM;
         }
         if region.unplugged_inaccessible() {
-            features |= 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+            features |= F_UNPLUGGED_INACCESSIBLE;
         }
         Self {
             common: VirtioCommon::new(NAME, features, vec![QUEUE_SIZE]),
@@ -233,7 +233,7 @@ impl Drop for VirtioMem {
 
 impl VirtioDevice for VirtioMem {
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_MEM
+        DEVICE_ID
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -262,12 +262,12 @@ impl VirtioDevice for VirtioMem {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let inaccessible = 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+        let inaccessible = F_UNPLUGGED_INACCESSIBLE;
         if self.common.avail_features() & inaccessible != 0 && !self.common.has_feature(inaccessible) {
             return Err(ActivateError::MissingFeature {
                 device: NAME,
                 feature: "VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE",
-                bit: VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+                bit: inaccessible.trailing_zeros(),
             });
         }
         self.common.activate(mem, interrupt.clone(), queues)?;

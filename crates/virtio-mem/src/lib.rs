@@ -24,7 +24,7 @@
 //!
 //! # Structure
 //!
-//! * [`defs`]: the wire constants and structures of the specification.
+//! * [`wire`]: the wire constants and structures of the specification.
 //! * [`request`]: guest bytes → [`Request`] or `Malformed`, and
 //!   [`Response`] → bytes; pure.
 //! * [`region`]: [`VirtioMemRegion`], shared in an `Arc`: the RAM block,
@@ -37,7 +37,7 @@
 //! [`RamDiscardManager`]: memvisor_memory::discard::RamDiscardManager
 #![deny(missing_docs)]
 
-pub mod defs;
+pub mod wire;
 pub mod device;
 pub mod persist;
 pub mod region;

@@ -4,11 +4,16 @@
 //! device restores first, DESIGN.md rule 4): the configuration the
 //! destination must match, the block bitmap, and the usable and requested
 //! sizes. The plugged size is not sent: it is the bitmap's.
-//! The vmstate crate encodes it under [`VirtioMemState::VERSION`].
+//! [`VirtioMemSection`] carries it in the migration stream under
+//! [`VirtioMemState::VERSION`].
 
 use memvisor_memory::GuestRange;
 use memvisor_memory::block_state::BlockBitmap;
 use memvisor_memory::discard::RamDiscardManager;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use memvisor_vmstate::{LoadContext, Phase, Priority, Restores, Section, SectionError, decode, encode};
 use serde::{Deserialize, Serialize};
 
 use crate::region::VirtioMemRegion;
@@ -223,5 +228,77 @@ impl VirtioMemRegion {
         self.signal_config();
         self.emit(plugged);
         Ok(())
+    }
+}
+
+/// Name of the virtio-mem sections.
+pub const VIRTIO_MEM_SECTION: &str = "virtio-mem";
+
+/// The migration section of one virtio-mem region ([`VirtioMemState`]).
+///
+/// Setup phase, [`Priority::MEMORY_DEVICE`]: it restores the region's
+/// discard manager, which RAM, the IOMMU and the DMA layer depend on. While
+/// a save runs, the region's "migration running" flag is set, so the
+/// guest's PLUG and UNPLUG requests are answered BUSY and the bitmap the
+/// stream carries stays true.
+#[derive(Debug)]
+pub struct VirtioMemSection {
+    instance: u32,
+    region: Arc<VirtioMemRegion>,
+}
+
+impl VirtioMemSection {
+    /// The section of `region`, instance `instance`.
+    pub fn new(instance: u32, region: Arc<VirtioMemRegion>) -> Self {
+        Self { instance, region }
+    }
+}
+
+impl Section for VirtioMemSection {
+    fn name(&self) -> &str {
+        VIRTIO_MEM_SECTION
+    }
+
+    fn instance(&self) -> u32 {
+        self.instance
+    }
+
+    fn version(&self) -> u16 {
+        VirtioMemState::VERSION
+    }
+
+    fn priority(&self) -> Priority {
+        Priority::MEMORY_DEVICE
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::Setup
+    }
+
+    fn max_payload(&self) -> u64 {
+        // Eight u64 fields, an option, and at most 10 bytes per bitmap word.
+        256 + (self.region.nb_blocks() as u64).div_ceil(64) * 10
+    }
+
+    fn restores(&self) -> Vec<Restores> {
+        vec![Restores::DiscardManager(self.region.region())]
+    }
+
+    fn pre_save(&mut self) -> Result<(), SectionError> {
+        self.region.set_migration_running(true);
+        Ok(())
+    }
+
+    fn save(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        encode(&self.region.save_state(), out)
+    }
+
+    fn post_save(&mut self, _succeeded: bool) {
+        self.region.set_migration_running(false);
+    }
+
+    fn load(&mut self, _ctx: &LoadContext, _version: u16, payload: &mut dyn Read) -> Result<(), SectionError> {
+        let state: VirtioMemState = decode(payload)?;
+        self.region.load_state(&state).map_err(SectionError::device)
     }
 }

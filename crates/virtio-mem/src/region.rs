@@ -29,7 +29,7 @@ use memvisor_memory::discard::{
 use memvisor_memory::{GuestRange, RamBlock, RamBlockError};
 use memvisor_virtio::interrupt::{InterruptKind, VirtioInterrupt};
 
-use crate::defs::{DEFAULT_BLOCK_SIZE, MIN_BLOCK_SIZE, USABLE_EXTENT, VirtioMemConfig};
+use crate::wire::{DEFAULT_BLOCK_SIZE, MIN_BLOCK_SIZE, USABLE_EXTENT, VirtioMemConfig};
 
 /// How to build a [`VirtioMemRegion`]. The region's size is the size of
 /// the [`RamBlock`] given to [`VirtioMemRegion::new`].

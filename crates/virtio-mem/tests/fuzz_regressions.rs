@@ -9,7 +9,7 @@ use common::*;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::DEVICE_NEEDS_RESET;
 use memvisor_virtio::driver::VIRTQ_DESC_F_WRITE;
-use memvisor_virtio_mem::defs::{VIRTIO_MEM_REQ_STATE, VIRTIO_MEM_REQ_UNPLUG, VirtioMemReq, VirtioMemResp};
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_STATE, VIRTIO_MEM_REQ_UNPLUG, VirtioMemReq, VirtioMemResp};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Where the test's request bytes go in boot RAM (past the queue).

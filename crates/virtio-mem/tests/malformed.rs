@@ -9,7 +9,7 @@ use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::DEVICE_NEEDS_RESET;
 use memvisor_virtio::driver::Buf;
 use memvisor_virtio::interrupt::InterruptKind;
-use memvisor_virtio_mem::defs::{VIRTIO_MEM_REQ_PLUG, VirtioMemReq};
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VirtioMemReq};
 
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 

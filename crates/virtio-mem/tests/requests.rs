@@ -7,8 +7,8 @@ use common::*;
 use memvisor_memory::discard::RamDiscardManager;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::VIRTIO_F_VERSION_1;
-use memvisor_virtio_mem::defs::{
-    VIRTIO_ID_MEM, VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, config_offset,
+use memvisor_virtio_mem::wire::{
+    DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE, config_offset,
 };
 use memvisor_virtio_mem::{SizeEvent, VirtioMemOptions};
 
@@ -168,12 +168,12 @@ fn config_space_reads_at_any_offset_and_width() {
 #[test]
 fn features_and_activation() {
     let mut g = Guest::new(64 * MIB, VirtioMemOptions::new(BASE));
-    assert_eq!(g.dev.device_type(), VIRTIO_ID_MEM);
+    assert_eq!(g.dev.device_type(), DEVICE_ID);
     assert_eq!(g.dev.queue_max_sizes(), &[128]);
     let avail = g.dev.avail_features();
-    assert_eq!(avail & (1 << VIRTIO_MEM_F_ACPI_PXM), 0, "no node: no ACPI_PXM");
+    assert_eq!(avail & F_ACPI_PXM, 0, "no node: no ACPI_PXM");
     assert_ne!(
-        avail & (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE),
+        avail & F_UNPLUGGED_INACCESSIBLE,
         0,
         "offered by default"
     );
@@ -198,7 +198,7 @@ fn features_and_activation() {
         },
     );
     assert_ne!(
-        g.dev.avail_features() & (1 << VIRTIO_MEM_F_ACPI_PXM),
+        g.dev.avail_features() & F_ACPI_PXM,
         0,
         "node: ACPI_PXM"
     );

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use common::*;
 use memvisor_virtio_mem::VirtioMemOptions;
-use memvisor_virtio_mem::defs::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG};
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG};
 use serde_json::Value;
 
 /// The virtio-mem device of a trace header.

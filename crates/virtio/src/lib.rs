@@ -1,14 +1,13 @@
 //! What every memvisor virtio device shares: the [`VirtioDevice`] trait and
 //! the bookkeeping behind it ([`VirtioCommon`]), interrupt signalling,
 //! configuration-space reads, request handling over split virtqueues
-//! ([`queue::drain_queue`]), and the driver side of a split virtqueue
-//! ([`driver::DriverQueue`]) with which tests and the trace replayer act as
-//! a guest.
+//! ([`queue::drain_queue`]). The guest's side of a split virtqueue is the
+//! `memvisor-guest` crate, used below to play the driver.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use memvisor_memory::{Backing, RamBlock, map::GuestMemoryMap};
-//! use memvisor_virtio::driver::{Buf, DriverQueue};
+//! use memvisor_guest::{Buf, DriverQueue};
 //! use memvisor_virtio::interrupt::{EventFdInterrupt, InterruptKind};
 //! use memvisor_virtio::queue::{DeviceQueue, drain_queue};
 //! use vm_memory::GuestAddress;
@@ -33,7 +32,6 @@
 
 pub mod config;
 pub mod device;
-pub mod driver;
 pub mod interrupt;
 pub mod queue;
 

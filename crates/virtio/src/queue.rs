@@ -17,16 +17,17 @@ use memvisor_memory::GuestRange;
 use memvisor_memory::discard::PopulatedView;
 use memvisor_memory::map::{GuestMemoryMap, Region};
 use smallvec::SmallVec;
+use virtio_bindings::virtio_ring;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddress, VolatileSlice};
 
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
 
-const VIRTQ_DESC_F_NEXT: u16 = 0x1;
-const VIRTQ_DESC_F_WRITE: u16 = 0x2;
-const VIRTQ_DESC_F_INDIRECT: u16 = 0x4;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 0x1;
+const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// Request bytes kept inline in a [`RequestChain`]: every request of
 /// memvisor's devices fits (the longest, virtio-iommu's PROBE, has 72), so
@@ -655,7 +656,7 @@ pub fn drain_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::{Buf, DriverQueue};
+    use memvisor_guest::{Buf, DriverQueue};
     use crate::interrupt::EventFdInterrupt;
     use memvisor_memory::map::GuestMemoryMap;
     use memvisor_memory::{Backing, RamBlock};

@@ -9,7 +9,17 @@ use memvisor_memory::GuestRange;
 use memvisor_memory::map::GuestMemoryMap;
 
 use crate::error::{SectionError, SectionId};
-use crate::section::Restores;
+
+/// Something a section restores that other sections may depend on; see
+/// [`LoadContext`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restores {
+    /// The populated state of the discard manager of the RAM region that
+    /// covers exactly this range.
+    DiscardManager(GuestRange),
+    /// The contents of the RAM region that covers exactly this range.
+    RamContents(GuestRange),
+}
 
 /// The state of one load: which sections were loaded, which section
 /// restores which region's discard manager and contents, and the

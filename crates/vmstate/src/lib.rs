@@ -67,7 +67,8 @@
 //!   the region this mapping targets restored?") and fails naming the one
 //!   missing.
 //! * [`ram`]: populated memory only, zero pages as flags.
-//! * [`devices`]: sections for virtio-mem, virtio-iommu and the DMA layer.
+//! * [`codec`]: how sections encode their state (postcard), so that a
+//!   device's `persist.rs` needs no encoder of its own.
 //! * [`transport`]: files and Unix sockets.
 //!
 //! Priorities, highest first: memory devices
@@ -78,8 +79,8 @@
 //! mistake is an error naming the missing section.
 #![deny(missing_docs)]
 
+pub mod codec;
 pub mod context;
-pub mod devices;
 pub mod error;
 pub mod format;
 pub mod ram;
@@ -87,7 +88,8 @@ pub mod registry;
 pub mod section;
 pub mod transport;
 
-pub use context::LoadContext;
+pub use codec::{decode, encode};
+pub use context::{LoadContext, Restores};
 pub use error::{SectionError, SectionId, VmStateError};
 pub use registry::{Registry, SectionSummary, Summary};
-pub use section::{Phase, Priority, Restores, Section};
+pub use section::{Phase, Priority, Section};

@@ -32,7 +32,8 @@ use memvisor_memory::{Backing, GuestRange};
 use crate::context::LoadContext;
 use crate::error::{SectionError, VmStateError};
 use crate::registry::Registry;
-use crate::section::{Phase, Priority, Restores, Section};
+use crate::context::Restores;
+use crate::section::{Phase, Priority, Section};
 
 /// Name of the RAM sections.
 pub const RAM_SECTION: &str = "ram";

@@ -4,9 +4,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 
-use memvisor_memory::GuestRange;
-
-use crate::context::LoadContext;
+use crate::context::{LoadContext, Restores};
 use crate::error::{SectionError, SectionId};
 
 /// When a section is sent, relative to RAM.
@@ -44,17 +42,6 @@ impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
-}
-
-/// Something a section restores that other sections may depend on; see
-/// [`LoadContext`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Restores {
-    /// The populated state of the discard manager of the RAM region that
-    /// covers exactly this range.
-    DiscardManager(GuestRange),
-    /// The contents of the RAM region that covers exactly this range.
-    RamContents(GuestRange),
 }
 
 /// Default limit on a payload the registry reads into memory.

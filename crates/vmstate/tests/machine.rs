@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use common::*;
 use memvisor_dma::mapper::{DmaMapper, vm_pin_kib};
 use memvisor_memory::discard::RamDiscardManager;
-use memvisor_virtio_mem::defs::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG};
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG};
 use memvisor_vmstate::format::{self, RawSection};
 use memvisor_vmstate::ram::RAM_SECTION;
 use memvisor_vmstate::{Summary, VmStateError};

@@ -17,7 +17,7 @@ use memvisor_memory::{Backing, GuestRange, RamBlock};
 use memvisor_virtio::driver::{Buf, DriverQueue};
 use memvisor_virtio::{EventFdInterrupt, VirtioDevice};
 use memvisor_virtio_iommu::request::{Attach, Map, Unmap};
-use memvisor_virtio_iommu::{IommuConfig, IommuHandle, Request as IommuRequest, Status, VirtioIommu};
+use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Request as IommuRequest, Status, VirtioIommu};
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
 use memvisor_virtio_mem::{VirtioMem, VirtioMemOptions, VirtioMemRegion};
 use vm_memory::GuestAddress;
@@ -91,10 +91,10 @@ impl Machine {
         let mut vmem = VirtioMem::new(region.clone());
         let vmem_q = DriverQueue::new(&mem, GuestAddress(0), 16, 4096).unwrap();
         activate(&mut vmem, &mem, vec![vmem_q.device_queue()]);
-        let config = IommuConfig {
+        let config = IommuOptions {
             endpoints: vec![ENDPOINT],
             bypass: false,
-            ..IommuConfig::default()
+            ..IommuOptions::default()
         };
         let mut iommu = VirtioIommu::new(config, None).unwrap();
         let iommu_q = DriverQueue::new(&mem, GuestAddress(0x10_0000), 16, 4096).unwrap();
@@ -263,7 +263,7 @@ pub struct IommuDriver<'a> {
 
 impl IommuDriver<'_> {
     pub fn send(&mut self, request: IommuRequest) -> Status {
-        self.queue.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
+        self.queue.add(&[Buf::In(&request.to_bytes()), Buf::Out(4)]).unwrap();
         self.dev.queue_notify(0);
         let used = self.queue.pop_used().expect("virtio-iommu answered");
         Status::from_u8(used.data[0]).expect("a valid status")

@@ -14,7 +14,8 @@ use memvisor_virtio::interrupt::{EventFdInterrupt, InterruptKind};
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
 use memvisor_virtio_iommu::wire::{self, FaultEvent};
 use memvisor_virtio_iommu::{
-    IommuConfig, IommuHandle, IommuNotifier, MapCause, MapEvent, MapFlags, Request, Status, UnmapCause, UnmapEvent,
+    IommuOptions, IommuHandle, IommuNotifier, MapCause, MapEvent, MapFlags, NotifierRefusal, Request, Status, UnmapCause,
+    UnmapEvent,
     VirtioIommu,
 };
 use vm_memory::GuestAddress;
@@ -88,22 +89,22 @@ pub const EP_A: u32 = 8;
 pub const EP_B: u32 = 9;
 pub const EP_C: u32 = 10;
 
-pub fn config() -> IommuConfig {
-    IommuConfig {
+pub fn config() -> IommuOptions {
+    IommuOptions {
         endpoints: vec![EP_A, EP_B, EP_C],
         domain_start: 1,
         domain_end: 1000,
-        ..IommuConfig::default()
+        ..IommuOptions::default()
     }
 }
 
 impl Fixture {
-    pub fn new(config: IommuConfig) -> Self {
+    pub fn new(config: IommuOptions) -> Self {
         Self::with_features(config, None)
     }
 
     /// A device whose driver accepts `features` (all offered if `None`).
-    pub fn with_features(config: IommuConfig, features: Option<u64>) -> Self {
+    pub fn with_features(config: IommuOptions, features: Option<u64>) -> Self {
         let memory = Memory::new();
         let mut dev = VirtioIommu::new(config, None).unwrap();
         let features = features.unwrap_or(dev.avail_features()) | memvisor_virtio::device::VIRTIO_F_VERSION_1;
@@ -138,7 +139,7 @@ impl Fixture {
     /// Sends `request` with a 4-byte tail and returns the status.
     pub fn send(&mut self, request: Request) -> Status {
         let used = self
-            .send_raw(&[Buf::In(&request.encode()), Buf::Out(4)])
+            .send_raw(&[Buf::In(&request.to_bytes()), Buf::Out(4)])
             .expect("the device answered");
         assert_eq!(used.len, 4, "{request:?}");
         assert_eq!(&used.data[1..], &[0, 0, 0], "tail reserved bytes");
@@ -185,7 +186,7 @@ impl Fixture {
     pub fn probe(&mut self, endpoint: u32, props: u32) -> (Status, Vec<u8>) {
         let used = self
             .send_raw(&[
-                Buf::In(&Request::Probe(Probe { endpoint }).encode()),
+                Buf::In(&Request::Probe(Probe { endpoint }).to_bytes()),
                 Buf::Out(props + 4),
             ])
             .expect("answered");
@@ -253,7 +254,7 @@ impl Seen {
 pub struct Recorder {
     pub name: String,
     pub seen: Mutex<Vec<Seen>>,
-    pub refuse: Mutex<Option<(u64, Status)>>,
+    pub refuse: Mutex<Option<(u64, NotifierRefusal)>>,
 }
 
 impl Recorder {
@@ -269,7 +270,7 @@ impl Recorder {
         std::mem::take(&mut self.seen.lock().unwrap())
     }
 
-    pub fn refuse_at(&self, iova: u64, status: Status) {
+    pub fn refuse_at(&self, iova: u64, status: NotifierRefusal) {
         *self.refuse.lock().unwrap() = Some((iova, status));
     }
 }
@@ -279,7 +280,7 @@ impl IommuNotifier for Recorder {
         &self.name
     }
 
-    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), Status> {
+    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
         if let Some((iova, status)) = *self.refuse.lock().unwrap()
             && iova == ev.iova
         {

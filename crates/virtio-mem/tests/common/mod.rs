@@ -11,7 +11,7 @@ use memvisor_memory::{Backing, GuestRange, RamBlock};
 use memvisor_virtio::device::VIRTIO_F_VERSION_1;
 use memvisor_virtio::driver::{Buf, DriverQueue, Used};
 use memvisor_virtio::{EventFdInterrupt, InterruptKind, VirtioDevice};
-use memvisor_virtio_mem::defs::{
+use memvisor_virtio_mem::wire::{
     CONFIG_SIZE, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_STATE, VIRTIO_MEM_REQ_UNPLUG,
     VIRTIO_MEM_REQ_UNPLUG_ALL, VirtioMemConfig, VirtioMemReq, VirtioMemResp,
 };

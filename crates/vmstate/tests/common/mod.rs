@@ -19,8 +19,8 @@ use memvisor_virtio::device::VIRTIO_F_VERSION_1;
 use memvisor_virtio::driver::{Buf, DriverQueue};
 use memvisor_virtio::interrupt::EventFdInterrupt;
 use memvisor_virtio_iommu::request::{Attach, Map};
-use memvisor_virtio_iommu::{IommuConfig, IommuHandle, Request, Status, VirtioIommu, wire};
-use memvisor_virtio_mem::defs::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG, VirtioMemReq, VirtioMemResp};
+use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Request, Status, VirtioIommu, wire};
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG, VirtioMemReq, VirtioMemResp};
 use memvisor_virtio_mem::{VirtioMem, VirtioMemOptions, VirtioMemRegion};
 use memvisor_vmstate::Registry;
 use memvisor_vmstate::devices::dma::{DmaDevice, DmaPath, DmaTarget};
@@ -114,11 +114,11 @@ impl Machine {
             .build()
             .unwrap();
         let vmem = VirtioMem::new(region.clone());
-        let config = IommuConfig {
+        let config = IommuOptions {
             endpoints: vec![EP_A, EP_B],
             domain_start: 1,
             domain_end: 1000,
-            ..IommuConfig::default()
+            ..IommuOptions::default()
         };
         let iommu = VirtioIommu::new(config, Some(map.clone())).unwrap();
         let policy = DiscardPolicy::new();
@@ -221,7 +221,7 @@ impl Machine {
     /// A virtio-iommu request through the queue; returns the status.
     pub fn iommu_request(&mut self, request: Request) -> Status {
         let q = self.iommu_requests.as_mut().unwrap();
-        q.add(&[Buf::In(&request.encode()), Buf::Out(4)]).unwrap();
+        q.add(&[Buf::In(&request.to_bytes()), Buf::Out(4)]).unwrap();
         self.iommu.queue_notify(wire::REQUEST_QUEUE);
         let used = q.pop_used().expect("the IOMMU answered");
         Status::from_u8(used.data[0]).unwrap()

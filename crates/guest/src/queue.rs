@@ -1,38 +1,27 @@
-//! The driver side of a split virtqueue, in real guest memory.
+//! The driver side of one split virtqueue, in real guest memory.
 //!
 //! [`DriverQueue`] does what a guest driver does: it lays out a descriptor
 //! table, an avail ring and a used ring in guest RAM, places request
 //! buffers there, publishes chains and reads completions. Device tests, the
 //! trace replayer and the fuzzers drive devices through it, so every
 //! request crosses guest memory exactly as it would from a real guest.
-//!
-//! ```
-//! # use std::sync::Arc;
-//! # use memvisor_memory::{Backing, RamBlock, map::GuestMemoryMap};
-//! use memvisor_virtio::driver::{Buf, DriverQueue};
-//! use vm_memory::GuestAddress;
-//! # let block = Arc::new(RamBlock::new("ram", 1 << 20, Backing::Memfd).unwrap());
-//! # let map = GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap();
-//! let mut driver = DriverQueue::new(&map, GuestAddress(0x1000), 16, 4096).unwrap();
-//! let head = driver.add(&[Buf::In(&[1, 2, 3]), Buf::Out(10)]).unwrap();
-//! // Hand `driver.device_queue()` to a device, kick it, then:
-//! assert!(driver.pop_used().is_none()); // nothing was processed yet
-//! # let _ = head;
-//! ```
 
 use std::sync::atomic::{Ordering, fence};
 
 use memvisor_memory::GuestRange;
 use memvisor_memory::map::{GuestMemoryMap, Region};
 use smallvec::SmallVec;
+use virtio_bindings::virtio_ring;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 /// Descriptor flag: the chain continues at `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = 0x1;
+pub const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: the buffer is device-writable.
-pub const VIRTQ_DESC_F_WRITE: u16 = 0x2;
+pub const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+/// Descriptor flag: the buffer is an indirect descriptor table.
+pub const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// One buffer of a request chain.
 #[derive(Debug, Clone, Copy)]

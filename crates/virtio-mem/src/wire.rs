@@ -5,12 +5,14 @@
 //! so no `unsafe` byte casting is needed and the layout is explicit.
 
 /// Virtio device ID of the memory device.
-pub const VIRTIO_ID_MEM: u32 = 24;
+pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_MEM;
 
-/// Feature bit: `node_id` in the configuration is valid and is an ACPI PXM.
-pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
-/// Feature bit: the driver must not access unplugged memory.
-pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
+/// `VIRTIO_MEM_F_ACPI_PXM`: `node_id` in the configuration is valid and is
+/// an ACPI PXM.
+pub const F_ACPI_PXM: u64 = 1 << 0;
+/// `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`: the driver must not access
+/// unplugged memory.
+pub const F_UNPLUGGED_INACCESSIBLE: u64 = 1 << 1;
 
 /// Request type: plug consecutive unplugged blocks.
 pub const VIRTIO_MEM_REQ_PLUG: u16 = 0;

@@ -1,5 +1,5 @@
 //! What the VMM decides about a virtio-iommu device: its topology
-//! (endpoints), the configuration space, the reserved regions PROBE
+//! (endpoints), what its configuration space offers, the reserved regions PROBE
 //! reports, and the limits that bound what a hostile guest can allocate.
 
 use crate::wire::{RESV_MEM_PROPERTY_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED};
@@ -63,9 +63,10 @@ impl Default for Limits {
     }
 }
 
-/// The device's configuration.
+/// What the VMM decides about the device (its guest-visible configuration
+/// space is [`ConfigSpace`](crate::wire::ConfigSpace)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IommuConfig {
+pub struct IommuOptions {
     /// `page_size_mask`: its least significant set bit is the mapping
     /// granularity. Default: 4 KiB and every larger power of two.
     pub page_size_mask: u64,
@@ -90,7 +91,7 @@ pub struct IommuConfig {
     pub limits: Limits,
 }
 
-impl Default for IommuConfig {
+impl Default for IommuOptions {
     /// QEMU's defaults on x86: 4 KiB pages, the whole 64-bit input range,
     /// 32-bit domain IDs, 512 bytes of probe properties, bypass on, the
     /// MSI doorbell window reserved; no endpoints.
@@ -110,9 +111,9 @@ impl Default for IommuConfig {
     }
 }
 
-/// A configuration the device cannot run with.
+/// Options the device cannot run with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum OptionsError {
     /// `page_size_mask` is zero.
     #[error("page_size_mask must have at least one bit set")]
     PageSizeMask,
@@ -149,35 +150,35 @@ pub enum ConfigError {
     DuplicateEndpoint(u32),
 }
 
-impl IommuConfig {
+impl IommuOptions {
     /// Checks the configuration.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), OptionsError> {
         if self.page_size_mask == 0 {
-            return Err(ConfigError::PageSizeMask);
+            return Err(OptionsError::PageSizeMask);
         }
         if self.input_end < self.input_start {
-            return Err(ConfigError::Range {
+            return Err(OptionsError::Range {
                 what: "input",
                 start: self.input_start,
                 end: self.input_end,
             });
         }
         if self.domain_end < self.domain_start {
-            return Err(ConfigError::Range {
+            return Err(OptionsError::Range {
                 what: "domain",
                 start: self.domain_start.into(),
                 end: self.domain_end.into(),
             });
         }
         if let Some(r) = self.reserved_regions.iter().find(|r| r.end < r.start) {
-            return Err(ConfigError::ReservedRegion {
+            return Err(OptionsError::ReservedRegion {
                 start: r.start,
                 end: r.end,
             });
         }
         let need = self.reserved_regions.len() * RESV_MEM_PROPERTY_SIZE;
         if need > self.probe_size as usize {
-            return Err(ConfigError::ProbeSize {
+            return Err(OptionsError::ProbeSize {
                 regions: self.reserved_regions.len(),
                 need,
                 probe_size: self.probe_size,
@@ -185,7 +186,7 @@ impl IommuConfig {
         }
         let mut seen = std::collections::BTreeSet::new();
         if let Some(&dup) = self.endpoints.iter().find(|&&e| !seen.insert(e)) {
-            return Err(ConfigError::DuplicateEndpoint(dup));
+            return Err(OptionsError::DuplicateEndpoint(dup));
         }
         Ok(())
     }

@@ -1,0 +1,255 @@
+//! The attachment of one DMA-capable device to guest memory.
+//!
+//! A [`DmaDevice`] reaches guest memory through path 1 ([`DmaPath::Ram`], a
+//! [`RamDmaListener`] mapping all populated RAM at its guest-physical
+//! address) or path 2 ([`DmaPath::Viommu`], a [`ViommuDmaBridge`]
+//! registered as the notifier of an IOMMU endpoint). Attaching pins what
+//! the path makes reachable; detaching unregisters from the IOMMU first
+//! (which unmaps through the bridge) and then unpins what is left. Its
+//! migration section is [`DmaSection`](crate::persist::DmaSection).
+//!
+//! [`RamDmaListener`]: crate::ram_listener::RamDmaListener
+//! [`ViommuDmaBridge`]: crate::viommu_bridge::ViommuDmaBridge
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use memvisor_iommu::{NotifierId, NotifierRegistry, RegisterError};
+use memvisor_memory::GuestRange;
+use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::policy::DiscardPolicy;
+use memvisor_vmstate::SectionId;
+
+use crate::mapper::DmaMapper;
+use crate::persist::DmaSection;
+use crate::ram_listener::{RamDmaListener, SetupError};
+use crate::viommu_bridge::{UnplugGuard, ViommuDmaBridge};
+
+/// How a DMA-capable device reaches guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaPath {
+    /// Path 1, no vIOMMU: every populated byte of RAM is mapped at its
+    /// guest-physical address.
+    Ram,
+    /// Path 2: the device is an endpoint of a virtio-iommu and sees only
+    /// what the guest maps there.
+    /// The IOMMU is the [`DmaTarget`]'s.
+    Viommu {
+        /// The endpoint ID.
+        endpoint: u32,
+        /// What an unplug under a live mapping does.
+        guard: UnplugGuard,
+    },
+}
+
+/// What a [`DmaDevice`] attaches to.
+#[derive(Clone)]
+pub struct DmaTarget {
+    /// The guest memory map.
+    pub memory: GuestMemoryMap,
+    /// The backend that pins (io_uring, VFIO).
+    pub mapper: Arc<dyn DmaMapper>,
+    /// The VM's discard policy.
+    pub policy: DiscardPolicy,
+    /// The IOMMU, for [`DmaPath::Viommu`].
+    pub iommu: Option<DmaIommu>,
+}
+
+/// The IOMMU a path-2 device is behind: where its notifier registers, and
+/// the migration section that restores the IOMMU's mappings (which a DMA
+/// section's load depends on).
+#[derive(Clone)]
+pub struct DmaIommu {
+    /// The IOMMU's notifier registry.
+    pub registry: Arc<dyn NotifierRegistry>,
+    /// The IOMMU's migration section.
+    pub section: SectionId,
+}
+
+impl fmt::Debug for DmaTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaTarget")
+            .field("mapper", &self.mapper.name())
+            .field("iommu", &self.iommu.is_some())
+            .finish()
+    }
+}
+
+/// Why a [`DmaDevice`] could not attach. Nothing stays pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaAttachError {
+    /// The listener or bridge could not be set up.
+    #[error("DMA device '{device}': {source}")]
+    Setup {
+        /// The device.
+        device: String,
+        /// Why.
+        source: SetupError,
+    },
+    /// Registering with the IOMMU (which replays the mappings) failed.
+    #[error("DMA device '{device}': registering for endpoint {endpoint}: {source}")]
+    Notifier {
+        /// The device.
+        device: String,
+        /// The endpoint.
+        endpoint: u32,
+        /// Why.
+        source: RegisterError,
+    },
+    /// Path 2 without an IOMMU.
+    #[error("DMA device '{device}': path 2 needs an IOMMU, and none was given")]
+    NoIommu {
+        /// The device.
+        device: String,
+    },
+}
+
+enum Attachment {
+    Ram(#[allow(dead_code)] RamDmaListener),
+    Viommu {
+        bridge: ViommuDmaBridge,
+        registry: Arc<dyn NotifierRegistry>,
+        id: NotifierId,
+    },
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        // Unregister first, so that the IOMMU forgets the notifier (and
+        // unmaps through it) before the bridge unpins whatever is left.
+        if let Attachment::Viommu { registry, id, .. } = self {
+            registry.unregister_notifier(*id);
+        }
+    }
+}
+
+pub(crate) struct DmaInner {
+    pub(crate) name: String,
+    pub(crate) target: DmaTarget,
+    path: Option<DmaPath>,
+    attachment: Option<Attachment>,
+}
+
+/// One DMA-capable device's attachment; cheap to clone (shared). See the
+/// [module documentation](self).
+#[derive(Clone)]
+pub struct DmaDevice {
+    inner: Arc<Mutex<DmaInner>>,
+}
+
+impl fmt::Debug for DmaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("DmaDevice")
+            .field("name", &inner.name)
+            .field("target", &inner.target)
+            .field("path", &inner.path)
+            .finish()
+    }
+}
+
+impl DmaDevice {
+    /// A detached device named `name` (used in errors and as the
+    /// listener's and notifier's name).
+    pub fn new(name: &str, target: DmaTarget) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(DmaInner {
+                name: name.to_string(),
+                target,
+                path: None,
+                attachment: None,
+            })),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DmaInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches through `path` (detaching first), which pins what the
+    /// path makes reachable. On error nothing is attached or pinned.
+    pub fn attach(&self, path: DmaPath) -> Result<(), DmaAttachError> {
+        let mut inner = self.lock();
+        inner.attachment = None;
+        inner.path = None;
+        let t = inner.target.clone();
+        let name = inner.name.clone();
+        let attachment = match path {
+            DmaPath::Ram => Attachment::Ram(
+                RamDmaListener::attach(&name, &t.memory, t.mapper.clone(), &t.policy).map_err(|source| {
+                    DmaAttachError::Setup {
+                        device: name.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            DmaPath::Viommu { endpoint, guard, .. } => {
+                let registry = t
+                    .iommu
+                    .as_ref()
+                    .map(|i| i.registry.clone())
+                    .ok_or_else(|| DmaAttachError::NoIommu { device: name.clone() })?;
+                let bridge = ViommuDmaBridge::attach(&name, &t.memory, t.mapper.clone(), &t.policy, guard).map_err(
+                    |source| DmaAttachError::Setup {
+                        device: name.clone(),
+                        source,
+                    },
+                )?;
+                let id = registry.register_notifier(endpoint, bridge.notifier()).map_err(|source| {
+                    DmaAttachError::Notifier {
+                        device: name.clone(),
+                        endpoint,
+                        source,
+                    }
+                })?;
+                Attachment::Viommu { bridge, registry, id }
+            }
+        };
+        inner.attachment = Some(attachment);
+        inner.path = Some(path);
+        Ok(())
+    }
+
+    /// Detaches, unpinning everything.
+    pub fn detach(&self) {
+        let mut inner = self.lock();
+        let attachment = inner.attachment.take();
+        inner.path = None;
+        drop(attachment);
+    }
+
+    /// The path it is attached through, if any.
+    pub fn path(&self) -> Option<DmaPath> {
+        self.lock().path
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> String {
+        self.lock().name.clone()
+    }
+
+    /// The backend.
+    pub fn mapper(&self) -> Arc<dyn DmaMapper> {
+        self.lock().target.mapper.clone()
+    }
+
+    /// Bytes the backend has pinned.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.lock().target.mapper.pinned_bytes()
+    }
+
+    /// The guest-physical ranges a path-2 bridge has pinned (`None` on
+    /// path 1 or detached).
+    pub fn pinned_ranges(&self) -> Option<Vec<GuestRange>> {
+        match &self.lock().attachment {
+            Some(Attachment::Viommu { bridge, .. }) => Some(bridge.pinned_ranges()),
+            _ => None,
+        }
+    }
+
+    /// The migration section of this device.
+    pub fn section(&self, instance: u32) -> DmaSection {
+        DmaSection::new(instance, self.clone())
+    }
+}
+

@@ -1,0 +1,459 @@
+//! One machine, assembled once: a [`MachineConfig`] becomes a [`Machine`]
+//! — boot RAM and virtio-mem regions as memfd RAM blocks in one guest
+//! memory map, the virtio-mem and virtio-iommu devices, the assigned
+//! devices' DMA attachments, the discard-policy guards and the migration
+//! registry. It knows no trace, no KVM and no command line: the replay
+//! engine, the tests, the benchmarks, the fuzzers and the VMM all build
+//! their machines here.
+//!
+//! ```
+//! use memvisor_machine::{AssignedDeviceSpec, AssignedPath, DmaBackend, Machine, MachineConfig};
+//! use memvisor_machine::{RamSpec, VirtioMemSpec};
+//!
+//! const MIB: u64 = 1 << 20;
+//! let config = MachineConfig {
+//!     ram: vec![RamSpec { addr: 0, size: 4 * MIB }],
+//!     virtio_mem: vec![VirtioMemSpec {
+//!         id: "vmem0".into(),
+//!         addr: 1 << 32,
+//!         region_size: 64 * MIB,
+//!         block_size: 2 * MIB,
+//!         requested_size: 16 * MIB,
+//!         unplugged_inaccessible: true,
+//!         node_id: None,
+//!         prealloc: false,
+//!     }],
+//!     virtio_iommu: None,
+//!     dma: memvisor_machine::DmaSpec {
+//!         devices: vec![AssignedDeviceSpec {
+//!             name: "nic0".into(),
+//!             backend: DmaBackend::Uring,
+//!             path: AssignedPath::Ram,
+//!         }],
+//!         ..Default::default()
+//!     },
+//! };
+//! let machine = Machine::new(&config).unwrap();
+//! // Without a vIOMMU the device sees boot RAM; nothing is plugged yet.
+//! assert_eq!(machine.pinned_bytes(), 4 * MIB);
+//! // The machine's state saves to a stream and loads into a fresh machine.
+//! let mut stream = Vec::new();
+//! let mut machine = machine;
+//! machine.save(&mut stream).unwrap();
+//! drop(machine);
+//! let restored = Machine::restore(&config, &mut &stream[..]).unwrap();
+//! assert_eq!(restored.pinned_bytes(), 4 * MIB);
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use memvisor_dma::attach::{DmaAttachError, DmaDevice, DmaIommu, DmaPath, DmaTarget};
+use memvisor_dma::mapper::{DmaMapper, PinBudget};
+use memvisor_dma::uring::UringPinner;
+use memvisor_dma::vfio::{VfioContainerMapper, VfioSetupError};
+use memvisor_memory::discard::RamDiscardManager;
+use memvisor_memory::map::{GuestMemoryMap, MapError};
+use memvisor_memory::policy::{DiscardGuard, DiscardPolicy, PolicyError};
+use memvisor_memory::{Backing, GuestRange, RamBlock, RamBlockError};
+use memvisor_virtio_iommu::persist::VirtioIommuSection;
+use memvisor_virtio_iommu::options::OptionsError;
+use memvisor_virtio_iommu::{IommuHandle, VirtioIommu};
+use memvisor_virtio_mem::persist::VirtioMemSection;
+use memvisor_virtio_mem::{VirtioMem, VirtioMemError, VirtioMemOptions, VirtioMemRegion};
+use memvisor_vmstate::{Registry, SectionId, VmStateError, ram};
+
+pub use config::{
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, MachineConfig, RamSpec, VirtioIommuSpec, VirtioMemSpec,
+};
+
+/// Why a machine could not be built, saved or restored. Nothing stays
+/// pinned after an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The configuration describes something no machine can be.
+    #[error("machine configuration: {0}")]
+    Config(String),
+    /// A RAM block could not be created.
+    #[error("RAM block `{name}`: {source}")]
+    Ram {
+        /// The block's name.
+        name: String,
+        /// Why.
+        source: RamBlockError,
+    },
+    /// The guest memory map could not be built (overlapping ranges).
+    #[error("guest memory map: {0}")]
+    Map(#[from] MapError),
+    /// A virtio-mem device could not be built.
+    #[error("virtio-mem `{id}`: {source}")]
+    VirtioMem {
+        /// The device.
+        id: String,
+        /// Why.
+        source: VirtioMemError,
+    },
+    /// The virtio-iommu options are invalid.
+    #[error("virtio-iommu `{id}`: {source}")]
+    Iommu {
+        /// The device.
+        id: String,
+        /// Why.
+        source: OptionsError,
+    },
+    /// The discard policy refused a holder.
+    #[error("discard policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// A VFIO container could not be opened.
+    #[error("assigned device `{device}`: {source}")]
+    Vfio {
+        /// The device.
+        device: String,
+        /// Why.
+        source: VfioSetupError,
+    },
+    /// An assigned device could not attach.
+    #[error("{0}")]
+    Dma(#[from] DmaAttachError),
+    /// The migration stream could not be written or loaded.
+    #[error("migration stream: {0}")]
+    VmState(#[from] VmStateError),
+}
+
+/// A virtio-mem device of the machine.
+pub struct VmemDevice {
+    /// Its name.
+    pub id: String,
+    /// Its region (the discard manager of its memory).
+    pub region: Arc<VirtioMemRegion>,
+    /// The device, as a transport drives it.
+    pub device: VirtioMem,
+    /// The device requires coordinated discard while it exists.
+    _coordinated: DiscardGuard,
+}
+
+/// The virtio-iommu of the machine.
+pub struct IommuDevice {
+    /// Its name.
+    pub id: String,
+    /// The device, as a transport drives it.
+    pub device: VirtioIommu,
+    /// The VMM's handle (topology, notifiers, translation, state).
+    pub handle: IommuHandle,
+    /// Bytes of properties a PROBE may return.
+    pub probe_size: u32,
+}
+
+/// The machine a [`MachineConfig`] describes; see the [crate documentation](crate).
+pub struct Machine {
+    // Drop order matters: the DMA layer goes first (unpinning everything,
+    // see `Drop`), then the devices, then memory.
+    dma: Vec<(DmaDevice, DmaPath)>,
+    budget: Arc<PinBudget>,
+    vmems: Vec<VmemDevice>,
+    iommu: Option<IommuDevice>,
+    map: GuestMemoryMap,
+    policy: DiscardPolicy,
+    config: MachineConfig,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("regions", &self.map.regions().len())
+            .field("virtio_mem", &self.vmems.iter().map(|v| &v.id).collect::<Vec<_>>())
+            .field("virtio_iommu", &self.iommu.as_ref().map(|i| &i.id))
+            .field("dma", &self.dma.len())
+            .field("pinned_bytes", &self.pinned_bytes())
+            .finish()
+    }
+}
+
+fn ram_block(name: &str, size: u64) -> Result<Arc<RamBlock>, MachineError> {
+    RamBlock::new(name, size, Backing::Memfd)
+        .map(Arc::new)
+        .map_err(|source| MachineError::Ram {
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// The migration section instance of the (only) virtio-iommu.
+const IOMMU_INSTANCE: u32 = 0;
+
+impl Machine {
+    /// Builds the machine `config` describes and attaches every assigned
+    /// device, which pins what its path reaches: a bridge gets its
+    /// endpoint's mappings replayed, a path-1 listener maps all populated
+    /// RAM.
+    ///
+    /// # Errors
+    ///
+    /// Overlapping memory, invalid device geometry or IOMMU options, a
+    /// path-2 device without a virtio-iommu or on an unknown endpoint, two
+    /// devices with one name, a VFIO container that cannot be opened, a
+    /// pin budget too small for what path 1 must pin.
+    pub fn new(config: &MachineConfig) -> Result<Self, MachineError> {
+        let this = Self::build(config)?;
+        for (device, path) in &this.dma {
+            device.attach(*path)?;
+        }
+        Ok(this)
+    }
+
+    /// The machine with its DMA devices created but not attached.
+    fn build(config: &MachineConfig) -> Result<Self, MachineError> {
+        let policy = DiscardPolicy::new();
+        let mut builder = GuestMemoryMap::builder();
+        for (i, r) in config.ram.iter().enumerate() {
+            if r.addr.checked_add(r.size).is_none() {
+                return Err(MachineError::Config(format!(
+                    "ram[{i}] at {:#x} of {:#x} bytes wraps around",
+                    r.addr, r.size
+                )));
+            }
+            builder = builder.ram(r.addr, ram_block(&format!("ram{i}"), r.size)?)?;
+        }
+        let mut vmems = Vec::new();
+        for m in &config.virtio_mem {
+            let block = ram_block(&m.id, m.region_size)?;
+            let region = VirtioMemRegion::new(
+                block.clone(),
+                VirtioMemOptions {
+                    block_size: Some(m.block_size),
+                    requested_size: m.requested_size,
+                    unplugged_inaccessible: m.unplugged_inaccessible,
+                    node_id: m.node_id,
+                    prealloc: m.prealloc,
+                    ..VirtioMemOptions::new(m.addr)
+                },
+            )
+            .map_err(|source| MachineError::VirtioMem {
+                id: m.id.clone(),
+                source,
+            })?;
+            builder = builder.managed_ram(m.addr, block, region.clone() as Arc<dyn RamDiscardManager>)?;
+            vmems.push(VmemDevice {
+                id: m.id.clone(),
+                device: VirtioMem::new(region.clone()),
+                region,
+                _coordinated: policy.require_coordinated(&m.id)?,
+            });
+        }
+        let map = builder.build()?;
+
+        let iommu = match &config.virtio_iommu {
+            None => None,
+            Some(spec) => {
+                let options = spec.options();
+                let probe_size = options.probe_size;
+                let device = VirtioIommu::new(options, Some(map.clone())).map_err(|source| MachineError::Iommu {
+                    id: spec.id.clone(),
+                    source,
+                })?;
+                Some(IommuDevice {
+                    id: spec.id.clone(),
+                    handle: device.handle(),
+                    device,
+                    probe_size,
+                })
+            }
+        };
+        let budget = Arc::new(config.dma.pin_budget.map_or_else(PinBudget::unlimited, PinBudget::limited));
+        let mut this = Self {
+            dma: Vec::new(),
+            budget,
+            vmems,
+            iommu,
+            map,
+            policy,
+            config: config.clone(),
+        };
+        this.dma = this.assigned_devices()?;
+        Ok(this)
+    }
+
+    /// The assigned devices of the configuration, detached.
+    fn assigned_devices(&self) -> Result<Vec<(DmaDevice, DmaPath)>, MachineError> {
+        let mut devices = Vec::new();
+        for (i, spec) in self.config.dma.devices.iter().enumerate() {
+            if self.config.dma.devices[..i].iter().any(|d| d.name == spec.name) {
+                return Err(MachineError::Config(format!(
+                    "two assigned devices are named `{}`",
+                    spec.name
+                )));
+            }
+            let path = match spec.path {
+                AssignedPath::Ram => DmaPath::Ram,
+                AssignedPath::Viommu { endpoint, guard } => {
+                    let Some(iommu) = &self.config.virtio_iommu else {
+                        return Err(MachineError::Config(format!(
+                            "assigned device `{}` is behind endpoint {endpoint}, but the machine has no virtio-iommu",
+                            spec.name
+                        )));
+                    };
+                    if !iommu.endpoints.contains(&endpoint) {
+                        return Err(MachineError::Config(format!(
+                            "assigned device `{}` is behind endpoint {endpoint}, which virtio-iommu `{}` does not have (it has {:?})",
+                            spec.name, iommu.id, iommu.endpoints
+                        )));
+                    }
+                    DmaPath::Viommu { endpoint, guard }
+                }
+            };
+            let mapper: Arc<dyn DmaMapper> = match spec.backend {
+                DmaBackend::Uring => Arc::new(UringPinner::new(&spec.name, self.budget.clone())),
+                DmaBackend::Vfio { group } => Arc::new(
+                    VfioContainerMapper::open(&spec.name, group, self.budget.clone()).map_err(|source| {
+                        MachineError::Vfio {
+                            device: spec.name.clone(),
+                            source,
+                        }
+                    })?,
+                ),
+            };
+            let target = DmaTarget {
+                memory: self.map.clone(),
+                mapper,
+                policy: self.policy.clone(),
+                iommu: self.iommu.as_ref().map(|i| DmaIommu {
+                    registry: Arc::new(i.handle.clone()),
+                    section: SectionId::new(memvisor_virtio_iommu::persist::VIRTIO_IOMMU_SECTION, IOMMU_INSTANCE),
+                }),
+            };
+            devices.push((DmaDevice::new(&spec.name, target), path));
+        }
+        Ok(devices)
+    }
+
+    /// The migration registry of this machine's state, in the declared
+    /// order: each virtio-mem region (configuration and bitmap, before
+    /// RAM), RAM (populated memory only), the virtio-iommu's domains and
+    /// mappings, and each assigned device's path (configuration only: pins
+    /// are re-derived on load).
+    pub fn registry(&self) -> Result<Registry, MachineError> {
+        let mut registry = Registry::with_memory(self.map.clone());
+        ram::register_ram(&mut registry, &self.map)?;
+        for (instance, v) in (0..).zip(&self.vmems) {
+            registry.register(VirtioMemSection::new(instance, v.region.clone()))?;
+        }
+        if let Some(i) = &self.iommu {
+            registry.register(VirtioIommuSection::new(IOMMU_INSTANCE, i.handle.clone()))?;
+        }
+        for (instance, (device, _)) in (0..).zip(&self.dma) {
+            registry.register(device.section(instance))?;
+        }
+        Ok(registry)
+    }
+
+    /// Saves the whole machine to `w` as a vmstate stream and returns the
+    /// bytes written. Not in the stream: the DMA backends (the
+    /// configuration names them again on restore) and the virtqueues (the
+    /// transport's state).
+    pub fn save(&mut self, w: &mut dyn Write) -> Result<u64, MachineError> {
+        Ok(self.registry()?.save(w)?.total_bytes)
+    }
+
+    /// Builds a fresh machine for `config` and loads a stream written by
+    /// [`save`](Self::save) into it. The DMA sections attach their devices
+    /// once the whole stream is loaded and checked: the bridges'
+    /// registration replays every restored mapping (checked against the
+    /// restored blocks, and pinned), or the path-1 listener maps all
+    /// populated RAM. On error nothing is pinned.
+    pub fn restore(config: &MachineConfig, r: &mut dyn Read) -> Result<Self, MachineError> {
+        let machine = Self::build(config)?;
+        machine.registry()?.load(std::io::BufReader::new(r))?;
+        Ok(machine)
+    }
+
+    /// The configuration the machine was built from.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// The guest memory map.
+    pub fn memory(&self) -> &GuestMemoryMap {
+        &self.map
+    }
+
+    /// The VM's discard policy (who disables or requires discard).
+    pub fn policy(&self) -> &DiscardPolicy {
+        &self.policy
+    }
+
+    /// The VM's pin budget.
+    pub fn budget(&self) -> &Arc<PinBudget> {
+        &self.budget
+    }
+
+    /// The virtio-mem devices, in configuration order.
+    pub fn vmems(&self) -> &[VmemDevice] {
+        &self.vmems
+    }
+
+    /// The virtio-mem devices, to drive them.
+    pub fn vmems_mut(&mut self) -> &mut [VmemDevice] {
+        &mut self.vmems
+    }
+
+    /// The virtio-iommu, if the machine has one.
+    pub fn iommu(&self) -> Option<&IommuDevice> {
+        self.iommu.as_ref()
+    }
+
+    /// The virtio-iommu, to drive it.
+    pub fn iommu_mut(&mut self) -> Option<&mut IommuDevice> {
+        self.iommu.as_mut()
+    }
+
+    /// Both kinds of device at once, for drivers on separate threads.
+    pub fn devices_mut(&mut self) -> (&mut [VmemDevice], Option<&mut IommuDevice>) {
+        (&mut self.vmems, self.iommu.as_mut())
+    }
+
+    /// The assigned devices, in configuration order.
+    pub fn dma_devices(&self) -> impl Iterator<Item = &DmaDevice> + '_ {
+        self.dma.iter().map(|(d, _)| d)
+    }
+
+    /// Bytes plugged in all virtio-mem regions.
+    pub fn plugged_size(&self) -> u64 {
+        self.vmems.iter().map(|v| v.region.plugged_size()).sum()
+    }
+
+    /// Bytes the DMA backends have pinned now, by their own count.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.dma.iter().map(|(d, _)| d.pinned_bytes()).sum()
+    }
+
+    /// The guest-physical ranges the vIOMMU bridges hold pinned now, by
+    /// their own record (empty without path-2 devices).
+    pub fn pinned_ranges(&self) -> Vec<GuestRange> {
+        self.dma
+            .iter()
+            .flat_map(|(d, _)| d.pinned_ranges().unwrap_or_default())
+            .collect()
+    }
+
+    /// Asks for uncoordinated discard (a balloon that frees guest pages
+    /// without telling anyone) on behalf of `holder`. Refused while any
+    /// assigned device is attached, and the error names both parties:
+    /// pinned pages would survive such a discard.
+    pub fn require_uncoordinated_discard(&self, holder: &str) -> Result<DiscardGuard, MachineError> {
+        Ok(self.policy.require_uncoordinated(holder)?)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // Detaching unregisters each bridge from the IOMMU (which unmaps
+        // through it) and unpins whatever is left, before the devices and
+        // memory go.
+        for (device, _) in self.dma.drain(..) {
+            device.detach();
+        }
+    }
+}
