@@ -63,6 +63,9 @@ pub enum ReplayMachineError {
     /// The header asks for something the replayer cannot build.
     #[error("trace header (line 1): {0}")]
     Header(String),
+    /// The VFIO container of `--dma vfio` could not be opened.
+    #[error("--dma vfio: {0}")]
+    Vfio(MachineError),
     /// The machine could not be built, saved or restored.
     #[error("{0}")]
     Machine(#[from] MachineError),
@@ -289,7 +292,8 @@ impl ReplayMachine {
 /// Errors of building the machine come from the header's values.
 fn header_error(e: MachineError) -> ReplayMachineError {
     match e {
-        MachineError::Vfio { .. } | MachineError::Dma(_) => ReplayMachineError::Machine(e),
+        MachineError::Vfio { .. } => ReplayMachineError::Vfio(e),
+        MachineError::Dma(_) => ReplayMachineError::Machine(e),
         other => ReplayMachineError::Header(other.to_string()),
     }
 }

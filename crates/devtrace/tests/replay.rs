@@ -2,18 +2,16 @@
 //! hostile ones, with the real devices, the real DMA layer (io_uring
 //! pinning) and real memory.
 //!
-//! These replace, for the engine, the small trace readers in the device
-//! crates' own tests (which cannot depend on this crate).
 
 use std::num::NonZeroUsize;
 
 use memvisor_devtrace::{
-    DmaBackend, Machine, MachineOptions, ReplayOptions, Report, Trace, UnplugGuard, builtin, replay,
+    DmaBackend, ReplayMachine, ReplayMachineOptions, ReplayOptions, Report, Trace, UnplugGuard, builtin, replay,
 };
 
-fn options(dma: DmaBackend, guard: UnplugGuard, migrate_every: Option<usize>) -> ReplayOptions {
+fn options(dma: Option<DmaBackend>, guard: UnplugGuard, migrate_every: Option<usize>) -> ReplayOptions {
     ReplayOptions {
-        machine: MachineOptions {
+        machine: ReplayMachineOptions {
             dma,
             unplug_guard: guard,
             pin_budget: None,
@@ -55,11 +53,11 @@ fn counts(r: &Report) -> (usize, usize, usize, usize, usize, usize, u64) {
 #[test]
 fn vmem_resize_replays_without_mismatch() {
     let trace = builtin_trace("vmem-resize");
-    for dma in [DmaBackend::Uring, DmaBackend::None] {
+    for dma in [Some(DmaBackend::Uring), None] {
         let r = run(&trace, &options(dma, UnplugGuard::Reject, None));
         // 22 requests and 7 expects of 2 values, as the device crate's own replay counts.
         assert_eq!(counts(&r), (35, 22, 22 + 14, 0, 0, 2, 384 << 20), "{dma:?}");
-        if dma == DmaBackend::Uring {
+        if dma == Some(DmaBackend::Uring) {
             // Without a vIOMMU the assigned device maps boot RAM (1 GiB),
             // every plugged block and the driver's 1 MiB.
             assert_eq!(r.pinned_bytes, (1 << 30) + (384 << 20) + (1 << 20));
@@ -72,7 +70,7 @@ fn vmem_resize_replays_without_mismatch() {
 #[test]
 fn vmem_kexec_replays_without_mismatch() {
     let trace = builtin_trace("vmem-kexec");
-    for dma in [DmaBackend::Uring, DmaBackend::None] {
+    for dma in [Some(DmaBackend::Uring), None] {
         let r = run(&trace, &options(dma, UnplugGuard::Reject, None));
         // 403 requests (384 STATE with a state), 6 expects of 2 values.
         assert_eq!(counts(&r), (411, 403, 403 + 384 + 12, 0, 0, 2, 700 << 20), "{dma:?}");
@@ -82,11 +80,11 @@ fn vmem_kexec_replays_without_mismatch() {
 #[test]
 fn viommu_dma_strict_replays_without_mismatch() {
     let trace = builtin_trace("viommu-dma-strict");
-    for dma in [DmaBackend::Uring, DmaBackend::None] {
+    for dma in [Some(DmaBackend::Uring), None] {
         let r = run(&trace, &options(dma, UnplugGuard::Reject, None));
         // Only MAP has a recorded answer in the QEMU 7.2 recordings.
         assert_eq!(counts(&r), (7772, 7772, 3886, 0, 0, 0, 0), "{dma:?}");
-        if dma == DmaBackend::Uring {
+        if dma == Some(DmaBackend::Uring) {
             // Two 4 KiB-page mappings are left at the end of the recording.
             assert!(r.pinned_bytes > 0 && r.pinned_bytes % 4096 == 0, "{}", r.pinned_bytes);
         }
@@ -97,7 +95,7 @@ fn viommu_dma_strict_replays_without_mismatch() {
 /// backends, and requires the same results.
 fn migrating_every_7_events_changes_no_result(name: &str) {
     let trace = builtin_trace(name);
-    for dma in [DmaBackend::Uring, DmaBackend::None] {
+    for dma in [Some(DmaBackend::Uring), None] {
         let plain = run(&trace, &options(dma, UnplugGuard::Reject, None));
         let migrated = run(&trace, &options(dma, UnplugGuard::Reject, Some(7)));
         assert_eq!(counts(&migrated), counts(&plain), "{name} {dma:?}");
@@ -177,7 +175,7 @@ fn hostile(unplug_resp: &str) -> Trace {
 #[test]
 fn hostile_guest_gets_inval_and_busy_under_reject() {
     let trace = hostile("busy");
-    let r = run(&trace, &options(DmaBackend::Uring, UnplugGuard::Reject, None));
+    let r = run(&trace, &options(Some(DmaBackend::Uring), UnplugGuard::Reject, None));
     assert_eq!(r.refused_maps, 3);
     assert_eq!(r.busy_unplugs, 2);
     assert_eq!(r.plugged_size, 0);
@@ -187,14 +185,14 @@ fn hostile_guest_gets_inval_and_busy_under_reject() {
 #[test]
 fn hostile_guest_unplugs_are_acked_under_warn() {
     let trace = hostile("ack");
-    let r = run(&trace, &options(DmaBackend::Uring, UnplugGuard::Warn, None));
+    let r = run(&trace, &options(Some(DmaBackend::Uring), UnplugGuard::Warn, None));
     assert_eq!(r.refused_maps, 3);
     assert_eq!(r.busy_unplugs, 0);
     assert_eq!(r.pinned_bytes, 0, "the pins held past the unplug went with the unmap");
     // The same guest under `reject` disagrees with this recording.
     let r = replay(
         &trace,
-        &options(DmaBackend::Uring, UnplugGuard::Reject, None),
+        &options(Some(DmaBackend::Uring), UnplugGuard::Reject, None),
         &mut |_| {},
     )
     .unwrap();
@@ -209,9 +207,9 @@ fn hostile_guest_unplugs_are_acked_under_warn() {
 #[test]
 fn hostile_guest_pins_exactly_its_accepted_mappings() {
     let trace = hostile("busy");
-    let mut machine = Machine::new(
+    let mut machine = ReplayMachine::new(
         &trace.header,
-        &options(DmaBackend::Uring, UnplugGuard::Reject, None).machine,
+        &options(Some(DmaBackend::Uring), UnplugGuard::Reject, None).machine,
     )
     .unwrap();
     let mut report_events = trace.events.iter();
@@ -230,28 +228,30 @@ fn hostile_guest_pins_exactly_its_accepted_mappings() {
             }
         }
     }
-    assert_eq!(machine.pinned_bytes(), 2 * MIB + (64 << 10));
-    assert_eq!(machine.budget().used(), 2 * MIB + (64 << 10));
-    let ranges: Vec<(u64, u64)> = machine.pinned_ranges().iter().map(|r| (r.start(), r.len())).collect();
+    assert_eq!(machine.machine().pinned_bytes(), 2 * MIB + (64 << 10));
+    assert_eq!(machine.machine().budget().used(), 2 * MIB + (64 << 10));
+    let ranges: Vec<(u64, u64)> = machine
+        .machine()
+        .pinned_ranges().iter().map(|r| (r.start(), r.len())).collect();
     assert_eq!(ranges, vec![(MIB, 64 << 10), (HOT + 2 * MIB, 2 * MIB)]);
     // Save, drop, restore: the pins go with the machine and come back.
     let mut stream = Vec::new();
     machine.save(&mut stream).unwrap();
     drop(machine);
-    let machine = Machine::restore(
+    let machine = ReplayMachine::restore(
         &trace.header,
-        &options(DmaBackend::Uring, UnplugGuard::Reject, None).machine,
+        &options(Some(DmaBackend::Uring), UnplugGuard::Reject, None).machine,
         &mut stream.as_slice(),
     )
     .unwrap();
-    assert_eq!(machine.pinned_bytes(), 2 * MIB + (64 << 10));
-    assert_eq!(machine.plugged_size(), 4 * MIB);
+    assert_eq!(machine.machine().pinned_bytes(), 2 * MIB + (64 << 10));
+    assert_eq!(machine.machine().plugged_size(), 4 * MIB);
 }
 
 #[test]
 fn the_pin_budget_refuses_maps_with_nomem() {
     let trace = hostile("busy");
-    let mut o = options(DmaBackend::Uring, UnplugGuard::Reject, None);
+    let mut o = options(Some(DmaBackend::Uring), UnplugGuard::Reject, None);
     o.machine.pin_budget = Some(MIB);
     let r = replay(&trace, &o, &mut |_| {}).unwrap();
     // The 2 MiB mapping does not fit: NOMEM; the unplugs then go through

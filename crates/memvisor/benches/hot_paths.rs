@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use memvisor::bench::{Migration, PopulatedCheck, PopulatedReplay, Scenario, ViommuMapUnmap, VmemPlugUnplug};
-use memvisor_devtrace::machine::DmaBackend;
+use memvisor_machine::DmaBackend;
 
 const MIB: u64 = 1 << 20;
 
@@ -22,8 +22,8 @@ fn pair(c: &mut Criterion, name: &str, scenario: &mut dyn Scenario) {
 
 fn viommu_map_unmap(c: &mut Criterion) {
     for (name, len) in [("viommu_map_unmap_4k", 4096), ("viommu_map_unmap_2m", 2 * MIB)] {
-        pair(c, name, &mut ViommuMapUnmap::new(len, DmaBackend::Uring));
-        let mut bare = ViommuMapUnmap::new(len, DmaBackend::None);
+        pair(c, name, &mut ViommuMapUnmap::new(len, Some(DmaBackend::Uring)));
+        let mut bare = ViommuMapUnmap::new(len, None);
         c.bench_function(&format!("{name}/no_dma"), |b| b.iter(|| bare.ours()));
         c.bench_function(&format!("{name}/no_dma_with_floor"), |b| {
             b.iter(|| bare.requests_with_floor())

@@ -13,18 +13,19 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memvisor_devtrace::machine::{Answer, DmaBackend, Machine, MachineOptions};
-use memvisor_devtrace::trace::Trace;
+use memvisor_guest::{Answer, DRIVER_AREA_SIZE, Guest};
+use memvisor_machine::{
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, Machine, MachineConfig, RamSpec, VirtioIommuSpec,
+    VirtioMemSpec,
+};
 use memvisor_memory::discard::{BlockDiscardManager, RamDiscardManager};
-use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::{Backing, GuestRange, RamBlock};
 use memvisor_virtio_iommu::Request as IommuRequest;
 use memvisor_virtio_iommu::Status;
 use memvisor_virtio_iommu::request::{Attach, Map, Unmap};
+use memvisor_virtio_mem::VirtioMemRegion;
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
-use memvisor_virtio_mem::{VirtioMemOptions, VirtioMemRegion};
 use memvisor_vmstate::Registry;
-use memvisor_vmstate::devices::virtio_mem::VirtioMemSection;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -186,51 +187,107 @@ impl PinFloor {
     }
 }
 
-fn machine(header: &str, dma: DmaBackend) -> Machine {
-    let trace = Trace::parse("bench", header).expect("benchmark header parses");
-    let options = MachineOptions {
-        dma,
-        ..MachineOptions::default()
+/// Where benchmark machines put the guest's driver area: RAM of its own,
+/// above the virtio-mem region.
+const DRIVER_AREA: u64 = 5 * GIB;
+/// The vIOMMU endpoint of the assigned device.
+const ENDPOINT: u32 = 8;
+
+/// A benchmark machine and the guest that drives it.
+struct BenchMachine {
+    machine: Machine,
+    guest: Guest,
+}
+
+/// 2 MiB of boot RAM, a virtio-mem region of `region` bytes (all of it
+/// requested) at [`HOT`], optionally a virtio-iommu with one endpoint, and,
+/// with `dma`, one assigned device: behind the endpoint, or on plain RAM
+/// without a vIOMMU.
+fn machine_config(region: u64, with_iommu: bool, dma: Option<DmaBackend>) -> MachineConfig {
+    let virtio_iommu = with_iommu.then(|| VirtioIommuSpec {
+        endpoints: vec![ENDPOINT],
+        domain_start: 1,
+        domain_end: 100,
+        bypass: false,
+        reserved_regions: Vec::new(),
+        ..VirtioIommuSpec::default()
+    });
+    let path = if with_iommu {
+        AssignedPath::Viommu {
+            endpoint: ENDPOINT,
+            guard: Default::default(),
+        }
+    } else {
+        AssignedPath::Ram
     };
-    Machine::new(&trace.header, &options).expect("benchmark machine")
+    MachineConfig {
+        ram: vec![
+            RamSpec { addr: 0, size: 2 * MIB },
+            RamSpec {
+                addr: DRIVER_AREA,
+                size: DRIVER_AREA_SIZE,
+            },
+        ],
+        virtio_mem: vec![vmem_spec(region)],
+        virtio_iommu,
+        dma: DmaSpec {
+            devices: dma
+                .map(|backend| AssignedDeviceSpec {
+                    name: "assigned0".into(),
+                    backend,
+                    path,
+                })
+                .into_iter()
+                .collect(),
+            pin_budget: None,
+        },
+    }
 }
 
-fn vmem_device(region: u64, with_iommu: bool) -> String {
-    let vmem = format!(
-        r#"{{"device":"virtio-mem","id":"vmem0","addr":{HOT},"region_size":{region},"block_size":{},"requested_size":{region},"unplugged_inaccessible":true}}"#,
-        2 * MIB
-    );
-    let iommu = r#",{"device":"virtio-iommu","id":"viommu0","page_size_mask":18446744073709547520,"input_start":0,"input_end":18446744073709551615,"domain_start":1,"domain_end":100,"bypass":false,"endpoints":[8]}"#;
-    format!(
-        r#"{{"format":"devtrace","version":1,"source":"memvisor bench","ram":[{{"addr":0,"size":{}}}],"devices":[{vmem}{}]}}"#,
-        2 * MIB,
-        if with_iommu { iommu } else { "" }
-    )
+fn vmem_spec(region: u64) -> VirtioMemSpec {
+    VirtioMemSpec {
+        id: "vmem0".into(),
+        addr: HOT,
+        region_size: region,
+        block_size: 2 * MIB,
+        requested_size: region,
+        unplugged_inaccessible: true,
+        node_id: None,
+        prealloc: false,
+    }
 }
 
-fn vmem(m: &mut Machine, request: MemRequest) -> u16 {
-    match m.vmem_request(request).expect("virtio-mem request") {
-        Answer::Answered(a) => a.resp_wire,
+fn machine(config: &MachineConfig) -> BenchMachine {
+    BenchMachine {
+        machine: Machine::new(config).expect("benchmark machine"),
+        guest: Guest::new(DRIVER_AREA),
+    }
+}
+
+fn vmem(m: &mut BenchMachine, request: MemRequest) -> u16 {
+    match m.guest.vmem_request(&mut m.machine, 0, request).expect("virtio-mem request") {
+        Answer::Answered(a) => a.resp_type,
         Answer::NoAnswer => panic!("virtio-mem did not answer {request:?}"),
     }
 }
 
-fn iommu(m: &mut Machine, request: IommuRequest) -> Status {
-    match m.iommu_request(request).expect("virtio-iommu request") {
+fn iommu(m: &mut BenchMachine, request: IommuRequest) -> Status {
+    match m.guest.iommu_request(&mut m.machine, request).expect("virtio-iommu request") {
         Answer::Answered(s) => s,
         Answer::NoAnswer => panic!("virtio-iommu did not answer {request:?}"),
     }
 }
 
-fn host_of(m: &Machine, gpa: u64, len: u64) -> u64 {
-    m.memory()
+fn host_of(m: &BenchMachine, gpa: u64, len: u64) -> u64 {
+    m.machine
+        .memory()
         .lookup(GuestRange::new(gpa, len).expect("range"))
         .expect("guest RAM")
         .host_address
 }
 
 /// One MAP and one UNMAP through the request virtqueue.
-fn requests(m: &mut Machine, map: IommuRequest, unmap: IommuRequest) {
+fn requests(m: &mut BenchMachine, map: IommuRequest, unmap: IommuRequest) {
     assert_eq!(iommu(m, map), Status::Ok);
     assert_eq!(iommu(m, unmap), Status::Ok);
 }
@@ -239,7 +296,7 @@ fn requests(m: &mut Machine, map: IommuRequest, unmap: IommuRequest) {
 /// single it out (`valgrind --tool=callgrind
 /// --toggle-collect='*bench::map_unmap*'` counts its instructions alone).
 #[inline(never)]
-fn map_unmap(m: &mut Machine, map: IommuRequest, unmap: IommuRequest) {
+fn map_unmap(m: &mut BenchMachine, map: IommuRequest, unmap: IommuRequest) {
     requests(m, map, unmap);
 }
 
@@ -247,7 +304,7 @@ fn map_unmap(m: &mut Machine, map: IommuRequest, unmap: IommuRequest) {
 /// virtqueue, the device, the bridge's populated check and the DMA
 /// backend; the floor pins and unpins the same host range.
 pub struct ViommuMapUnmap {
-    machine: Machine,
+    machine: BenchMachine,
     map: IommuRequest,
     unmap: IommuRequest,
     host: u64,
@@ -261,10 +318,10 @@ pub struct ViommuMapUnmap {
 impl ViommuMapUnmap {
     /// A machine whose vIOMMU endpoint is assigned to `dma`, mapping `len`
     /// bytes (at most 4 MiB) onto the start of plugged virtio-mem memory.
-    /// With [`DmaBackend::None`] the same requests pin nothing: the
+    /// Without a backend (`None`) the same requests pin nothing: the
     /// virtqueue and device alone.
-    pub fn new(len: u64, dma: DmaBackend) -> Self {
-        let mut machine = machine(&vmem_device(64 * MIB, true), dma);
+    pub fn new(len: u64, dma: Option<DmaBackend>) -> Self {
+        let mut machine = machine(&machine_config(64 * MIB, true, dma));
         let plug = MemRequest::Plug(BlockRange {
             addr: HOT,
             nb_blocks: 2,
@@ -272,7 +329,7 @@ impl ViommuMapUnmap {
         assert_eq!(vmem(&mut machine, plug), 0, "plug for the benchmark");
         let attach = IommuRequest::Attach(Attach {
             domain: 1,
-            endpoint: 8,
+            endpoint: ENDPOINT,
             flags: 0,
             reserved: [0; 4],
         });
@@ -297,14 +354,14 @@ impl ViommuMapUnmap {
             host,
             len,
             pin: PinFloor::new(),
-            profiled: dma != DmaBackend::None,
+            profiled: dma.is_some(),
         }
     }
 
     /// The lower bound of any pinning backend on this path: the floor's two
     /// system calls made between the same requests — the pin before the
     /// MAP, the unpin before the UNMAP — on this machine, which should have
-    /// no DMA backend ([`DmaBackend::None`]) so that nothing else pins.
+    /// no DMA backend so that nothing else pins.
     pub fn requests_with_floor(&mut self) {
         self.pin.pin(self.host, self.len);
         assert_eq!(iommu(&mut self.machine, self.map), Status::Ok);
@@ -314,7 +371,7 @@ impl ViommuMapUnmap {
 
     /// Bytes the machine has pinned (none between two runs of `ours`).
     pub fn pinned_bytes(&self) -> u64 {
-        self.machine.pinned_bytes()
+        self.machine.machine.pinned_bytes()
     }
 }
 
@@ -339,8 +396,8 @@ impl Scenario for ViommuMapUnmap {
 /// ([`ViommuMapUnmap::requests_with_floor`]).
 fn viommu_map_unmap(key: &'static str, len: u64, opts: BenchOptions) -> Figure {
     // Two closures each use each machine, hence the cells.
-    let pinning = RefCell::new(ViommuMapUnmap::new(len, DmaBackend::Uring));
-    let bare = RefCell::new(ViommuMapUnmap::new(len, DmaBackend::None));
+    let pinning = RefCell::new(ViommuMapUnmap::new(len, Some(DmaBackend::Uring)));
+    let bare = RefCell::new(ViommuMapUnmap::new(len, None));
     let (samples, iters) = match (opts.quick, len > 64 * 1024) {
         (true, _) => (3, 20),
         (false, false) => (31, 4000),
@@ -375,7 +432,7 @@ fn viommu_map_unmap(key: &'static str, len: u64, opts: BenchOptions) -> Figure {
 /// `RamDmaListener` on the io_uring backend; the floor punches the same
 /// hole and pins and unpins the same range.
 pub struct VmemPlugUnplug {
-    machine: Machine,
+    machine: BenchMachine,
     region: Arc<VirtioMemRegion>,
     host: u64,
     pin: PinFloor,
@@ -385,9 +442,9 @@ impl VmemPlugUnplug {
     /// A machine with a 64 MiB virtio-mem region and an assigned device on
     /// the io_uring backend, no vIOMMU.
     pub fn new() -> Self {
-        let machine = machine(&vmem_device(64 * MIB, false), DmaBackend::Uring);
+        let machine = machine(&machine_config(64 * MIB, false, Some(DmaBackend::Uring)));
         let host = host_of(&machine, HOT, 2 * MIB);
-        let region = machine.vmem_region().expect("virtio-mem").clone();
+        let region = machine.machine.vmems()[0].region.clone();
         Self {
             machine,
             region,
@@ -626,26 +683,18 @@ fn pipe() -> (File, File) {
 }
 
 /// A virtio-mem region of `size` bytes at [`HOT`] and a memory map holding it.
-fn vmem_region(size: u64) -> (Arc<VirtioMemRegion>, GuestMemoryMap) {
-    let block = Arc::new(RamBlock::new("vmem0", size, Backing::Memfd).expect("RAM block"));
-    let mut options = VirtioMemOptions::new(HOT);
-    options.requested_size = size;
-    let region = VirtioMemRegion::new(block.clone(), options).expect("virtio-mem region");
-    let map = GuestMemoryMap::builder()
-        .managed_ram(HOT, block, region.clone() as Arc<dyn RamDiscardManager>)
-        .expect("map")
-        .build()
-        .expect("map");
-    (region, map)
+/// A machine of one `size`-byte virtio-mem region, all of it requested,
+/// and nothing else.
+fn vmem_machine(size: u64) -> Machine {
+    Machine::new(&MachineConfig {
+        virtio_mem: vec![vmem_spec(size)],
+        ..MachineConfig::default()
+    })
+    .expect("virtio-mem machine")
 }
 
-fn registry(region: &Arc<VirtioMemRegion>, map: &GuestMemoryMap) -> Registry {
-    let mut registry = Registry::with_memory(map.clone());
-    registry
-        .register(VirtioMemSection::new(0, region.clone()))
-        .expect("virtio-mem section");
-    memvisor_vmstate::ram::register_ram(&mut registry, map).expect("RAM sections");
-    registry
+fn registry(machine: &Machine) -> Registry {
+    machine.registry().expect("registry")
 }
 
 /// Save and load of a virtio-mem region with part of it plugged and filled
@@ -655,8 +704,7 @@ fn registry(region: &Arc<VirtioMemRegion>, map: &GuestMemoryMap) -> Registry {
 /// destination, made (untimed) by [`destination`](Self::destination) and
 /// [`floor_destination`](Self::floor_destination).
 pub struct Migration {
-    src: Arc<VirtioMemRegion>,
-    src_map: GuestMemoryMap,
+    src: Machine,
     size: u64,
     plugged: u64,
 }
@@ -665,23 +713,23 @@ impl Migration {
     /// A `size`-byte source region with its first `plugged` bytes (a
     /// multiple of 2 MiB) plugged and filled.
     pub fn new(size: u64, plugged: u64) -> Self {
-        let (src, src_map) = vmem_region(size);
+        let src = vmem_machine(size);
         let plug = MemRequest::Plug(BlockRange {
             addr: HOT,
             nb_blocks: (plugged / (2 * MIB)) as u16,
         });
+        let region = &src.vmems()[0].region;
         assert_eq!(
-            src.handle(plug),
+            region.apply(plug),
             memvisor_virtio_mem::Response::Ack(None),
             "plug for the benchmark"
         );
         let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
         for off in (0..plugged).step_by(MIB as usize) {
-            src.block().write(off, &pattern).expect("fill");
+            region.block().write(off, &pattern).expect("fill");
         }
         Self {
             src,
-            src_map,
             size,
             plugged,
         }
@@ -690,11 +738,12 @@ impl Migration {
     /// A fresh destination region, and the two ends' section registries,
     /// for one [`save_load`](Self::save_load).
     pub fn destination(&self) -> Destination {
-        let (region, map) = vmem_region(self.size);
+        let machine = vmem_machine(self.size);
         Destination {
-            sender: registry(&self.src, &self.src_map),
-            receiver: registry(&region, &map),
-            region,
+            sender: registry(&self.src),
+            receiver: registry(&machine),
+            region: machine.vmems()[0].region.clone(),
+            _machine: machine,
         }
     }
 
@@ -712,6 +761,10 @@ impl Migration {
         loaded.total_bytes
     }
 
+    fn source_region(&self) -> &Arc<VirtioMemRegion> {
+        &self.src.vmems()[0].region
+    }
+
     /// A fresh mapping for [`copy`](Self::copy).
     pub fn floor_destination(&self) -> RamBlock {
         RamBlock::new("dst", self.size, Backing::Memfd).expect("RAM block")
@@ -725,7 +778,7 @@ impl Migration {
             s.spawn(|| {
                 // SAFETY: the plugged part of the source mapping, alive for the scope.
                 let bytes =
-                    unsafe { std::slice::from_raw_parts(self.src.block().host_address() as *const u8, plugged) };
+                    unsafe { std::slice::from_raw_parts(self.source_region().block().host_address() as *const u8, plugged) };
                 tx.write_all(bytes).expect("pipe write");
                 drop(tx);
             });
@@ -745,6 +798,7 @@ pub struct Destination {
     region: Arc<VirtioMemRegion>,
     sender: Registry,
     receiver: Registry,
+    _machine: Machine,
 }
 
 fn migration(opts: BenchOptions) -> Figure {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use memvisor_devtrace::{
-    Device, DmaBackend, MachineOptions, ReplayOptions, Report, Trace, UnplugGuard, builtin, replay,
+    Device, DmaBackend, ReplayMachineOptions, ReplayOptions, Report, Trace, UnplugGuard, builtin, replay,
 };
 
 use crate::size::human;
@@ -62,10 +62,10 @@ fn load(args: &ReplayArgs) -> Result<(Trace, bool), String> {
     }
 }
 
-fn dma_backend(arg: DmaArg) -> Result<DmaBackend, String> {
-    Ok(match arg {
+fn dma_backend(arg: DmaArg) -> Result<Option<DmaBackend>, String> {
+    Ok(Some(match arg {
         DmaArg::Uring => DmaBackend::Uring,
-        DmaArg::None => DmaBackend::None,
+        DmaArg::None => return Ok(None),
         DmaArg::Vfio => {
             let value = std::env::var(VFIO_GROUP_VAR).map_err(|_| {
                 format!(
@@ -79,7 +79,7 @@ fn dma_backend(arg: DmaArg) -> Result<DmaBackend, String> {
                 .map_err(|_| format!("{VFIO_GROUP_VAR}={value:?} is not an IOMMU group number"))?;
             DmaBackend::Vfio { group }
         }
-    })
+    }))
 }
 
 fn describe(trace: &Trace) -> String {
@@ -169,7 +169,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let options = ReplayOptions {
-        machine: MachineOptions {
+        machine: ReplayMachineOptions {
             dma,
             unplug_guard: args.guard,
             pin_budget: args.pin_budget,
