@@ -123,7 +123,7 @@ impl Drop for Attachment {
     }
 }
 
-pub(crate) struct DmaInner {
+pub(crate) struct DeviceState {
     pub(crate) name: String,
     pub(crate) target: DmaTarget,
     path: Option<DmaPath>,
@@ -134,7 +134,7 @@ pub(crate) struct DmaInner {
 /// [module documentation](self).
 #[derive(Clone)]
 pub struct DmaDevice {
-    inner: Arc<Mutex<DmaInner>>,
+    inner: Arc<Mutex<DeviceState>>,
 }
 
 impl fmt::Debug for DmaDevice {
@@ -153,7 +153,7 @@ impl DmaDevice {
     /// listener's and notifier's name).
     pub fn new(name: &str, target: DmaTarget) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(DmaInner {
+            inner: Arc::new(Mutex::new(DeviceState {
                 name: name.to_string(),
                 target,
                 path: None,
@@ -162,7 +162,7 @@ impl DmaDevice {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, DmaInner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DeviceState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -4,23 +4,23 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How a device may access a mapping.
+/// What a device may do with a mapping: read it, write it, or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Access {
+pub struct Permissions {
     /// The device may read.
     pub read: bool,
     /// The device may write.
     pub write: bool,
 }
 
-impl Access {
+impl Permissions {
     /// Read and write.
-    pub const READ_WRITE: Access = Access {
+    pub const READ_WRITE: Permissions = Permissions {
         read: true,
         write: true,
     };
     /// Read only.
-    pub const READ: Access = Access {
+    pub const READ: Permissions = Permissions {
         read: true,
         write: false,
     };
@@ -152,7 +152,7 @@ pub trait DmaMapper: Send + Sync {
     fn name(&self) -> &str;
 
     /// Maps and pins; see the trait documentation.
-    fn map(&self, iova: u64, host: u64, len: u64, access: Access) -> Result<(), DmaError>;
+    fn map(&self, iova: u64, host: u64, len: u64, access: Permissions) -> Result<(), DmaError>;
 
     /// Unmaps and unpins; returns the bytes unmapped.
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError>;

@@ -17,7 +17,7 @@ use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy, PolicyError};
 
-use crate::mapper::{Access, DmaError, DmaMapper};
+use crate::mapper::{Permissions, DmaError, DmaMapper};
 
 /// Why a [`RamDmaListener`] could not be attached. Nothing stays mapped.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,7 @@ impl RamDiscardListener for RegionListener {
         while gpa < range.end() {
             if let Err(e) = self
                 .mapper
-                .map(gpa, self.host(gpa), self.granularity, Access::READ_WRITE)
+                .map(gpa, self.host(gpa), self.granularity, Permissions::READ_WRITE)
             {
                 if gpa > range.start()
                     && let Err(undo) = self.mapper.unmap(range.start(), gpa - range.start())
@@ -196,7 +196,7 @@ impl RamDmaListener {
                             region.range().start(),
                             region.host_address(),
                             region.range().len(),
-                            Access::READ_WRITE,
+                            Permissions::READ_WRITE,
                         )
                         .map_err(|source| SetupError::Map {
                             region: region.range(),

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use io_uring::IoUring;
 use smallvec::SmallVec;
 
-use crate::mapper::{Access, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
+use crate::mapper::{Permissions, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
 
 /// Buffers in one ring's table: the kernel's maximum (`IORING_MAX_REG_BUFFERS`).
 pub const SLOTS_PER_RING: u32 = 1 << 14;
@@ -65,7 +65,7 @@ struct Mapping {
 }
 
 #[derive(Default)]
-struct Inner {
+struct PinnerState {
     rings: Vec<RingTable>,
     mappings: BTreeMap<u64, Mapping>,
     pinned: u64,
@@ -75,16 +75,16 @@ struct Inner {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use memvisor_dma::mapper::{Access, DmaMapper, PinBudget};
+/// use memvisor_dma::mapper::{Permissions, DmaMapper, PinBudget};
 /// use memvisor_dma::uring::UringPinner;
 /// use memvisor_memory::{Backing, RamBlock};
 ///
 /// let ram = RamBlock::new("ram", 4 << 20, Backing::Memfd).unwrap();
 /// let pinner = UringPinner::new("dev0", Arc::new(PinBudget::limited(2 << 20)));
-/// pinner.map(0x10000, ram.host_address(), 2 << 20, Access::READ_WRITE).unwrap();
+/// pinner.map(0x10000, ram.host_address(), 2 << 20, Permissions::READ_WRITE).unwrap();
 /// assert_eq!(pinner.pinned_bytes(), 2 << 20);
 /// // The budget is full: nothing more is pinned.
-/// assert!(pinner.map(0x300000, ram.host_address() + (2 << 20), 4096, Access::READ).is_err());
+/// assert!(pinner.map(0x300000, ram.host_address() + (2 << 20), 4096, Permissions::READ).is_err());
 /// assert_eq!(pinner.unmap(0, 1 << 40).unwrap(), 2 << 20);
 /// assert_eq!(pinner.pinned_bytes(), 0);
 /// ```
@@ -92,7 +92,7 @@ pub struct UringPinner {
     name: String,
     budget: Arc<PinBudget>,
     max_mappings: u64,
-    inner: Mutex<Inner>,
+    inner: Mutex<PinnerState>,
 }
 
 impl fmt::Debug for UringPinner {
@@ -180,7 +180,7 @@ impl UringPinner {
             name: name.to_string(),
             budget,
             max_mappings,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(PinnerState::default()),
         }
     }
 
@@ -194,13 +194,13 @@ impl UringPinner {
         &self.budget
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinnerState> {
         self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Unpins `slots`, which held the `bytes` of mappings just removed from
     /// the table, and gives the bytes back to the budget.
-    fn unpin(&self, inner: &mut Inner, slots: &mut [Slot], bytes: u64) {
+    fn unpin(&self, inner: &mut PinnerState, slots: &mut [Slot], bytes: u64) {
         Self::release_slots(inner, slots);
         inner.pinned -= bytes;
         self.budget.release(bytes);
@@ -209,7 +209,7 @@ impl UringPinner {
     /// Clears `slots` (unpinning them) and returns them to the free lists,
     /// with one system call per run of consecutive slots in one ring (per
     /// [`CLEAR_CHUNK`] slots of a longer run). Sorts `slots` in place.
-    fn release_slots(inner: &mut Inner, slots: &mut [Slot]) {
+    fn release_slots(inner: &mut PinnerState, slots: &mut [Slot]) {
         slots.sort_unstable();
         let mut i = 0;
         while i < slots.len() {
@@ -224,7 +224,7 @@ impl UringPinner {
         }
     }
 
-    fn alloc_slot(inner: &mut Inner) -> std::io::Result<Slot> {
+    fn alloc_slot(inner: &mut PinnerState) -> std::io::Result<Slot> {
         if let Some(ring) = inner.rings.iter().position(|r| !r.free.is_empty()) {
             let index = inner.rings[ring].free.pop().expect("non-empty");
             return Ok(Slot {
@@ -243,7 +243,7 @@ impl UringPinner {
 
     /// Pins `[host, host + len)` into fresh slots; on failure everything
     /// pinned so far is released.
-    fn pin(inner: &mut Inner, iova: u64, host: u64, len: u64) -> Result<MappingSlots, DmaError> {
+    fn pin(inner: &mut PinnerState, iova: u64, host: u64, len: u64) -> Result<MappingSlots, DmaError> {
         let mut slots = MappingSlots::with_capacity(len.div_ceil(MAX_SLOT_BYTES) as usize);
         let mut offset = 0;
         while offset < len {
@@ -273,12 +273,18 @@ impl UringPinner {
     }
 }
 
+/// The last byte of the mapping of `len` (non-zero) bytes at `start`; never
+/// overflows, since a mapping ends at the top of the IOVA space at most.
+fn last_byte(start: u64, len: u64) -> u64 {
+    start + (len - 1)
+}
+
 impl DmaMapper for UringPinner {
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn map(&self, iova: u64, host: u64, len: u64, _access: Access) -> Result<(), DmaError> {
+    fn map(&self, iova: u64, host: u64, len: u64, _access: Permissions) -> Result<(), DmaError> {
         if len == 0 || (iova | host | len) % PAGE_SIZE != 0 {
             return Err(DmaError::Unaligned {
                 iova,
@@ -287,13 +293,14 @@ impl DmaMapper for UringPinner {
                 page_size: PAGE_SIZE,
             });
         }
-        let end = iova
-            .checked_add(len)
-            .filter(|_| host.checked_add(len).is_some())
+        // Inclusive ends: the page at the top of the IOVA space is mappable.
+        let last = iova
+            .checked_add(len - 1)
+            .filter(|_| host.checked_add(len - 1).is_some())
             .ok_or(DmaError::IovaOutOfRange { iova, len })?;
         let mut inner = self.lock();
-        if let Some((&start, m)) = inner.mappings.range(..end).next_back()
-            && start + m.len > iova
+        if let Some((&start, m)) = inner.mappings.range(..=last).next_back()
+            && last_byte(start, m.len) >= iova
         {
             return Err(DmaError::Overlap {
                 iova,
@@ -321,7 +328,6 @@ impl DmaMapper for UringPinner {
     }
 
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        let end = iova.saturating_add(len);
         let mut inner = self.lock();
         // The common case, one search: the range is exactly one mapping
         // (which leaves no room for another in it or reaching into it).
@@ -334,7 +340,7 @@ impl DmaMapper for UringPinner {
         }
         // A mapping starting before the range but reaching into it would be split.
         if let Some((&start, m)) = inner.mappings.range(..iova).next_back()
-            && start + m.len > iova
+            && last_byte(start, m.len) >= iova
         {
             return Err(DmaError::Split {
                 iova,
@@ -343,18 +349,23 @@ impl DmaMapper for UringPinner {
                 mapping_len: m.len,
             });
         }
-        // Remove the mappings starting in `[iova, end)`, last first, each
+        // Inclusive ends, so that a range reaching the top of the IOVA
+        // space does not wrap; past the top there is nothing to unmap.
+        let Some(last) = len.checked_sub(1).map(|l| iova.saturating_add(l)) else {
+            return Ok(0);
+        };
+        // Remove the mappings starting in `[iova, last]`, last first, each
         // search looking below the previous one's start (so unmapping a
         // mapping by its own start searches once). Only the last can reach
-        // past `end` (mappings do not overlap), and it is checked before
+        // past `last` (mappings do not overlap), and it is checked before
         // anything is removed.
         let mut slots = FreedSlots::new();
         let mut bytes = 0;
-        let mut below = end;
-        while below > iova
-            && let Some((&start, m)) = inner.mappings.range(iova..below).next_back()
+        let mut upper = Some(last);
+        while let Some(top) = upper
+            && let Some((&start, m)) = inner.mappings.range(iova..=top).next_back()
         {
-            if start + m.len > end {
+            if last_byte(start, m.len) > last {
                 return Err(DmaError::Split {
                     iova,
                     len,
@@ -365,7 +376,7 @@ impl DmaMapper for UringPinner {
             let m = inner.mappings.remove(&start).expect("found above");
             bytes += m.len;
             slots.extend(m.slots);
-            below = start;
+            upper = start.checked_sub(1).filter(|&below| below >= iova);
         }
         if bytes == 0 {
             // A hole: nothing to release.
@@ -430,11 +441,11 @@ mod tests {
         let ram = RamBlock::new("ram", 16 * MIB, Backing::Memfd).unwrap();
         let p = pinner(None);
         let before = vm_pin_kib();
-        p.map(0, ram.host_address(), 8 * MIB, Access::READ_WRITE).unwrap();
+        p.map(0, ram.host_address(), 8 * MIB, Permissions::READ_WRITE).unwrap();
         assert_eq!(vm_pin_kib() - before, 8 * 1024);
         // Pinning faulted the pages in.
         assert_eq!(ram.resident_bytes(0, 8 * MIB).unwrap(), 8 * MIB);
-        p.map(8 * MIB, ram.host_address() + 8 * MIB, 4096, Access::READ)
+        p.map(8 * MIB, ram.host_address() + 8 * MIB, 4096, Permissions::READ)
             .unwrap();
         assert_eq!(vm_pin_kib() - before, 8 * 1024 + 4);
         assert_eq!((p.pinned_bytes(), p.mapping_count()), (8 * MIB + 4096, 2));
@@ -476,7 +487,7 @@ mod tests {
         ram.write(0, b"still here").unwrap();
         let p = pinner(None);
         let before = vm_pin_kib();
-        p.map(0, ram.host_address(), 4 * MIB, Access::READ_WRITE).unwrap();
+        p.map(0, ram.host_address(), 4 * MIB, Permissions::READ_WRITE).unwrap();
         ram.discard(0, 4 * MIB).unwrap();
         // The file now reads back zeros...
         let mut fresh = [0xffu8; 10];
@@ -498,7 +509,7 @@ mod tests {
         let ram = RamBlock::new("big", (1 << 30) + 8 * MIB, Backing::PrivateAnonymous).unwrap();
         let p = pinner(None);
         let before = vm_pin_kib();
-        p.map(1 << 32, ram.host_address(), (1 << 30) + 8 * MIB, Access::READ_WRITE)
+        p.map(1 << 32, ram.host_address(), (1 << 30) + 8 * MIB, Permissions::READ_WRITE)
             .unwrap();
         assert_eq!(vm_pin_kib() - before, (1 << 20) + 8 * 1024);
         assert_eq!(p.mapping_count(), 1);
@@ -515,7 +526,7 @@ mod tests {
         let fill = || {
             for i in 0..n {
                 let at = i * PAGE_SIZE;
-                p.map(at, ram.host_address() + at, PAGE_SIZE, Access::READ).unwrap();
+                p.map(at, ram.host_address() + at, PAGE_SIZE, Permissions::READ).unwrap();
             }
         };
         fill();
@@ -536,9 +547,9 @@ mod tests {
         let ram = RamBlock::new("ram", 8 * MIB, Backing::Memfd).unwrap();
         let p = pinner(Some(4 * MIB));
         let before = vm_pin_kib();
-        p.map(0, ram.host_address(), 3 * MIB, Access::READ_WRITE).unwrap();
+        p.map(0, ram.host_address(), 3 * MIB, Permissions::READ_WRITE).unwrap();
         let err = p
-            .map(3 * MIB, ram.host_address() + 3 * MIB, 2 * MIB, Access::READ_WRITE)
+            .map(3 * MIB, ram.host_address() + 3 * MIB, 2 * MIB, Permissions::READ_WRITE)
             .unwrap_err();
         assert!(
             matches!(err, DmaError::BudgetExceeded { budget, .. } if budget == 4 * MIB),
@@ -546,7 +557,7 @@ mod tests {
         );
         assert_eq!(vm_pin_kib() - before, 3 * 1024);
         assert_eq!(p.budget().used(), 3 * MIB);
-        p.map(3 * MIB, ram.host_address() + 3 * MIB, MIB, Access::READ_WRITE)
+        p.map(3 * MIB, ram.host_address() + 3 * MIB, MIB, Permissions::READ_WRITE)
             .unwrap();
         drop(p);
         assert_eq!(vm_pin_kib(), before, "dropping the pinner unpins everything");
@@ -558,22 +569,22 @@ mod tests {
         let ram = RamBlock::new("ram", 8 * MIB, Backing::Memfd).unwrap();
         let h = ram.host_address();
         let p = pinner(None);
-        p.map(2 * MIB, h, 2 * MIB, Access::READ).unwrap();
+        p.map(2 * MIB, h, 2 * MIB, Permissions::READ).unwrap();
         assert!(matches!(
-            p.map(3 * MIB, h, 2 * MIB, Access::READ),
+            p.map(3 * MIB, h, 2 * MIB, Permissions::READ),
             Err(DmaError::Overlap { existing, .. }) if existing == 2 * MIB
         ));
         assert!(matches!(
-            p.map(MIB, h, 2 * MIB, Access::READ),
+            p.map(MIB, h, 2 * MIB, Permissions::READ),
             Err(DmaError::Overlap { .. })
         ));
         assert!(matches!(
-            p.map(0, h + 1, 4096, Access::READ),
+            p.map(0, h + 1, 4096, Permissions::READ),
             Err(DmaError::Unaligned { .. })
         ));
-        assert!(matches!(p.map(0, h, 0, Access::READ), Err(DmaError::Unaligned { .. })));
+        assert!(matches!(p.map(0, h, 0, Permissions::READ), Err(DmaError::Unaligned { .. })));
         assert!(matches!(
-            p.map(u64::MAX - 4095, h, 8192, Access::READ),
+            p.map(u64::MAX - 4095, h, 8192, Permissions::READ),
             Err(DmaError::IovaOutOfRange { .. })
         ));
         assert!(matches!(p.unmap(3 * MIB, 4 * MIB), Err(DmaError::Split { start, .. }) if start == 2 * MIB));
@@ -586,8 +597,8 @@ mod tests {
         assert_eq!(p.unmap(0, 8 * MIB).unwrap(), 2 * MIB);
         // A range starting at a mapping and reaching past it takes the
         // mappings inside it, whatever lies between.
-        p.map(2 * MIB, h, MIB, Access::READ).unwrap();
-        p.map(4 * MIB, h, MIB, Access::READ).unwrap();
+        p.map(2 * MIB, h, MIB, Permissions::READ).unwrap();
+        p.map(4 * MIB, h, MIB, Permissions::READ).unwrap();
         assert_eq!(p.unmap(2 * MIB, 4 * MIB).unwrap(), 2 * MIB);
         assert_eq!(p.pinned_bytes(), 0);
     }
@@ -597,12 +608,42 @@ mod tests {
         let _g = serial();
         let ram = RamBlock::new("ram", MIB, Backing::Memfd).unwrap();
         let p = UringPinner::with_max_mappings("small", Arc::new(PinBudget::unlimited()), 2);
-        p.map(0, ram.host_address(), 4096, Access::READ).unwrap();
-        p.map(4096, ram.host_address(), 4096, Access::READ).unwrap();
+        p.map(0, ram.host_address(), 4096, Permissions::READ).unwrap();
+        p.map(4096, ram.host_address(), 4096, Permissions::READ).unwrap();
         assert!(matches!(
-            p.map(8192, ram.host_address(), 4096, Access::READ),
+            p.map(8192, ram.host_address(), 4096, Permissions::READ),
             Err(DmaError::TooManyMappings { limit: 2 })
         ));
         assert_eq!(p.limits().max_mappings, 2);
+    }
+
+    /// The page at the top of the IOVA space (its end, 2^64, does not fit
+    /// a u64) maps, refuses overlaps and unmaps like any other.
+    #[test]
+    fn the_top_iova_page_maps_and_unmaps() {
+        let _g = serial();
+        let ram = RamBlock::new("ram", MIB, Backing::Memfd).unwrap();
+        let h = ram.host_address();
+        let p = pinner(None);
+        let top = u64::MAX - 4095;
+        p.map(top, h, 4096, Permissions::READ_WRITE).unwrap();
+        assert_eq!(p.pinned_bytes(), 4096);
+        assert!(matches!(
+            p.map(top - 4096, h, 8192, Permissions::READ),
+            Err(DmaError::Overlap { existing, .. }) if existing == top
+        ));
+        p.map(top - 4096, h, 4096, Permissions::READ).unwrap();
+        // Exactly the top page, then everything up to the top.
+        assert_eq!(p.unmap(top, 4096).unwrap(), 4096);
+        p.map(top, h, 4096, Permissions::READ).unwrap();
+        assert!(matches!(p.unmap(top - 4096, 4096 + 1), Err(DmaError::Split { start, .. }) if start == top));
+        // A length cannot reach the last byte from 0: [0, 2^64 - 2] would
+        // split the top page.
+        assert!(matches!(p.unmap(0, u64::MAX), Err(DmaError::Split { start, .. }) if start == top));
+        assert_eq!(p.unmap(top - 4096, 8192).unwrap(), 8192);
+        assert_eq!(p.pinned_bytes(), 0);
+        // A range reaching past the top unmaps what is there.
+        p.map(top, h, 4096, Permissions::READ).unwrap();
+        assert_eq!(p.unmap(top, 8192).unwrap(), 4096);
     }
 }

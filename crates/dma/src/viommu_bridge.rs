@@ -25,7 +25,7 @@ use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
 use memvisor_iommu::{IommuNotifier, MapEvent, NotifierRefusal, UnmapEvent};
 
-use crate::mapper::{Access, DmaError, DmaMapper};
+use crate::mapper::{Permissions, DmaError, DmaMapper};
 use crate::ram_listener::SetupError;
 
 /// What the bridge does when the guest unplugs memory that a live IOMMU
@@ -47,7 +47,7 @@ pub enum UnplugGuard {
 /// ends, so that pair finds the record, and `MMIO` mappings (never pinned)
 /// need none.
 #[derive(Default)]
-struct State {
+struct PinTable {
     /// Size of every pinned mapping, by guest-physical start then IOVA
     /// (several IOVAs may map the same memory): the interval index for
     /// vetoes, and the record of what to unpin.
@@ -58,7 +58,7 @@ struct State {
     longest: u64,
 }
 
-impl State {
+impl PinTable {
     /// Pinned mappings overlapping `range`, as `((phys, iova), size)`.
     fn pinned_overlapping(&self, range: GuestRange) -> impl Iterator<Item = ((u64, u64), u64)> + '_ {
         let from = range.start().saturating_sub(self.longest.saturating_sub(1));
@@ -69,17 +69,19 @@ impl State {
     }
 }
 
-struct Core {
+/// The half of the bridge that the IOMMU (as its notifier) and the discard
+/// managers (as their listener) hold.
+struct Shared {
     name: String,
     mapper: Arc<dyn DmaMapper>,
     guard: UnplugGuard,
     warned: AtomicBool,
-    state: Mutex<State>,
+    table: Mutex<PinTable>,
 }
 
-impl Core {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, PinTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Unpins the mapping at `iova`, whose record the caller has just
@@ -102,7 +104,7 @@ fn refusal_for(e: &DmaError) -> NotifierRefusal {
     }
 }
 
-impl IommuNotifier for Core {
+impl IommuNotifier for Shared {
     fn name(&self) -> &str {
         &self.name
     }
@@ -123,7 +125,7 @@ impl IommuNotifier for Core {
         if ev.populated.is_some_and(|view| !view.is_populated(phys)) {
             return Err(NotifierRefusal::Invalid);
         }
-        let access = Access {
+        let access = Permissions {
             read: ev.flags.read(),
             write: ev.flags.write(),
         };
@@ -152,7 +154,7 @@ impl IommuNotifier for Core {
     }
 }
 
-impl RamDiscardListener for Core {
+impl RamDiscardListener for Shared {
     fn name(&self) -> &str {
         &self.name
     }
@@ -206,7 +208,7 @@ impl RamDiscardListener for Core {
 /// with the IOMMU for the endpoint. Dropping the bridge unpins everything
 /// and unregisters it from the discard managers.
 pub struct ViommuDmaBridge {
-    core: Arc<Core>,
+    shared: Arc<Shared>,
     registered: Vec<(Arc<dyn RamDiscardManager>, ListenerId)>,
     _policy: DiscardGuard,
 }
@@ -214,9 +216,9 @@ pub struct ViommuDmaBridge {
 impl fmt::Debug for ViommuDmaBridge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ViommuDmaBridge")
-            .field("name", &self.core.name)
-            .field("mapper", &self.core.mapper.name())
-            .field("guard", &self.core.guard)
+            .field("name", &self.shared.name)
+            .field("mapper", &self.shared.mapper.name())
+            .field("guard", &self.shared.guard)
             .finish()
     }
 }
@@ -233,22 +235,22 @@ impl ViommuDmaBridge {
         guard: UnplugGuard,
     ) -> Result<Self, SetupError> {
         let policy_guard = policy.disable_uncoordinated(name)?;
-        let core = Arc::new(Core {
+        let shared = Arc::new(Shared {
             name: name.to_string(),
             mapper,
             guard,
             warned: AtomicBool::new(false),
-            state: Mutex::new(State::default()),
+            table: Mutex::new(PinTable::default()),
         });
         let mut this = Self {
-            core,
+            shared,
             registered: Vec::new(),
             _policy: policy_guard,
         };
         for region in mem.regions() {
             if let Some(manager) = region.manager() {
                 let id = manager
-                    .register_listener(this.core.clone(), region.range())
+                    .register_listener(this.shared.clone(), region.range())
                     .map_err(|e| SetupError::Register {
                         region: region.range(),
                         reason: e.to_string(),
@@ -261,23 +263,23 @@ impl ViommuDmaBridge {
 
     /// The notifier to register with the IOMMU for the endpoint.
     pub fn notifier(&self) -> Arc<dyn IommuNotifier> {
-        self.core.clone()
+        self.shared.clone()
     }
 
     /// The mapper behind it.
     pub fn mapper(&self) -> &Arc<dyn DmaMapper> {
-        &self.core.mapper
+        &self.shared.mapper
     }
 
     /// Bytes of the live pinned mappings, by the bridge's own record (the
     /// backend's [`DmaMapper::pinned_bytes`] must agree).
     pub fn pinned_bytes(&self) -> u64 {
-        self.core.lock().by_phys.values().sum()
+        self.shared.lock().by_phys.values().sum()
     }
 
     /// The guest-physical ranges currently pinned.
     pub fn pinned_ranges(&self) -> Vec<GuestRange> {
-        self.core
+        self.shared
             .lock()
             .by_phys
             .iter()
@@ -291,9 +293,9 @@ impl Drop for ViommuDmaBridge {
         for (manager, id) in self.registered.drain(..) {
             manager.unregister_listener(id);
         }
-        let mut state = self.core.lock();
+        let mut state = self.shared.lock();
         for ((_, iova), size) in std::mem::take(&mut state.by_phys) {
-            self.core.unpin(iova, size);
+            self.shared.unpin(iova, size);
         }
     }
 }

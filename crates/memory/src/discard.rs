@@ -128,9 +128,33 @@ pub enum RegisterError {
 
 /// The populated/discarded state of one guest-physical RAM region.
 ///
-/// See the [module documentation](self) for the locking rules. Every
-/// implementation in memvisor is a [`BlockDiscardManager`], possibly
-/// wrapped by a device; the provided methods are the contract's queries.
+/// See the [module documentation](self) for the locking rules; the
+/// provided methods are the contract's queries.
+///
+/// # One core, many wrappers
+///
+/// The state behind every implementation is the granule bitmap of a
+/// [`BlockDiscardManager`]: [`populated`](Self::populated) returns that
+/// core's read guard, a concrete [`PopulatedView`], and no other type can
+/// make one. An implementation is therefore a device that *owns* a
+/// `BlockDiscardManager` and forwards to it (memvisor's virtio-mem region
+/// does), adding its own policy around plug and unplug. This is deliberate:
+///
+/// * rule 3 (check and pin are one step) hands the very guard the check
+///   ran under to every IOMMU notifier ([`MapEvent::populated`] in
+///   `memvisor-iommu`); a concrete view keeps that a borrow, where a trait
+///   object would cost an allocation and dynamic calls on every MAP, the
+///   hottest path the DMA layer has;
+/// * the bitmap answers `is_populated` with whole-word compares and the
+///   replays with a trailing-zeros run finder (`memvisor bench`:
+///   `populated_check`, `populated_replay`), which a second representation
+///   would have to match;
+/// * every coordinated discarder in view (virtio-mem now; a
+///   hot-pluggable DIMM or a free-page-reporting device later) manages
+///   fixed-size granules, which is exactly what the bitmap holds.
+///
+/// A manager with a different representation would first have to turn
+/// [`PopulatedView`] into a trait (or an associated type of this one).
 pub trait RamDiscardManager: Send + Sync {
     /// Bytes per granule: a power of two; every notification covers whole,
     /// aligned granules.

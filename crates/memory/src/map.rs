@@ -296,7 +296,7 @@ impl GuestMemoryMapBuilder {
             reason: e.to_string(),
         })?;
         Ok(GuestMemoryMap {
-            inner: Arc::new(Inner {
+            inner: Arc::new(MapParts {
                 memory,
                 regions: self.regions,
             }),
@@ -304,7 +304,7 @@ impl GuestMemoryMapBuilder {
     }
 }
 
-struct Inner {
+struct MapParts {
     memory: GuestMemoryMmap,
     regions: Vec<Region>,
 }
@@ -312,7 +312,7 @@ struct Inner {
 /// The guest-physical memory map. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct GuestMemoryMap {
-    inner: Arc<Inner>,
+    inner: Arc<MapParts>,
 }
 
 impl fmt::Debug for GuestMemoryMap {

@@ -16,7 +16,7 @@ use super::ioctls::{
     read_iommu_info, set_container, set_type1v2_iommu,
 };
 use super::table::MappingTable;
-use crate::mapper::{Access, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
+use crate::mapper::{Permissions, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
 
 /// A [`DmaMapper`] over a VFIO type1v2 container holding one IOMMU group;
 /// see the [module documentation](super).
@@ -108,7 +108,7 @@ impl VfioContainerMapper {
 
     /// Validates a mapping request against alignment and the IOVA ranges;
     /// returns its inclusive last IOVA.
-    fn check_request(&self, iova: u64, host: u64, len: u64, access: Access) -> Result<u64, DmaError> {
+    fn check_request(&self, iova: u64, host: u64, len: u64, access: Permissions) -> Result<u64, DmaError> {
         let page_size = self.info.min_page_size();
         if len == 0 || (iova | host | len) & (page_size - 1) != 0 {
             return Err(DmaError::Unaligned {
@@ -175,7 +175,7 @@ impl DmaMapper for VfioContainerMapper {
     /// range not inside one usable range is [`DmaError::IovaOutOfRange`],
     /// and the kernel's `ENOSPC` (no DMA entries left) is
     /// [`DmaError::TooManyMappings`].
-    fn map(&self, iova: u64, host: u64, len: u64, access: Access) -> Result<(), DmaError> {
+    fn map(&self, iova: u64, host: u64, len: u64, access: Permissions) -> Result<(), DmaError> {
         let last = self.check_request(iova, host, len, access)?;
         let mut table = self.lock();
         table.check_free(iova, last, len)?;
@@ -350,9 +350,9 @@ mod tests {
     #[test]
     fn vfio_map_unmap_counts_and_access_flags() {
         let (m, fake) = fake_mapper(None, default_info());
-        m.map(0x10_0000, HOST, 2 * MIB, Access::READ_WRITE).unwrap();
-        m.map(0x40_0000, HOST + 2 * MIB, 4096, Access::READ).unwrap();
-        let write_only = Access {
+        m.map(0x10_0000, HOST, 2 * MIB, Permissions::READ_WRITE).unwrap();
+        m.map(0x40_0000, HOST + 2 * MIB, 4096, Permissions::READ).unwrap();
+        let write_only = Permissions {
             read: false,
             write: true,
         };
@@ -372,7 +372,7 @@ mod tests {
         assert_eq!(fake.state.lock().unwrap().unmap_calls, 3, "one UNMAP_DMA per mapping");
         assert!(fake.state.lock().unwrap().mappings.is_empty());
         assert_eq!((m.pinned_bytes(), m.mapping_count(), m.budget().used()), (0, 0, 0));
-        let none = Access {
+        let none = Permissions {
             read: false,
             write: false,
         };
@@ -385,7 +385,7 @@ mod tests {
     fn vfio_alignment_follows_the_iommu_page_size() {
         // 64 KiB IOMMU pages (arm64 SMMU with a 64K granule).
         let (m, _) = fake_mapper(None, info(0x2001_0000, None, None));
-        let e = m.map(0x1000, HOST, 0x1_0000, Access::READ).unwrap_err();
+        let e = m.map(0x1000, HOST, 0x1_0000, Permissions::READ).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -397,18 +397,18 @@ mod tests {
             "{e}"
         );
         assert!(matches!(
-            m.map(0x1_0000, HOST + 0x1000, 0x1_0000, Access::READ),
+            m.map(0x1_0000, HOST + 0x1000, 0x1_0000, Permissions::READ),
             Err(DmaError::Unaligned { .. })
         ));
         assert!(matches!(
-            m.map(0x1_0000, HOST, 0x1000, Access::READ),
+            m.map(0x1_0000, HOST, 0x1000, Permissions::READ),
             Err(DmaError::Unaligned { .. })
         ));
         assert!(matches!(
-            m.map(0x1_0000, HOST, 0, Access::READ),
+            m.map(0x1_0000, HOST, 0, Permissions::READ),
             Err(DmaError::Unaligned { .. })
         ));
-        m.map(0x1_0000, HOST, 0x2_0000, Access::READ).unwrap();
+        m.map(0x1_0000, HOST, 0x2_0000, Permissions::READ).unwrap();
         assert_eq!(m.limits().min_page_size(), 0x1_0000);
     }
 
@@ -434,40 +434,40 @@ mod tests {
             }
         );
         // Straddles the hole at the interrupt window.
-        let e = m.map(0xfed0_0000, HOST, 0x20_0000, Access::READ).unwrap_err();
+        let e = m.map(0xfed0_0000, HOST, 0x20_0000, Permissions::READ).unwrap_err();
         assert_eq!(
             e.to_string(),
             "iova range [0xfed00000, +0x200000) is outside the usable IOVA ranges"
         );
         // Inside the hole, and past the address width.
         assert!(matches!(
-            m.map(0xfee0_0000, HOST, 4096, Access::READ),
+            m.map(0xfee0_0000, HOST, 4096, Permissions::READ),
             Err(DmaError::IovaOutOfRange { .. })
         ));
         assert!(matches!(
-            m.map(1 << 39, HOST, 4096, Access::READ),
+            m.map(1 << 39, HOST, 4096, Permissions::READ),
             Err(DmaError::IovaOutOfRange { .. })
         ));
         assert!(matches!(
-            m.map(u64::MAX - 4095, HOST, 8192, Access::READ),
+            m.map(u64::MAX - 4095, HOST, 8192, Permissions::READ),
             Err(DmaError::IovaOutOfRange { .. })
         ));
         assert!(fake.state.lock().unwrap().mappings.is_empty());
-        m.map(0xfedf_f000, HOST, 4096, Access::READ).unwrap();
-        m.map(0xfef0_0000, HOST, 4096, Access::READ).unwrap();
-        m.map((1 << 39) - 4096, HOST, 4096, Access::READ).unwrap();
+        m.map(0xfedf_f000, HOST, 4096, Permissions::READ).unwrap();
+        m.map(0xfef0_0000, HOST, 4096, Permissions::READ).unwrap();
+        m.map((1 << 39) - 4096, HOST, 4096, Permissions::READ).unwrap();
     }
 
     #[test]
     fn vfio_overlap_and_split_change_nothing() {
         let (m, fake) = fake_mapper(None, default_info());
-        m.map(2 * MIB, HOST, 2 * MIB, Access::READ).unwrap();
+        m.map(2 * MIB, HOST, 2 * MIB, Permissions::READ).unwrap();
         assert!(matches!(
-            m.map(3 * MIB, HOST, 2 * MIB, Access::READ),
+            m.map(3 * MIB, HOST, 2 * MIB, Permissions::READ),
             Err(DmaError::Overlap { existing, .. }) if existing == 2 * MIB
         ));
         assert!(matches!(
-            m.map(MIB, HOST, 2 * MIB, Access::READ),
+            m.map(MIB, HOST, 2 * MIB, Permissions::READ),
             Err(DmaError::Overlap { .. })
         ));
         assert!(matches!(m.unmap(3 * MIB, 4 * MIB), Err(DmaError::Split { start, .. }) if start == 2 * MIB));
@@ -485,15 +485,15 @@ mod tests {
     #[test]
     fn vfio_budget_is_charged_first_and_released_on_failure() {
         let (m, fake) = fake_mapper(Some(4 * MIB), default_info());
-        m.map(0, HOST, 3 * MIB, Access::READ_WRITE).unwrap();
-        let e = m.map(3 * MIB, HOST, 2 * MIB, Access::READ_WRITE).unwrap_err();
+        m.map(0, HOST, 3 * MIB, Permissions::READ_WRITE).unwrap();
+        let e = m.map(3 * MIB, HOST, 2 * MIB, Permissions::READ_WRITE).unwrap_err();
         assert!(
             matches!(e, DmaError::BudgetExceeded { budget, .. } if budget == 4 * MIB),
             "{e}"
         );
         assert_eq!(fake.state.lock().unwrap().mappings.len(), 1, "the kernel never saw it");
         fake.state.lock().unwrap().fail_map = Some(libc::EFAULT);
-        let e = m.map(3 * MIB, HOST, MIB, Access::READ_WRITE).unwrap_err();
+        let e = m.map(3 * MIB, HOST, MIB, Permissions::READ_WRITE).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -506,26 +506,26 @@ mod tests {
             (3 * MIB, 3 * MIB, 1)
         );
         fake.state.lock().unwrap().fail_map = None;
-        m.map(3 * MIB, HOST, MIB, Access::READ_WRITE).unwrap();
+        m.map(3 * MIB, HOST, MIB, Permissions::READ_WRITE).unwrap();
         assert_eq!(m.budget().used(), 4 * MIB);
     }
 
     #[test]
     fn vfio_mapping_limit_from_dma_avail_and_enospc() {
         let (m, fake) = fake_mapper(None, info(PGSIZES_4K, None, Some(2)));
-        m.map(0, HOST, 4096, Access::READ).unwrap();
-        m.map(4096, HOST, 4096, Access::READ).unwrap();
+        m.map(0, HOST, 4096, Permissions::READ).unwrap();
+        m.map(4096, HOST, 4096, Permissions::READ).unwrap();
         assert!(matches!(
-            m.map(8192, HOST, 4096, Access::READ),
+            m.map(8192, HOST, 4096, Permissions::READ),
             Err(DmaError::TooManyMappings { limit: 2 })
         ));
         // The kernel running out first (another container sharing the
         // user's dma_entry_limit would not, but a lowered limit would).
         let (m2, fake2) = fake_mapper(None, default_info());
-        m2.map(0, HOST, 4096, Access::READ).unwrap();
+        m2.map(0, HOST, 4096, Permissions::READ).unwrap();
         fake2.state.lock().unwrap().fail_map = Some(libc::ENOSPC);
         assert!(matches!(
-            m2.map(4096, HOST, 4096, Access::READ),
+            m2.map(4096, HOST, 4096, Permissions::READ),
             Err(DmaError::TooManyMappings { limit: 1 })
         ));
         assert_eq!((m2.budget().used(), m2.mapping_count()), (4096, 1));
@@ -536,7 +536,7 @@ mod tests {
     fn vfio_unmap_failure_stops_the_walk_and_stays_exact() {
         let (m, fake) = fake_mapper(None, default_info());
         for i in 0..3 {
-            m.map(i * MIB, HOST, 4096, Access::READ).unwrap();
+            m.map(i * MIB, HOST, 4096, Permissions::READ).unwrap();
         }
         fake.state.lock().unwrap().fail_unmap_at = Some(MIB);
         let e = m.unmap(0, 4 * MIB).unwrap_err();
@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn vfio_unmap_checks_the_size_the_kernel_reports() {
         let (m, fake) = fake_mapper(None, default_info());
-        m.map(0, HOST, 8192, Access::READ).unwrap();
+        m.map(0, HOST, 8192, Permissions::READ).unwrap();
         fake.state.lock().unwrap().unmap_reports = Some(4096);
         let e = m.unmap(0, 8192).unwrap_err();
         assert!(
@@ -573,8 +573,8 @@ mod tests {
         let budget = Arc::new(PinBudget::limited(8 * MIB));
         let fake = Arc::new(FakeIommu::default());
         let m = VfioContainerMapper::with_iommu("fake", 7, budget.clone(), default_info(), Box::new(fake.clone()));
-        m.map(0, HOST, MIB, Access::READ).unwrap();
-        m.map(MIB, HOST, MIB, Access::READ).unwrap();
+        m.map(0, HOST, MIB, Permissions::READ).unwrap();
+        m.map(MIB, HOST, MIB, Permissions::READ).unwrap();
         fake.state.lock().unwrap().fail_unmap_at = Some(MIB);
         assert!(format!("{m:?}").contains("mappings: 2"));
         drop(m);
@@ -640,15 +640,15 @@ mod tests {
         let base = range.start.next_multiple_of(2 * MIB);
         let ram = RamBlock::new("ram", 8 * MIB, Backing::Memfd).unwrap();
         let h = ram.host_address();
-        m.map(base, h, 4 * MIB, Access::READ_WRITE).unwrap();
-        m.map(base + 4 * MIB, h + 4 * MIB, page, Access::READ).unwrap();
+        m.map(base, h, 4 * MIB, Permissions::READ_WRITE).unwrap();
+        m.map(base + 4 * MIB, h + 4 * MIB, page, Permissions::READ).unwrap();
         assert_eq!((m.pinned_bytes(), m.mapping_count()), (4 * MIB + page, 2));
         assert!(matches!(m.unmap(base + MIB, MIB), Err(DmaError::Split { .. })));
         assert_eq!(m.unmap(base, 16 * MIB).unwrap(), 4 * MIB + page);
         assert_eq!((m.pinned_bytes(), budget.used()), (0, 0));
         // A second container cannot take the same group.
         let e = VfioContainerMapper::open("again", group, budget.clone());
-        m.map(base, h, 4 * MIB, Access::READ_WRITE).unwrap();
+        m.map(base, h, 4 * MIB, Permissions::READ_WRITE).unwrap();
         drop(m);
         assert_eq!(budget.used(), 0);
         assert!(e.is_err(), "the group was in use");

@@ -12,7 +12,7 @@
 //! still available (`VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL`).
 //!
 //! Every mapping is one `VFIO_IOMMU_MAP_DMA` (read and write permissions
-//! from [`Access`]) and is unmapped by one `VFIO_IOMMU_UNMAP_DMA` of exactly
+//! from [`Permissions`]) and is unmapped by one `VFIO_IOMMU_UNMAP_DMA` of exactly
 //! its range, whose returned size is checked. The mapper keeps its own table
 //! of live mappings, so it refuses overlaps and splits before the kernel
 //! sees them, and [`DmaMapper::pinned_bytes`] and
@@ -26,7 +26,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use memvisor_dma::mapper::{Access, DmaMapper, PinBudget};
+//! use memvisor_dma::mapper::{Permissions, DmaMapper, PinBudget};
 //! use memvisor_dma::vfio::VfioContainerMapper;
 //!
 //! // IOMMU group 42 holds a device bound to vfio-pci.
@@ -34,7 +34,7 @@
 //! let limits = mapper.limits();
 //! println!("page sizes {:#x}, iova ranges {:?}", limits.page_sizes, limits.iova_ranges);
 //! # let host = 0;
-//! mapper.map(0x1_0000_0000, host, 2 << 20, Access::READ_WRITE)?;
+//! mapper.map(0x1_0000_0000, host, 2 << 20, Permissions::READ_WRITE)?;
 //! assert_eq!(mapper.unmap(0, u64::MAX)?, 2 << 20);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -43,7 +43,7 @@
 //! `VFIO_GROUP_GET_DEVICE_FD` on [`VfioContainerMapper::group_fd`].
 //!
 //! [`VfioContainer`]: vfio_ioctls::VfioContainer
-//! [`Access`]: crate::mapper::Access
+//! [`Permissions`]: crate::mapper::Permissions
 //! [`DmaMapper`]: crate::mapper::DmaMapper
 //! [`DmaMapper::pinned_bytes`]: crate::mapper::DmaMapper::pinned_bytes
 //! [`DmaMapper::mapping_count`]: crate::mapper::DmaMapper::mapping_count
