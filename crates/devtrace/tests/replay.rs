@@ -55,7 +55,7 @@ fn vmem_resize_replays_without_mismatch() {
     let trace = builtin_trace("vmem-resize");
     for dma in [Some(DmaBackend::Uring), None] {
         let r = run(&trace, &options(dma, UnplugGuard::Reject, None));
-        // 22 requests and 7 expects of 2 values, as the device crate's own replay counts.
+        // 22 requests and 7 expects of 2 values.
         assert_eq!(counts(&r), (35, 22, 22 + 14, 0, 0, 2, 384 << 20), "{dma:?}");
         if dma == Some(DmaBackend::Uring) {
             // Without a vIOMMU the assigned device maps boot RAM (1 GiB),

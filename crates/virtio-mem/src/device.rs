@@ -2,7 +2,7 @@
 //!
 //! [`VirtioMem`] is what a transport sees ([`VirtioDevice`]); it holds an
 //! `Arc` of the [`VirtioMemRegion`], where the requests take effect
-//! ([`VirtioMemRegion::handle`]), so that the DMA layer and management
+//! ([`VirtioMemRegion::apply`]), so that the DMA layer and management
 //! can use the region from other threads while the device runs.
 //!
 //! # Effects, in order
@@ -28,11 +28,9 @@ use memvisor_virtio::queue::{self, drain_queue};
 use memvisor_virtio::{ActivateError, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::Queue;
 
-use crate::wire::{
-    QUEUE_SIZE, REQUEST_SIZE, RESPONSE_SIZE, DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE,
-};
 use crate::region::{VirtioMemError, VirtioMemRegion, warn_limited};
 use crate::request::{BlockRange, BlockState, Request, Response};
+use crate::wire::{DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE, QUEUE_SIZE, REQUEST_SIZE, RESPONSE_SIZE};
 
 /// The name used in errors and logs.
 const NAME: &str = "virtio-mem";
@@ -52,7 +50,7 @@ impl VirtioMemRegion {
     ///   running or any veto → BUSY. On success the usable region is
     ///   recomputed (it may shrink).
     /// * STATE: the range → ERROR; else PLUGGED, UNPLUGGED or MIXED.
-    pub fn handle(&self, request: Request) -> Response {
+    pub fn apply(&self, request: Request) -> Response {
         match request {
             Request::Plug(blocks) => self.plug(blocks),
             Request::Unplug(blocks) => self.unplug(blocks),
@@ -296,7 +294,7 @@ impl VirtioDevice for VirtioMem {
             RESPONSE_SIZE,
             |chain| {
                 let request = Request::parse(chain.request(), chain.writable_len())?;
-                Ok(queue::Response::from_slice(&region.handle(request).to_bytes()))
+                Ok(queue::Response::from_slice(&region.apply(request).to_bytes()))
             },
         );
         if let Err(malformed) = result {

@@ -15,7 +15,7 @@
 //!
 //! // What the device does with a PLUG request popped from its queue:
 //! let plug = Request::Plug(BlockRange { addr: 1 << 32, nb_blocks: 2 });
-//! assert_eq!(region.handle(plug), Response::Ack(None));
+//! assert_eq!(region.apply(plug), Response::Ack(None));
 //! assert_eq!(region.plugged_size(), 4 << 20);
 //! // ...and what the DMA layer sees, from any thread:
 //! assert!(region.is_populated(GuestRange::new(1 << 32, 4 << 20).unwrap()));
@@ -37,11 +37,11 @@
 //! [`RamDiscardManager`]: memvisor_memory::discard::RamDiscardManager
 #![deny(missing_docs)]
 
-pub mod wire;
 pub mod device;
 pub mod persist;
 pub mod region;
 pub mod request;
+pub mod wire;
 
 pub use device::VirtioMem;
 pub use persist::{PersistError, VirtioMemState};

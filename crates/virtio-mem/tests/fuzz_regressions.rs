@@ -6,18 +6,27 @@
 mod common;
 
 use common::*;
+use memvisor_guest::VIRTQ_DESC_F_WRITE;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::DEVICE_NEEDS_RESET;
-use memvisor_virtio::driver::VIRTQ_DESC_F_WRITE;
 use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_STATE, VIRTIO_MEM_REQ_UNPLUG, VirtioMemReq, VirtioMemResp};
 use vm_memory::{Bytes, GuestAddress};
 
-/// Where the test's request bytes go in boot RAM (past the queue).
+/// Where the test's request bytes go in boot RAM (past its own queue,
+/// before the guest driver's area).
 const REQ_AT: u64 = 0x8_0000;
 const RESP_AT: u64 = 0x8_1000;
 
-fn put(g: &Guest, at: u64, bytes: &[u8]) {
-    g.map.memory().write_slice(bytes, GuestAddress(at)).unwrap();
+/// An 8 MiB-requested region the test activated itself: its chains go
+/// through its own queue, with descriptors pointing anywhere.
+fn vm() -> Vm {
+    let mut g = Vm::with_requested(8 * MIB);
+    g.activate().unwrap();
+    g
+}
+
+fn put(g: &Vm, at: u64, bytes: &[u8]) {
+    g.memory().memory().write_slice(bytes, GuestAddress(at)).unwrap();
 }
 
 fn state_request(addr: u64) -> [u8; 24] {
@@ -32,12 +41,12 @@ fn state_request(addr: u64) -> [u8; 24] {
 /// Kicks, and checks the chain was refused as malformed: no answer,
 /// NEEDS_RESET, and not one page of the region populated behind the
 /// plugged blocks.
-fn assert_refused(g: &mut Guest, plugged: u64) {
-    g.dev.queue_notify(0);
+fn assert_refused(g: &mut Vm, plugged: u64) {
+    g.dev_mut().queue_notify(0);
     assert!(g.driver().pop_used().is_none(), "the chain is not answered");
-    assert!(g.dev.needs_reset());
-    assert_eq!(g.dev.device_status(), DEVICE_NEEDS_RESET);
-    assert_eq!(g.region.plugged_size(), plugged);
+    assert!(g.dev().needs_reset());
+    assert_eq!(g.dev().device_status(), DEVICE_NEEDS_RESET);
+    assert_eq!(g.region().plugged_size(), plugged);
     assert_eq!(g.resident(), plugged, "discarded memory was populated");
 }
 
@@ -46,7 +55,7 @@ fn assert_refused(g: &mut Guest, plugged: u64) {
 /// discarded [0x100000000, 0x102000000)`).
 #[test]
 fn response_buffer_in_an_unplugged_block_is_not_written() {
-    let mut g = Guest::with_requested(8 * MIB);
+    let mut g = vm();
     assert_eq!(g.resident(), 0);
     put(&g, REQ_AT, &state_request(BASE));
     g.driver()
@@ -57,7 +66,7 @@ fn response_buffer_in_an_unplugged_block_is_not_written() {
 
 #[test]
 fn request_buffer_in_an_unplugged_block_is_not_read() {
-    let mut g = Guest::with_requested(8 * MIB);
+    let mut g = vm();
     g.driver()
         .add_raw(&[(BASE + 2 * MIB, 24, 0), (RESP_AT, 10, VIRTQ_DESC_F_WRITE)])
         .unwrap();
@@ -66,7 +75,7 @@ fn request_buffer_in_an_unplugged_block_is_not_read() {
 
 #[test]
 fn buffer_straddling_a_plugged_and_an_unplugged_block_is_refused() {
-    let mut g = Guest::with_requested(8 * MIB);
+    let mut g = vm();
     assert_eq!(g.plug(BASE, 1), ACK);
     g.touch(BASE, 2 * MIB);
     put(&g, REQ_AT, &state_request(BASE));
@@ -81,7 +90,7 @@ fn buffer_straddling_a_plugged_and_an_unplugged_block_is_refused() {
 /// populating the block again, so it is not (NEEDS_RESET).
 #[test]
 fn unplug_of_the_block_holding_its_own_response_buffer() {
-    let mut g = Guest::with_requested(8 * MIB);
+    let mut g = vm();
     assert_eq!(g.plug(BASE, 1), ACK);
     g.touch(BASE, 2 * MIB);
     let unplug = VirtioMemReq {
@@ -100,7 +109,7 @@ fn unplug_of_the_block_holding_its_own_response_buffer() {
 /// Plugged memory is ordinary guest RAM: buffers there work.
 #[test]
 fn buffers_in_plugged_blocks_work() {
-    let mut g = Guest::with_requested(8 * MIB);
+    let mut g = vm();
     assert_eq!(g.plug(BASE + 2 * MIB, 1), ACK);
     let req = BASE + 2 * MIB + 0x100;
     let resp = BASE + 2 * MIB + 0x200;
@@ -108,10 +117,10 @@ fn buffers_in_plugged_blocks_work() {
     g.driver()
         .add_raw(&[(req, 24, 0), (resp, 10, VIRTQ_DESC_F_WRITE)])
         .unwrap();
-    g.dev.queue_notify(0);
+    g.dev_mut().queue_notify(0);
     let used = g.driver().pop_used().expect("answered");
     assert_eq!(used.len, 10);
     let r = VirtioMemResp::from_bytes(&used.data).unwrap();
     assert_eq!((r.resp_type, r.state), (ACK, PLUGGED));
-    assert!(!g.dev.needs_reset());
+    assert!(!g.dev().needs_reset());
 }

@@ -5,13 +5,11 @@
 mod common;
 
 use common::*;
+use memvisor_guest::VIRTQ_DESC_F_WRITE;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::DEVICE_NEEDS_RESET;
-use memvisor_virtio::driver::Buf;
 use memvisor_virtio::interrupt::InterruptKind;
 use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VirtioMemReq};
-
-const VIRTQ_DESC_F_WRITE: u16 = 2;
 
 fn plug_bytes(nb_blocks: u16) -> [u8; 24] {
     VirtioMemReq {
@@ -22,31 +20,44 @@ fn plug_bytes(nb_blocks: u16) -> [u8; 24] {
     .to_bytes()
 }
 
+/// A 64 MiB region with 16 MiB requested, which the test activated itself:
+/// every request goes through its own queue, where it builds malformed
+/// chains, and its interrupts are counted.
+fn vm() -> Vm {
+    let mut g = Vm::with_requested(16 * MIB);
+    g.activate().unwrap();
+    g
+}
+
 /// Sends `bufs`, checks the device entered NEEDS_RESET without answering
 /// or plugging, then that it answers nothing until reset, and again after.
-fn assert_needs_reset(g: &mut Guest, send: impl FnOnce(&mut Guest)) {
+fn assert_needs_reset(g: &mut Vm, send: impl FnOnce(&mut Vm)) {
     assert_eq!(g.plug(BASE, 1), ACK, "works before");
     assert_eq!(g.config_irqs(), 0);
     g.irq.take(InterruptKind::Queue(0));
     send(g);
-    g.dev.queue_notify(0);
+    g.dev_mut().queue_notify(0);
     assert!(g.driver().pop_used().is_none(), "the malformed request is not answered");
-    assert!(g.dev.needs_reset());
-    assert_eq!(g.dev.device_status(), DEVICE_NEEDS_RESET);
+    assert!(g.dev().needs_reset());
+    assert_eq!(g.dev().device_status(), DEVICE_NEEDS_RESET);
     assert_eq!(g.config_irqs(), 1, "the driver is told");
-    assert_eq!(g.region.plugged_size(), 2 * MIB, "the malformed request had no effect");
+    assert_eq!(
+        g.region().plugged_size(),
+        2 * MIB,
+        "the malformed request had no effect"
+    );
 
     // A well-formed request is ignored until the reset.
     let ok = plug_bytes(1);
     assert!(g.submit(&[Buf::In(&ok), Buf::Out(10)]).is_none());
-    g.dev.queue_notify(0);
+    g.dev_mut().queue_notify(0);
     assert!(g.driver().pop_used().is_none());
     assert_eq!(g.irq.take(InterruptKind::Queue(0)), 0);
     assert_eq!(g.config_irqs(), 0, "signalled once");
 
-    g.dev.reset();
-    assert!(!g.dev.needs_reset());
-    assert_eq!(g.region.plugged_size(), 2 * MIB, "device reset keeps the blocks");
+    g.dev_mut().reset();
+    assert!(!g.dev().needs_reset());
+    assert_eq!(g.region().plugged_size(), 2 * MIB, "device reset keeps the blocks");
     g.activate().unwrap();
     assert_eq!(g.state(BASE, 1), (ACK, PLUGGED));
     assert_eq!(g.plug(BASE + 2 * MIB, 1), ACK, "works after the reset");
@@ -54,7 +65,7 @@ fn assert_needs_reset(g: &mut Guest, send: impl FnOnce(&mut Guest)) {
 
 #[test]
 fn short_request() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     assert_needs_reset(&mut g, |g| {
         g.driver().add(&[Buf::In(&plug_bytes(1)[..23]), Buf::Out(10)]).unwrap();
     });
@@ -62,7 +73,7 @@ fn short_request() {
 
 #[test]
 fn short_response_buffer() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     assert_needs_reset(&mut g, |g| {
         // A valid PLUG of block 1 with a 9-byte response buffer: the plug
         // must not happen.
@@ -78,18 +89,18 @@ fn short_response_buffer() {
 
 #[test]
 fn response_split_over_small_buffers_is_fine() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     let req = plug_bytes(1);
     let used = g
         .submit(&[Buf::In(&req[..10]), Buf::In(&req[10..]), Buf::Out(4), Buf::Out(6)])
         .unwrap();
     assert_eq!((used.len, used.data[0]), (10, 0));
-    assert!(!g.dev.needs_reset());
+    assert!(!g.dev().needs_reset());
 }
 
 #[test]
 fn writable_before_readable() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     assert_needs_reset(&mut g, |g| {
         let (data, _) = g.driver().data_area();
         g.driver()
@@ -100,7 +111,7 @@ fn writable_before_readable() {
 
 #[test]
 fn unknown_type() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     assert_needs_reset(&mut g, |g| {
         let mut req = plug_bytes(1);
         req[0] = 4;
@@ -110,10 +121,10 @@ fn unknown_type() {
 
 #[test]
 fn buffer_outside_guest_memory() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = vm();
     assert_needs_reset(&mut g, |g| {
         let (data, _) = g.driver().data_area();
-        // Between boot RAM (1 MiB) and the region (4 GiB): not memory.
+        // Between boot RAM (2 MiB) and the region (4 GiB): not memory.
         g.driver()
             .add_raw(&[(0x1000_0000, 24, 0), (data.0, 10, VIRTQ_DESC_F_WRITE)])
             .unwrap();
@@ -122,8 +133,8 @@ fn buffer_outside_guest_memory() {
 
 #[test]
 fn notify_of_a_missing_queue_is_ignored() {
-    let mut g = Guest::with_requested(16 * MIB);
-    g.dev.queue_notify(1);
-    assert!(!g.dev.needs_reset());
+    let mut g = vm();
+    g.dev_mut().queue_notify(1);
+    assert!(!g.dev().needs_reset());
     assert_eq!(g.plug(BASE, 1), ACK);
 }

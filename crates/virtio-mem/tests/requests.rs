@@ -4,13 +4,13 @@
 mod common;
 
 use common::*;
+use memvisor_machine::VirtioMemSpec;
 use memvisor_memory::discard::RamDiscardManager;
+use memvisor_test_support::range;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::VIRTIO_F_VERSION_1;
-use memvisor_virtio_mem::wire::{
-    DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE, config_offset,
-};
-use memvisor_virtio_mem::{SizeEvent, VirtioMemOptions};
+use memvisor_virtio_mem::SizeEvent;
+use memvisor_virtio_mem::wire::{DEVICE_ID, F_ACPI_PXM, F_UNPLUGGED_INACCESSIBLE, config_offset};
 
 const BS: u64 = 2 * MIB;
 
@@ -21,18 +21,18 @@ fn blk(i: u64) -> u64 {
 
 #[test]
 fn plug_unplug_and_state_answer_ack() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = Vm::with_requested(16 * MIB);
     assert_eq!(g.state(blk(0), 8), (ACK, UNPLUGGED));
     assert_eq!(g.plug(blk(0), 4), ACK);
     assert_eq!(g.config().plugged_size, 8 * MIB);
-    assert!(g.region.is_populated(r(blk(0), 8 * MIB)));
+    assert!(g.region().is_populated(range(blk(0), 8 * MIB)));
     assert_eq!(g.state(blk(0), 4), (ACK, PLUGGED));
     assert_eq!(g.state(blk(2), 4), (ACK, MIXED));
     assert_eq!(g.state(blk(4), 4), (ACK, UNPLUGGED));
     assert_eq!(g.unplug(blk(1), 2), ACK);
     assert_eq!(g.config().plugged_size, 4 * MIB);
     assert_eq!(g.state(blk(0), 4), (ACK, MIXED));
-    assert!(!g.region.is_populated(r(blk(1), BS)));
+    assert!(!g.region().is_populated(range(blk(1), BS)));
     assert_eq!(g.unplug_all(), ACK);
     assert_eq!(g.config().plugged_size, 0);
     assert_eq!(g.state(blk(0), 8), (ACK, UNPLUGGED));
@@ -43,7 +43,7 @@ fn plug_unplug_and_state_answer_ack() {
 #[test]
 fn plug_errors_nacks_in_the_recorded_order() {
     // 16 MiB requested: the usable region is 64 MiB (the whole region).
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = Vm::with_requested(16 * MIB);
     assert_eq!(g.config().usable_region_size, 64 * MIB);
     assert_eq!(g.plug(blk(0) + MIB, 1), ERROR, "unaligned address");
     assert_eq!(g.plug(blk(0), 0), ERROR, "zero blocks");
@@ -59,7 +59,7 @@ fn plug_errors_nacks_in_the_recorded_order() {
     assert_eq!(g.plug(blk(8), 1), NACK, "anything more");
     // Size before state: already plugged AND above requested → NACK.
     assert_eq!(g.plug(blk(0), 1), NACK, "size before state");
-    g.region.set_requested_size(32 * MIB).unwrap();
+    g.region().set_requested_size(32 * MIB).unwrap();
     assert_eq!(g.plug(blk(7), 2), ERROR, "one block already plugged");
     assert_eq!(g.plug(blk(0), 1), ERROR, "already plugged");
     assert_eq!(g.plug(blk(8), 2), ACK);
@@ -68,7 +68,7 @@ fn plug_errors_nacks_in_the_recorded_order() {
 
 #[test]
 fn unplug_errors() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = Vm::with_requested(16 * MIB);
     assert_eq!(g.plug(blk(0), 4), ACK);
     assert_eq!(g.unplug(blk(0) + MIB, 1), ERROR, "unaligned address");
     assert_eq!(g.unplug(blk(0), 0), ERROR, "zero blocks");
@@ -84,14 +84,10 @@ fn unplug_errors() {
 #[test]
 fn requests_outside_the_usable_region_are_errors() {
     // A 512 MiB region with 2 MiB requested: usable = 258 MiB.
-    let mut g = Guest::new(
-        512 * MIB,
-        VirtioMemOptions {
-            requested_size: BS,
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
-    g.activate().unwrap();
+    let mut g = Vm::new(VirtioMemSpec {
+        requested_size: BS,
+        ..vmem(512 * MIB)
+    });
     let usable_blocks = 129;
     assert_eq!(g.config().usable_region_size, usable_blocks * BS);
     // Inside the region but past the usable part.
@@ -106,7 +102,7 @@ fn requests_outside_the_usable_region_are_errors() {
     assert_eq!(g.state(blk(0), 0), (ERROR, 0));
     assert_eq!(g.state(!(BS - 1), 2), (ERROR, 0));
     // With nothing requested, nothing is usable.
-    g.region.set_requested_size(0).unwrap();
+    g.region().set_requested_size(0).unwrap();
     assert_eq!(g.unplug_all(), ACK);
     assert_eq!(g.config().usable_region_size, 0);
     assert_eq!(g.state(blk(0), 1), (ERROR, 0));
@@ -114,9 +110,9 @@ fn requests_outside_the_usable_region_are_errors() {
 
 #[test]
 fn migration_running_answers_busy() {
-    let mut g = Guest::with_requested(16 * MIB);
+    let mut g = Vm::with_requested(16 * MIB);
     assert_eq!(g.plug(blk(0), 2), ACK);
-    g.region.set_migration_running(true);
+    g.region().set_migration_running(true);
     assert_eq!(g.plug(blk(4), 1), BUSY);
     assert_eq!(g.unplug(blk(0), 1), BUSY);
     assert_eq!(g.unplug_all(), BUSY);
@@ -125,26 +121,23 @@ fn migration_running_answers_busy() {
     assert_eq!(g.plug(blk(4), 20), NACK);
     assert_eq!(g.state(blk(0), 2), (ACK, PLUGGED));
     assert_eq!(g.config().plugged_size, 4 * MIB);
-    assert!(g.region.system_reset().is_err(), "a reset leaves the blocks alone");
+    assert!(g.region().system_reset().is_err(), "a reset leaves the blocks alone");
     assert_eq!(g.config().plugged_size, 4 * MIB);
-    g.region.set_migration_running(false);
+    g.region().set_migration_running(false);
     assert_eq!(g.plug(blk(4), 1), ACK);
     assert_eq!(g.unplug_all(), ACK);
 }
 
 #[test]
 fn config_space_reads_at_any_offset_and_width() {
-    let g = Guest::new(
-        64 * MIB,
-        VirtioMemOptions {
-            requested_size: 8 * MIB,
-            node_id: Some(0x0102),
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
+    let g = Vm::new(VirtioMemSpec {
+        requested_size: 8 * MIB,
+        node_id: Some(0x0102),
+        ..vmem(64 * MIB)
+    });
     let read = |offset: u64, len: usize| {
         let mut data = vec![0xffu8; len];
-        g.dev.read_config(offset, &mut data);
+        g.dev().read_config(offset, &mut data);
         data
     };
     let u64_at = |offset| u64::from_le_bytes(read(offset, 8).try_into().unwrap());
@@ -162,71 +155,55 @@ fn config_space_reads_at_any_offset_and_width() {
     assert_eq!(read(config_offset::REQUESTED_SIZE + 4, 8), [0; 8]);
     assert_eq!(read(1000, 4), [0; 4]);
     assert_eq!(read(u64::MAX, 2), [0; 2]);
-    assert_eq!(g.config(), g.region.config());
+    assert_eq!(g.config(), g.region().config());
 }
 
 #[test]
 fn features_and_activation() {
-    let mut g = Guest::new(64 * MIB, VirtioMemOptions::new(BASE));
-    assert_eq!(g.dev.device_type(), DEVICE_ID);
-    assert_eq!(g.dev.queue_max_sizes(), &[128]);
-    let avail = g.dev.avail_features();
+    let mut g = Vm::new(vmem(64 * MIB));
+    assert_eq!(g.dev().device_type(), DEVICE_ID);
+    assert_eq!(g.dev().queue_max_sizes(), &[128]);
+    let avail = g.dev().avail_features();
     assert_eq!(avail & F_ACPI_PXM, 0, "no node: no ACPI_PXM");
-    assert_ne!(
-        avail & F_UNPLUGGED_INACCESSIBLE,
-        0,
-        "offered by default"
-    );
+    assert_ne!(avail & F_UNPLUGGED_INACCESSIBLE, 0, "offered by default");
     assert_ne!(avail & VIRTIO_F_VERSION_1, 0);
     assert_eq!(g.config().node_id, 0);
     // A driver that does not accept UNPLUGGED_INACCESSIBLE cannot start it.
-    let err = g.activate_with(Guest::legacy_features()).unwrap_err();
+    let err = g.activate_with(Vm::legacy_features()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "virtio-mem: the driver did not accept required feature VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (bit 1)"
     );
-    assert!(!g.dev.is_active());
-    g.dev.reset();
-    g.activate_with(Guest::modern_features()).unwrap();
-    assert!(g.dev.is_active());
+    assert!(!g.dev().is_active());
+    g.dev_mut().reset();
+    g.activate_with(Vm::modern_features()).unwrap();
+    assert!(g.dev().is_active());
 
-    let g = Guest::new(
-        64 * MIB,
-        VirtioMemOptions {
-            node_id: Some(3),
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
-    assert_ne!(
-        g.dev.avail_features() & F_ACPI_PXM,
-        0,
-        "node: ACPI_PXM"
-    );
+    let g = Vm::new(VirtioMemSpec {
+        node_id: Some(3),
+        ..vmem(64 * MIB)
+    });
+    assert_ne!(g.dev().avail_features() & F_ACPI_PXM, 0, "node: ACPI_PXM");
     assert_eq!(g.config().node_id, 3);
 
     // Without UNPLUGGED_INACCESSIBLE offered, a legacy driver is fine.
-    let mut g = Guest::new(
-        64 * MIB,
-        VirtioMemOptions {
-            unplugged_inaccessible: false,
-            requested_size: BS,
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
-    assert_eq!(g.dev.avail_features(), VIRTIO_F_VERSION_1);
-    g.activate_with(Guest::legacy_features()).unwrap();
+    let mut g = Vm::new(VirtioMemSpec {
+        unplugged_inaccessible: false,
+        requested_size: BS,
+        ..vmem(64 * MIB)
+    });
+    assert_eq!(g.dev().avail_features(), VIRTIO_F_VERSION_1);
+    g.activate_with(Vm::legacy_features()).unwrap();
     assert_eq!(g.plug(blk(0), 1), ACK);
 }
 
 #[test]
 fn config_interrupts_for_requested_and_usable_changes_only() {
-    let mut g = Guest::new(
-        1024 * MIB,
-        VirtioMemOptions {
-            requested_size: 64 * MIB,
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
+    let mut g = Vm::new(VirtioMemSpec {
+        requested_size: 64 * MIB,
+        ..vmem(1024 * MIB)
+    });
+    // Activated by the test itself, which counts the interrupts.
     g.activate().unwrap();
     assert_eq!(g.config().usable_region_size, 320 * MIB);
     // Plugging and unplugging change plugged_size only: no interrupt.
@@ -234,15 +211,15 @@ fn config_interrupts_for_requested_and_usable_changes_only() {
     assert_eq!(g.unplug(blk(0), 2), ACK);
     assert_eq!(g.config_irqs(), 0);
     // Requested size grows (and the usable region with it): one interrupt.
-    g.region.set_requested_size(128 * MIB).unwrap();
+    g.region().set_requested_size(128 * MIB).unwrap();
     assert_eq!(g.config_irqs(), 1);
     assert_eq!(g.config().usable_region_size, 384 * MIB);
     // Shrinks: the usable region stays, the requested size changes.
-    g.region.set_requested_size(32 * MIB).unwrap();
+    g.region().set_requested_size(32 * MIB).unwrap();
     assert_eq!(g.config_irqs(), 1);
     assert_eq!(g.config().usable_region_size, 384 * MIB);
     // No change, no interrupt.
-    g.region.set_requested_size(32 * MIB).unwrap();
+    g.region().set_requested_size(32 * MIB).unwrap();
     assert_eq!(g.config_irqs(), 0);
     // UNPLUG_ALL shrinks the usable region: announced.
     assert_eq!(g.unplug_all(), ACK);
@@ -254,10 +231,10 @@ fn config_interrupts_for_requested_and_usable_changes_only() {
 
 #[test]
 fn size_events_reach_subscribers() {
-    let mut g = Guest::with_requested(16 * MIB);
-    let events = g.region.subscribe();
+    let mut g = Vm::with_requested(16 * MIB);
+    let events = g.region().subscribe();
     assert_eq!(g.plug(blk(0), 2), ACK);
-    g.region.set_requested_size(8 * MIB).unwrap();
+    g.region().set_requested_size(8 * MIB).unwrap();
     assert_eq!(g.plug(blk(2), 1), ACK);
     assert_eq!(g.plug(blk(2), 1), ERROR);
     assert_eq!(g.unplug_all(), ACK);
@@ -283,23 +260,23 @@ fn size_events_reach_subscribers() {
 
 #[test]
 fn manager_queries_see_plugged_blocks() {
-    let mut g = Guest::with_requested(16 * MIB);
-    assert_eq!(g.region.granularity(), BS);
-    assert_eq!(g.region.region(), r(BASE, 64 * MIB));
+    let mut g = Vm::with_requested(16 * MIB);
+    assert_eq!(g.region().granularity(), BS);
+    assert_eq!(g.region().region(), range(BASE, 64 * MIB));
     assert_eq!(g.plug(blk(2), 2), ACK);
     assert_eq!(g.plug(blk(6), 1), ACK);
-    assert!(g.map.is_populated_ram(r(blk(2), 4 * MIB)));
-    assert!(!g.map.is_populated_ram(r(blk(2), 5 * MIB)));
+    assert!(g.memory().is_populated_ram(range(blk(2), 4 * MIB)));
+    assert!(!g.memory().is_populated_ram(range(blk(2), 5 * MIB)));
     let mut runs = vec![];
-    g.region
-        .replay_populated(r(BASE, 64 * MIB), &mut |x| {
+    g.region()
+        .replay_populated(range(BASE, 64 * MIB), &mut |x| {
             runs.push(x);
             Ok(())
         })
         .unwrap();
-    assert_eq!(runs, vec![r(blk(2), 4 * MIB), r(blk(6), BS)]);
+    assert_eq!(runs, vec![range(blk(2), 4 * MIB), range(blk(6), BS)]);
     // A reader holding the view keeps its answer while it acts on it.
-    let view = g.region.populated();
-    assert!(view.is_populated(r(blk(6), BS)));
+    let view = g.region().populated();
+    assert!(view.is_populated(range(blk(6), BS)));
     drop(view);
 }

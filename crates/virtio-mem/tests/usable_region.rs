@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use memvisor_virtio_mem::{VirtioMemOptions, usable_region_size_for};
+use memvisor_machine::VirtioMemSpec;
+use memvisor_virtio_mem::usable_region_size_for;
 
 /// (region size, block size, requested size, usable region size)
 const CASES: &[(u64, u64, u64, u64)] = &[
@@ -42,14 +43,11 @@ fn sizing_table() {
 #[test]
 fn sizing_table_through_the_config_space() {
     for &(region, block, requested, usable) in CASES.iter().filter(|c| c.0 <= 2 * GIB) {
-        let g = Guest::new(
-            region,
-            VirtioMemOptions {
-                block_size: Some(block),
-                requested_size: requested,
-                ..VirtioMemOptions::new(BASE)
-            },
-        );
+        let g = Vm::new(VirtioMemSpec {
+            block_size: block,
+            requested_size: requested,
+            ..vmem(region)
+        });
         let config = g.config();
         assert_eq!(
             (config.usable_region_size, config.requested_size, config.block_size),
@@ -61,14 +59,10 @@ fn sizing_table_through_the_config_space() {
 
 #[test]
 fn grows_with_requests_shrinks_only_on_unplug_all_and_system_reset() {
-    let mut g = Guest::new(
-        2 * GIB,
-        VirtioMemOptions {
-            requested_size: 512 * MIB,
-            ..VirtioMemOptions::new(BASE)
-        },
-    );
-    g.activate().unwrap();
+    let mut g = Vm::new(VirtioMemSpec {
+        requested_size: 512 * MIB,
+        ..vmem(2 * GIB)
+    });
     // (action, expected usable region size)
     let steps: &[(&str, u64, u64)] = &[
         ("set", GIB, 1280 * MIB),
@@ -84,10 +78,10 @@ fn grows_with_requests_shrinks_only_on_unplug_all_and_system_reset() {
     ];
     for &(action, value, usable) in steps {
         match action {
-            "set" => g.region.set_requested_size(value).unwrap(),
+            "set" => g.region().set_requested_size(value).unwrap(),
             "unplug_all" => assert_eq!(g.unplug_all(), ACK),
             "system_reset" => {
-                g.region.system_reset().unwrap();
+                g.region().system_reset().unwrap();
             }
             _ => unreachable!(),
         }
