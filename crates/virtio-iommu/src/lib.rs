@@ -11,8 +11,21 @@
 //!
 //! * [`wire`] — the specification's structures and constants;
 //! * [`request`] — guest bytes → [`Request`] (or a malformed-request error);
-//! * [`device`] — [`VirtioIommu`] (the transport's side) and [`IommuHandle`]
-//!   (the VMM's and emulated devices' side);
+//! * [`options`] — [`IommuOptions`]: topology, ranges, limits, reserved
+//!   regions;
+//! * [`device`] — [`VirtioIommu`], the transport's side (features, config
+//!   space, queues);
+//! * `handle.rs` — [`IommuHandle`], the VMM's and emulated devices' side
+//!   (topology, notifiers, translation, reset);
+//! * `effects.rs` — ATTACH, DETACH, MAP, UNMAP and PROBE applied to the
+//!   domains and mappings ([`mapping`]);
+//! * `map_target.rs` — where a MAP onto unplugged memory, a hole or RAM
+//!   flagged MMIO is refused ([`MapRefusal`]);
+//! * `notify.rs` — which notifiers are told of a mapping and in which
+//!   order, rollback, registration ([`NotifierError`]);
+//! * `domain.rs` — domains, endpoints and the notifiers cached per domain;
+//! * `fault.rs` — translation ([`Access`], [`Translation`]) and
+//!   [`Fault`]s, reported on the event queue;
 //! * the [`IommuNotifier`] contract lives in `memvisor-iommu` (re-exported
 //!   here), shared with the DMA layer;
 //! * [`persist`] — versioned migration state.
@@ -56,15 +69,25 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod options;
 pub mod device;
+mod domain;
+mod effects;
+mod fault;
+mod handle;
+mod map_target;
 pub mod mapping;
+mod notify;
+pub mod options;
 pub mod persist;
 pub mod request;
 pub mod wire;
 
+pub use device::VirtioIommu;
+pub use fault::{Access, Fault, FaultKind, Translation};
+pub use handle::IommuHandle;
+pub use map_target::MapRefusal;
+pub use notify::NotifierError;
 pub use options::{IommuOptions, Limits, ReservedKind, ReservedRegion};
-pub use device::{Access, Fault, FaultKind, IommuHandle, MapRefusal, NotifierError, Translation, VirtioIommu};
 pub use mapping::{MapFlags, Mapping};
 pub use memvisor_iommu::{
     IommuNotifier, MapCause, MapEvent, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError, UnmapCause,

@@ -13,9 +13,14 @@ use memvisor_memory::GuestRange;
 use memvisor_vmstate::{LoadContext, Phase, Priority, Section, SectionError, decode, encode};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Domain, IommuHandle, MapRefusal, deliver_map, unmap_to};
-use crate::mapping::{DomainMappings, MapFlags, Mapping};
 use memvisor_iommu::{MapCause, UnmapCause};
+
+use crate::domain::Domain;
+use crate::effects::DeviceModel;
+use crate::handle::IommuHandle;
+use crate::map_target::MapRefusal;
+use crate::mapping::{DomainMappings, MapFlags, Mapping};
+use crate::notify::{deliver_map, unmap_to};
 
 /// One endpoint of the topology and the domain it is attached to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,14 +143,14 @@ pub enum LoadError {
 impl IommuHandle {
     /// The migration state.
     pub fn save_state(&self) -> IommuState {
-        self.with_core(|core| IommuState {
-            bypass: core.bypass,
-            endpoints: core
+        self.with_model(|model| IommuState {
+            bypass: model.bypass,
+            endpoints: model
                 .endpoints
                 .iter()
                 .map(|(&id, ep)| EndpointState { id, domain: ep.domain })
                 .collect(),
-            domains: core
+            domains: model
                 .domains
                 .iter()
                 .map(|(&id, d)| DomainState {
@@ -174,22 +179,22 @@ impl IommuHandle {
     /// The state is validated first; on any error nothing stays attached
     /// and every notifier that was given a mapping is told to unmap it.
     pub fn load_state(&self, state: &IommuState) -> Result<(), LoadError> {
-        self.with_core(|core| {
-            let domains = validate(core, state)?;
-            core.detach_all(UnmapCause::Reset);
-            core.bypass = state.bypass;
-            core.domains = domains;
+        self.with_model(|model| {
+            let domains = validate(model, state)?;
+            model.detach_all(UnmapCause::Reset);
+            model.bypass = state.bypass;
+            model.domains = domains;
             for e in &state.endpoints {
-                if let Some(ep) = core.endpoints.get_mut(&e.id) {
+                if let Some(ep) = model.endpoints.get_mut(&e.id) {
                     ep.domain = e.domain;
                 }
             }
-            for d in core.domains.values_mut() {
-                d.rebuild_targets(&core.endpoints);
+            for d in model.domains.values_mut() {
+                d.rebuild_targets(&model.endpoints);
             }
             let mut done: Vec<(u32, Mapping)> = Vec::new();
             let mut failure = None;
-            'domains: for (&id, d) in &core.domains {
+            'domains: for (&id, d) in &model.domains {
                 if d.bypass {
                     continue;
                 }
@@ -197,7 +202,7 @@ impl IommuHandle {
                     continue;
                 }
                 for m in d.mappings.iter() {
-                    if let Err(refusal) = deliver_map(core.mem.as_ref(), &d.targets, id, m, MapCause::Restore) {
+                    if let Err(refusal) = deliver_map(model.mem.as_ref(), &d.targets, id, m, MapCause::Restore) {
                         failure = Some(LoadError::Refused {
                             domain: id,
                             virt_start: m.virt_start,
@@ -214,11 +219,11 @@ impl IommuHandle {
                 return Ok(());
             };
             for (id, m) in done.iter().rev() {
-                let targets = core.domains.get(id).map_or(&[][..], |d| &d.targets[..]);
+                let targets = model.domains.get(id).map_or(&[][..], |d| &d.targets[..]);
                 unmap_to(targets, *id, m, UnmapCause::Rollback);
             }
-            core.domains.clear();
-            for ep in core.endpoints.values_mut() {
+            model.domains.clear();
+            for ep in model.endpoints.values_mut() {
                 ep.domain = None;
             }
             log::warn!("virtio-iommu: loading state failed: {error}");
@@ -229,8 +234,8 @@ impl IommuHandle {
 
 /// Checks `state` against this device and builds its domains (endpoints
 /// filled in).
-fn validate(core: &crate::device::Core, state: &IommuState) -> Result<BTreeMap<u32, Domain>, LoadError> {
-    let options = &core.options;
+fn validate(model: &DeviceModel, state: &IommuState) -> Result<BTreeMap<u32, Domain>, LoadError> {
+    let options = &model.options;
     let mut domains = BTreeMap::new();
     if state.domains.len() > options.limits.max_domains {
         return Err(LoadError::Limit {
@@ -240,7 +245,7 @@ fn validate(core: &crate::device::Core, state: &IommuState) -> Result<BTreeMap<u
         });
     }
     for d in &state.domains {
-        if !core.domain_in_range(d.id) {
+        if !model.domain_in_range(d.id) {
             return Err(LoadError::DomainOutOfRange(d.id));
         }
         if d.mappings.len() > options.limits.max_mappings_per_domain {
@@ -297,7 +302,7 @@ fn validate(core: &crate::device::Core, state: &IommuState) -> Result<BTreeMap<u
     }
     let mut seen = BTreeSet::new();
     for e in &state.endpoints {
-        if !core.endpoints.contains_key(&e.id) {
+        if !model.endpoints.contains_key(&e.id) {
             return Err(LoadError::UnknownEndpoint(e.id));
         }
         if !seen.insert(e.id) {

@@ -1,8 +1,8 @@
 //! Parsing: guest bytes → a [`Request`], or a [`Malformed`] error.
 //!
 //! Only the *shape* of a request is checked here (its length and type);
-//! what its fields mean is decided in [`crate::device`], which answers bad
-//! values with a virtio status. [`Request::to_bytes`] is the inverse, for
+//! what its fields mean is decided by the device (`effects.rs`), which
+//! answers bad values with a virtio status. [`Request::to_bytes`] is the inverse, for
 //! drivers, tests and the trace replayer.
 
 use memvisor_virtio::queue::Malformed;

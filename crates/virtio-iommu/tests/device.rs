@@ -6,20 +6,19 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use memvisor_memory::RamBlock;
-use memvisor_memory::discard::{BlockDiscardManager, RamDiscardManager};
+use memvisor_memory::discard::RamDiscardManager;
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::{DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1};
-use memvisor_virtio::driver::Buf;
 use memvisor_virtio::interrupt::InterruptKind;
 use memvisor_virtio_iommu::options::X86_MSI_WINDOW;
 use memvisor_virtio_iommu::request::Attach;
 use memvisor_virtio_iommu::wire::{self, FaultEvent};
 use memvisor_virtio_iommu::{
-    Access, FaultKind, IommuOptions, IommuNotifier, IommuState, Limits, LoadError, MapCause, MapEvent, MapFlags,
+    Access, FaultKind, IommuNotifier, IommuOptions, IommuState, Limits, LoadError, MapCause, MapEvent, MapFlags,
     MapRefusal, NotifierRefusal, Request, ReservedKind, ReservedRegion, Status, Translation, UnmapCause, UnmapEvent,
     VirtioIommu,
 };
+use memvisor_virtio_mem::VirtioMemRegion;
 
 const READ: u32 = wire::MAP_F_READ;
 const WRITE: u32 = wire::MAP_F_WRITE;
@@ -313,7 +312,7 @@ fn unmap_follows_the_seven_examples_of_the_specification() {
 #[test]
 fn map_targets_must_be_populated_guest_ram() {
     let mut f = Fixture::new(config());
-    let rec = Recorder::new("rec");
+    let rec = RecordingNotifier::new("rec");
     f.handle.register_notifier(EP_A, rec.clone()).unwrap();
     assert_eq!(f.attach(1, EP_A), Status::Ok);
     f.memory.plug(0, BLOCK);
@@ -492,8 +491,8 @@ fn probe_reports_reserved_regions_and_zero_fills() {
 #[test]
 fn notifiers_see_maps_attach_replays_unmaps_and_detaches() {
     let mut f = Fixture::new(config());
-    let a = Recorder::new("a");
-    let b = Recorder::new("b");
+    let a = RecordingNotifier::new("a");
+    let b = RecordingNotifier::new("b");
     let id_a = f.handle.register_notifier(EP_A, a.clone()).unwrap();
     f.handle.register_notifier(EP_B, b.clone()).unwrap();
     assert_eq!(f.attach(1, EP_A), Status::Ok);
@@ -550,7 +549,7 @@ fn notifiers_see_maps_attach_replays_unmaps_and_detaches() {
     assert!(f.handle.unregister_notifier(id_a));
     assert!(!f.handle.unregister_notifier(id_a));
     assert_eq!(unmap_seen(&a.take()), vec![(EP_A, 0x40000, UnmapCause::Unregister)]);
-    let c = Recorder::new("c");
+    let c = RecordingNotifier::new("c");
     f.handle.register_notifier(EP_A, c.clone()).unwrap();
     assert_eq!(map_seen(&c.take()), vec![(EP_A, 0x40000, MapCause::Register)]);
     assert!(f.handle.register_notifier(99, c.clone()).is_err());
@@ -559,8 +558,8 @@ fn notifiers_see_maps_attach_replays_unmaps_and_detaches() {
 #[test]
 fn a_refusing_notifier_fails_the_map_and_nothing_is_recorded() {
     let mut f = Fixture::new(config());
-    let a = Recorder::new("a");
-    let b = Recorder::new("b");
+    let a = RecordingNotifier::new("a");
+    let b = RecordingNotifier::new("b");
     f.handle.register_notifier(EP_A, a.clone()).unwrap();
     f.handle.register_notifier(EP_B, b.clone()).unwrap();
     assert_eq!(f.attach(1, EP_A), Status::Ok);
@@ -614,7 +613,7 @@ fn a_refusing_notifier_rolls_an_attach_back() {
             Status::Ok
         );
     }
-    let b = Recorder::new("b");
+    let b = RecordingNotifier::new("b");
     f.handle.register_notifier(EP_B, b.clone()).unwrap();
     b.refuse_at(0x30000, NotifierRefusal::Invalid);
     assert_eq!(f.attach(1, EP_B), Status::Inval);
@@ -635,7 +634,8 @@ fn a_refusing_notifier_rolls_an_attach_back() {
     assert_eq!(f.handle.domains(), vec![1]);
 
     // Once the notifier accepts, the attach replays everything.
-    *b.refuse.lock().unwrap() = None;
+    // (It refuses only mappings at an IOVA the domain does not use.)
+    b.refuse_at(0xdead_0000, NotifierRefusal::Invalid);
     assert_eq!(f.attach(1, EP_B), Status::Ok);
     assert_eq!(map_seen(&b.take()).len(), 3);
 
@@ -645,7 +645,7 @@ fn a_refusing_notifier_rolls_an_attach_back() {
     assert_eq!(g.attach(1, EP_A), Status::Ok);
     assert_eq!(g.map(1, 0x100000, 0x2fffff, HOT_BASE, RW), Status::Ok);
     g.memory.unplug(0, BLOCK); // nobody pins it: no veto
-    let c = Recorder::new("c");
+    let c = RecordingNotifier::new("c");
     g.handle.register_notifier(EP_B, c.clone()).unwrap();
     assert_eq!(g.attach(1, EP_B), Status::Inval);
     assert!(c.take().is_empty());
@@ -828,7 +828,7 @@ fn malformed_requests_put_the_device_in_needs_reset() {
 #[test]
 fn device_reset_detaches_everything_and_keeps_bypass() {
     let mut f = Fixture::new(config());
-    let a = Recorder::new("a");
+    let a = RecordingNotifier::new("a");
     f.handle.register_notifier(EP_A, a.clone()).unwrap();
     assert_eq!(f.attach(1, EP_A), Status::Ok);
     assert_eq!(f.map(1, 0x10000, 0x10fff, 0x300000, RW), Status::Ok);
@@ -867,8 +867,8 @@ fn state_save_and_load_replays_mappings_in_order() {
     let fresh = || VirtioIommu::new(config(), Some(f.memory.map.clone())).unwrap();
     let dev = fresh();
     let h = dev.handle();
-    let a = Recorder::new("a");
-    let b = Recorder::new("b");
+    let a = RecordingNotifier::new("a");
+    let b = RecordingNotifier::new("b");
     h.register_notifier(EP_A, a.clone()).unwrap();
     h.register_notifier(EP_B, b.clone()).unwrap();
     h.load_state(&state).unwrap();
@@ -902,7 +902,7 @@ fn state_save_and_load_replays_mappings_in_order() {
     // leaves nothing behind.
     let dev = fresh();
     let h = dev.handle();
-    let picky = Recorder::new("picky");
+    let picky = RecordingNotifier::new("picky");
     picky.refuse_at(0x300000, NotifierRefusal::NoResources);
     h.register_notifier(EP_A, picky.clone()).unwrap();
     let err = h.load_state(&state).unwrap_err();
@@ -953,7 +953,7 @@ fn state_save_and_load_replays_mappings_in_order() {
     f.memory.unplug(0, BLOCK);
     let dev = fresh();
     let h = dev.handle();
-    h.register_notifier(EP_A, Recorder::new("late")).unwrap();
+    h.register_notifier(EP_A, RecordingNotifier::new("late")).unwrap();
     let err = h.load_state(&state).unwrap_err();
     assert!(
         matches!(
@@ -979,8 +979,7 @@ fn state_save_and_load_replays_mappings_in_order() {
 /// try to unplug the memory: the unplug must wait until the notification
 /// is over (DESIGN.md rule 3: check and pin are one step).
 struct UnplugRacer {
-    memory: Arc<RamBlock>,
-    manager: Arc<BlockDiscardManager>,
+    region: Arc<VirtioMemRegion>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     still_populated: Mutex<Option<bool>>,
 }
@@ -990,14 +989,10 @@ impl IommuNotifier for UnplugRacer {
         "racer"
     }
     fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
-        let manager = self.manager.clone();
-        let block = self.memory.clone();
+        let region = self.region.clone();
         let target = range(ev.phys, ev.size);
         *self.thread.lock().unwrap() = Some(std::thread::spawn(move || {
-            manager
-                .write()
-                .unplug(target, false, |r| block.discard(r.start() - HOT_BASE, r.len()).unwrap())
-                .unwrap();
+            unplug(&region, target.start() - HOT_BASE, target.len());
         }));
         // Give the unplug every chance to run; it cannot while the device
         // holds the manager's read guard for this notification.
@@ -1014,8 +1009,7 @@ fn an_unplug_waits_for_the_map_notification_that_checked_the_memory() {
     let mut f = Fixture::new(config());
     f.memory.plug(0, BLOCK);
     let racer = Arc::new(UnplugRacer {
-        memory: f.memory.hot.clone(),
-        manager: f.memory.manager.clone(),
+        region: f.memory.region().clone(),
         thread: Mutex::new(None),
         still_populated: Mutex::new(None),
     });
@@ -1025,5 +1019,5 @@ fn an_unplug_waits_for_the_map_notification_that_checked_the_memory() {
     assert_eq!(*racer.still_populated.lock().unwrap(), Some(true));
     racer.thread.lock().unwrap().take().unwrap().join().unwrap();
     // The unplug happened after the notification.
-    assert!(!f.memory.manager.is_populated(range(HOT_BASE, BLOCK)));
+    assert!(!f.memory.region().is_populated(range(HOT_BASE, BLOCK)));
 }

@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
+use memvisor_test_support::guest::VIRTQ_DESC_F_WRITE;
 use memvisor_virtio::VirtioDevice;
-use memvisor_virtio::driver::VIRTQ_DESC_F_WRITE;
 use memvisor_virtio_iommu::request::{Attach, Request};
 use memvisor_virtio_iommu::{Access, wire};
 use vm_memory::{Bytes, GuestAddress};
@@ -30,7 +30,7 @@ fn attach_bytes() -> Vec<u8> {
 fn assert_untouched(f: &Fixture) {
     assert!(f.dev.needs_reset(), "the chain is refused");
     assert_eq!(
-        f.memory.hot.resident_bytes(0, HOT_SIZE).unwrap(),
+        f.memory.hot().resident_bytes(0, HOT_SIZE).unwrap(),
         0,
         "discarded memory was populated"
     );

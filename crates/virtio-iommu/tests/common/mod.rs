@@ -1,26 +1,29 @@
-//! Shared test helpers: guest memory with boot RAM and a managed
-//! (virtio-mem-like) region, a virtio-iommu device driven through real
-//! split virtqueues in that memory, and a recording notifier.
-#![allow(dead_code)]
+//! Shared test helpers: a [`Machine`] with boot RAM and a managed
+//! (virtio-mem) region, a virtio-iommu device of the test's options driven
+//! through real split virtqueues in that memory, and test-support's
+//! recording notifier.
+//!
+//! The device is built here rather than by the machine: the tests choose
+//! options a machine configuration does not carry (limits, probe size) and
+//! the features the driver accepts. Memory is plugged and unplugged through
+//! the virtio-mem region's own request handling, as a driver's PLUG and
+//! UNPLUG would.
+#![allow(dead_code, unused_imports)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use memvisor_memory::discard::BlockDiscardManager;
+use memvisor_machine::{Machine, MachineConfig, RamSpec, VirtioMemSpec};
+use memvisor_memory::RamBlock;
 use memvisor_memory::map::GuestMemoryMap;
-use memvisor_memory::{Backing, GuestRange, RamBlock};
+pub use memvisor_test_support::{Buf, DriverQueue, MIB, RecordingNotifier, Seen, Used, range};
 use memvisor_virtio::VirtioDevice;
-use memvisor_virtio::driver::{Buf, DriverQueue, Used};
 use memvisor_virtio::interrupt::{EventFdInterrupt, InterruptKind};
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
 use memvisor_virtio_iommu::wire::{self, FaultEvent};
-use memvisor_virtio_iommu::{
-    IommuOptions, IommuHandle, IommuNotifier, MapCause, MapEvent, MapFlags, NotifierRefusal, Request, Status, UnmapCause,
-    UnmapEvent,
-    VirtioIommu,
-};
+use memvisor_virtio_iommu::{IommuHandle, IommuOptions, Request, Status, VirtioIommu};
+use memvisor_virtio_mem::{BlockRange, Request as MemRequest, Response as MemResponse, VirtioMemRegion};
 use vm_memory::GuestAddress;
 
-pub const MIB: u64 = 1 << 20;
 /// Boot RAM: 16 MiB at 0; the queues live in its first MiBs.
 pub const BOOT_SIZE: u64 = 16 * MIB;
 /// The managed region: 64 MiB at 4 GiB in 2 MiB blocks.
@@ -30,49 +33,81 @@ pub const BLOCK: u64 = 2 * MIB;
 
 pub const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
 
-pub fn range(start: u64, len: u64) -> GuestRange {
-    GuestRange::new(start, len).unwrap()
+/// The machine of the tests: [`BOOT_SIZE`] of boot RAM at 0 and one
+/// virtio-mem region of [`HOT_SIZE`] at [`HOT_BASE`], all of it requested
+/// (so that any block may be plugged), nothing plugged yet.
+pub fn machine_config() -> MachineConfig {
+    MachineConfig {
+        ram: vec![RamSpec {
+            addr: 0,
+            size: BOOT_SIZE,
+        }],
+        virtio_mem: vec![VirtioMemSpec {
+            id: "vmem0".into(),
+            addr: HOT_BASE,
+            region_size: HOT_SIZE,
+            block_size: BLOCK,
+            requested_size: HOT_SIZE,
+            unplugged_inaccessible: true,
+            node_id: None,
+            prealloc: false,
+        }],
+        ..MachineConfig::default()
+    }
 }
 
+/// The guest memory of the tests, from a [`Machine`] of [`machine_config`].
 pub struct Memory {
+    pub machine: Machine,
+    /// The machine's guest memory map.
     pub map: GuestMemoryMap,
-    pub hot: Arc<RamBlock>,
-    pub manager: Arc<BlockDiscardManager>,
 }
 
 impl Memory {
     pub fn new() -> Self {
-        let boot = Arc::new(RamBlock::new("boot", BOOT_SIZE, Backing::Memfd).unwrap());
-        let hot = Arc::new(RamBlock::new("vmem0", HOT_SIZE, Backing::Memfd).unwrap());
-        let manager = Arc::new(BlockDiscardManager::new(range(HOT_BASE, HOT_SIZE), BLOCK).unwrap());
-        let map = GuestMemoryMap::builder()
-            .ram(0, boot)
-            .unwrap()
-            .managed_ram(HOT_BASE, hot.clone(), manager.clone())
-            .unwrap()
-            .build()
-            .unwrap();
-        Self { map, hot, manager }
+        let machine = Machine::new(&machine_config()).unwrap();
+        let map = machine.memory().clone();
+        Self { machine, map }
+    }
+
+    /// The virtio-mem region (its discard manager).
+    pub fn region(&self) -> &Arc<VirtioMemRegion> {
+        &self.machine.vmems()[0].region
+    }
+
+    /// The region's RAM block.
+    pub fn hot(&self) -> &Arc<RamBlock> {
+        self.region().block()
     }
 
     /// Plugs `[HOT_BASE + offset, +len)`.
     pub fn plug(&self, offset: u64, len: u64) {
-        self.manager
-            .write()
-            .plug(range(HOT_BASE + offset, len), || Ok::<_, ()>(()), |_| {})
-            .unwrap();
+        request(self.region(), MemRequest::Plug(blocks(offset, len)));
     }
 
     /// Unplugs `[HOT_BASE + offset, +len)`.
     pub fn unplug(&self, offset: u64, len: u64) {
-        let hot = self.hot.clone();
-        self.manager
-            .write()
-            .unplug(range(HOT_BASE + offset, len), false, |r| {
-                hot.discard(r.start() - HOT_BASE, r.len()).unwrap()
-            })
-            .unwrap();
+        unplug(self.region(), offset, len);
     }
+}
+
+/// The blocks of `[HOT_BASE + offset, +len)`.
+fn blocks(offset: u64, len: u64) -> BlockRange {
+    assert_eq!((offset % BLOCK, len % BLOCK), (0, 0), "whole blocks");
+    BlockRange {
+        addr: HOT_BASE + offset,
+        nb_blocks: u16::try_from(len / BLOCK).unwrap(),
+    }
+}
+
+/// Applies `request` to `region` as its device would, and requires an ACK.
+fn request(region: &VirtioMemRegion, request: MemRequest) {
+    assert_eq!(region.apply(request), MemResponse::Ack(None), "{request:?}");
+}
+
+/// Unplugs `[HOT_BASE + offset, +len)` of `region` (from any thread).
+pub fn unplug(region: &VirtioMemRegion, offset: u64, len: u64) {
+    request(region, MemRequest::Unplug(blocks(offset, len)));
 }
 
 pub struct Fixture {
@@ -211,106 +246,5 @@ impl Fixture {
 
     pub fn config_interrupts(&self) -> u64 {
         self.irq.take(InterruptKind::Config)
-    }
-}
-
-/// What a [`Recorder`] saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seen {
-    Map {
-        endpoint: u32,
-        domain: u32,
-        iova: u64,
-        size: u64,
-        phys: u64,
-        flags: MapFlags,
-        cause: MapCause,
-        /// The event carried a host range.
-        host: bool,
-        /// The event carried the manager's view, and the range was populated in it.
-        view: bool,
-    },
-    Unmap {
-        endpoint: u32,
-        domain: u32,
-        iova: u64,
-        size: u64,
-        cause: UnmapCause,
-    },
-}
-
-impl Seen {
-    pub fn iova(&self) -> u64 {
-        match self {
-            Seen::Map { iova, .. } | Seen::Unmap { iova, .. } => *iova,
-        }
-    }
-    pub fn is_map(&self) -> bool {
-        matches!(self, Seen::Map { .. })
-    }
-}
-
-/// A notifier that records events and refuses maps at chosen IOVAs.
-pub struct Recorder {
-    pub name: String,
-    pub seen: Mutex<Vec<Seen>>,
-    pub refuse: Mutex<Option<(u64, NotifierRefusal)>>,
-}
-
-impl Recorder {
-    pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(Self {
-            name: name.into(),
-            seen: Mutex::new(Vec::new()),
-            refuse: Mutex::new(None),
-        })
-    }
-
-    pub fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut self.seen.lock().unwrap())
-    }
-
-    pub fn refuse_at(&self, iova: u64, status: NotifierRefusal) {
-        *self.refuse.lock().unwrap() = Some((iova, status));
-    }
-}
-
-impl IommuNotifier for Recorder {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn notify_map(&self, ev: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
-        if let Some((iova, status)) = *self.refuse.lock().unwrap()
-            && iova == ev.iova
-        {
-            return Err(status);
-        }
-        if let Some(host) = &ev.host {
-            assert_eq!(host.guest, range(ev.phys, ev.size));
-        }
-        let view = ev.populated.is_some_and(|v| v.is_populated(range(ev.phys, ev.size)));
-        self.seen.lock().unwrap().push(Seen::Map {
-            endpoint: ev.endpoint,
-            domain: ev.domain,
-            iova: ev.iova,
-            size: ev.size,
-            phys: ev.phys,
-            flags: ev.flags,
-            cause: ev.cause,
-            host: ev.host.is_some(),
-            view,
-        });
-        Ok(())
-    }
-
-    fn notify_unmap(&self, ev: &UnmapEvent) {
-        self.seen.lock().unwrap().push(Seen::Unmap {
-            endpoint: ev.endpoint,
-            domain: ev.domain,
-            iova: ev.iova,
-            size: ev.size,
-            cause: ev.cause,
-        });
     }
 }

@@ -1,0 +1,214 @@
+//! Notifier dispatch: who is told of a mapping, in which order, and how a
+//! refusal is undone; registering and unregistering notifiers.
+//!
+//! * [`deliver_map`]: a mapping becomes visible to targets (a domain's,
+//!   see [`crate::domain`]), in their order, all or nothing — once one
+//!   refuses, the targets told before are told to unmap it again
+//!   ([`UnmapCause::Rollback`]), last first. Its target is checked first,
+//!   in [`crate::map_target`], and every notification happens under the
+//!   discard manager's read guard that check took.
+//! * [`unmap_to`]: a mapping goes away; the targets are told last first.
+//! * [`replay`]: a domain's mappings, ascending, to an endpoint that joins
+//!   the domain (ATTACH) or a notifier that registers; all or nothing.
+//! * [`DeviceModel::register_notifier`] and
+//!   [`DeviceModel::unregister_notifier`]: a notifier is replayed what its
+//!   endpoint sees when it registers, and told to unmap it when it leaves.
+//!
+//! # Locking
+//!
+//! Everything here runs with the device lock held. The lock order is
+//! *IOMMU device → discard manager (read) → notifier's own locks*; see the
+//! `memvisor-iommu` contract.
+
+use std::sync::Arc;
+
+use memvisor_iommu::{IommuNotifier, MapCause, MapEvent, NotifierId, UnmapCause, UnmapEvent};
+use memvisor_memory::discard::PopulatedView;
+use memvisor_memory::map::{GuestMemoryMap, HostRange};
+
+use crate::domain::Target;
+use crate::effects::DeviceModel;
+use crate::map_target::{self, MapRefusal, MapTarget};
+use crate::mapping::{DomainMappings, Mapping};
+
+/// Errors of [`IommuHandle::register_notifier`](crate::IommuHandle::register_notifier).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotifierError {
+    /// The endpoint is not part of the topology.
+    #[error("endpoint {0} does not exist")]
+    UnknownEndpoint(u32),
+    /// Replaying a mapping of the endpoint's domain failed; nothing stays
+    /// registered and the mappings replayed before were unmapped again.
+    #[error("replaying mapping [{virt_start:#x}, {virt_end:#x}] of domain {domain} failed: {refusal}")]
+    Refused {
+        /// The domain.
+        domain: u32,
+        /// First IOVA of the mapping.
+        virt_start: u64,
+        /// Last IOVA of the mapping.
+        virt_end: u64,
+        /// Why.
+        refusal: MapRefusal,
+    },
+}
+
+fn unmap_event(endpoint: u32, domain: u32, m: &Mapping, cause: UnmapCause) -> UnmapEvent {
+    UnmapEvent {
+        endpoint,
+        domain,
+        iova: m.virt_start,
+        size: m.size(),
+        phys: m.phys_start,
+        flags: m.flags,
+        cause,
+    }
+}
+
+/// Tells every target that `m` is gone, last target first.
+pub(crate) fn unmap_to(targets: &[Target], domain: u32, m: &Mapping, cause: UnmapCause) {
+    for t in targets.iter().rev() {
+        t.notifier.notify_unmap(&unmap_event(t.endpoint, domain, m, cause));
+    }
+}
+
+/// Checks that `m` may be made visible ([`map_target::resolve`]) and tells
+/// every target, all or nothing (DESIGN.md rule 3: the populated check and
+/// the notifications happen under one read guard of the discard manager).
+pub(crate) fn deliver_map(
+    mem: Option<&GuestMemoryMap>,
+    targets: &[Target],
+    domain: u32,
+    m: &Mapping,
+    cause: MapCause,
+) -> Result<(), MapRefusal> {
+    match map_target::resolve(mem, m)? {
+        MapTarget::Mmio => notify_all(targets, domain, m, cause, None, None),
+        // `populated`, the manager's read guard, lives until every target
+        // was told.
+        MapTarget::Ram { host, populated } => notify_all(targets, domain, m, cause, Some(host), populated.as_ref()),
+    }
+}
+
+fn notify_all<'a>(
+    targets: &[Target],
+    domain: u32,
+    m: &Mapping,
+    cause: MapCause,
+    host: Option<HostRange<'a>>,
+    populated: Option<&'a PopulatedView<'a>>,
+) -> Result<(), MapRefusal> {
+    for (i, t) in targets.iter().enumerate() {
+        let event = MapEvent {
+            endpoint: t.endpoint,
+            domain,
+            iova: m.virt_start,
+            size: m.size(),
+            phys: m.phys_start,
+            flags: m.flags,
+            cause,
+            host: host.clone(),
+            populated,
+        };
+        if let Err(refusal) = t.notifier.notify_map(&event) {
+            unmap_to(&targets[..i], domain, m, UnmapCause::Rollback);
+            return Err(MapRefusal::Notifier {
+                notifier: t.notifier.name().to_string(),
+                endpoint: t.endpoint,
+                refusal,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Delivers every mapping of `mappings` to `targets` in ascending IOVA
+/// order, all or nothing: if one is refused, the ones delivered before are
+/// unmapped again (last first) and the refused mapping is returned with why.
+pub(crate) fn replay(
+    mem: Option<&GuestMemoryMap>,
+    targets: &[Target],
+    domain: u32,
+    mappings: &DomainMappings,
+    cause: MapCause,
+) -> Result<(), (Mapping, MapRefusal)> {
+    for (i, m) in mappings.iter().enumerate() {
+        if let Err(refusal) = deliver_map(mem, targets, domain, m, cause) {
+            for done in mappings.iter().take(i).rev() {
+                unmap_to(targets, domain, done, UnmapCause::Rollback);
+            }
+            return Err((*m, refusal));
+        }
+    }
+    Ok(())
+}
+
+impl DeviceModel {
+    /// Registers `notifier` for `endpoint`, after replaying to it the
+    /// mappings the endpoint sees now ([`MapCause::Register`]); a refused
+    /// replay registers nothing.
+    pub(crate) fn register_notifier(
+        &mut self,
+        endpoint: u32,
+        notifier: Arc<dyn IommuNotifier>,
+    ) -> Result<NotifierId, NotifierError> {
+        let ep = self
+            .endpoints
+            .get_mut(&endpoint)
+            .ok_or(NotifierError::UnknownEndpoint(endpoint))?;
+        let target = Target { endpoint, notifier };
+        let domain = ep
+            .domain
+            .and_then(|d| self.domains.get_mut(&d).map(|domain| (d, domain)));
+        if let Some((domain_id, domain)) = &domain
+            && let Err((m, refusal)) = replay(
+                self.mem.as_ref(),
+                std::slice::from_ref(&target),
+                *domain_id,
+                &domain.mappings,
+                MapCause::Register,
+            )
+        {
+            return Err(NotifierError::Refused {
+                domain: *domain_id,
+                virt_start: m.virt_start,
+                virt_end: m.virt_end,
+                refusal,
+            });
+        }
+        let id = NotifierId(self.next_notifier);
+        self.next_notifier += 1;
+        ep.notifiers.push((id, target.notifier.clone()));
+        if let Some((_, domain)) = domain {
+            // Registration order: after the endpoint's other notifiers.
+            let at = domain.span(endpoint).end;
+            domain.targets.insert(at, target);
+        }
+        Ok(id)
+    }
+
+    /// Unregisters notifier `id`, telling it to unmap every mapping it sees
+    /// now (last first, [`UnmapCause::Unregister`]). `false` for an
+    /// unknown id.
+    pub(crate) fn unregister_notifier(&mut self, id: NotifierId) -> bool {
+        let Some((endpoint, pos)) = self
+            .endpoints
+            .iter()
+            .find_map(|(&e, ep)| ep.notifiers.iter().position(|(n, _)| *n == id).map(|p| (e, p)))
+        else {
+            return false;
+        };
+        let ep = self.endpoints.get_mut(&endpoint).expect("found above");
+        let (_, notifier) = ep.notifiers.remove(pos);
+        if let Some(domain_id) = ep.domain
+            && let Some(domain) = self.domains.get_mut(&domain_id)
+        {
+            let cached = domain.targets.remove(domain.span(endpoint).start + pos);
+            debug_assert!(Arc::ptr_eq(&cached.notifier, &notifier));
+            let targets = [Target { endpoint, notifier }];
+            for m in domain.mappings.iter().rev() {
+                unmap_to(&targets, domain_id, m, UnmapCause::Unregister);
+            }
+        }
+        true
+    }
+}
