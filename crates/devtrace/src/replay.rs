@@ -141,7 +141,7 @@ pub struct Progress {
 }
 
 /// Replays `trace` with `options`; see the [module documentation](self).
-/// `progress` is called every few events and at the end.
+/// `progress` is called after every event.
 ///
 /// # Errors
 ///
@@ -199,7 +199,7 @@ pub fn replay(
                 .map_err(migration_error)?;
             report.migrations += 1;
         }
-        if (i + 1) % 256 == 0 {
+        if i + 1 < total {
             progress(Progress { done: i + 1, total });
         }
     }

@@ -674,8 +674,14 @@ impl Trace {
             line,
             message,
         };
+        // serde_json counts lines within the one line it is given: keep
+        // its column, drop its line, so that an error names one line only.
         let json = |line: usize, text: &str| -> Result<Value, TraceError> {
-            serde_json::from_str(text).map_err(|e| err(line, format!("bad JSON: {e}")))
+            serde_json::from_str(text).map_err(|e| {
+                let message = e.to_string();
+                let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+                err(line, format!("bad JSON at column {}: {message}", e.column()))
+            })
         };
         let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
         let (_, first) = lines
@@ -718,7 +724,7 @@ impl Trace {
 
     /// Reads and parses the devtrace at `path`, named by its file name.
     pub fn read(path: &Path) -> Result<Self, TraceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+        let bytes = std::fs::read(path).map_err(|source| TraceError::Io {
             path: path.display().to_string(),
             source,
         })?;
@@ -726,7 +732,17 @@ impl Trace {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        Self::parse(&name, &text)
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let valid = &bytes[..e.valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = valid.len() - valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            TraceError::Parse {
+                name: name.clone(),
+                line,
+                message: format!("not UTF-8 text (byte {column} of the line): a devtrace is JSON Lines"),
+            }
+        })?;
+        Self::parse(&name, text)
     }
 
     /// Events that are requests to a device.
@@ -793,6 +809,10 @@ mod tests {
             "t.jsonl: line 2: missing field `addr` in the event"
         );
         assert!(message(&["{", ""]).starts_with("t.jsonl: line 2: bad JSON"));
+        // One line number only, even where serde_json counts its own.
+        let nul = message(&["{\"dev\":\u{0}}"]);
+        assert_eq!(nul.matches("line").count(), 1, "{nul}");
+        assert!(nul.starts_with("t.jsonl: line 2: bad JSON at column 8: "), "{nul}");
         assert_eq!(
             message(&["{}", r#"{"dev":"vmem1","op":"plug"}"#]),
             "t.jsonl: line 2: missing field `dev` in the event"
@@ -834,5 +854,22 @@ mod tests {
         let err = Trace::parse("x", "{}\n").unwrap_err();
         assert_eq!(err.line(), Some(1));
         assert_eq!(err.to_string(), "x: line 1: missing field `format` in the header");
+    }
+
+    #[test]
+    fn a_file_that_is_not_text_names_its_line() {
+        let dir = std::env::temp_dir().join(format!("devtrace-binary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("binary.jsonl");
+        let mut bytes = HEADER.as_bytes().to_vec();
+        bytes.extend_from_slice(b"\n{\"dev\":\xff}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Trace::read(&path).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(err.line(), Some(2));
+        assert_eq!(
+            err.to_string(),
+            "binary.jsonl: line 2: not UTF-8 text (byte 8 of the line): a devtrace is JSON Lines"
+        );
     }
 }

@@ -36,8 +36,40 @@ pub struct DemoReport {
     pub populated: u64,
 }
 
+/// Bytes the kernel says it can give without swapping (`MemAvailable`).
+fn available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses what the demo cannot do, before it allocates anything, in the
+/// options' own terms.
+fn check(opts: &DemoOptions, available: Option<u64>) -> Result<(), String> {
+    if opts.size == 0 || opts.size % opts.block_size != 0 {
+        return Err(format!(
+            "--size {} is not a positive multiple of --block-size {}",
+            human(opts.size),
+            human(opts.block_size)
+        ));
+    }
+    if let Some(available) = available
+        && opts.size > available
+    {
+        return Err(format!(
+            "--size {} is more than this host can hold: it has {} available (MemAvailable), \
+             and the demo populates all of it",
+            human(opts.size),
+            human(available)
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the demo, printing each step to stdout.
 pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
+    check(opts, available_bytes())?;
     let block = Arc::new(RamBlock::new("demo", opts.size, opts.backing).map_err(|e| e.to_string())?);
     let base = 4u64 << 30;
     let region = GuestRange::new(base, opts.size).ok_or("region overflows")?;
@@ -97,6 +129,22 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn impossible_options_are_refused_in_their_own_terms() {
+        let opts = |size, block_size| DemoOptions {
+            size,
+            block_size,
+            backing: Backing::Memfd,
+        };
+        assert_eq!(
+            check(&opts(3 << 20, 2 << 20), None).unwrap_err(),
+            "--size 3.0 MiB is not a positive multiple of --block-size 2.0 MiB"
+        );
+        let err = check(&opts(64 << 30, 2 << 20), Some(8 << 30)).unwrap_err();
+        assert!(err.contains("64.0 GiB") && err.contains("8.0 GiB available"), "{err}");
+        assert!(check(&opts(1 << 30, 2 << 20), Some(8 << 30)).is_ok());
+    }
 
     #[test]
     fn half_is_given_back() {

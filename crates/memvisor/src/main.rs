@@ -63,8 +63,8 @@ enum Command {
         /// The VM's pin budget (e.g. 64M); unlimited without it.
         #[arg(long, value_parser = size::parse_size)]
         pin_budget: Option<u64>,
-        /// Save, drop and restore the whole machine after every N events.
-        #[arg(long)]
+        /// Save, drop and restore the whole machine after every N events (N >= 1).
+        #[arg(long, value_parser = size::parse_events)]
         migrate_every: Option<NonZeroUsize>,
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]
@@ -75,8 +75,8 @@ enum Command {
         /// Size of the RAM block (e.g. 1G, 512M).
         #[arg(long, default_value = "1G", value_parser = size::parse_size)]
         size: u64,
-        /// Block size (a power of two).
-        #[arg(long, default_value = "2M", value_parser = size::parse_size)]
+        /// Block size (a power of two, at least 4K).
+        #[arg(long, default_value = "2M", value_parser = size::parse_block_size)]
         block_size: u64,
         /// What backs the RAM.
         #[arg(long, value_enum, default_value_t = BackingArg::Memfd)]

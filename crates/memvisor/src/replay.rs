@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use memvisor_devtrace::{
@@ -16,8 +17,9 @@ use crate::size::human;
 /// The environment variable naming the VFIO group for `--dma vfio`.
 pub const VFIO_GROUP_VAR: &str = "MEMVISOR_VFIO_GROUP";
 
-/// Traces with at least this many events get a progress bar (on a terminal).
-const PROGRESS_MIN_EVENTS: usize = 1000;
+/// A replay still running after this long shows a progress bar (on a
+/// terminal), whatever its number of events.
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 
 /// The DMA backend as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,17 +178,20 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         },
         migrate_every: args.migrate_every,
     };
-    let bar = (trace.events.len() >= PROGRESS_MIN_EVENTS && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(trace.events.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} events ({eta})")
-                .expect("a valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(trace.name.clone());
-        bar
-    });
+    let terminal = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut bar: Option<ProgressBar> = None;
     let result = replay(&trace, &options, &mut |p| {
+        if bar.is_none() && terminal && p.done < p.total && start.elapsed() >= PROGRESS_AFTER {
+            let b = ProgressBar::new(p.total as u64);
+            b.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} events ({elapsed}, eta {eta})")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(trace.name.clone());
+            bar = Some(b);
+        }
         if let Some(bar) = &bar {
             bar.set_position(p.done as u64);
         }

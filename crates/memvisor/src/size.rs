@@ -16,13 +16,40 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         Some('t') => (&stripped[..stripped.len() - 1], 40),
         _ => (stripped, 0),
     };
-    let value: u64 = digits
+    // Wide enough that any number of digits that fits is told apart from
+    // one that is not a number at all.
+    let value: u128 = digits
         .trim()
         .parse()
-        .map_err(|_| format!("'{text}' is not a size (examples: 4096, 512K, 2M, 1G)"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{text}' overflows 64 bits"))
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => too_large(text),
+            _ => format!("'{text}' is not a size (examples: 4096, 512K, 2M, 1G)"),
+        })?;
+    u64::try_from(value << shift).map_err(|_| too_large(text))
+}
+
+fn too_large(text: &str) -> String {
+    format!("size '{text}' is larger than the largest size, 16 EiB - 1 (2^64 - 1 bytes)")
+}
+
+/// Parses a block size: a power of two of at least 4 KiB (the page size).
+pub fn parse_block_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if !size.is_power_of_two() || size < 4096 {
+        return Err(format!(
+            "block size '{text}' ({size} bytes) must be a power of two of at least 4K (the page size)"
+        ));
+    }
+    Ok(size)
+}
+
+/// Parses a count of events that must be at least 1.
+pub fn parse_events(text: &str) -> Result<std::num::NonZeroUsize, String> {
+    let n: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of events"))?;
+    std::num::NonZeroUsize::new(n).ok_or_else(|| "0 events between migrations would migrate forever; give 1 or more".to_string())
 }
 
 /// Formats bytes with the largest binary unit that divides them evenly
@@ -49,7 +76,19 @@ mod tests {
         assert_eq!(parse_size("512kb"), Ok(512 << 10));
         assert_eq!(parse_size("3T"), Ok(3 << 40));
         assert!(parse_size("x1").unwrap_err().contains("'x1'"));
-        assert!(parse_size("99999999999T").unwrap_err().contains("overflows"));
+        // Too large, however it is written: one message.
+        let large = parse_size("99999999999T").unwrap_err();
+        assert!(large.contains("larger than the largest size"), "{large}");
+        assert_eq!(
+            parse_size("18446744073709551616").unwrap_err(),
+            large.replace("99999999999T", "18446744073709551616")
+        );
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert!(parse_block_size("1K").unwrap_err().contains("at least 4K"));
+        assert!(parse_block_size("3M").unwrap_err().contains("power of two"));
+        assert_eq!(parse_block_size("2M"), Ok(2 << 20));
+        assert!(parse_events("0").unwrap_err().contains("1 or more"));
+        assert_eq!(parse_events("7").map(|n| n.get()), Ok(7));
     }
 
     #[test]
