@@ -59,8 +59,8 @@ use memvisor_memory::discard::RamDiscardManager;
 use memvisor_memory::map::{GuestMemoryMap, MapError};
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy, PolicyError};
 use memvisor_memory::{Backing, GuestRange, RamBlock, RamBlockError};
-use memvisor_virtio_iommu::persist::VirtioIommuSection;
 use memvisor_virtio_iommu::options::OptionsError;
+use memvisor_virtio_iommu::persist::VirtioIommuSection;
 use memvisor_virtio_iommu::{IommuHandle, VirtioIommu};
 use memvisor_virtio_mem::persist::VirtioMemSection;
 use memvisor_virtio_mem::{VirtioMem, VirtioMemError, VirtioMemOptions, VirtioMemRegion};
@@ -69,6 +69,9 @@ use memvisor_vmstate::{Registry, SectionId, VmStateError, ram};
 pub use config::{
     AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, MachineConfig, RamSpec, VirtioIommuSpec, VirtioMemSpec,
 };
+/// The unplug guard of [`AssignedPath::Viommu`], so that a configuration
+/// can be written without naming the DMA crate.
+pub use memvisor_dma::viommu_bridge::UnplugGuard;
 
 /// Why a machine could not be built, saved or restored. Nothing stays
 /// pinned after an error.
@@ -204,6 +207,22 @@ impl Machine {
         Ok(this)
     }
 
+    /// The machine `config` describes as the destination of an incoming
+    /// migration: built like [`new`](Self::new), but with its assigned
+    /// devices created and not attached, so that nothing is pinned until a
+    /// stream loads into its [`registry`](Self::registry) (the DMA sections
+    /// attach once the whole stream is loaded and checked). A failed load
+    /// leaves it as it was; [`restore`](Self::restore) is this and one
+    /// load.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new), but for attachment errors (which come with
+    /// the load).
+    pub fn incoming(config: &MachineConfig) -> Result<Self, MachineError> {
+        Self::build(config)
+    }
+
     /// The machine with its DMA devices created but not attached.
     fn build(config: &MachineConfig) -> Result<Self, MachineError> {
         let policy = DiscardPolicy::new();
@@ -262,7 +281,12 @@ impl Machine {
                 })
             }
         };
-        let budget = Arc::new(config.dma.pin_budget.map_or_else(PinBudget::unlimited, PinBudget::limited));
+        let budget = Arc::new(
+            config
+                .dma
+                .pin_budget
+                .map_or_else(PinBudget::unlimited, PinBudget::limited),
+        );
         let mut this = Self {
             dma: Vec::new(),
             budget,
@@ -364,7 +388,7 @@ impl Machine {
     /// restored blocks, and pinned), or the path-1 listener maps all
     /// populated RAM. On error nothing is pinned.
     pub fn restore(config: &MachineConfig, r: &mut dyn Read) -> Result<Self, MachineError> {
-        let machine = Self::build(config)?;
+        let machine = Self::incoming(config)?;
         machine.registry()?.load(std::io::BufReader::new(r))?;
         Ok(machine)
     }

@@ -3,14 +3,16 @@
 mod common;
 
 use common::*;
-use memvisor_dma::mapper::{DmaMapper, vm_pin_kib};
-use memvisor_dma::viommu_bridge::UnplugGuard;
+use memvisor_dma::mapper::vm_pin_kib;
+use memvisor_machine::{AssignedPath, UnplugGuard};
+use memvisor_test_support::machines::dma::{BOOT, DOMAIN, HOT, behind_viommu, rig};
+use memvisor_test_support::{MIB, serial};
 use memvisor_virtio_iommu::Status;
 
 #[test]
 fn path1_plug_and_unplug_move_vmpin_by_exactly_the_plugged_bytes() {
     let _s = serial();
-    let mut m = Machine::new(Path::Plain, 64 * MIB, None);
+    let mut m = rig(AssignedPath::Ram, 64 * MIB, None);
     let base = vm_pin_kib();
     assert_eq!(base * 1024, BOOT, "boot RAM is pinned whole at attach");
     assert_eq!(m.plug(0, 4), ACK);
@@ -20,79 +22,81 @@ fn path1_plug_and_unplug_move_vmpin_by_exactly_the_plugged_bytes() {
     assert_eq!(m.unplug(1, 2), ACK);
     assert_eq!(vm_pin_kib() - base, 10 * 1024);
     // One mapping per granule, so a single block can be unmapped alone.
-    assert_eq!(m.pinner.mapping_count(), 1 + 5);
+    let device = m.machine.dma_devices().next().unwrap().clone();
+    assert_eq!(device.mapper().mapping_count(), 1 + 5);
     assert_eq!(m.unplug_all(), ACK);
     assert_eq!(vm_pin_kib(), base);
     // The unplugged memory really left the host.
-    assert_eq!(m.hot.resident_bytes(0, 64 * MIB).unwrap(), 0);
-    m.check_invariants();
+    let hot = m.machine.vmems()[0].region.block().clone();
+    assert_eq!(hot.resident_bytes(0, 64 * MIB).unwrap(), 0);
+    check_invariants(&m.machine);
 }
 
 #[test]
 fn path2_maps_only_populated_ram() {
     let _s = serial();
-    let mut m = Machine::new(Path::Viommu(UnplugGuard::Reject), 64 * MIB, None);
+    let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
     assert_eq!(m.plug(0, 2), ACK);
     // Plugged memory and boot RAM: mapped and pinned.
-    assert_eq!(m.map(0x10_0000, HOT, 4 * MIB, RW), Status::Ok);
-    assert_eq!(m.map(0x80_0000, 0x30_0000, 64 * 1024, RW), Status::Ok);
-    assert_eq!(m.pinner.pinned_bytes(), 4 * MIB + 64 * 1024);
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 4 * MIB, RW), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x80_0000, 0x30_0000, 64 * 1024, RW), Status::Ok);
+    assert_eq!(m.machine.pinned_bytes(), 4 * MIB + 64 * 1024);
     // Unplugged, half-plugged, a hole: refused, nothing pinned.
-    assert_eq!(m.map(0x100_0000, HOT + 8 * MIB, 4096, RW), Status::Inval);
-    assert_eq!(m.map(0x100_0000, HOT + 2 * MIB, 4 * MIB, RW), Status::Inval);
-    assert_eq!(m.map(0x100_0000, 1 << 40, 4096, RW), Status::Inval);
+    assert_eq!(m.map(DOMAIN, 0x100_0000, HOT + 8 * MIB, 4096, RW), Status::Inval);
+    assert_eq!(m.map(DOMAIN, 0x100_0000, HOT + 2 * MIB, 4 * MIB, RW), Status::Inval);
+    assert_eq!(m.map(DOMAIN, 0x100_0000, 1 << 40, 4096, RW), Status::Inval);
     // MMIO onto a hole: accepted, never pinned.
-    assert_eq!(m.map(0x200_0000, 0xfe00_0000, 4096, RW | MMIO), Status::Ok);
-    assert_eq!(m.pinner.pinned_bytes(), 4 * MIB + 64 * 1024);
-    m.check_invariants();
-    assert_eq!(m.unmap(0, 1 << 40), Status::Ok);
-    assert_eq!(m.pinner.pinned_bytes(), 0);
-    m.check_invariants();
+    assert_eq!(m.map(DOMAIN, 0x200_0000, 0xfe00_0000, 4096, RW | MMIO), Status::Ok);
+    assert_eq!(m.machine.pinned_bytes(), 4 * MIB + 64 * 1024);
+    check_invariants(&m.machine);
+    assert_eq!(m.unmap(DOMAIN, 0, 1 << 40), Status::Ok);
+    assert_eq!(m.machine.pinned_bytes(), 0);
+    check_invariants(&m.machine);
 }
 
 #[test]
 fn path2_reject_vetoes_unplug_of_mapped_blocks() {
     let _s = serial();
-    let mut m = Machine::new(Path::Viommu(UnplugGuard::Reject), 64 * MIB, None);
+    let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
     assert_eq!(m.plug(0, 4), ACK);
-    assert_eq!(m.map(0x10_0000, HOT + 2 * MIB + 4096, 4096, RW), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT + 2 * MIB + 4096, 4096, RW), Status::Ok);
     assert_eq!(m.unplug(1, 1), BUSY);
     assert_eq!(m.unplug(0, 4), BUSY);
     assert_eq!(m.unplug_all(), BUSY);
-    assert_eq!(m.region.plugged_size(), 8 * MIB, "a veto changes nothing");
+    assert_eq!(m.machine.plugged_size(), 8 * MIB, "a veto changes nothing");
     // Blocks the mapping does not touch unplug fine.
     assert_eq!(m.unplug(2, 2), ACK);
-    m.check_invariants();
-    assert_eq!(m.unmap(0x10_0000, 4096), Status::Ok);
+    check_invariants(&m.machine);
+    assert_eq!(m.unmap(DOMAIN, 0x10_0000, 4096), Status::Ok);
     assert_eq!(m.unplug_all(), ACK);
-    assert_eq!(m.pinner.pinned_bytes(), 0);
-    m.check_invariants();
+    assert_eq!(m.machine.pinned_bytes(), 0);
+    check_invariants(&m.machine);
 }
 
 #[test]
 fn hostile_map_flood_stops_at_the_pin_budget() {
     let _s = serial();
     let budget = 8 * MIB;
-    let mut m = Machine::new(Path::Viommu(UnplugGuard::Reject), 64 * MIB, Some(budget));
+    let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, Some(budget));
     assert_eq!(m.plug(0, 32), ACK);
     let mut ok = 0u64;
     let mut nomem = 0;
     // Map the same guest memory again and again at fresh IOVAs.
     for i in 0..4096u64 {
-        let status = m.map(i * 64 * 1024, HOT + (i % 1024) * 64 * 1024, 64 * 1024, RW);
+        let status = m.map(DOMAIN, i * 64 * 1024, HOT + (i % 1024) * 64 * 1024, 64 * 1024, RW);
         match status {
             Status::Ok => ok += 1,
             Status::NoMem => nomem += 1,
             other => panic!("unexpected {other:?}"),
         }
-        assert!(m.pinner.pinned_bytes() <= budget);
+        assert!(m.machine.pinned_bytes() <= budget);
         assert!(vm_pin_kib() * 1024 <= budget);
     }
     assert_eq!(ok * 64 * 1024, budget, "the flood fills the budget exactly");
     assert_eq!(nomem, 4096 - ok);
-    m.check_invariants();
+    check_invariants(&m.machine);
     // The device keeps working: unmapping frees budget for new maps.
-    assert_eq!(m.unmap(0, 64 * 1024), Status::Ok);
-    assert_eq!(m.map(0x4000_0000, HOT, 64 * 1024, RW), Status::Ok);
-    m.check_invariants();
+    assert_eq!(m.unmap(DOMAIN, 0, 64 * 1024), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x4000_0000, HOT, 64 * 1024, RW), Status::Ok);
+    check_invariants(&m.machine);
 }

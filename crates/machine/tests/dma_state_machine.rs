@@ -2,17 +2,17 @@
 //! unplug-all, set-requested-size, attach, detach, map, unmap and system
 //! reset, on both DMA paths, all through the devices' real virtqueues.
 //! After every step: no pinned byte lies in a discarded block, the
-//! backend's pinned bytes equal the live mappings, and `VmPin` agrees with
-//! the backend.
+//! backend's pinned bytes equal the live mappings (path 2) or boot RAM and
+//! the plugged blocks (path 1), and `VmPin` agrees with the backend.
 //!
 //! Runs 10,000 cases by default; set `MEMVISOR_PROPTEST_CASES` for more.
 
 mod common;
 
 use common::*;
-use memvisor_dma::viommu_bridge::UnplugGuard;
-use memvisor_virtio_iommu::Request as IommuRequest;
-use memvisor_virtio_iommu::request::{Attach, Detach};
+use memvisor_machine::{AssignedPath, UnplugGuard};
+use memvisor_test_support::machines::dma::{BLOCK, BOOT, DOMAIN, ENDPOINT, HOT, behind_viommu, rig};
+use memvisor_test_support::{MIB, Rig, serial};
 use proptest::prelude::*;
 
 /// 16 blocks of 2 MiB.
@@ -71,7 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn apply(m: &mut Machine, op: &Op) {
+fn apply(m: &mut Rig, op: &Op) {
     match *op {
         Op::Plug(b, n) => {
             m.plug(b, n);
@@ -82,20 +82,12 @@ fn apply(m: &mut Machine, op: &Op) {
         Op::UnplugAll => {
             m.unplug_all();
         }
-        Op::SetRequested(blocks) => m.region.set_requested_size(blocks * BLOCK).unwrap(),
+        Op::SetRequested(blocks) => m.machine.vmems()[0].region.set_requested_size(blocks * BLOCK).unwrap(),
         Op::Attach => {
-            m.iommu(IommuRequest::Attach(Attach {
-                domain: DOMAIN,
-                endpoint: ENDPOINT,
-                flags: 0,
-                reserved: [0; 4],
-            }));
+            m.attach(DOMAIN, ENDPOINT);
         }
         Op::Detach => {
-            m.iommu(IommuRequest::Detach(Detach {
-                domain: DOMAIN,
-                endpoint: ENDPOINT,
-            }));
+            m.detach(DOMAIN, ENDPOINT);
         }
         Op::Map {
             iova_page,
@@ -108,16 +100,22 @@ fn apply(m: &mut Machine, op: &Op) {
                 Target::Hot(p) => HOT + p * PAGE,
                 Target::Hole => HOT + HOT_SIZE,
             };
-            m.map(iova_page * PAGE, phys, pages * PAGE, if mmio { RW | MMIO } else { RW });
+            m.map(
+                DOMAIN,
+                iova_page * PAGE,
+                phys,
+                pages * PAGE,
+                if mmio { RW | MMIO } else { RW },
+            );
         }
         Op::Unmap { iova_page, pages } => {
-            m.unmap(iova_page * PAGE, pages * PAGE);
+            m.unmap(DOMAIN, iova_page * PAGE, pages * PAGE);
         }
         Op::Reset => {
             // The order a machine reset takes: the IOMMU forgets its
             // mappings (unpinning them), then virtio-mem unplugs everything.
-            m.handle.system_reset();
-            m.region.system_reset().unwrap();
+            m.machine.iommu().unwrap().handle.system_reset();
+            m.machine.vmems()[0].region.system_reset().unwrap();
         }
     }
 }
@@ -129,12 +127,12 @@ fn cases() -> u32 {
         .unwrap_or(10_000)
 }
 
-fn run(path: Path, ops: &[Op]) {
-    let mut m = Machine::new(path, HOT_SIZE, Some(24 * MIB));
-    m.check_invariants();
+fn run(path: AssignedPath, ops: &[Op]) {
+    let mut m = rig(path, HOT_SIZE, Some(24 * MIB));
+    check_invariants(&m.machine);
     for op in ops {
         apply(&mut m, op);
-        m.check_invariants();
+        check_invariants(&m.machine);
     }
 }
 
@@ -144,12 +142,12 @@ proptest! {
     #[test]
     fn viommu_path_keeps_rules_1_and_2(ops in prop::collection::vec(op(), 1..40)) {
         let _s = serial();
-        run(Path::Viommu(UnplugGuard::Reject), &ops);
+        run(behind_viommu(UnplugGuard::Reject), &ops);
     }
 
     #[test]
     fn plain_path_keeps_rules_1_and_2(ops in prop::collection::vec(op(), 1..40)) {
         let _s = serial();
-        run(Path::Plain, &ops);
+        run(AssignedPath::Ram, &ops);
     }
 }

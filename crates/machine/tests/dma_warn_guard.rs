@@ -7,8 +7,10 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use memvisor_dma::mapper::{DmaMapper, vm_pin_kib};
-use memvisor_dma::viommu_bridge::UnplugGuard;
+use memvisor_dma::mapper::vm_pin_kib;
+use memvisor_machine::UnplugGuard;
+use memvisor_test_support::machines::dma::{DOMAIN, HOT, behind_viommu, rig};
+use memvisor_test_support::{MIB, serial};
 use memvisor_virtio_iommu::Status;
 
 static WARNINGS: AtomicUsize = AtomicUsize::new(0);
@@ -31,22 +33,23 @@ impl log::Log for CountingLogger {
 
 #[test]
 fn warn_allows_the_unplug_once_warned_and_keeps_the_pin_until_unmap() {
+    let _s = serial();
     log::set_logger(&CountingLogger).unwrap();
     log::set_max_level(log::LevelFilter::Warn);
-    let mut m = Machine::new(Path::Viommu(UnplugGuard::Warn), 64 * MIB, None);
+    let mut m = rig(behind_viommu(UnplugGuard::Warn), 64 * MIB, None);
     assert_eq!(m.plug(0, 4), ACK);
-    assert_eq!(m.map(0x10_0000, HOT, 2 * MIB, RW), Status::Ok);
-    assert_eq!(m.map(0x40_0000, HOT + 4 * MIB, 2 * MIB, RW), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 2 * MIB, RW), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x40_0000, HOT + 4 * MIB, 2 * MIB, RW), Status::Ok);
     assert_eq!(m.unplug(0, 1), ACK);
     assert_eq!(m.unplug(2, 1), ACK);
     assert_eq!(m.unplug_all(), ACK);
     assert_eq!(WARNINGS.load(Ordering::SeqCst), 1, "exactly one warning");
-    assert_eq!(m.region.plugged_size(), 0);
+    assert_eq!(m.machine.plugged_size(), 0);
     // The pins stay: the host holds 4 MiB the guest no longer has.
-    assert_eq!(m.pinner.pinned_bytes(), 4 * MIB);
+    assert_eq!(m.machine.pinned_bytes(), 4 * MIB);
     assert_eq!(vm_pin_kib(), 4 * 1024);
-    assert_eq!(m.unmap(0, 1 << 30), Status::Ok);
-    assert_eq!(m.pinner.pinned_bytes(), 0);
+    assert_eq!(m.unmap(DOMAIN, 0, 1 << 30), Status::Ok);
+    assert_eq!(m.machine.pinned_bytes(), 0);
     assert_eq!(vm_pin_kib(), 0);
     assert_eq!(WARNINGS.load(Ordering::SeqCst), 1);
 }

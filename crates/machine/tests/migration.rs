@@ -1,27 +1,83 @@
 //! Whole-machine migration: save a running machine, restore it into fresh
 //! objects, and refuse every broken stream without pinning anything.
 //!
+//! The source is [`migration::source`]; a destination is
+//! [`Machine::incoming`] for the same configuration, whose registry loads
+//! the stream.
+//!
 //! Every test here pins memory and asserts on the process's `VmPin`, so
-//! each holds [`common::serial`].
-
-mod common;
+//! each holds [`serial`].
 
 use std::io::{self, Write};
 use std::sync::mpsc;
 
-use common::*;
-use memvisor_dma::mapper::{DmaMapper, vm_pin_kib};
+use memvisor_dma::attach::DmaDevice;
+use memvisor_dma::mapper::vm_pin_kib;
+use memvisor_machine::Machine;
+use memvisor_memory::RamBlock;
 use memvisor_memory::discard::RamDiscardManager;
-use memvisor_virtio_mem::wire::{VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG};
+use memvisor_test_support::machines::migration::{self, BLOCK, BOOT_SIZE, VMEM_BASE, VMEM_SIZE, block_addr};
+use memvisor_test_support::{KIB, MIB, range as r, serial};
+use memvisor_virtio_iommu::persist::IommuState;
+use memvisor_virtio_mem::wire::{VIRTIO_MEM_RESP_ACK as ACK, VIRTIO_MEM_RESP_BUSY as BUSY};
 use memvisor_vmstate::format::{self, RawSection};
 use memvisor_vmstate::ram::RAM_SECTION;
 use memvisor_vmstate::{Summary, VmStateError};
 
 fn save(m: &Machine) -> (Vec<u8>, Summary) {
     let mut bytes = Vec::new();
-    let summary = m.registry().save(&mut bytes).unwrap();
+    let summary = m.registry().unwrap().save(&mut bytes).unwrap();
     assert_eq!(summary.total_bytes, bytes.len() as u64);
     (bytes, summary)
+}
+
+/// A destination: the source's configuration, nothing attached yet.
+fn incoming() -> Machine {
+    Machine::incoming(&migration::config()).unwrap()
+}
+
+/// The assigned devices, in the order of their `dma` sections.
+fn dma(m: &Machine) -> Vec<&DmaDevice> {
+    m.dma_devices().collect()
+}
+
+fn iommu_state(m: &Machine) -> IommuState {
+    m.iommu().unwrap().handle.save_state()
+}
+
+/// Boot RAM's block.
+fn boot(m: &Machine) -> &RamBlock {
+    m.memory().region_at(0).unwrap().block()
+}
+
+/// The virtio-mem region's block.
+fn vmem_block(m: &Machine) -> &RamBlock {
+    m.vmems()[0].region.block()
+}
+
+/// Bytes of boot RAM and of the virtio-mem region that are populated and
+/// not zero, per page.
+fn nonzero_populated_bytes(m: &Machine) -> (u64, u64) {
+    let mut boot_bytes = 0;
+    let mut page = vec![0u8; 4096];
+    for off in (0..BOOT_SIZE).step_by(4096) {
+        boot(m).read(off, &mut page).unwrap();
+        if page.iter().any(|&b| b != 0) {
+            boot_bytes += 4096;
+        }
+    }
+    let mut vmem = 0;
+    let region = &m.vmems()[0].region;
+    let view = region.populated();
+    for run in view.runs(region.region(), true) {
+        for gpa in (run.start()..run.end()).step_by(4096) {
+            vmem_block(m).read(gpa - VMEM_BASE, &mut page).unwrap();
+            if page.iter().any(|&b| b != 0) {
+                vmem += 4096;
+            }
+        }
+    }
+    (boot_bytes, vmem)
 }
 
 fn raw(bytes: &[u8]) -> Vec<RawSection> {
@@ -42,24 +98,28 @@ fn position(sections: &[RawSection], name: &str) -> usize {
 /// nothing pinned, in the pinners and in the kernel's count.
 fn load_fails(bytes: &[u8]) -> VmStateError {
     let before = vm_pin_kib();
-    let dst = Machine::new();
-    let err = dst.registry().load(bytes).expect_err("a broken stream was accepted");
-    assert_eq!(dst.pinned(), 0, "a failed load left pins: {err}");
+    let dst = incoming();
+    let err = dst
+        .registry()
+        .unwrap()
+        .load(bytes)
+        .expect_err("a broken stream was accepted");
+    assert_eq!(dst.pinned_bytes(), 0, "a failed load left pins: {err}");
     assert_eq!(vm_pin_kib(), before, "a failed load left VmPin raised: {err}");
-    assert!(dst.dma.iter().all(|d| d.path().is_none()), "{err}");
+    assert!(dst.dma_devices().all(|d| d.path().is_none()), "{err}");
     err
 }
 
 #[test]
 fn full_machine_round_trip() {
     let _serial = serial();
-    let src = Machine::source();
-    let src_pinned = src.pinned();
+    let src = migration::source().machine;
+    let src_pinned = src.pinned_bytes();
     // EP_A: 2 MiB + 1 MiB, EP_B: 2 MiB + 64 KiB, path 1: boot RAM and the
     // plugged blocks.
-    assert_eq!(src.pinners[0].pinned_bytes(), 3 * MIB);
-    assert_eq!(src.pinners[1].pinned_bytes(), 2 * MIB + 64 * KIB);
-    assert_eq!(src.pinners[2].pinned_bytes(), BOOT_SIZE + 8 * MIB);
+    assert_eq!(dma(&src)[0].pinned_bytes(), 3 * MIB);
+    assert_eq!(dma(&src)[1].pinned_bytes(), 2 * MIB + 64 * KIB);
+    assert_eq!(dma(&src)[2].pinned_bytes(), BOOT_SIZE + 8 * MIB);
     let pin_before = vm_pin_kib();
 
     let (bytes, summary) = save(&src);
@@ -80,46 +140,48 @@ fn full_machine_round_trip() {
             "dma/2"
         ]
     );
-    assert!(!src.region.migration_running(), "the flag is cleared after the save");
+    assert!(
+        !src.vmems()[0].region.migration_running(),
+        "the flag is cleared after the save"
+    );
 
-    let dst = Machine::new();
-    let loaded = dst.registry().load(&bytes[..]).unwrap();
+    let dst = incoming();
+    let loaded = dst.registry().unwrap().load(&bytes[..]).unwrap();
     assert_eq!(loaded.sections, summary.sections);
 
     // Unplugged memory is not resident (checked before anything reads it:
     // reading a memfd hole allocates it).
     let plugged = [0u64, 1, 5, 9];
     for block in 0..VMEM_SIZE / BLOCK {
-        let resident = dst.vmem_block.resident_bytes(block * BLOCK, BLOCK).unwrap();
+        let resident = vmem_block(&dst).resident_bytes(block * BLOCK, BLOCK).unwrap();
         if !plugged.contains(&block) {
             assert_eq!(resident, 0, "unplugged block {block} is resident on the destination");
         }
     }
 
     // Block states, sizes and IOMMU state are identical.
-    assert_eq!(dst.region.save_state(), src.region.save_state());
-    assert_eq!(dst.region.plugged_size(), 8 * MIB);
-    assert_eq!(dst.iommu_handle().save_state(), src.iommu_handle().save_state());
+    assert_eq!(dst.vmems()[0].region.save_state(), src.vmems()[0].region.save_state());
+    assert_eq!(dst.vmems()[0].region.plugged_size(), 8 * MIB);
+    assert_eq!(iommu_state(&dst), iommu_state(&src));
 
     // Every mapping is pinned again, by the same devices, and the kernel
     // agrees.
-    for (i, (s, d)) in src.pinners.iter().zip(&dst.pinners).enumerate() {
+    assert_eq!(dma(&dst).len(), dma(&src).len());
+    for (i, (s, d)) in dma(&src).into_iter().zip(dma(&dst)).enumerate() {
         assert_eq!(d.pinned_bytes(), s.pinned_bytes(), "pinner {i}");
-        assert_eq!(d.mapping_count(), s.mapping_count(), "pinner {i}");
-    }
-    for (s, d) in src.dma.iter().zip(&dst.dma) {
+        assert_eq!(d.mapper().mapping_count(), s.mapper().mapping_count(), "pinner {i}");
         assert_eq!(d.path(), s.path());
         assert_eq!(d.pinned_ranges(), s.pinned_ranges());
     }
-    assert_eq!(dst.pinned(), src_pinned);
+    assert_eq!(dst.pinned_bytes(), src_pinned);
     assert_eq!(
         (vm_pin_kib() - pin_before) * KIB,
-        dst.pinned(),
+        dst.pinned_bytes(),
         "VmPin disagrees with the pinners"
     );
 
     // RAM contents are byte-identical.
-    let compare = |a: &memvisor_memory::RamBlock, b: &memvisor_memory::RamBlock| {
+    let compare = |a: &RamBlock, b: &RamBlock| {
         let (mut x, mut y) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
         for off in (0..a.size()).step_by(MIB as usize) {
             a.read(off, &mut x).unwrap();
@@ -127,12 +189,12 @@ fn full_machine_round_trip() {
             assert!(x == y, "RAM block '{}' differs in the MiB at {off:#x}", a.name());
         }
     };
-    compare(&src.boot, &dst.boot);
-    compare(&src.vmem_block, &dst.vmem_block);
+    compare(boot(&src), boot(&dst));
+    compare(vmem_block(&src), vmem_block(&dst));
 
     // The stream stays within 1% (plus 64 KiB) of the populated non-zero
     // bytes, region by region.
-    let (boot_nonzero, vmem_nonzero) = src.nonzero_populated_bytes();
+    let (boot_nonzero, vmem_nonzero) = nonzero_populated_bytes(&src);
     for (instance, nonzero) in [(0u32, boot_nonzero), (1, vmem_nonzero)] {
         let s = summary.named(RAM_SECTION).find(|s| s.id.instance == instance).unwrap();
         let bound = nonzero + nonzero / 100 + 64 * KIB;
@@ -153,7 +215,7 @@ fn full_machine_round_trip() {
 
     // The restored machine works: the guest's mapping keeps the unplug
     // refused (rule 2), and dropping the destination unpins everything.
-    let handle = dst.region.clone();
+    let handle = dst.vmems()[0].region.clone();
     assert!(handle.is_populated(r(block_addr(0), BLOCK)));
     drop(dst);
     assert_eq!(vm_pin_kib(), pin_before);
@@ -162,7 +224,7 @@ fn full_machine_round_trip() {
 #[test]
 fn iommu_before_virtio_mem_fails_naming_the_predecessor() {
     let _serial = serial();
-    let src = Machine::source();
+    let src = migration::source().machine;
     let (bytes, _) = save(&src);
     let sections = raw(&bytes);
 
@@ -208,15 +270,14 @@ fn iommu_before_virtio_mem_fails_naming_the_predecessor() {
     );
 
     // The right order loads.
-    let dst = Machine::new();
-    dst.registry().load(&write(&sections)[..]).unwrap();
-    assert_eq!(dst.pinned(), src.pinned());
+    let dst = Machine::restore(&migration::config(), &mut &write(&sections)[..]).unwrap();
+    assert_eq!(dst.pinned_bytes(), src.pinned_bytes());
 }
 
 #[test]
 fn stream_errors_name_section_and_offset() {
     let _serial = serial();
-    let src = Machine::source();
+    let src = migration::source().machine;
     let (bytes, _) = save(&src);
     let sections = raw(&bytes);
 
@@ -272,7 +333,7 @@ fn stream_errors_name_section_and_offset() {
 #[test]
 fn truncation_is_refused_everywhere() {
     let _serial = serial();
-    let src = Machine::source();
+    let src = migration::source().machine;
     let (bytes, _) = save(&src);
     let stream = format::read_raw(&bytes[..], 1 << 30).unwrap();
     let mut cuts: Vec<usize> = Vec::new();
@@ -298,7 +359,7 @@ fn truncation_is_refused_everywhere() {
 #[test]
 fn a_thousand_bit_flips_are_refused() {
     let _serial = serial();
-    let src = Machine::source();
+    let src = migration::source().machine;
     let (bytes, _) = save(&src);
     let stream = format::read_raw(&bytes[..], 1 << 30).unwrap();
     let mut rng = Lcg(0xb17f11b5);
@@ -313,8 +374,8 @@ fn a_thousand_bit_flips_are_refused() {
     for byte in stream.end_offset..bytes.len() as u64 {
         flips.push(byte * 8 + rng.next() % 8);
     }
-    let dst = Machine::new();
-    let mut reg = dst.registry();
+    let dst = incoming();
+    let mut reg = dst.registry().unwrap();
     let before = vm_pin_kib();
     let mut corrupt = bytes.clone();
     for bit in flips {
@@ -323,12 +384,12 @@ fn a_thousand_bit_flips_are_refused() {
         let result = reg.load(&corrupt[..]);
         corrupt[byte] ^= mask;
         assert!(result.is_err(), "flip of bit {bit} at offset {byte:#x} was accepted");
-        assert_eq!(dst.pinned(), 0, "bit {bit}: {:?}", result);
+        assert_eq!(dst.pinned_bytes(), 0, "bit {bit}: {:?}", result);
         assert_eq!(vm_pin_kib(), before, "bit {bit}");
     }
     // The same destination still takes the intact stream.
     reg.load(&bytes[..]).unwrap();
-    assert_eq!(dst.pinned(), src.pinned());
+    assert_eq!(dst.pinned_bytes(), src.pinned_bytes());
 }
 
 /// An output that, after taking each write, lets the guest thread send
@@ -358,22 +419,22 @@ impl Write for GateWriter<'_> {
 #[test]
 fn guest_requests_during_a_save_are_answered_busy() {
     let _serial = serial();
-    let mut m = Machine::source();
-    let registry_src = m.registry();
-    let before = m.region.save_state();
+    let mut m = migration::source();
+    let registry_src = m.machine.registry().unwrap();
+    let region = m.machine.vmems()[0].region.clone();
+    let before = region.save_state();
     let (go_tx, go_rx) = mpsc::channel::<bool>();
     let (ans_tx, ans_rx) = mpsc::channel::<Vec<u16>>();
-    let region = m.region.clone();
-    let Machine { vmem, vmem_queue, .. } = &mut m;
-    let queue = vmem_queue.as_mut().unwrap();
+    let guest = &mut m;
     let (gates, seen) = std::thread::scope(|s| {
         // The guest: on every gate, a valid PLUG (room under the requested
         // size) and a valid UNPLUG (block 9 is plugged and not mapped).
+        let region = region.clone();
         s.spawn(move || {
             while go_rx.recv() == Ok(true) {
                 assert!(region.migration_running());
-                let plug = vmem_request(vmem, queue, VIRTIO_MEM_REQ_PLUG, block_addr(12), 1);
-                let unplug = vmem_request(vmem, queue, VIRTIO_MEM_REQ_UNPLUG, block_addr(9), 1);
+                let plug = guest.plug(12, 1);
+                let unplug = guest.unplug(9, 1);
                 ans_tx.send(vec![plug, unplug]).unwrap();
             }
         });
@@ -393,8 +454,8 @@ fn guest_requests_during_a_save_are_answered_busy() {
     assert_eq!(seen.len(), gates * 2);
     assert!(seen.iter().all(|&r| r == BUSY), "{seen:?}");
     // Nothing changed under the save; afterwards the guest is served again.
-    assert_eq!(m.region.save_state(), before);
-    assert!(!m.region.migration_running());
+    assert_eq!(region.save_state(), before);
+    assert!(!region.migration_running());
     assert_eq!(m.plug(12, 1), ACK);
     assert_eq!(m.unplug(9, 1), ACK);
 }

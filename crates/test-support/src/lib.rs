@@ -12,6 +12,7 @@
 //! The guest's side itself is `memvisor-guest`, re-exported as [`guest`].
 #![deny(missing_docs)]
 
+pub mod machines;
 mod recorders;
 mod rig;
 
