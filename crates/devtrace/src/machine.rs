@@ -246,24 +246,19 @@ impl ReplayMachine {
         Ok(self.guest.iommu_request(&mut self.machine, request)?)
     }
 
-    /// A machine reset as seen by header device `index`: virtio-mem unplugs
-    /// everything and recomputes its usable region; virtio-iommu forgets
-    /// its domains and mappings. Either device is reset and gets fresh
-    /// queues before its next request.
-    pub fn system_reset(&mut self, index: usize) -> Result<(), ReplayMachineError> {
-        if self.is_vmem(index) {
-            if let Some(vmem) = self.machine.vmems_mut().first_mut() {
-                vmem.device.system_reset()?;
-            }
-            self.guest.forget_vmem(0);
-        } else {
-            if let Some(iommu) = self.machine.iommu_mut() {
-                memvisor_virtio::VirtioDevice::reset(&mut iommu.device);
-                iommu.handle.system_reset();
-            }
-            self.guest.forget_iommu();
-        }
+    /// A system reset of the whole machine, in its declared order
+    /// ([`Machine::system_reset`]: the IOMMU's endpoints detach, then the
+    /// memory devices unplug everything). Every device gets fresh queues
+    /// before its next request.
+    pub fn system_reset(&mut self) -> Result<(), ReplayMachineError> {
+        self.machine.system_reset()?;
+        self.guest.forget();
         Ok(())
+    }
+
+    /// The number of devices in the trace header.
+    pub fn device_count(&self) -> usize {
+        self.kinds.len()
     }
 
     /// Saves the whole machine to `w` (see [`Machine::save`]); returns the

@@ -79,6 +79,11 @@ pub struct Report {
     pub migrations: usize,
     /// Bytes of machine state streamed in total.
     pub migration_bytes: u64,
+    /// vIOMMU mappings a restore found over memory that was no longer
+    /// plugged (the source ran the `warn` guard, or reset its memory device
+    /// before its IOMMU), summed over the restores: each was restored in
+    /// its domain, as the guest sees it, and pinned by no one.
+    pub restored_unpinned_maps: usize,
     /// Wall-clock seconds of the replay, machine construction included.
     pub elapsed_s: f64,
 }
@@ -172,11 +177,13 @@ pub fn replay(
         vm_pin_kib: 0,
         migrations: 0,
         migration_bytes: 0,
+        restored_unpinned_maps: 0,
         elapsed_s: 0.0,
     };
     let total = trace.events.len();
+    let mut resets = Resets::default();
     for (i, event) in trace.events.iter().enumerate() {
-        apply(&mut machine, event, &mut report).map_err(|source| ReplayError::Event {
+        apply(&mut machine, &mut resets, event, &mut report).map_err(|source| ReplayError::Event {
             trace: trace.name.clone(),
             line: event.line,
             op: event.op.to_string(),
@@ -198,6 +205,10 @@ pub fn replay(
             machine = ReplayMachine::restore(&trace.header, &options.machine, &mut stream.as_slice())
                 .map_err(migration_error)?;
             report.migrations += 1;
+            report.restored_unpinned_maps += machine
+                .machine()
+                .iommu()
+                .map_or(0, |i| i.handle.unnotified_mappings());
         }
         if i + 1 < total {
             progress(Progress { done: i + 1, total });
@@ -230,12 +241,52 @@ fn check(report: &mut Report, event: &Event, field: &'static str, expected: Opti
 
 const NO_ANSWER: &str = "no answer (the device needs a reset)";
 
-fn apply(machine: &mut ReplayMachine, event: &Event, report: &mut Report) -> Result<(), ReplayMachineError> {
+/// A trace records one machine reset as one `system_reset` line per
+/// device, in whatever order the recording VMM reset them. The first line
+/// resets the whole machine, in its declared order; the lines that follow
+/// for devices that got no request since are that same reset.
+#[derive(Debug, Default)]
+struct Resets {
+    /// Devices reset by the last machine reset whose own line is still to
+    /// come.
+    pending: Vec<bool>,
+}
+
+impl Resets {
+    /// Device `device` reports a reset: true if the machine must reset.
+    fn reset_line(&mut self, device: usize, devices: usize) -> bool {
+        if self.pending.get(device).copied().unwrap_or(false) {
+            self.pending[device] = false;
+            return false;
+        }
+        self.pending = (0..devices).map(|d| d != device).collect();
+        true
+    }
+
+    /// Device `device` got a request: a later reset line of it is a new reset.
+    fn request(&mut self, device: usize) {
+        if let Some(p) = self.pending.get_mut(device) {
+            *p = false;
+        }
+    }
+}
+
+fn apply(
+    machine: &mut ReplayMachine,
+    resets: &mut Resets,
+    event: &Event,
+    report: &mut Report,
+) -> Result<(), ReplayMachineError> {
     let op = event.op;
+    if op.is_request() {
+        resets.request(event.device);
+    }
     match op {
         Op::SetRequestedSize { size } => machine.set_requested_size(size)?,
         Op::SystemReset => {
-            machine.system_reset(event.device)?;
+            if resets.reset_line(event.device, machine.device_count()) {
+                machine.system_reset()?;
+            }
             report.resets += 1;
         }
         Op::Expect {

@@ -204,6 +204,73 @@ fn hostile_guest_unplugs_are_acked_under_warn() {
     );
 }
 
+/// Under `warn` the source keeps the pin of a block the guest unplugged
+/// while mapping it; a destination must not re-populate that memory to pin
+/// it again. Restoring after every event, the replay gives every recorded
+/// answer, the mapping is restored unpinned (and counted), and nothing
+/// stays pinned at the end.
+#[test]
+fn a_restore_over_an_unplugged_mapping_restores_it_unpinned() {
+    let trace = hostile("ack");
+    let plain = run(&trace, &options(Some(DmaBackend::Uring), UnplugGuard::Warn, None));
+    let migrated = run(&trace, &options(Some(DmaBackend::Uring), UnplugGuard::Warn, Some(1)));
+    assert_eq!(counts(&migrated), counts(&plain));
+    assert_eq!(plain.restored_unpinned_maps, 0);
+    // Block 1 stays mapped (0x1000_0000) from its unplug (line 10) to its
+    // unmap (line 12): restored unpinned after lines 10 and 11.
+    assert_eq!(migrated.restored_unpinned_maps, 2);
+    assert_eq!(migrated.pinned_bytes, 0);
+}
+
+/// A trace that resets its devices in either order, with a save between
+/// the two lines: the machine resets in its declared order (the IOMMU's
+/// endpoints detach before memory is unplugged) at the first line, so no
+/// mapping is ever restored over reclaimed memory, and both orders end
+/// alike.
+#[test]
+fn both_reset_orders_end_alike_with_a_save_between_them() {
+    let header = r#"{"format":"devtrace","version":1,"ram":[{"addr":0,"size":16777216}],"devices":[{"device":"virtio-mem","id":"vmem0","addr":4294967296,"region_size":67108864,"block_size":2097152,"requested_size":8388608},{"device":"virtio-iommu","id":"viommu0","page_size_mask":18446744073709547520,"input_start":0,"input_end":18446744073709551615,"domain_start":0,"domain_end":1023,"bypass":false,"endpoints":[8]}]}"#;
+    let before = [
+        format!(r#"{{"dev":"vmem0","op":"plug","addr":{HOT},"nb_blocks":2,"resp":"ack"}}"#),
+        r#"{"dev":"viommu0","op":"attach","domain":1,"endpoint":8,"resp":"ok"}"#.to_string(),
+        format!(
+            r#"{{"dev":"viommu0","op":"map","domain":1,"virt_start":268435456,"virt_end":270532607,"phys_start":{},"flags":3,"resp":"ok"}}"#,
+            HOT + 2 * MIB
+        ),
+    ];
+    let after = [
+        r#"{"dev":"vmem0","op":"expect","plugged_size":0}"#.to_string(),
+        // After the reset the old domain is gone and the memory unplugged.
+        format!(
+            r#"{{"dev":"viommu0","op":"map","domain":1,"virt_start":268435456,"virt_end":270532607,"phys_start":{},"flags":3,"resp":"noent"}}"#,
+            HOT + 2 * MIB
+        ),
+        r#"{"dev":"viommu0","op":"attach","domain":1,"endpoint":8,"resp":"ok"}"#.to_string(),
+        format!(
+            r#"{{"dev":"viommu0","op":"map","domain":1,"virt_start":268435456,"virt_end":270532607,"phys_start":{},"flags":3,"resp":"inval"}}"#,
+            HOT + 2 * MIB
+        ),
+    ];
+    let reset = |dev: &str| format!(r#"{{"dev":"{dev}","op":"system_reset"}}"#);
+    let mut reports = Vec::new();
+    for order in [["vmem0", "viommu0"], ["viommu0", "vmem0"]] {
+        let lines: Vec<String> = std::iter::once(header.to_string())
+            .chain(before.iter().cloned())
+            .chain(order.iter().map(|d| reset(d)))
+            .chain(after.iter().cloned())
+            .collect();
+        let trace = Trace::parse("resets.jsonl", &lines.join("\n")).unwrap();
+        for guard in [UnplugGuard::Reject, UnplugGuard::Warn] {
+            // A save after every event puts one between the two reset lines.
+            let r = run(&trace, &options(Some(DmaBackend::Uring), guard, Some(1)));
+            assert_eq!(r.restored_unpinned_maps, 0, "{order:?} {guard:?}");
+            assert_eq!((r.resets, r.pinned_bytes, r.plugged_size), (2, 0, 0), "{order:?} {guard:?}");
+            reports.push(counts(&r));
+        }
+    }
+    assert!(reports.windows(2).all(|w| w[0] == w[1]), "{reports:?}");
+}
+
 #[test]
 fn hostile_guest_pins_exactly_its_accepted_mappings() {
     let trace = hostile("busy");
@@ -282,4 +349,17 @@ fn header_errors_name_line_1() {
             .starts_with("two.jsonl: trace header (line 1): guest memory map"),
         "{err}"
     );
+    // Errors the device finds in the header's values name the line too.
+    let odd_block = Trace::parse(
+        "odd.jsonl",
+        r#"{"format":"devtrace","version":1,"ram":[{"addr":0,"size":16777216}],"devices":[{"device":"virtio-mem","id":"vmem0","addr":4294967296,"region_size":67108864,"block_size":3145728,"requested_size":0}]}"#,
+    )
+    .unwrap();
+    let err = replay(&odd_block, &ReplayOptions::default(), &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("odd.jsonl: trace header (line 1): virtio-mem `vmem0`: "),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0x300000"), "{err}");
 }

@@ -95,7 +95,7 @@ fn viommu_dma_strict_trace_keeps_a_live_notifier_in_step_with_the_device() {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for event in &trace.events {
         if event.op == Op::SystemReset {
-            machine.system_reset(event.device).unwrap();
+            machine.system_reset().unwrap();
             continue;
         }
         let request = iommu_request(&event.op)

@@ -184,6 +184,12 @@ fn ram_block(name: &str, size: u64) -> Result<Arc<RamBlock>, MachineError> {
         })
 }
 
+/// The order in which [`Machine::system_reset`] resets the kinds of
+/// device: the IOMMU's endpoints detach (unmapping and unpinning what the
+/// guest mapped) before memory devices unplug (discarding), as restore
+/// order puts memory devices before the IOMMU.
+pub const RESET_ORDER: [&str; 2] = ["virtio-iommu", "virtio-mem"];
+
 /// The migration section instance of the (only) virtio-iommu.
 const IOMMU_INSTANCE: u32 = 0;
 
@@ -460,6 +466,33 @@ impl Machine {
             .iter()
             .flat_map(|(d, _)| d.pinned_ranges().unwrap_or_default())
             .collect()
+    }
+
+    /// A system reset, in the declared order ([`RESET_ORDER`], rule 6 of
+    /// `docs/design.md`): first the IOMMU — its device resets and every
+    /// endpoint detaches, so each notifier unmaps, and the DMA layer unpins,
+    /// every guest mapping — then each memory device unplugs everything.
+    /// No live mapping ever points at memory the reset discards, so the
+    /// unplug guard has nothing to veto and no pin outlives its memory.
+    pub fn system_reset(&mut self) -> Result<(), MachineError> {
+        if let Some(iommu) = &mut self.iommu {
+            memvisor_virtio::VirtioDevice::reset(&mut iommu.device);
+            iommu.handle.system_reset();
+        }
+        for v in &mut self.vmems {
+            v.device.system_reset().map_err(|source| MachineError::VirtioMem {
+                id: v.id.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// vIOMMU mappings that no notifier holds because a restore found
+    /// their target unplugged (see
+    /// [`IommuHandle::unnotified_mappings`]); 0 without a virtio-iommu.
+    pub fn unnotified_mappings(&self) -> usize {
+        self.iommu.as_ref().map_or(0, |i| i.handle.unnotified_mappings())
     }
 
     /// Asks for uncoordinated discard (a balloon that frees guest pages

@@ -271,6 +271,7 @@ impl DeviceModel {
             virt_end: m.virt_end,
             phys_start: m.phys_start,
             flags,
+            notified: true,
         };
         debug_assert!(domain.targets_fresh(&self.endpoints));
         if let Err(refusal) = deliver_map(self.mem.as_ref(), &domain.targets, m.domain, &mapping, MapCause::Map) {

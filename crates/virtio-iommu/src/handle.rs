@@ -134,6 +134,19 @@ impl IommuHandle {
             .map(|d| d.mappings.iter().copied().collect())
     }
 
+    /// Mappings that exist in their domain but that no notifier was told
+    /// of, so that nothing pins them: restored by a state load over memory
+    /// that was no longer populated ([`Mapping::notified`]). They stay
+    /// until the guest unmaps them or the device resets.
+    pub fn unnotified_mappings(&self) -> usize {
+        self.lock()
+            .model
+            .domains
+            .values()
+            .map(|d| d.mappings.iter().filter(|m| !m.notified).count())
+            .sum()
+    }
+
     /// The current `bypass` config value.
     pub fn bypass(&self) -> bool {
         self.lock().model.bypass

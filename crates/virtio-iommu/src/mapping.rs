@@ -20,6 +20,14 @@ pub struct Mapping {
     pub phys_start: u64,
     /// Permissions and memory type.
     pub flags: MapFlags,
+    /// True if the notifiers were told of it (every mapping a MAP made).
+    /// False for a mapping a state load restored over memory that was no
+    /// longer populated — the source ran the `warn` unplug guard, or reset
+    /// its memory device before its IOMMU: it exists in its domain, as the
+    /// guest sees it, but no notifier was told of it, so nothing pins it,
+    /// and every access through it faults while the memory is unplugged.
+    /// Replays and unmaps skip it.
+    pub notified: bool,
 }
 
 impl Mapping {
@@ -145,6 +153,7 @@ mod tests {
 
     fn m(s: u64, e: u64) -> Mapping {
         Mapping {
+            notified: true,
             virt_start: s,
             virt_end: e,
             phys_start: 0x1000 + s,

@@ -64,8 +64,12 @@ fn unmap_event(endpoint: u32, domain: u32, m: &Mapping, cause: UnmapCause) -> Un
     }
 }
 
-/// Tells every target that `m` is gone, last target first.
+/// Tells every target that `m` is gone, last target first (none, for a
+/// mapping they were never told of: [`Mapping::notified`]).
 pub(crate) fn unmap_to(targets: &[Target], domain: u32, m: &Mapping, cause: UnmapCause) {
+    if !m.notified {
+        return;
+    }
     for t in targets.iter().rev() {
         t.notifier.notify_unmap(&unmap_event(t.endpoint, domain, m, cause));
     }
@@ -74,6 +78,8 @@ pub(crate) fn unmap_to(targets: &[Target], domain: u32, m: &Mapping, cause: Unma
 /// Checks that `m` may be made visible ([`map_target::resolve`]) and tells
 /// every target, all or nothing (DESIGN.md rule 3: the populated check and
 /// the notifications happen under one read guard of the discard manager).
+/// A mapping restored unnotified ([`Mapping::notified`]) stays so: it is
+/// never replayed.
 pub(crate) fn deliver_map(
     mem: Option<&GuestMemoryMap>,
     targets: &[Target],
@@ -81,6 +87,9 @@ pub(crate) fn deliver_map(
     m: &Mapping,
     cause: MapCause,
 ) -> Result<(), MapRefusal> {
+    if !m.notified {
+        return Ok(());
+    }
     match map_target::resolve(mem, m)? {
         MapTarget::Mmio => notify_all(targets, domain, m, cause, None, None),
         // `populated`, the manager's read guard, lives until every target

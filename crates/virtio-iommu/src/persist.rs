@@ -18,7 +18,7 @@ use memvisor_iommu::{MapCause, UnmapCause};
 use crate::domain::Domain;
 use crate::effects::DeviceModel;
 use crate::handle::IommuHandle;
-use crate::map_target::MapRefusal;
+use crate::map_target::{self, MapRefusal};
 use crate::mapping::{DomainMappings, MapFlags, Mapping};
 use crate::notify::{deliver_map, unmap_to};
 
@@ -284,12 +284,21 @@ fn validate(model: &DeviceModel, state: &IommuState) -> Result<BTreeMap<u32, Dom
             if mappings.overlaps(m.virt_start, m.virt_end) {
                 return Err(bad("overlaps another mapping"));
             }
-            mappings.insert(Mapping {
+            let mut mapping = Mapping {
                 virt_start: m.virt_start,
                 virt_end: m.virt_end,
                 phys_start: m.phys_start,
                 flags,
-            });
+                notified: true,
+            };
+            // A target that is no longer populated (the source ran the
+            // `warn` guard, or reset its memory device before its IOMMU) is
+            // restored as the guest sees it, but never notified: pinning it
+            // would re-populate memory the host reclaimed (rule 1).
+            if matches!(map_target::resolve(model.mem.as_ref(), &mapping), Err(MapRefusal::NotPopulated(_))) {
+                mapping.notified = false;
+            }
+            mappings.insert(mapping);
         }
         // Its targets are filled in once the endpoints are attached.
         let domain = Domain::new(d.bypass, mappings);
