@@ -51,12 +51,17 @@ enum Op {
     Reset,
 }
 
+/// The page at the top of the IOVA space: its end, 2^64, does not fit a
+/// u64, so every IOVA range computation must use inclusive ends.
+const TOP_PAGE: u64 = u64::MAX / PAGE;
+
 fn op() -> impl Strategy<Value = Op> {
     let target = prop_oneof![
         (0..BOOT / PAGE).prop_map(Target::Boot),
         (0..HOT_SIZE / PAGE).prop_map(Target::Hot),
         Just(Target::Hole),
     ];
+    let top = target.clone();
     prop_oneof![
         4 => (0..BLOCKS, 1..4u16).prop_map(|(b, n)| Op::Plug(b, n)),
         3 => (0..BLOCKS, 1..4u16).prop_map(|(b, n)| Op::Unplug(b, n)),
@@ -67,6 +72,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0..64u64, target, 1..1024u64, proptest::bool::weighted(0.1))
             .prop_map(|(iova_page, target, pages, mmio)| Op::Map { iova_page: iova_page * 256, target, pages, mmio }),
         3 => (0..64u64, 1..2048u64).prop_map(|(i, pages)| Op::Unmap { iova_page: i * 256, pages }),
+        1 => top.prop_map(|target| Op::Map { iova_page: TOP_PAGE, target, pages: 1, mmio: false }),
+        1 => Just(Op::Unmap { iova_page: TOP_PAGE, pages: 1 }),
         1 => Just(Op::Reset),
     ]
 }
@@ -100,22 +107,32 @@ fn apply(m: &mut Rig, op: &Op) {
                 Target::Hot(p) => HOT + p * PAGE,
                 Target::Hole => HOT + HOT_SIZE,
             };
-            m.map(
+            let handle = m.machine.iommu().unwrap().handle.clone();
+            let free = handle.endpoint_domain(ENDPOINT) == Some(DOMAIN)
+                && handle
+                    .mappings(DOMAIN)
+                    .is_some_and(|ms| ms.iter().all(|x| x.virt_end < iova_page * PAGE));
+            let status = m.map(
                 DOMAIN,
                 iova_page * PAGE,
                 phys,
                 pages * PAGE,
                 if mmio { RW | MMIO } else { RW },
             );
+            // The top page onto boot RAM (always populated) in a domain
+            // with room for it maps, whatever pins it.
+            if iova_page == TOP_PAGE && matches!(*target, Target::Boot(_)) && free {
+                assert_eq!(status, memvisor_virtio_iommu::Status::Ok, "MAP of the top IOVA page");
+            }
         }
         Op::Unmap { iova_page, pages } => {
             m.unmap(DOMAIN, iova_page * PAGE, pages * PAGE);
         }
         Op::Reset => {
-            // The order a machine reset takes: the IOMMU forgets its
+            // In the machine's declared order: the IOMMU forgets its
             // mappings (unpinning them), then virtio-mem unplugs everything.
-            m.machine.iommu().unwrap().handle.system_reset();
-            m.machine.vmems()[0].region.system_reset().unwrap();
+            m.machine.system_reset().unwrap();
+            m.guest.forget();
         }
     }
 }
