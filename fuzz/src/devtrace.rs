@@ -6,7 +6,7 @@
 //! backend with a pin budget; the replay may refuse it (an error, never a
 //! panic). Afterwards nothing may stay pinned.
 
-use memvisor_devtrace::{Device, DmaBackend, MachineOptions, ReplayOptions, Trace, replay};
+use memvisor_devtrace::{Device, DmaBackend, ReplayMachineOptions, ReplayOptions, Trace, replay};
 use memvisor_dma::mapper::vm_pin_kib;
 
 use crate::MIB;
@@ -38,10 +38,10 @@ pub fn run(data: &[u8]) {
         return;
     }
     let options = ReplayOptions {
-        machine: MachineOptions {
-            dma: DmaBackend::Uring,
+        machine: ReplayMachineOptions {
+            dma: Some(DmaBackend::Uring),
             pin_budget: Some(BUDGET),
-            ..MachineOptions::default()
+            ..ReplayMachineOptions::default()
         },
         migrate_every: data
             .len()

@@ -1,9 +1,10 @@
 //! Shared fixtures of the memvisor fuzz targets: one small machine per
 //! process (boot RAM, a virtio-mem region, a virtio-iommu, an assigned
-//! device pinning through io_uring), a hostile guest driver that decodes
-//! the fuzz input into actions, and the invariants checked after each one.
+//! device pinning through io_uring), described by a [`MachineConfig`] and
+//! built by [`Machine`], a hostile guest driver that decodes the fuzz input
+//! into actions, and the invariants checked after each one.
 //!
-//! The invariants (DESIGN.md rules 1, 2 and 5):
+//! The invariants (docs/design.md, rules 1, 2 and 5):
 //! * no panic (libFuzzer reports one as a crash);
 //! * no pinned byte lies in a discarded block, and no discarded block has a
 //!   resident page (nothing re-populated memory the host reclaimed);
@@ -17,25 +18,24 @@ pub mod vmstate;
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
-use memvisor_dma::mapper::{DmaMapper, PinBudget, vm_pin_kib};
-use memvisor_dma::ram_listener::RamDmaListener;
-use memvisor_dma::uring::UringPinner;
-use memvisor_dma::viommu_bridge::{UnplugGuard, ViommuDmaBridge};
+use memvisor_dma::attach::DmaPath;
+use memvisor_dma::mapper::vm_pin_kib;
+use memvisor_guest::{Buf, DriverQueue};
+use memvisor_machine::{
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, IommuDevice, Machine, MachineConfig, RamSpec, UnplugGuard,
+    VirtioIommuSpec, VirtioMemSpec,
+};
 use memvisor_memory::discard::RamDiscardManager;
 use memvisor_memory::map::GuestMemoryMap;
-use memvisor_memory::policy::DiscardPolicy;
-use memvisor_memory::{Backing, GuestRange, RamBlock};
-use memvisor_virtio::driver::{Buf, DriverQueue};
+pub use memvisor_test_support::{KIB, MIB, range};
 use memvisor_virtio::{EventFdInterrupt, VirtioDevice};
 use memvisor_virtio_iommu::request::{Attach, Detach, Map, Probe, Unmap};
-use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Limits, Request as IommuRequest, VirtioIommu, wire};
+use memvisor_virtio_iommu::{IommuHandle, Request as IommuRequest, wire};
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
-use memvisor_virtio_mem::{VirtioMem, VirtioMemOptions, VirtioMemRegion};
+use memvisor_virtio_mem::{VirtioMem, VirtioMemRegion};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
-pub const KIB: u64 = 1 << 10;
-pub const MIB: u64 = 1 << 20;
 /// Boot RAM at 0: the rings and the driver's buffers live here.
 pub const BOOT: u64 = 2 * MIB;
 /// The virtio-mem region.
@@ -126,30 +126,139 @@ pub enum RingAction {
     SystemReset,
 }
 
+/// The queue targets' machine: boot RAM, the virtio-mem region (all of it
+/// requested), a virtio-iommu with endpoints [`ENDPOINT`] and
+/// [`OTHER_ENDPOINT`] (no bypass, domains 0 to 64), and one assigned device
+/// pinning through io_uring on `path`, within that path's pin budget.
+pub fn config(path: Path) -> MachineConfig {
+    let (path, budget) = match path {
+        Path::Plain => (AssignedPath::Ram, PLAIN_BUDGET),
+        Path::Viommu => (
+            AssignedPath::Viommu {
+                endpoint: ENDPOINT,
+                guard: UnplugGuard::Reject,
+            },
+            VIOMMU_BUDGET,
+        ),
+    };
+    MachineConfig {
+        ram: vec![RamSpec { addr: 0, size: BOOT }],
+        virtio_mem: vec![VirtioMemSpec {
+            id: "vmem0".into(),
+            addr: HOT,
+            region_size: HOT_SIZE,
+            block_size: BLOCK,
+            requested_size: HOT_SIZE,
+            unplugged_inaccessible: true,
+            node_id: None,
+            prealloc: false,
+        }],
+        virtio_iommu: Some(VirtioIommuSpec {
+            endpoints: vec![ENDPOINT, OTHER_ENDPOINT],
+            bypass: false,
+            domain_start: 0,
+            domain_end: 64,
+            ..VirtioIommuSpec::default()
+        }),
+        dma: DmaSpec {
+            devices: vec![AssignedDeviceSpec {
+                name: "dev0".into(),
+                backend: DmaBackend::Uring,
+                path,
+            }],
+            pin_budget: Some(budget),
+        },
+    }
+}
+
+/// The invariants of a machine of the fuzzers (boot RAM and one virtio-mem
+/// region); panics (a fuzzer crash) on a violation: no resident page in a
+/// discarded block; each assigned device pins nothing if detached, boot
+/// RAM and the plugged blocks on path 1, and on path 2 exactly its
+/// endpoint's live non-MMIO mappings, all in populated memory; `VmPin`
+/// equals the backends' count.
+pub fn check_machine(machine: &Machine) {
+    let boot: u64 = machine.config().ram.iter().map(|r| r.size).sum();
+    let region = &machine.vmems()[0].region;
+    let (view, hot) = (region.populated(), region.region());
+    // Nothing discarded is resident: no access re-populated it.
+    for run in view.runs(hot, false) {
+        let resident = (region.block())
+            .resident_bytes(run.start() - hot.start(), run.len())
+            .expect("mincore");
+        assert_eq!(resident, 0, "{resident:#x} bytes resident in discarded {run}");
+    }
+    for dev in machine.dma_devices() {
+        let (name, pinned) = (dev.name(), dev.pinned_bytes());
+        match dev.path() {
+            None => assert_eq!(pinned, 0, "{name}: detached but pins {pinned:#x}"),
+            Some(DmaPath::Ram) => assert_eq!(
+                pinned,
+                boot + view.populated_bytes(),
+                "{name}: backend vs boot RAM + plugged"
+            ),
+            Some(DmaPath::Viommu { endpoint, .. }) => {
+                let ranges = dev.pinned_ranges().expect("a bridge");
+                for r in ranges.iter().filter(|r| r.overlaps(&hot)) {
+                    assert!(view.is_populated(*r), "{name}: pinned {r} is not populated");
+                }
+                let recorded: u64 = ranges.iter().map(|r| r.len()).sum();
+                assert_eq!(pinned, recorded, "{name}: backend vs bridge");
+                let handle = &machine.iommu().expect("path 2 has an IOMMU").handle;
+                let mapped = mapped_bytes(handle, endpoint);
+                assert_eq!(
+                    pinned, mapped,
+                    "{name}: backend vs live mappings of endpoint {endpoint}"
+                );
+            }
+        }
+    }
+    drop(view);
+    assert_eq!(vm_pin_kib() * 1024, machine.pinned_bytes(), "VmPin vs backends");
+}
+
+/// Bytes of the live non-MMIO mappings of `endpoint`.
+pub fn mapped_bytes(handle: &IommuHandle, endpoint: u32) -> u64 {
+    handle
+        .endpoint_domain(endpoint)
+        .and_then(|d| handle.mappings(d))
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| !m.flags.mmio())
+        .map(|m| m.size())
+        .sum()
+}
+
 fn activate(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMap, queues: Vec<virtio_queue::Queue>) {
     dev.ack_features(dev.avail_features());
     let irq = Arc::new(EventFdInterrupt::new(queues.len() as u16).expect("eventfd"));
     dev.activate(mem.clone(), irq, queues).expect("activation");
 }
 
-/// The fuzzers' machine. Built once per process; [`Rig::restart`] brings
-/// it back to its initial state between inputs.
+fn queue(mem: &GuestMemoryMap, at: u64, size: u16, data: u64) -> DriverQueue {
+    DriverQueue::new(mem, GuestAddress(at), size, data).expect("queue layout")
+}
+
+fn vmem(machine: &mut Machine) -> &mut VirtioMem {
+    &mut machine.vmems_mut()[0].device
+}
+
+fn iommu(machine: &mut Machine) -> &mut IommuDevice {
+    machine.iommu_mut().expect("the rig has a virtio-iommu")
+}
+
+/// The fuzzers' machine and the hostile driver's queues. Built once per
+/// process; [`Rig::restart`] brings it back to its initial state between
+/// inputs.
 pub struct Rig {
     pub path: Path,
-    pub mem: GuestMemoryMap,
-    pub boot: Arc<RamBlock>,
-    pub hot: Arc<RamBlock>,
+    pub machine: Machine,
+    /// The virtio-mem region and the IOMMU handle, the machine's.
     pub region: Arc<VirtioMemRegion>,
-    pub vmem: VirtioMem,
-    pub vmem_q: DriverQueue,
-    pub iommu: VirtioIommu,
     pub handle: IommuHandle,
+    pub vmem_q: DriverQueue,
     pub iommu_q: DriverQueue,
     pub event_q: DriverQueue,
-    pub pinner: Arc<UringPinner>,
-    pub policy: DiscardPolicy,
-    pub bridge: Option<ViommuDmaBridge>,
-    pub listener: Option<RamDmaListener>,
     /// What the devices answered: virtio-mem response types, virtio-iommu
     /// statuses (capped at 15), and NEEDS_RESETs of each (for checking that
     /// the fuzzer reaches deep states; see the corpus test).
@@ -167,79 +276,30 @@ pub struct Stats {
 
 impl Rig {
     pub fn new(path: Path) -> Self {
-        let boot = Arc::new(RamBlock::new("boot", BOOT, Backing::Memfd).expect("boot RAM"));
-        let hot = Arc::new(RamBlock::new("vmem0", HOT_SIZE, Backing::Memfd).expect("vmem RAM"));
-        let mut options = VirtioMemOptions::new(HOT);
-        options.requested_size = HOT_SIZE;
-        let region = VirtioMemRegion::new(hot.clone(), options).expect("region");
-        let mem = GuestMemoryMap::builder()
-            .ram(0, boot.clone())
-            .unwrap()
-            .managed_ram(HOT, hot.clone(), region.clone() as Arc<dyn RamDiscardManager>)
-            .unwrap()
-            .build()
-            .unwrap();
-        let config = IommuOptions {
-            endpoints: vec![ENDPOINT, OTHER_ENDPOINT],
-            bypass: false,
-            domain_start: 0,
-            domain_end: 64,
-            limits: Limits {
-                max_domains: 8,
-                max_mappings_per_domain: 64,
-            },
-            ..IommuOptions::default()
-        };
-        let mut iommu = VirtioIommu::new(config, Some(mem.clone())).expect("iommu");
-        let handle = iommu.handle();
-        let mut vmem = VirtioMem::new(region.clone());
-        let vmem_q = DriverQueue::new(&mem, GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
-        activate(&mut vmem, &mem, vec![vmem_q.device_queue()]);
-        let iommu_q = DriverQueue::new(&mem, GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
-        let event_q = DriverQueue::new(&mem, GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
-        activate(&mut iommu, &mem, vec![iommu_q.device_queue(), event_q.device_queue()]);
-        let budget = match path {
-            Path::Plain => PLAIN_BUDGET,
-            Path::Viommu => VIOMMU_BUDGET,
-        };
-        let pinner = Arc::new(UringPinner::new("dev0", Arc::new(PinBudget::limited(budget))));
-        let policy = DiscardPolicy::new();
-        let (mut bridge, mut listener) = (None, None);
-        match path {
-            Path::Plain => {
-                listener = Some(RamDmaListener::attach("dev0", &mem, pinner.clone(), &policy).expect("listener"))
-            }
-            Path::Viommu => {
-                let b = ViommuDmaBridge::attach("dev0", &mem, pinner.clone(), &policy, UnplugGuard::Reject)
-                    .expect("bridge");
-                handle.register_notifier(ENDPOINT, b.notifier()).expect("notifier");
-                bridge = Some(b);
-            }
-        }
+        let machine = Machine::new(&config(path)).expect("the fuzzers' machine");
+        let mem = machine.memory().clone();
         let mut rig = Self {
             path,
-            mem,
-            boot,
-            hot,
-            region,
-            vmem,
-            vmem_q,
-            iommu,
-            handle,
-            iommu_q,
-            event_q,
-            pinner,
-            policy,
-            bridge,
-            listener,
+            region: machine.vmems()[0].region.clone(),
+            handle: machine.iommu().expect("a virtio-iommu").handle.clone(),
+            machine,
+            vmem_q: queue(&mem, VMEM_Q, 16, QUEUE_DATA),
+            iommu_q: queue(&mem, IOMMU_Q, 16, QUEUE_DATA),
+            event_q: queue(&mem, EVENT_Q, 4, 4 * KIB),
             stats: Stats::default(),
         };
-        rig.add_event_buffers();
+        activate(vmem(&mut rig.machine), &mem, vec![rig.vmem_q.device_queue()]);
+        rig.activate_iommu();
         rig.check();
         rig
     }
 
-    fn add_event_buffers(&mut self) {
+    /// Activates the virtio-iommu on the current queues and fills the
+    /// event queue.
+    fn activate_iommu(&mut self) {
+        let mem = self.machine.memory().clone();
+        let queues = vec![self.iommu_q.device_queue(), self.event_q.device_queue()];
+        activate(&mut iommu(&mut self.machine).device, &mem, queues);
         while self.event_q.add(&[Buf::Out(wire::FAULT_SIZE as u32)]).is_ok() {}
     }
 
@@ -253,40 +313,39 @@ impl Rig {
             Path::Plain => BOOT,
             Path::Viommu => 0,
         };
-        assert_eq!(self.pinner.pinned_bytes(), expect, "pins left after a machine reset");
+        assert_eq!(self.machine.pinned_bytes(), expect, "pins left after a machine reset");
         assert_eq!(self.region.plugged_size(), 0);
     }
 
     pub fn system_reset(&mut self) {
-        self.vmem.system_reset().expect("no migration runs");
-        self.handle.system_reset();
-        self.iommu.reset();
+        vmem(&mut self.machine).system_reset().expect("no migration runs");
+        let iommu = iommu(&mut self.machine);
+        iommu.handle.system_reset();
+        iommu.device.reset();
         self.reactivate_vmem();
         self.reactivate_iommu();
     }
 
     pub fn reactivate_vmem(&mut self) {
-        self.vmem.reset();
-        self.vmem_q = DriverQueue::new(&self.mem, GuestAddress(VMEM_Q), 16, QUEUE_DATA).unwrap();
-        activate(&mut self.vmem, &self.mem, vec![self.vmem_q.device_queue()]);
+        let mem = self.machine.memory().clone();
+        let dev = vmem(&mut self.machine);
+        dev.reset();
+        self.vmem_q = queue(&mem, VMEM_Q, 16, QUEUE_DATA);
+        activate(dev, &mem, vec![self.vmem_q.device_queue()]);
     }
 
     pub fn reactivate_iommu(&mut self) {
-        self.iommu.reset();
-        self.iommu_q = DriverQueue::new(&self.mem, GuestAddress(IOMMU_Q), 16, QUEUE_DATA).unwrap();
-        self.event_q = DriverQueue::new(&self.mem, GuestAddress(EVENT_Q), 4, 4 * KIB).unwrap();
-        activate(
-            &mut self.iommu,
-            &self.mem,
-            vec![self.iommu_q.device_queue(), self.event_q.device_queue()],
-        );
-        self.add_event_buffers();
+        iommu(&mut self.machine).device.reset();
+        let mem = self.machine.memory();
+        self.iommu_q = queue(mem, IOMMU_Q, 16, QUEUE_DATA);
+        self.event_q = queue(mem, EVENT_Q, 4, 4 * KIB);
+        self.activate_iommu();
     }
 
     /// Kicks the virtio-mem device and reads its answers. A device in
     /// NEEDS_RESET is reset and set up again (block states stay).
     pub fn kick_vmem(&mut self) -> Vec<u16> {
-        self.vmem.queue_notify(0);
+        vmem(&mut self.machine).queue_notify(0);
         let mut answers = Vec::new();
         for _ in 0..32 {
             let Some(used) = self.vmem_q.pop_used() else { break };
@@ -296,11 +355,12 @@ impl Rig {
                 answers.push(t);
             }
         }
-        if self.vmem.needs_reset() {
+        let dev = vmem(&mut self.machine);
+        if dev.needs_reset() {
             self.stats.vmem_resets += 1;
-            assert_eq!(self.vmem.device_status() & 0x40, 0x40);
+            assert_eq!(dev.device_status() & 0x40, 0x40);
             // A device in NEEDS_RESET processes nothing.
-            self.vmem.queue_notify(0);
+            dev.queue_notify(0);
             self.reactivate_vmem();
         }
         answers
@@ -308,7 +368,7 @@ impl Rig {
 
     /// Kicks the virtio-iommu request queue and reads its answers.
     pub fn kick_iommu(&mut self) -> Vec<u8> {
-        self.iommu.queue_notify(wire::REQUEST_QUEUE);
+        iommu(&mut self.machine).device.queue_notify(wire::REQUEST_QUEUE);
         let mut answers = Vec::new();
         for _ in 0..32 {
             let Some(used) = self.iommu_q.pop_used() else { break };
@@ -317,9 +377,10 @@ impl Rig {
                 answers.push(s);
             }
         }
-        if self.iommu.needs_reset() {
+        let dev = &mut iommu(&mut self.machine).device;
+        if dev.needs_reset() {
             self.stats.iommu_resets += 1;
-            self.iommu.queue_notify(wire::REQUEST_QUEUE);
+            dev.queue_notify(wire::REQUEST_QUEUE);
             // The driver resets the device: endpoints are detached.
             self.reactivate_iommu();
         }
@@ -346,7 +407,11 @@ impl Rig {
         match action {
             RingAction::Chain { descs, payload } => {
                 let n = payload.len().min(QUEUE_DATA as usize);
-                self.mem.memory().write_slice(&payload[..n], data).expect("data area");
+                self.machine
+                    .memory()
+                    .memory()
+                    .write_slice(&payload[..n], data)
+                    .expect("data area");
                 let descs: Vec<(u64, u32, u16)> = descs
                     .iter()
                     .take(20)
@@ -389,45 +454,19 @@ impl Rig {
 
     /// Bytes of the live non-MMIO mappings of the assigned endpoint.
     pub fn mapped_bytes(&self) -> u64 {
-        let Some(domain) = self.handle.endpoint_domain(ENDPOINT) else {
-            return 0;
-        };
-        self.handle
-            .mappings(domain)
-            .unwrap_or_default()
-            .iter()
-            .filter(|m| !m.flags.mmio())
-            .map(|m| m.size())
-            .sum()
+        mapped_bytes(&self.handle, ENDPOINT)
     }
 
-    /// The invariants; panics (a fuzzer crash) on a violation.
+    /// The invariants ([`check_machine`]), the device still on the rig's
+    /// path; panics (a fuzzer crash) on a violation.
     pub fn check(&self) {
-        let view = self.region.populated();
-        let hot = self.region.region();
-        // Nothing discarded is resident: no access re-populated it.
-        for run in view.runs(hot, false) {
-            let resident = self.hot.resident_bytes(run.start() - HOT, run.len()).expect("mincore");
-            assert_eq!(resident, 0, "{resident:#x} bytes resident in discarded {run}");
-        }
-        let pinned = self.pinner.pinned_bytes();
-        match (&self.bridge, &self.listener) {
-            (Some(bridge), _) => {
-                for r in bridge.pinned_ranges() {
-                    if r.overlaps(&hot) {
-                        assert!(view.is_populated(r), "pinned {r} is not populated");
-                    }
-                }
-                assert_eq!(pinned, bridge.pinned_bytes(), "backend vs bridge");
-                assert_eq!(pinned, self.mapped_bytes(), "backend vs live IOMMU mappings");
-            }
-            (None, Some(_)) => {
-                assert_eq!(pinned, BOOT + view.populated_bytes(), "backend vs boot RAM + plugged");
-            }
-            (None, None) => unreachable!(),
-        }
-        drop(view);
-        assert_eq!(vm_pin_kib() * 1024, pinned, "VmPin vs backend");
+        let path = self.machine.dma_devices().next().and_then(|d| d.path());
+        let expected = match self.path {
+            Path::Plain => matches!(path, Some(DmaPath::Ram)),
+            Path::Viommu => matches!(path, Some(DmaPath::Viommu { endpoint: ENDPOINT, .. })),
+        };
+        assert!(expected, "the assigned device left {:?}: {path:?}", self.path);
+        check_machine(&self.machine);
     }
 }
 
@@ -746,7 +785,9 @@ impl Rig {
                 self.vmem_request(MemRequest::UnplugAll);
             }
             IommuAction::SetBypass(b) => {
-                self.iommu.write_config(wire::CONFIG_BYPASS_OFFSET, &[u8::from(*b)]);
+                iommu(&mut self.machine)
+                    .device
+                    .write_config(wire::CONFIG_BYPASS_OFFSET, &[u8::from(*b)]);
             }
             IommuAction::PinAndUnplug {
                 block,
@@ -784,11 +825,6 @@ impl Rig {
             }
         }
     }
-}
-
-/// Guest ranges, for callers that need them.
-pub fn range(start: u64, len: u64) -> GuestRange {
-    GuestRange::new(start, len).expect("range")
 }
 
 /// The seed inputs of the targets that take bytes (the structured targets
@@ -878,7 +914,6 @@ mod tests {
     #[test]
     fn corpus_reaches_deep_states() {
         use arbitrary::{Arbitrary, Unstructured};
-        use memvisor_dma::mapper::DmaMapper;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
         let read = |t: &str| -> Vec<Vec<u8>> {
             std::fs::read_dir(dir.join(t))
@@ -903,7 +938,7 @@ mod tests {
             for a in actions.iter().take(super::MAX_ACTIONS) {
                 rig.iommu_action(a);
                 rig.check();
-                max_pinned = max_pinned.max(rig.pinner.pinned_bytes());
+                max_pinned = max_pinned.max(rig.machine.pinned_bytes());
             }
             rig.restart();
         }
@@ -914,9 +949,9 @@ mod tests {
     fn seeds_load_and_replay() {
         for seed in super::seeds("vmstate_load") {
             let stream = super::vmstate::stream(&seed);
-            let m = super::vmstate::VmMachine::new();
-            m.registry().load(&stream[..]).expect("the seed loads");
-            m.check(true);
+            let m = memvisor_machine::Machine::incoming(&super::vmstate::config()).unwrap();
+            m.registry().unwrap().load(&stream[..]).expect("the seed loads");
+            super::vmstate::check(&m, true);
         }
         for seed in super::seeds("devtrace_parse") {
             super::devtrace::run(&seed);

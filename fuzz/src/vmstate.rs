@@ -17,28 +17,20 @@
 
 use std::sync::Arc;
 
-use memvisor_dma::mapper::{DmaMapper, PinBudget, vm_pin_kib};
-use memvisor_dma::uring::UringPinner;
-use memvisor_dma::viommu_bridge::UnplugGuard;
-use memvisor_memory::discard::RamDiscardManager;
-use memvisor_memory::map::GuestMemoryMap;
-use memvisor_memory::policy::DiscardPolicy;
-use memvisor_memory::{Backing, RamBlock};
-use memvisor_virtio::VirtioDevice;
-use memvisor_virtio::driver::{Buf, DriverQueue};
-use memvisor_virtio::interrupt::EventFdInterrupt;
+use memvisor_dma::mapper::vm_pin_kib;
+use memvisor_guest::{Buf, DriverQueue};
+use memvisor_machine::{
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, Machine, MachineConfig, RamSpec, UnplugGuard,
+    VirtioIommuSpec, VirtioMemSpec,
+};
+use memvisor_virtio::{EventFdInterrupt, VirtioDevice};
 use memvisor_virtio_iommu::request::{Attach, Map};
-use memvisor_virtio_iommu::{IommuOptions, IommuHandle, Request, Status, VirtioIommu, wire};
+use memvisor_virtio_iommu::{Request, Status, wire};
 use memvisor_virtio_mem::request::{BlockRange, Request as MemRequest};
-use memvisor_virtio_mem::{VirtioMemOptions, VirtioMemRegion};
-use memvisor_vmstate::devices::dma::{DmaDevice, DmaPath, DmaTarget};
-use memvisor_vmstate::devices::virtio_iommu::VirtioIommuSection;
-use memvisor_vmstate::devices::virtio_mem::VirtioMemSection;
 use memvisor_vmstate::format::{RawSection, write_raw};
-use memvisor_vmstate::{Registry, ram};
 use vm_memory::GuestAddress;
 
-use crate::{KIB, MIB};
+use crate::{KIB, MIB, check_machine};
 
 pub const BOOT: u64 = 2 * MIB;
 pub const VMEM_BASE: u64 = 4 << 30;
@@ -60,146 +52,54 @@ pub const SECTIONS: [(&str, u32); 7] = [
     ("dma", 2),
 ];
 
-pub struct VmMachine {
-    pub boot: Arc<RamBlock>,
-    pub vmem_block: Arc<RamBlock>,
-    pub region: Arc<VirtioMemRegion>,
-    pub map: GuestMemoryMap,
-    pub iommu: VirtioIommu,
-    pub pinners: Vec<Arc<UringPinner>>,
-    pub dma: Vec<DmaDevice>,
-}
-
-impl Default for VmMachine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl VmMachine {
-    pub fn new() -> Self {
-        let boot = Arc::new(RamBlock::new("boot", BOOT, Backing::Memfd).expect("boot"));
-        let vmem_block = Arc::new(RamBlock::new("vmem0", VMEM_SIZE, Backing::Memfd).expect("vmem"));
-        let region = VirtioMemRegion::new(
-            vmem_block.clone(),
-            VirtioMemOptions {
-                requested_size: 8 * MIB,
-                ..VirtioMemOptions::new(VMEM_BASE)
-            },
-        )
-        .expect("region");
-        let map = GuestMemoryMap::builder()
-            .ram(0, boot.clone())
-            .unwrap()
-            .managed_ram(
-                VMEM_BASE,
-                vmem_block.clone(),
-                region.clone() as Arc<dyn RamDiscardManager>,
-            )
-            .unwrap()
-            .build()
-            .unwrap();
-        let config = IommuOptions {
+/// The machine on both ends of the stream: boot RAM, a virtio-mem region
+/// (8 MiB requested), a virtio-iommu with endpoints [`EP_A`] and [`EP_B`]
+/// (domains 1 to 1000), and three devices pinning through io_uring under
+/// one budget, in the order of their `dma` sections: `vfio-a` behind
+/// `EP_A` (guard `reject`), `vfio-b` behind `EP_B` (guard `warn`),
+/// `vfio-c` on path 1.
+pub fn config() -> MachineConfig {
+    let device = |name: &str, path| AssignedDeviceSpec {
+        name: name.into(),
+        backend: DmaBackend::Uring,
+        path,
+    };
+    let viommu = |endpoint, guard| AssignedPath::Viommu { endpoint, guard };
+    MachineConfig {
+        ram: vec![RamSpec { addr: 0, size: BOOT }],
+        virtio_mem: vec![VirtioMemSpec {
+            id: "vmem0".into(),
+            addr: VMEM_BASE,
+            region_size: VMEM_SIZE,
+            block_size: BLOCK,
+            requested_size: 8 * MIB,
+            unplugged_inaccessible: true,
+            node_id: None,
+            prealloc: false,
+        }],
+        virtio_iommu: Some(VirtioIommuSpec {
             endpoints: vec![EP_A, EP_B],
             domain_start: 1,
             domain_end: 1000,
-            ..IommuOptions::default()
-        };
-        let iommu = VirtioIommu::new(config, Some(map.clone())).expect("iommu");
-        let policy = DiscardPolicy::new();
-        let budget = Arc::new(PinBudget::limited(BUDGET));
-        let mut pinners = Vec::new();
-        let mut dma = Vec::new();
-        for name in ["vfio-a", "vfio-b", "vfio-c"] {
-            let pinner = Arc::new(UringPinner::new(name, budget.clone()));
-            dma.push(DmaDevice::new(
-                name,
-                DmaTarget {
-                    memory: map.clone(),
-                    mapper: pinner.clone() as Arc<dyn DmaMapper>,
-                    policy: policy.clone(),
-                    iommu: Some(iommu.handle()),
-                },
-            ));
-            pinners.push(pinner);
-        }
-        Self {
-            boot,
-            vmem_block,
-            region,
-            map,
-            iommu,
-            pinners,
-            dma,
-        }
+            ..VirtioIommuSpec::default()
+        }),
+        dma: DmaSpec {
+            devices: vec![
+                device("vfio-a", viommu(EP_A, UnplugGuard::Reject)),
+                device("vfio-b", viommu(EP_B, UnplugGuard::Warn)),
+                device("vfio-c", AssignedPath::Ram),
+            ],
+            pin_budget: Some(BUDGET),
+        },
     }
+}
 
-    pub fn handle(&self) -> IommuHandle {
-        self.iommu.handle()
-    }
-
-    pub fn registry(&self) -> Registry {
-        let mut reg = Registry::with_memory(self.map.clone());
-        reg.register(VirtioMemSection::new(0, self.region.clone())).unwrap();
-        ram::register_ram(&mut reg, &self.map).unwrap();
-        reg.register(VirtioIommuSection::new(0, self.iommu.handle())).unwrap();
-        for (i, dev) in self.dma.iter().enumerate() {
-            reg.register(dev.section(i as u32)).unwrap();
-        }
-        reg
-    }
-
-    pub fn pinned(&self) -> u64 {
-        self.pinners.iter().map(|p| p.pinned_bytes()).sum()
-    }
-
-    /// The invariants of a loaded (or refused) machine.
-    pub fn check(&self, loaded: bool) {
-        let view = self.region.populated();
-        let hot = self.region.region();
-        for run in view.runs(hot, false) {
-            let resident = self
-                .vmem_block
-                .resident_bytes(run.start() - VMEM_BASE, run.len())
-                .expect("mincore");
-            assert_eq!(resident, 0, "{resident:#x} bytes resident in discarded {run}");
-        }
-        let handle = self.handle();
-        for dev in &self.dma {
-            let pinned = dev.pinned_bytes();
-            match dev.path() {
-                None => assert_eq!(pinned, 0, "{}: detached but pins {pinned:#x}", dev.name()),
-                Some(DmaPath::Ram) => assert_eq!(pinned, BOOT + view.populated_bytes(), "{}: path 1", dev.name()),
-                Some(DmaPath::Viommu { endpoint, .. }) => {
-                    let ranges = dev.pinned_ranges().expect("a bridge");
-                    for r in &ranges {
-                        if r.overlaps(&hot) {
-                            assert!(view.is_populated(*r), "{}: pinned {r} is not populated", dev.name());
-                        }
-                    }
-                    assert_eq!(pinned, ranges.iter().map(|r| r.len()).sum::<u64>(), "{}", dev.name());
-                    let mapped: u64 = handle
-                        .endpoint_domain(endpoint)
-                        .and_then(|d| handle.mappings(d))
-                        .unwrap_or_default()
-                        .iter()
-                        .filter(|m| !m.flags.mmio())
-                        .map(|m| m.size())
-                        .sum();
-                    assert_eq!(
-                        pinned,
-                        mapped,
-                        "{}: pins vs live mappings of endpoint {endpoint}",
-                        dev.name()
-                    );
-                }
-            }
-        }
-        drop(view);
-        if !loaded {
-            assert_eq!(self.pinned(), 0, "a failed load left pins");
-        }
-        assert_eq!(vm_pin_kib() * 1024, self.pinned(), "VmPin vs backends");
+/// The invariants of a loaded (or refused) machine: [`check_machine`],
+/// and nothing pinned after a failed load.
+pub fn check(machine: &Machine, loaded: bool) {
+    check_machine(machine);
+    if !loaded {
+        assert_eq!(machine.pinned_bytes(), 0, "a failed load left pins");
     }
 }
 
@@ -236,13 +136,14 @@ pub fn stream(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One input.
+/// One input: a fresh destination (nothing attached: the load attaches
+/// what the stream says) loads the stream.
 pub fn run(data: &[u8]) {
     let bytes = stream(data);
     {
-        let m = VmMachine::new();
-        let result = m.registry().load(&bytes[..]);
-        m.check(result.is_ok());
+        let m = Machine::incoming(&config()).expect("the destination");
+        let result = m.registry().expect("the registry").load(&bytes[..]);
+        check(&m, result.is_ok());
     }
     assert_eq!(vm_pin_kib(), 0, "pins left after the machine was dropped");
 }
@@ -251,40 +152,26 @@ pub fn run(data: &[u8]) {
 /// both paths, IOMMU mappings onto plugged and boot memory. Its stream is
 /// the seed the fuzzer mutates.
 pub fn source_stream() -> Vec<u8> {
-    let mut m = VmMachine::new();
-    m.dma[0]
-        .attach(DmaPath::Viommu {
-            iommu_instance: 0,
-            endpoint: EP_A,
-            guard: UnplugGuard::Reject,
-        })
-        .unwrap();
-    m.dma[1]
-        .attach(DmaPath::Viommu {
-            iommu_instance: 0,
-            endpoint: EP_B,
-            guard: UnplugGuard::Warn,
-        })
-        .unwrap();
-    m.dma[2].attach(DmaPath::Ram).unwrap();
+    let mut m = Machine::new(&config()).expect("the source");
+    let region = m.vmems()[0].region.clone();
     for (block, n) in [(0, 2), (5, 1)] {
-        let r = m.region.handle(MemRequest::Plug(BlockRange {
+        let r = region.apply(MemRequest::Plug(BlockRange {
             addr: VMEM_BASE + block * BLOCK,
             nb_blocks: n,
         }));
         assert_eq!(r.resp_type(), 0);
     }
-    m.vmem_block.write(0x1000, &[0x5a; 8192]).unwrap();
-    m.vmem_block.write(5 * BLOCK + 0x3000, &[0xa5; 100]).unwrap();
-    m.boot.write(MIB + 0x2000, &[7; 4096]).unwrap();
+    region.block().write(0x1000, &[0x5a; 8192]).unwrap();
+    region.block().write(5 * BLOCK + 0x3000, &[0xa5; 100]).unwrap();
+    let map = m.memory().clone();
+    map.regions()[0].block().write(MIB + 0x2000, &[7; 4096]).unwrap();
     // Drive the real device through its queue.
-    let map = m.map.clone();
     let mut q = DriverQueue::new(&map, GuestAddress(0), 16, 16 * KIB).unwrap();
     let ev = DriverQueue::new(&map, GuestAddress(256 * KIB), 4, 4 * KIB).unwrap();
-    let d = &mut m.iommu;
+    let d = &mut m.iommu_mut().expect("a virtio-iommu").device;
     d.ack_features(d.avail_features());
     d.activate(
-        m.map.clone(),
+        map,
         Arc::new(EventFdInterrupt::new(2).unwrap()),
         vec![q.device_queue(), ev.device_queue()],
     )
@@ -317,8 +204,8 @@ pub fn source_stream() -> Vec<u8> {
             flags,
         }));
     }
-    m.check(true);
+    check(&m, true);
     let mut out = Vec::new();
-    m.registry().save(&mut out).unwrap();
+    m.save(&mut out).unwrap();
     out
 }
