@@ -35,8 +35,8 @@ pub mod replay;
 pub mod trace;
 
 pub use machine::{ReplayMachine, ReplayMachineError, ReplayMachineOptions, machine_config};
-pub use memvisor_machine::DmaBackend;
 pub use memvisor_dma::viommu_bridge::UnplugGuard;
+pub use memvisor_machine::DmaBackend;
 pub use replay::{Mismatch, Progress, ReplayError, ReplayOptions, Report, replay};
 pub use trace::{Device, Event, Header, Op, Trace, TraceError};
 

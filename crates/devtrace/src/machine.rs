@@ -273,7 +273,11 @@ impl ReplayMachine {
     /// stream written by [`save`](Self::save) into it (see
     /// [`Machine::restore`]); the devices are activated with fresh queues
     /// before their next request. On error nothing is pinned.
-    pub fn restore(header: &Header, options: &ReplayMachineOptions, r: &mut dyn Read) -> Result<Self, ReplayMachineError> {
+    pub fn restore(
+        header: &Header,
+        options: &ReplayMachineOptions,
+        r: &mut dyn Read,
+    ) -> Result<Self, ReplayMachineError> {
         let (config, driver_base) = machine_config(header, options)?;
         let machine = Machine::restore(&config, r)?;
         Ok(Self {

@@ -1,15 +1,14 @@
 //! The replay engine: drives every event of a [`Trace`] through a
-//! [`Machine`] as a guest driver would, compares each answer with the
+//! [`ReplayMachine`] as a guest driver would, compares each answer with the
 //! recording, and reports.
 
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
+use memvisor_guest::Answer;
 use memvisor_virtio_iommu::Status;
 use serde::Serialize;
-
-use memvisor_guest::Answer;
 
 use crate::machine::{ReplayMachine, ReplayMachineError, ReplayMachineOptions, iommu_request, mem_request};
 use crate::trace::{Event, MemResp, Op, Trace, state_name};
@@ -205,10 +204,7 @@ pub fn replay(
             machine = ReplayMachine::restore(&trace.header, &options.machine, &mut stream.as_slice())
                 .map_err(migration_error)?;
             report.migrations += 1;
-            report.restored_unpinned_maps += machine
-                .machine()
-                .iommu()
-                .map_or(0, |i| i.handle.unnotified_mappings());
+            report.restored_unpinned_maps += machine.machine().iommu().map_or(0, |i| i.handle.unnotified_mappings());
         }
         if i + 1 < total {
             progress(Progress { done: i + 1, total });

@@ -50,8 +50,7 @@ fn replay(name: &str) -> Checked {
                 checked.resizes += 1;
             }
             Op::SystemReset => {
-                m.system_reset()
-                    .unwrap_or_else(|e| panic!("{}", at(&e.to_string())));
+                m.system_reset().unwrap_or_else(|e| panic!("{}", at(&e.to_string())));
                 checked.resets += 1;
             }
             Op::Expect {

@@ -6,7 +6,7 @@
 //! registered as the notifier of an IOMMU endpoint). Attaching pins what
 //! the path makes reachable; detaching unregisters from the IOMMU first
 //! (which unmaps through the bridge) and then unpins what is left. Its
-//! migration section is [`DmaSection`](crate::persist::DmaSection).
+//! migration section is [`DmaSection`].
 //!
 //! [`RamDmaListener`]: crate::ram_listener::RamDmaListener
 //! [`ViommuDmaBridge`]: crate::viommu_bridge::ViommuDmaBridge
@@ -195,13 +195,13 @@ impl DmaDevice {
                         source,
                     },
                 )?;
-                let id = registry.register_notifier(endpoint, bridge.notifier()).map_err(|source| {
-                    DmaAttachError::Notifier {
+                let id = registry
+                    .register_notifier(endpoint, bridge.notifier())
+                    .map_err(|source| DmaAttachError::Notifier {
                         device: name.clone(),
                         endpoint,
                         source,
-                    }
-                })?;
+                    })?;
                 Attachment::Viommu { bridge, registry, id }
             }
         };
@@ -252,4 +252,3 @@ impl DmaDevice {
         DmaSection::new(instance, self.clone())
     }
 }
-

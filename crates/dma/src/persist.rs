@@ -144,7 +144,11 @@ impl Section for DmaSection {
                     self.device.name()
                 )));
             };
-            ctx.require(&id, &iommu, "its pins are re-derived from the IOMMU's restored mappings")?;
+            ctx.require(
+                &id,
+                &iommu,
+                "its pins are re-derived from the IOMMU's restored mappings",
+            )?;
         }
         if path.is_some() {
             let regions: Vec<GuestRange> = self

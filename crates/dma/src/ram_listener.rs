@@ -17,7 +17,7 @@ use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy, PolicyError};
 
-use crate::mapper::{Permissions, DmaError, DmaMapper};
+use crate::mapper::{DmaError, DmaMapper, Permissions};
 
 /// Why a [`RamDmaListener`] could not be attached. Nothing stays mapped.
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use io_uring::IoUring;
 use smallvec::SmallVec;
 
-use crate::mapper::{Permissions, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
+use crate::mapper::{DmaError, DmaLimits, DmaMapper, IovaRange, Permissions, PinBudget};
 
 /// Buffers in one ring's table: the kernel's maximum (`IORING_MAX_REG_BUFFERS`).
 pub const SLOTS_PER_RING: u32 = 1 << 14;
@@ -509,8 +509,13 @@ mod tests {
         let ram = RamBlock::new("big", (1 << 30) + 8 * MIB, Backing::PrivateAnonymous).unwrap();
         let p = pinner(None);
         let before = vm_pin_kib();
-        p.map(1 << 32, ram.host_address(), (1 << 30) + 8 * MIB, Permissions::READ_WRITE)
-            .unwrap();
+        p.map(
+            1 << 32,
+            ram.host_address(),
+            (1 << 30) + 8 * MIB,
+            Permissions::READ_WRITE,
+        )
+        .unwrap();
         assert_eq!(vm_pin_kib() - before, (1 << 20) + 8 * 1024);
         assert_eq!(p.mapping_count(), 1);
         assert_eq!(p.unmap(1 << 32, (1 << 30) + 8 * MIB).unwrap(), (1 << 30) + 8 * MIB);
@@ -526,7 +531,8 @@ mod tests {
         let fill = || {
             for i in 0..n {
                 let at = i * PAGE_SIZE;
-                p.map(at, ram.host_address() + at, PAGE_SIZE, Permissions::READ).unwrap();
+                p.map(at, ram.host_address() + at, PAGE_SIZE, Permissions::READ)
+                    .unwrap();
             }
         };
         fill();
@@ -582,7 +588,10 @@ mod tests {
             p.map(0, h + 1, 4096, Permissions::READ),
             Err(DmaError::Unaligned { .. })
         ));
-        assert!(matches!(p.map(0, h, 0, Permissions::READ), Err(DmaError::Unaligned { .. })));
+        assert!(matches!(
+            p.map(0, h, 0, Permissions::READ),
+            Err(DmaError::Unaligned { .. })
+        ));
         assert!(matches!(
             p.map(u64::MAX - 4095, h, 8192, Permissions::READ),
             Err(DmaError::IovaOutOfRange { .. })

@@ -19,13 +19,13 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use memvisor_iommu::{IommuNotifier, MapEvent, NotifierRefusal, UnmapEvent};
 use memvisor_memory::GuestRange;
 use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager, Refusal};
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
-use memvisor_iommu::{IommuNotifier, MapEvent, NotifierRefusal, UnmapEvent};
 
-use crate::mapper::{Permissions, DmaError, DmaMapper};
+use crate::mapper::{DmaError, DmaMapper, Permissions};
 use crate::ram_listener::SetupError;
 
 /// What the bridge does when the guest unplugs memory that a live IOMMU

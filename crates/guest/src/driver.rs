@@ -202,7 +202,11 @@ impl Guest {
 
     /// Sends `request` to the virtio-iommu's request queue, activating it
     /// first if needed, and reads the status back.
-    pub fn iommu_request(&mut self, machine: &mut Machine, request: IommuRequest) -> Result<Answer<Status>, GuestError> {
+    pub fn iommu_request(
+        &mut self,
+        machine: &mut Machine,
+        request: IommuRequest,
+    ) -> Result<Answer<Status>, GuestError> {
         let (requests, _) = self.iommu_queues(machine)?;
         let iommu = machine.iommu_mut().expect("checked by iommu_queues");
         let out = match request {

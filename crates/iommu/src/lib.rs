@@ -104,7 +104,11 @@ impl MapFlags {
 
     /// The flags for `bits`, or `None` if a bit is unknown.
     pub const fn from_bits(bits: u32) -> Option<Self> {
-        if bits & !Self::ALL.0 != 0 { None } else { Some(Self(bits)) }
+        if bits & !Self::ALL.0 != 0 {
+            None
+        } else {
+            Some(Self(bits))
+        }
     }
 
     /// The bits.
@@ -293,11 +297,7 @@ pub trait NotifierRegistry: Send + Sync {
     /// Registers `notifier` for `endpoint` and replays the endpoint's
     /// current mappings to it ([`MapCause::Register`]). On error nothing is
     /// registered and the notifier holds no mapping.
-    fn register_notifier(
-        &self,
-        endpoint: u32,
-        notifier: Arc<dyn IommuNotifier>,
-    ) -> Result<NotifierId, RegisterError>;
+    fn register_notifier(&self, endpoint: u32, notifier: Arc<dyn IommuNotifier>) -> Result<NotifierId, RegisterError>;
 
     /// Unregisters a notifier, sending it `notify_unmap`
     /// ([`UnmapCause::Unregister`]) for every mapping it still holds.

@@ -4,8 +4,7 @@
 //! conflicting request names both parties.
 
 use memvisor_machine::{
-    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, Machine, MachineConfig, MachineError, RamSpec,
-    VirtioMemSpec,
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, Machine, MachineConfig, MachineError, RamSpec, VirtioMemSpec,
 };
 use memvisor_memory::policy::HolderKind;
 use memvisor_test_support::{MIB, serial};
@@ -67,7 +66,10 @@ fn an_uncoordinated_discarder_is_refused_while_dma_is_set_up_naming_both() {
     assert_eq!(balloon.holder(), "balloon0");
     // ...and a DMA device cannot attach while it is there.
     let device = machine.dma_devices().next().unwrap();
-    let err = device.attach(memvisor_dma::attach::DmaPath::Ram).unwrap_err().to_string();
+    let err = device
+        .attach(memvisor_dma::attach::DmaPath::Ram)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("'nic0'") && err.contains("'balloon0'"), "{err}");
 }
 

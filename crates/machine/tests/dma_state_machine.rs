@@ -137,11 +137,13 @@ fn apply(m: &mut Rig, op: &Op) {
     }
 }
 
+/// 2,000 cases by default, so that the test command stays quick;
+/// `.ci/run` sets `MEMVISOR_PROPTEST_CASES=10000`, the full depth.
 fn cases() -> u32 {
     std::env::var("MEMVISOR_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000)
+        .unwrap_or(2_000)
 }
 
 fn run(path: AssignedPath, ops: &[Op]) {

@@ -141,7 +141,7 @@ pub enum RegisterError {
 /// does), adding its own policy around plug and unplug. This is deliberate:
 ///
 /// * rule 3 (check and pin are one step) hands the very guard the check
-///   ran under to every IOMMU notifier ([`MapEvent::populated`] in
+///   ran under to every IOMMU notifier (`MapEvent::populated` in
 ///   `memvisor-iommu`); a concrete view keeps that a borrow, where a trait
 ///   object would cost an allocation and dynamic calls on every MAP, the
 ///   hottest path the DMA layer has;

@@ -265,14 +265,22 @@ fn machine(config: &MachineConfig) -> BenchMachine {
 }
 
 fn vmem(m: &mut BenchMachine, request: MemRequest) -> u16 {
-    match m.guest.vmem_request(&mut m.machine, 0, request).expect("virtio-mem request") {
+    match m
+        .guest
+        .vmem_request(&mut m.machine, 0, request)
+        .expect("virtio-mem request")
+    {
         Answer::Answered(a) => a.resp_type,
         Answer::NoAnswer => panic!("virtio-mem did not answer {request:?}"),
     }
 }
 
 fn iommu(m: &mut BenchMachine, request: IommuRequest) -> Status {
-    match m.guest.iommu_request(&mut m.machine, request).expect("virtio-iommu request") {
+    match m
+        .guest
+        .iommu_request(&mut m.machine, request)
+        .expect("virtio-iommu request")
+    {
         Answer::Answered(s) => s,
         Answer::NoAnswer => panic!("virtio-iommu did not answer {request:?}"),
     }
@@ -300,7 +308,7 @@ fn map_unmap(m: &mut BenchMachine, map: IommuRequest, unmap: IommuRequest) {
     requests(m, map, unmap);
 }
 
-/// One MAP and one UNMAP of `len` bytes at [`IOVA`] through the request
+/// One MAP and one UNMAP of `len` bytes at IOVA `0x1000_0000` through the request
 /// virtqueue, the device, the bridge's populated check and the DMA
 /// backend; the floor pins and unpins the same host range.
 pub struct ViommuMapUnmap {
@@ -590,8 +598,8 @@ fn reference_runs(words: &[u64]) -> (u64, u64) {
 }
 
 /// `replay_populated` over the 1 TiB region with half the blocks plugged
-/// at random, summing run lengths, through the trait; the floor is
-/// [`reference_runs`] over the same words.
+/// at random, summing run lengths, through the trait; the floor is a
+/// trailing-zeros run finder (`reference_runs`) over the same words.
 pub struct PopulatedReplay {
     manager: BlockDiscardManager,
     region: GuestRange,
@@ -728,11 +736,7 @@ impl Migration {
         for off in (0..plugged).step_by(MIB as usize) {
             region.block().write(off, &pattern).expect("fill");
         }
-        Self {
-            src,
-            size,
-            plugged,
-        }
+        Self { src, size, plugged }
     }
 
     /// A fresh destination region, and the two ends' section registries,
@@ -777,8 +781,9 @@ impl Migration {
         std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: the plugged part of the source mapping, alive for the scope.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(self.source_region().block().host_address() as *const u8, plugged) };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(self.source_region().block().host_address() as *const u8, plugged)
+                };
                 tx.write_all(bytes).expect("pipe write");
                 drop(tx);
             });

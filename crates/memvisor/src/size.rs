@@ -49,7 +49,8 @@ pub fn parse_events(text: &str) -> Result<std::num::NonZeroUsize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{text}' is not a number of events"))?;
-    std::num::NonZeroUsize::new(n).ok_or_else(|| "0 events between migrations would migrate forever; give 1 or more".to_string())
+    std::num::NonZeroUsize::new(n)
+        .ok_or_else(|| "0 events between migrations would migrate forever; give 1 or more".to_string())
 }
 
 /// Formats bytes with the largest binary unit that divides them evenly

@@ -13,7 +13,11 @@ fn memvisor(args: &[&str]) -> Output {
 fn refused(args: &[&str]) -> String {
     let o = memvisor(args);
     assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
-    assert!(o.stdout.is_empty(), "{args:?} did work: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.stdout.is_empty(),
+        "{args:?} did work: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     String::from_utf8(o.stderr).unwrap()
 }
 
@@ -42,7 +46,10 @@ fn demo_refuses_a_block_size_below_a_page_at_parse_time() {
 #[test]
 fn demo_names_its_own_options_not_guest_addresses() {
     let err = refused(&["demo", "--size", "3M"]);
-    assert!(err.contains("--size 3.0 MiB is not a positive multiple of --block-size 2.0 MiB"), "{err}");
+    assert!(
+        err.contains("--size 3.0 MiB is not a positive multiple of --block-size 2.0 MiB"),
+        "{err}"
+    );
     assert!(!err.contains("0x"), "{err}");
 }
 

@@ -1,5 +1,5 @@
 //! The standard machines of the machine-level tests, as configurations and
-//! as [`Rig`]s set up the way the tests start from.
+//! as [`Rig`](crate::Rig)s set up the way the tests start from.
 //!
 //! * [`dma`]: boot RAM, one virtio-mem region, a virtio-iommu with one
 //!   endpoint and one assigned device pinning through io_uring, on path 1

@@ -86,13 +86,13 @@ pub use device::VirtioIommu;
 pub use fault::{Access, Fault, FaultKind, Translation};
 pub use handle::IommuHandle;
 pub use map_target::MapRefusal;
-pub use notify::NotifierError;
-pub use options::{IommuOptions, Limits, ReservedKind, ReservedRegion};
 pub use mapping::{MapFlags, Mapping};
 pub use memvisor_iommu::{
     IommuNotifier, MapCause, MapEvent, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError, UnmapCause,
     UnmapEvent,
 };
+pub use notify::NotifierError;
+pub use options::{IommuOptions, Limits, ReservedKind, ReservedRegion};
 pub use persist::{IommuState, LoadError};
 pub use request::Request;
 pub use wire::Status;

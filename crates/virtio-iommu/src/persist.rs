@@ -295,7 +295,10 @@ fn validate(model: &DeviceModel, state: &IommuState) -> Result<BTreeMap<u32, Dom
             // `warn` guard, or reset its memory device before its IOMMU) is
             // restored as the guest sees it, but never notified: pinning it
             // would re-populate memory the host reclaimed (rule 1).
-            if matches!(map_target::resolve(model.mem.as_ref(), &mapping), Err(MapRefusal::NotPopulated(_))) {
+            if matches!(
+                map_target::resolve(model.mem.as_ref(), &mapping),
+                Err(MapRefusal::NotPopulated(_))
+            ) {
                 mapping.notified = false;
             }
             mappings.insert(mapping);

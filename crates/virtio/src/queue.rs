@@ -656,8 +656,8 @@ pub fn drain_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use memvisor_guest::{Buf, DriverQueue};
     use crate::interrupt::EventFdInterrupt;
+    use memvisor_guest::{Buf, DriverQueue};
     use memvisor_memory::map::GuestMemoryMap;
     use memvisor_memory::{Backing, RamBlock};
     use std::sync::Arc;

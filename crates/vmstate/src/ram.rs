@@ -30,9 +30,9 @@ use memvisor_memory::map::{GuestMemoryMap, Region};
 use memvisor_memory::{Backing, GuestRange};
 
 use crate::context::LoadContext;
+use crate::context::Restores;
 use crate::error::{SectionError, VmStateError};
 use crate::registry::Registry;
-use crate::context::Restores;
 use crate::section::{Phase, Priority, Section};
 
 /// Name of the RAM sections.

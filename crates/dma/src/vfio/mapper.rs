@@ -16,7 +16,7 @@ use super::ioctls::{
     read_iommu_info, set_container, set_type1v2_iommu,
 };
 use super::table::MappingTable;
-use crate::mapper::{Permissions, DmaError, DmaLimits, DmaMapper, IovaRange, PinBudget};
+use crate::mapper::{DmaError, DmaLimits, DmaMapper, IovaRange, Permissions, PinBudget};
 
 /// A [`DmaMapper`] over a VFIO type1v2 container holding one IOMMU group;
 /// see the [module documentation](super).
