@@ -144,14 +144,8 @@ pub fn config(path: Path) -> MachineConfig {
     MachineConfig {
         ram: vec![RamSpec { addr: 0, size: BOOT }],
         virtio_mem: vec![VirtioMemSpec {
-            id: "vmem0".into(),
-            addr: HOT,
-            region_size: HOT_SIZE,
-            block_size: BLOCK,
             requested_size: HOT_SIZE,
-            unplugged_inaccessible: true,
-            node_id: None,
-            prealloc: false,
+            ..VirtioMemSpec::new("vmem0", HOT, HOT_SIZE, BLOCK)
         }],
         virtio_iommu: Some(VirtioIommuSpec {
             endpoints: vec![ENDPOINT, OTHER_ENDPOINT],

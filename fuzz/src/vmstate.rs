@@ -68,14 +68,8 @@ pub fn config() -> MachineConfig {
     MachineConfig {
         ram: vec![RamSpec { addr: 0, size: BOOT }],
         virtio_mem: vec![VirtioMemSpec {
-            id: "vmem0".into(),
-            addr: VMEM_BASE,
-            region_size: VMEM_SIZE,
-            block_size: BLOCK,
             requested_size: 8 * MIB,
-            unplugged_inaccessible: true,
-            node_id: None,
-            prealloc: false,
+            ..VirtioMemSpec::new("vmem0", VMEM_BASE, VMEM_SIZE, BLOCK)
         }],
         virtio_iommu: Some(VirtioIommuSpec {
             endpoints: vec![EP_A, EP_B],

@@ -66,6 +66,24 @@ fn yes() -> bool {
     true
 }
 
+impl VirtioMemSpec {
+    /// A region of `region_size` bytes at `addr` in blocks of `block_size`:
+    /// nothing requested, `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE` offered, no
+    /// node, no preallocation (the serde defaults).
+    pub fn new(id: impl Into<String>, addr: u64, region_size: u64, block_size: u64) -> Self {
+        Self {
+            id: id.into(),
+            addr,
+            region_size,
+            block_size,
+            requested_size: 0,
+            unplugged_inaccessible: true,
+            node_id: None,
+            prealloc: false,
+        }
+    }
+}
+
 /// The virtio-iommu: topology and what its configuration space offers.
 /// Every field but `id` and `endpoints` defaults to
 /// [`IommuOptions::default`] (QEMU's x86 defaults).

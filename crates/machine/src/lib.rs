@@ -14,14 +14,8 @@
 //! let config = MachineConfig {
 //!     ram: vec![RamSpec { addr: 0, size: 4 * MIB }],
 //!     virtio_mem: vec![VirtioMemSpec {
-//!         id: "vmem0".into(),
-//!         addr: 1 << 32,
-//!         region_size: 64 * MIB,
-//!         block_size: 2 * MIB,
 //!         requested_size: 16 * MIB,
-//!         unplugged_inaccessible: true,
-//!         node_id: None,
-//!         prealloc: false,
+//!         ..VirtioMemSpec::new("vmem0", 1 << 32, 64 * MIB, 2 * MIB)
 //!     }],
 //!     virtio_iommu: None,
 //!     dma: memvisor_machine::DmaSpec {

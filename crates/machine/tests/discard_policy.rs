@@ -12,16 +12,7 @@ use memvisor_test_support::{MIB, serial};
 fn config(assigned: bool) -> MachineConfig {
     MachineConfig {
         ram: vec![RamSpec { addr: 0, size: 2 * MIB }],
-        virtio_mem: vec![VirtioMemSpec {
-            id: "vmem0".into(),
-            addr: 1 << 32,
-            region_size: 16 * MIB,
-            block_size: 2 * MIB,
-            requested_size: 0,
-            unplugged_inaccessible: true,
-            node_id: None,
-            prealloc: false,
-        }],
+        virtio_mem: vec![VirtioMemSpec::new("vmem0", 1 << 32, 16 * MIB, 2 * MIB)],
         virtio_iommu: None,
         dma: DmaSpec {
             devices: assigned

@@ -246,14 +246,8 @@ fn machine_config(region: u64, with_iommu: bool, dma: Option<DmaBackend>) -> Mac
 
 fn vmem_spec(region: u64) -> VirtioMemSpec {
     VirtioMemSpec {
-        id: "vmem0".into(),
-        addr: HOT,
-        region_size: region,
-        block_size: 2 * MIB,
         requested_size: region,
-        unplugged_inaccessible: true,
-        node_id: None,
-        prealloc: false,
+        ..VirtioMemSpec::new("vmem0", HOT, region, 2 * MIB)
     }
 }
 

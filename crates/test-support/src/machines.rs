@@ -52,14 +52,8 @@ pub mod dma {
         MachineConfig {
             ram: vec![RamSpec { addr: 0, size: BOOT }],
             virtio_mem: vec![VirtioMemSpec {
-                id: "vmem0".into(),
-                addr: HOT,
-                region_size: hot_size,
-                block_size: BLOCK,
                 requested_size: hot_size,
-                unplugged_inaccessible: true,
-                node_id: None,
-                prealloc: false,
+                ..VirtioMemSpec::new("vmem0", HOT, hot_size, BLOCK)
             }],
             virtio_iommu: Some(VirtioIommuSpec {
                 endpoints: vec![ENDPOINT],
@@ -139,14 +133,8 @@ pub mod migration {
                 size: BOOT_SIZE,
             }],
             virtio_mem: vec![VirtioMemSpec {
-                id: "vmem0".into(),
-                addr: VMEM_BASE,
-                region_size: VMEM_SIZE,
-                block_size: BLOCK,
                 requested_size: REQUESTED,
-                unplugged_inaccessible: true,
-                node_id: None,
-                prealloc: false,
+                ..VirtioMemSpec::new("vmem0", VMEM_BASE, VMEM_SIZE, BLOCK)
             }],
             virtio_iommu: Some(VirtioIommuSpec {
                 endpoints: vec![EP_A, EP_B],

@@ -43,14 +43,8 @@ pub fn machine_config() -> MachineConfig {
             size: BOOT_SIZE,
         }],
         virtio_mem: vec![VirtioMemSpec {
-            id: "vmem0".into(),
-            addr: HOT_BASE,
-            region_size: HOT_SIZE,
-            block_size: BLOCK,
             requested_size: HOT_SIZE,
-            unplugged_inaccessible: true,
-            node_id: None,
-            prealloc: false,
+            ..VirtioMemSpec::new("vmem0", HOT_BASE, HOT_SIZE, BLOCK)
         }],
         ..MachineConfig::default()
     }
