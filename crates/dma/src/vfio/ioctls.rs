@@ -27,44 +27,16 @@ pub const VFIO_CONTAINER_PATH: &str = "/dev/vfio/vfio";
 /// The directory holding the VFIO group devices (`/dev/vfio/<group>`).
 pub const VFIO_GROUP_DIR: &str = "/dev/vfio";
 
-/// Declares `fn $name() -> c_ulong` returning `_IO(VFIO_TYPE, VFIO_BASE + $nr)`.
-///
-/// vmm-sys-util's `ioctl_io_nr!` encodes the asm-generic `_IOC` layout
-/// (`_IOC_NONE` is 0), the kernel's on x86, arm, riscv and most others.
-/// powerpc, mips and sparc64 put `_IOC_NONE` (1) at bit 29, which the macro
-/// cannot express: there the number is built by hand.
-macro_rules! vfio_io_nr {
-    ($name:ident, $nr:expr) => {
-        #[cfg(not(any(
-            target_arch = "powerpc",
-            target_arch = "powerpc64",
-            target_arch = "mips",
-            target_arch = "mips64",
-            target_arch = "sparc64"
-        )))]
-        vmm_sys_util::ioctl_io_nr!($name, VFIO_TYPE.into(), VFIO_BASE + $nr);
-
-        #[cfg(any(
-            target_arch = "powerpc",
-            target_arch = "powerpc64",
-            target_arch = "mips",
-            target_arch = "mips64",
-            target_arch = "sparc64"
-        ))]
-        #[allow(non_snake_case)]
-        pub fn $name() -> libc::c_ulong {
-            (1 << 29) | (libc::c_ulong::from(VFIO_TYPE) << 8) | libc::c_ulong::from(VFIO_BASE + $nr)
-        }
-    };
-}
-
-vfio_io_nr!(VFIO_GET_API_VERSION, 0);
-vfio_io_nr!(VFIO_SET_IOMMU, 2);
-vfio_io_nr!(VFIO_GROUP_GET_STATUS, 3);
-vfio_io_nr!(VFIO_GROUP_SET_CONTAINER, 4);
-vfio_io_nr!(VFIO_IOMMU_GET_INFO, 12);
-vfio_io_nr!(VFIO_IOMMU_MAP_DMA, 13);
-vfio_io_nr!(VFIO_IOMMU_UNMAP_DMA, 14);
+// `_IO(VFIO_TYPE, VFIO_BASE + nr)`, as functions. vmm-sys-util encodes the
+// asm-generic `_IOC` layout: the kernel's on x86_64, aarch64 and riscv64,
+// the targets memvisor builds for.
+vmm_sys_util::ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE as u32, VFIO_BASE);
+vmm_sys_util::ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE as u32, VFIO_BASE + 2);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE as u32, VFIO_BASE + 3);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE as u32, VFIO_BASE + 4);
+vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
+vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
+vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
 
 /// Largest info buffer accepted from the kernel (a sanity bound on `argsz`).
 const MAX_INFO_SIZE: u32 = 1 << 20;
