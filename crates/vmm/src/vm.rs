@@ -1,0 +1,449 @@
+//! A KVM VM over a guest memory map, and a minimal vCPU runner.
+//!
+//! [`Vm`] opens `/dev/kvm`, creates a VM, gives it memory slots through
+//! [`Memslots`] (plain RAM always, managed regions as their blocks are
+//! plugged) and answers MMIO exits through [`UnassignedMemory`]. [`Vcpu`]
+//! enters 64-bit long mode at a given state and runs until the guest
+//! halts, recording what it writes to I/O ports. No device claims MMIO or
+//! port I/O yet: every MMIO exit is unassigned memory, every port read
+//! returns all ones.
+//!
+//! # Memory safety of the slots
+//!
+//! A KVM slot holds a host virtual address, and the kernel uses it for as
+//! long as the VM exists, which is as long as its VM fd *or any of its
+//! vCPU fds* is open. Every holder of a VM or vCPU fd therefore also holds
+//! the guest memory map the addresses come from, and drops the fd first:
+//! the mappings outlive every slot that points into them.
+
+use std::io;
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use memvisor_machine::Machine;
+use memvisor_memory::GuestRange;
+use memvisor_memory::map::GuestMemoryMap;
+
+use crate::memslots::{MemslotError, Memslots, SlotBackend, SlotIoError};
+use crate::unassigned::UnassignedMemory;
+
+/// The KVM API version this crate speaks.
+const KVM_API_VERSION: i32 = 12;
+
+/// Why a VM could not be built or a vCPU could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("opening /dev/kvm: {0}")]
+    Open(io::Error),
+    /// The kernel speaks another KVM API.
+    #[error("KVM API version {0}, but memvisor speaks version 12")]
+    ApiVersion(i32),
+    /// A KVM call failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// The call, with its arguments.
+        what: String,
+        /// The error KVM returned.
+        source: io::Error,
+    },
+    /// The memory slots could not be set up.
+    #[error(transparent)]
+    Memslots(#[from] MemslotError),
+    /// `KVM_RUN` failed.
+    #[error("KVM_RUN of vCPU {vcpu} failed (rip {rip:#x}): {source}")]
+    Run {
+        /// The vCPU.
+        vcpu: u64,
+        /// The guest's instruction pointer, if it could be read.
+        rip: u64,
+        /// The error KVM returned.
+        source: io::Error,
+    },
+    /// The vCPU stopped for a reason the runner does not handle.
+    #[error("vCPU {vcpu} stopped with {exit} at rip {rip:#x}")]
+    Stopped {
+        /// The vCPU.
+        vcpu: u64,
+        /// The exit, as KVM reported it.
+        exit: String,
+        /// The guest's instruction pointer.
+        rip: u64,
+    },
+    /// The guest did not halt within the allowed number of exits.
+    #[error("vCPU {vcpu} did not halt within {limit} exits (rip {rip:#x})")]
+    TooManyExits {
+        /// The vCPU.
+        vcpu: u64,
+        /// The limit.
+        limit: u64,
+        /// The guest's instruction pointer.
+        rip: u64,
+    },
+}
+
+fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let what = what.into();
+    move |e| VmError::Kvm { what, source: e.into() }
+}
+
+/// The VM fd and the memory its slots point into, dropped in that order.
+struct VmHandle {
+    fd: VmFd,
+    memory: GuestMemoryMap,
+}
+
+/// [`SlotBackend`] of a KVM VM: `KVM_SET_USER_MEMORY_REGION`, with host
+/// addresses resolved through the VM's own memory map.
+struct KvmSlots {
+    vm: Arc<VmHandle>,
+}
+
+impl KvmSlots {
+    fn host_address(&self, slot: u32, range: GuestRange) -> Result<u64, SlotIoError> {
+        self.vm
+            .memory
+            .lookup(range)
+            .map(|host| host.host_address)
+            .map_err(|e| SlotIoError::NotRam {
+                slot,
+                range,
+                reason: e.to_string(),
+            })
+    }
+
+    fn set(&self, what: &'static str, slot: u32, range: GuestRange, size: u64) -> Result<(), SlotIoError> {
+        let host = self.host_address(slot, range)?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: range.start(),
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: `host` is the host address of `range` in `self.vm.memory`,
+        // a live mapping of `range.len()` bytes (the map resolved the whole
+        // range inside one region). The mapping stays alive as long as the
+        // kernel VM can use the slot: `VmHandle` drops its fd before its
+        // memory, and every vCPU holds the `VmHandle` (see the module
+        // documentation). Overlaps are refused by KVM itself (EEXIST), and
+        // the slot tables never ask for one. Removing a slot (size 0) makes
+        // no memory reachable.
+        unsafe { self.vm.fd.set_user_memory_region(region) }.map_err(|e| SlotIoError::Ioctl {
+            what,
+            slot,
+            range,
+            host,
+            source: e.into(),
+        })
+    }
+}
+
+impl SlotBackend for KvmSlots {
+    fn add(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError> {
+        self.set("adding", slot, range, range.len())
+    }
+
+    fn remove(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError> {
+        self.set("removing", slot, range, 0)
+    }
+}
+
+/// A KVM VM over a guest memory map; see the [module documentation](self).
+pub struct Vm {
+    // Dropped first: unregisters the listeners and removes every slot.
+    memslots: Memslots,
+    unassigned: Arc<UnassignedMemory>,
+    handle: Arc<VmHandle>,
+    kvm: Kvm,
+    nr_memslots: usize,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("nr_memslots", &self.nr_memslots)
+            .field("memslots", &self.memslots)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// A VM for `machine`'s memory: boot RAM and every virtio-mem region,
+    /// the latter followed block by block as they are plugged.
+    pub fn new(machine: &Machine) -> Result<Self, VmError> {
+        Self::with_memory(machine.memory())
+    }
+
+    /// A VM for `memory`: a slot for every plain region, and a
+    /// [`MemslotListener`](crate::memslots::MemslotListener) on every
+    /// managed one.
+    ///
+    /// # Errors
+    ///
+    /// `/dev/kvm` missing or unusable, a KVM call failing, or a map that
+    /// may need more slots than `KVM_CAP_NR_MEMSLOTS`.
+    pub fn with_memory(memory: &GuestMemoryMap) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(|e| VmError::Open(e.into()))?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        let nr_memslots = kvm.get_nr_memslots();
+        let fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        let handle = Arc::new(VmHandle {
+            fd,
+            memory: memory.clone(),
+        });
+        let backend = Arc::new(KvmSlots { vm: handle.clone() });
+        let memslots = Memslots::attach(memory, backend, nr_memslots)?;
+        Ok(Self {
+            memslots,
+            unassigned: Arc::new(UnassignedMemory::for_map(memory)),
+            handle,
+            kvm,
+            nr_memslots,
+        })
+    }
+
+    /// `KVM_CAP_NR_MEMSLOTS`: how many memory slots this host's KVM gives
+    /// a VM.
+    pub fn nr_memslots(&self) -> usize {
+        self.nr_memslots
+    }
+
+    /// The VM's memory slots.
+    pub fn memslots(&self) -> &Memslots {
+        &self.memslots
+    }
+
+    /// The handler of accesses outside every slot, with its counters.
+    pub fn unassigned(&self) -> &Arc<UnassignedMemory> {
+        &self.unassigned
+    }
+
+    /// The guest memory map.
+    pub fn memory(&self) -> &GuestMemoryMap {
+        &self.handle.memory
+    }
+
+    /// Creates vCPU `id` with the CPUID KVM supports (which 64-bit mode
+    /// needs). Each id can be created once per VM.
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
+        let fd = self
+            .handle
+            .fd
+            .create_vcpu(id)
+            .map_err(kvm_error(format!("KVM_CREATE_VCPU({id})")))?;
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_error(format!("KVM_SET_CPUID2 of vCPU {id}")))?;
+        Ok(Vcpu {
+            fd,
+            id,
+            unassigned: self.unassigned.clone(),
+            _vm: self.handle.clone(),
+        })
+    }
+}
+
+/// Where a vCPU starts in 64-bit mode: paging on with the tables at `cr3`
+/// (which must map `rip` and everything the guest touches), flat 64-bit
+/// code and data segments, interrupts off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongModeEntry {
+    /// Guest-physical address of the PML4 table.
+    pub cr3: u64,
+    /// First instruction.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+}
+
+/// A guest write to an I/O port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortWrite {
+    /// The port.
+    pub port: u16,
+    /// The bytes written (1, 2 or 4).
+    pub data: Vec<u8>,
+}
+
+/// What a vCPU did until it halted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Port writes, in order.
+    pub port_writes: Vec<PortWrite>,
+    /// Port reads (answered with all ones).
+    pub port_reads: u64,
+    /// MMIO reads (answered as unassigned memory).
+    pub mmio_reads: u64,
+    /// MMIO writes (dropped as unassigned memory).
+    pub mmio_writes: u64,
+    /// Exits to the VMM, the final `hlt` included.
+    pub exits: u64,
+}
+
+/// One vCPU of a [`Vm`].
+pub struct Vcpu {
+    // Dropped before the memory the VM's slots point into.
+    fd: VcpuFd,
+    id: u64,
+    unassigned: Arc<UnassignedMemory>,
+    _vm: Arc<VmHandle>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id).finish()
+    }
+}
+
+/// A flat segment: base 0, 4 GiB limit, present, ring 0.
+fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+impl Vcpu {
+    /// The vCPU's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The guest's instruction pointer now (0 if it cannot be read).
+    pub fn rip(&self) -> u64 {
+        self.fd.get_regs().map_or(0, |r| r.rip)
+    }
+
+    /// Puts the vCPU in 64-bit mode at `entry`, all general registers 0.
+    pub fn enter_long_mode(&mut self, entry: LongModeEntry) -> Result<(), VmError> {
+        let id = self.id;
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(kvm_error(format!("KVM_GET_SREGS of vCPU {id}")))?;
+        sregs.cs = flat_segment(0x08, 0xb, true);
+        let data = flat_segment(0x10, 0x3, false);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            base: 0,
+            limit: 0x67,
+            selector: 0x18,
+            type_: 0xb, // 64-bit busy TSS
+            present: 1,
+            s: 0,
+            ..data
+        };
+        sregs.cr3 = entry.cr3;
+        sregs.cr4 = CR4_PAE;
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+        sregs.efer = EFER_LME | EFER_LMA;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_error(format!("KVM_SET_SREGS of vCPU {id}")))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: entry.rip,
+            rsp: entry.rsp,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(kvm_error(format!("KVM_SET_REGS of vCPU {id}")))
+    }
+
+    /// Runs the vCPU until the guest executes `hlt`, for at most
+    /// `max_exits` exits. MMIO goes to [`UnassignedMemory`]; port writes
+    /// are recorded, port reads answered with all ones.
+    ///
+    /// # Errors
+    ///
+    /// `KVM_RUN` failing (other than by a signal), an exit the runner does
+    /// not handle (a triple fault is `Shutdown`, a failed VM entry
+    /// `FailEntry`), or too many exits.
+    pub fn run(&mut self, max_exits: u64) -> Result<RunReport, VmError> {
+        let mut report = RunReport::default();
+        while report.exits < max_exits {
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(VmError::Run {
+                        vcpu: self.id,
+                        rip: self.rip(),
+                        source: e.into(),
+                    });
+                }
+            };
+            report.exits += 1;
+            let stopped = match exit {
+                VcpuExit::Hlt => return Ok(report),
+                VcpuExit::IoOut(port, data) => {
+                    report.port_writes.push(PortWrite {
+                        port,
+                        data: data.to_vec(),
+                    });
+                    None
+                }
+                VcpuExit::IoIn(_, data) => {
+                    data.fill(0xff);
+                    report.port_reads += 1;
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    self.unassigned.read(addr, data);
+                    report.mmio_reads += 1;
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.unassigned.write(addr, data);
+                    report.mmio_writes += 1;
+                    None
+                }
+                VcpuExit::Intr => None,
+                other => Some(format!("{other:?}")),
+            };
+            if let Some(exit) = stopped {
+                return Err(VmError::Stopped {
+                    vcpu: self.id,
+                    exit,
+                    rip: self.rip(),
+                });
+            }
+        }
+        Err(VmError::TooManyExits {
+            vcpu: self.id,
+            limit: max_exits,
+            rip: self.rip(),
+        })
+    }
+}
