@@ -1,6 +1,7 @@
 //! The memvisor command-line program.
 
 mod demo;
+mod lab;
 mod replay;
 mod size;
 
@@ -47,6 +48,42 @@ enum GuardArg {
     Warn,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VmmArg {
+    /// QEMU 10 from Debian's backports, driven over QMP (the reference).
+    Qemu,
+    /// memvisor's own VMM.
+    Memvisor,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Fetch and unpack the lab's Debian packages (QEMU 10, the 6.12 cloud kernel,
+    /// busybox) into ~/.cache/memvisor-lab; `run` does this too.
+    Setup,
+    /// Boot L1 under TCG, run a scenario's L2 guest under the chosen VMM, report.
+    Run {
+        /// A shipped scenario (boot, vmem-resize, viommu, vfio-nvme, vfio-nvme-viommu)
+        /// or a scenario file.
+        scenario: String,
+        /// The VMM that runs the guest inside L1.
+        #[arg(long, value_enum, default_value_t = VmmArg::Qemu)]
+        vmm: VmmArg,
+        /// A guest script file that replaces the scenario's.
+        #[arg(long)]
+        guest_script: Option<PathBuf>,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Keep the work folder (images, console logs) for inspection.
+        #[arg(long)]
+        keep: bool,
+        /// Echo the consoles to stderr while running.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replay a recorded device trace through the real devices, DMA layer and memory,
@@ -81,6 +118,11 @@ enum Command {
         /// What backs the RAM.
         #[arg(long, value_enum, default_value_t = BackingArg::Memfd)]
         backing: BackingArg,
+    },
+    /// Unmodified Linux guests under nested KVM, with QEMU side by side (the guest lab).
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
     },
     /// Measure every hot path against its floor (the bare kernel work) in the same run.
     Bench {
@@ -143,6 +185,27 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Lab { command } => match command {
+            LabCommand::Setup => lab::setup(),
+            LabCommand::Run {
+                scenario,
+                vmm,
+                guest_script,
+                json,
+                keep,
+                verbose,
+            } => lab::run(&lab::LabArgs {
+                scenario,
+                vmm: match vmm {
+                    VmmArg::Qemu => memvisor_lab::VmmKind::Qemu,
+                    VmmArg::Memvisor => memvisor_lab::VmmKind::Memvisor,
+                },
+                guest_script,
+                json,
+                keep,
+                verbose,
+            }),
+        },
         Command::Bench { json, quick, only } => bench(json, quick, only.as_deref()),
     }
 }

@@ -59,3 +59,22 @@ fn demo_refuses_more_memory_than_the_host_has_before_populating() {
     assert!(err.contains("--size 64.0 TiB is more than this host can hold"), "{err}");
     assert!(err.contains("available"), "{err}");
 }
+
+#[test]
+fn a_malformed_lab_scenario_fails_before_anything_boots_naming_its_line() {
+    let dir = std::env::temp_dir().join(format!("memvisor-cli-lab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\n\n[vm]\ncpus = 1\nmemory = \"lots\"\n\n[guest]\nscript = \"true\"\n",
+    )
+    .unwrap();
+    // Exit 2 and no stage: it stopped before setup (a run that starts
+    // reports its stages and exits 0 or 1).
+    let err = refused(&["lab", "run", bad.to_str().unwrap(), "--vmm", "qemu"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(err.contains("bad.toml: line 5"), "{err}");
+    assert!(err.contains("`lots` is not a size"), "{err}");
+    assert!(!err.contains("stage "), "{err}");
+}

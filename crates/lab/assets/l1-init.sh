@@ -1,0 +1,79 @@
+#!/bin/busybox sh
+# L1's init: mount, load the kvm (and vfio) modules, then serve the host's control loop on
+# the virtio port `lab.ctl`: each line from the host is a shell command; its output comes
+# back followed by `@@rc <status>`.
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox --install -s /bin
+export PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+ip link set lo up
+for m in $(cat /lab/modules.list); do
+	insmod "/lab/modules/$m.ko" || echo "@@l1 insmod $m failed"
+done
+
+# The device of the virtio port named $1.
+port() {
+	for p in /sys/class/virtio-ports/*; do
+		[ "$(cat "$p/name" 2>/dev/null)" = "$1" ] && { echo "/dev/${p##*/}"; return 0; }
+	done
+	return 1
+}
+i=0
+while ! port lab.ctl >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+CTL=$(port lab.ctl)
+L2CON=$(port lab.l2con)
+RELAY=$(port lab.relay)
+echo "@@l1 ports ctl=$CTL l2con=$L2CON relay=$RELAY"
+
+# start_vmm CMD...: starts the L2 VMM with its serial console on `lab.l2con`, relays its
+# control socket (TCP 4444 on loopback) to `lab.relay`, prints its pid.
+start_vmm() {
+	"$@" <>"$L2CON" >&0 2>/tmp/vmm.log &
+	echo $! >/run/vmm.pid
+	(
+		i=0
+		while [ $i -lt 600 ]; do
+			nc 127.0.0.1 4444 <>"$RELAY" >&0 2>/dev/null && break
+			sleep 0.1
+			i=$((i + 1))
+		done
+	) </dev/null >/dev/null 2>&1 &
+	echo "pid $(cat /run/vmm.pid)"
+}
+
+# vmm_status: the VMM's memory counters (kB) from /proc/<pid>/status.
+vmm_status() {
+	grep -E '^(VmRSS|VmHWM|VmLck|VmPin):' "/proc/$(cat /run/vmm.pid)/status"
+}
+
+# vmm_log: the VMM's stderr and whether it still runs.
+vmm_log() {
+	tail -n 20 /tmp/vmm.log
+	kill -0 "$(cat /run/vmm.pid)" 2>/dev/null && echo "(running)" || echo "(exited)"
+}
+
+# bind_vfio: binds every NVMe controller to vfio-pci; prints `bdf <addr> group <n>`.
+bind_vfio() {
+	found=1
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat "$d/class")" = 0x010802 ] || continue
+		bdf=${d##*/}
+		[ -e "$d/driver" ] && echo "$bdf" >"$d/driver/unbind"
+		echo vfio-pci >"$d/driver_override"
+		echo "$bdf" >/sys/bus/pci/drivers_probe
+		group=$(readlink "$d/iommu_group")
+		[ -e "/dev/vfio/${group##*/}" ] || { echo "no /dev/vfio/${group##*/}"; return 1; }
+		echo "bdf $bdf group ${group##*/}"
+		found=0
+	done
+	return $found
+}
+
+exec 0<>"$CTL" 1>&0 2>&0
+echo "@@ready $(cut -d' ' -f1 /proc/uptime)"
+while IFS= read -r line; do
+	(eval "$line")
+	echo "@@rc $?"
+done
+poweroff -f

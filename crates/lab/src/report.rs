@@ -1,0 +1,314 @@
+//! The JSON report of a run and the check of a scenario's expectations against it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::scenario::{Expectation, Scenario};
+use crate::vmm::VmmKind;
+
+/// A whole run's report; the same shape whichever VMM ran the guest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The scenario's name.
+    pub scenario: String,
+    /// The VMM that ran L2.
+    pub vmm: VmmKind,
+    /// Whether every stage finished and every expectation held.
+    pub passed: bool,
+    /// The stage that failed, if one did.
+    pub failed_stage: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Each stage's wall time.
+    pub stages: Vec<StageTime>,
+    /// Host steps the guest asked for, in order.
+    pub host_steps: Vec<HostStep>,
+    /// What the guest reported.
+    pub guest: GuestReport,
+    /// The expectations and whether they held.
+    pub expectations: Vec<Checked>,
+    /// The Debian packages used (name to version).
+    pub packages: BTreeMap<String, String>,
+    /// The work folder, when kept.
+    pub work_dir: Option<String>,
+    /// The last console lines of L1 and L2 when something failed.
+    pub console_tail: Vec<String>,
+}
+
+/// One stage's wall time.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    /// `setup`, `images`, `l1-boot`, `l2-boot`, `scenario`, `shutdown`.
+    pub name: String,
+    /// Seconds from the stage's start to its end.
+    pub seconds: f64,
+    /// Whether it finished.
+    pub ok: bool,
+}
+
+/// The L2 VMM's memory counters read in L1 from `/proc/<pid>/status` (kB).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct HostSample {
+    /// Seconds since the run started.
+    pub t: f64,
+    /// Resident set.
+    pub rss_kb: u64,
+    /// Peak resident set.
+    pub hwm_kb: u64,
+    /// Locked memory (VFIO type1 accounts pinned pages here).
+    pub lck_kb: u64,
+    /// Pinned memory (iommufd accounts here).
+    pub pin_kb: u64,
+}
+
+impl HostSample {
+    /// Parses `VmRSS:  123 kB` lines.
+    pub fn parse(t: f64, text: &str) -> HostSample {
+        let mut s = HostSample {
+            t,
+            ..Default::default()
+        };
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once(':') else { continue };
+            let v = v.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            match k.trim() {
+                "VmRSS" => s.rss_kb = v,
+                "VmHWM" => s.hwm_kb = v,
+                "VmLck" => s.lck_kb = v,
+                "VmPin" => s.pin_kb = v,
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Locked plus pinned memory.
+    pub fn locked_kb(&self) -> u64 {
+        self.lck_kb + self.pin_kb
+    }
+}
+
+/// One host step.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStep {
+    /// Seconds since the run started.
+    pub t: f64,
+    /// The guest's request (`resize vmem0 1G`).
+    pub request: String,
+    /// How long the step took.
+    pub seconds: f64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The answer sent to the guest (or the error).
+    pub detail: String,
+    /// For resizes: plugged bytes before and the requested bytes.
+    pub resize: Option<(u64, u64)>,
+    /// VMM counters before the step.
+    pub before: Option<HostSample>,
+    /// VMM counters after the step.
+    pub after: Option<HostSample>,
+}
+
+/// The guest's side.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestReport {
+    /// The guest script's exit status.
+    pub exit_status: Option<i32>,
+    /// The script's output lines.
+    pub output: Vec<String>,
+    /// Observations (`obs key value`) in order.
+    pub observations: Vec<Observation>,
+    /// Seconds from L2 VMM start to the agent.
+    pub agent_ready_at: Option<f64>,
+}
+
+/// One guest observation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Observation {
+    /// Seconds since the run started.
+    pub t: f64,
+    /// The key.
+    pub key: String,
+    /// The value as printed.
+    pub value: String,
+}
+
+/// An expectation's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checked {
+    /// The expectation, described.
+    pub expectation: String,
+    /// Whether it held.
+    pub passed: bool,
+    /// The numbers behind the verdict.
+    pub detail: String,
+}
+
+/// Checks `scenario`'s expectations (and a zero guest exit status unless stated otherwise).
+pub fn evaluate(scenario: &Scenario, host_steps: &[HostStep], guest: &GuestReport) -> Vec<Checked> {
+    let mut expectations = scenario.expect.clone();
+    if !expectations.iter().any(|e| matches!(e, Expectation::GuestExit { .. })) {
+        expectations.insert(0, Expectation::GuestExit { status: 0 });
+    }
+    let boot_kb = scenario.vm.memory.0 / 1024;
+    let resizes: Vec<_> = host_steps
+        .iter()
+        .filter_map(|s| Some((s, s.resize?, s.before?, s.after?)))
+        .collect();
+    expectations
+        .iter()
+        .map(|e| match e {
+            Expectation::GuestExit { status } => Checked {
+                expectation: format!("guest script exits with {status}"),
+                passed: guest.exit_status == Some(*status),
+                detail: format!("exit status {:?}", guest.exit_status),
+            },
+            Expectation::OutputContains { text } => Checked {
+                expectation: format!("guest output contains {text:?}"),
+                passed: guest.output.iter().any(|l| l.contains(text.as_str())),
+                detail: String::new(),
+            },
+            Expectation::Observation { key, min, max, equals } => {
+                let values: Vec<_> = guest
+                    .observations
+                    .iter()
+                    .filter(|o| &o.key == key)
+                    .map(|o| &o.value)
+                    .collect();
+                let ok = |v: &String| {
+                    let n = v.trim().parse::<f64>().ok();
+                    equals.as_ref().is_none_or(|x| x == v.trim())
+                        && min.is_none_or(|m| n.is_some_and(|n| n >= m))
+                        && max.is_none_or(|m| n.is_some_and(|n| n <= m))
+                };
+                Checked {
+                    expectation: format!("observation {key} within min {min:?} max {max:?} equals {equals:?}"),
+                    passed: !values.is_empty() && values.iter().all(|v| ok(v)),
+                    detail: format!("values {values:?}"),
+                }
+            }
+            Expectation::RssDropOnUnplug { min_fraction } => {
+                let shrinks: Vec<_> = resizes.iter().filter(|(_, (from, to), _, _)| to < from).collect();
+                let details: Vec<_> = shrinks
+                    .iter()
+                    .map(|(s, (from, to), b, a)| {
+                        let want = (from - to) as f64 / 1024.0 * min_fraction;
+                        let drop = b.rss_kb as f64 - a.rss_kb as f64;
+                        (
+                            drop >= want,
+                            format!(
+                                "{}: RSS {} -> {} kB, dropped {drop} kB, need {want:.0}",
+                                s.request, b.rss_kb, a.rss_kb
+                            ),
+                        )
+                    })
+                    .collect();
+                Checked {
+                    expectation: format!(
+                        "unplug lowers the VMM's RSS by at least {min_fraction} of the unplugged bytes"
+                    ),
+                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
+                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
+                }
+            }
+            Expectation::LockedFollowsPlugged => {
+                let details: Vec<_> = resizes
+                    .iter()
+                    .map(|(s, (_, to), _, a)| {
+                        let want = boot_kb + to / 1024;
+                        (
+                            a.locked_kb() >= want,
+                            format!("{}: locked {} kB, need {want}", s.request, a.locked_kb()),
+                        )
+                    })
+                    .collect();
+                Checked {
+                    expectation: "the VMM's locked memory follows boot plus plugged memory".into(),
+                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
+                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
+                }
+            }
+            Expectation::LockedBelow { max_kb } => {
+                let details: Vec<_> = resizes
+                    .iter()
+                    .map(|(s, _, _, a)| {
+                        (
+                            a.locked_kb() <= *max_kb,
+                            format!("{}: locked {} kB", s.request, a.locked_kb()),
+                        )
+                    })
+                    .collect();
+                Checked {
+                    expectation: format!("the VMM's locked memory stays at most {max_kb} kB"),
+                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
+                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(req: &str, from: u64, to: u64, rss: (u64, u64), lck: u64) -> HostStep {
+        HostStep {
+            t: 0.0,
+            request: req.into(),
+            seconds: 1.0,
+            ok: true,
+            detail: String::new(),
+            resize: Some((from, to)),
+            before: Some(HostSample {
+                rss_kb: rss.0,
+                ..Default::default()
+            }),
+            after: Some(HostSample {
+                rss_kb: rss.1,
+                lck_kb: lck,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn status_lines_parse() {
+        let s = HostSample::parse(
+            1.5,
+            "VmHWM:\t 900 kB\nVmRSS:\t  800 kB\nVmLck:\t 12 kB\nVmPin:\t 0 kB\n",
+        );
+        assert_eq!((s.rss_kb, s.hwm_kb, s.lck_kb, s.pin_kb), (800, 900, 12, 0));
+    }
+
+    #[test]
+    fn expectations_are_checked() {
+        let text = "name = \"t\"\n[vm]\nmemory = \"512M\"\n[guest]\nscript = \"true\"\n\
+                    [[expect]]\nkind = \"rss-drop-on-unplug\"\nmin_fraction = 0.99\n\
+                    [[expect]]\nkind = \"locked-follows-plugged\"\n";
+        let s = Scenario::parse(text, "t").unwrap();
+        let guest = GuestReport {
+            exit_status: Some(0),
+            ..Default::default()
+        };
+        let g = 1 << 30;
+        let steps = [
+            step("resize vmem0 1G", 0, g, (600_000, 600_000), 1_572_864),
+            step("resize vmem0 0", g, 0, (1_700_000, 650_000), 524_288),
+        ];
+        let c = evaluate(&s, &steps, &guest);
+        assert_eq!(c.len(), 3);
+        assert!(c[0].passed && c[1].passed && c[2].passed, "{c:?}");
+        let steps = [step("resize vmem0 0", g, 0, (1_700_000, 1_000_000), 0)];
+        let c = evaluate(
+            &s,
+            &steps,
+            &GuestReport {
+                exit_status: Some(1),
+                ..Default::default()
+            },
+        );
+        assert!(!c[0].passed && !c[1].passed && !c[2].passed, "{c:?}");
+    }
+}

@@ -1,0 +1,405 @@
+//! Scenarios as data: the VM, the guest script, the host steps it may ask for, expectations.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+/// A byte count written as `512M`, `1G`, `2M`, `0` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses `<n>[K|M|G|T]` (binary multiples, optional `iB`/`B`).
+    pub fn parse(s: &str) -> Option<Size> {
+        let s = s.trim();
+        let s = s.strip_suffix("iB").or_else(|| s.strip_suffix('B')).unwrap_or(s);
+        let (digits, shift) = match s.chars().last()? {
+            'K' | 'k' => (&s[..s.len() - 1], 10),
+            'M' | 'm' => (&s[..s.len() - 1], 20),
+            'G' | 'g' => (&s[..s.len() - 1], 30),
+            'T' | 't' => (&s[..s.len() - 1], 40),
+            _ => (s, 0),
+        };
+        digits.trim().parse::<u64>().ok()?.checked_mul(1 << shift).map(Size)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+            if b != 0 && b % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => Size::parse(&s)
+                .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a size (like 512M, 1G, 2M)"))),
+        }
+    }
+}
+
+/// A whole scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// The scenario's name.
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// The L2 virtual machine.
+    pub vm: VmSpec,
+    /// The guest script.
+    pub guest: GuestSpec,
+    /// Host steps the guest may request (`resize`, `stats`); others are refused.
+    #[serde(default)]
+    pub host_steps: Vec<String>,
+    /// Expectations checked on the collected observations.
+    #[serde(default)]
+    pub expect: Vec<Expectation>,
+    /// Per-stage timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// The L2 virtual machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// vCPUs.
+    #[serde(default = "one")]
+    pub cpus: u32,
+    /// Boot memory.
+    pub memory: Size,
+    /// virtio-mem regions.
+    #[serde(default)]
+    pub vmem: Vec<VmemSpec>,
+    /// Whether a virtio-iommu sits in front of the devices (found through ACPI VIOT).
+    #[serde(default)]
+    pub iommu: bool,
+    /// Disks.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// Extra kernel command line for L2.
+    #[serde(default)]
+    pub kernel_args: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A virtio-mem region.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmemSpec {
+    /// The device id host steps name it by.
+    pub id: String,
+    /// The region's size (the most that can be plugged).
+    pub size: Size,
+    /// The block size.
+    #[serde(default = "two_mib")]
+    pub block_size: Size,
+    /// The size requested at boot.
+    #[serde(default)]
+    pub requested: Size,
+    /// Whether the VMM backs blocks with memory when they are plugged (so that plugged
+    /// memory is resident on the host whether or not the guest touched it).
+    #[serde(default)]
+    pub prealloc: bool,
+}
+
+fn two_mib() -> Size {
+    Size(2 << 20)
+}
+
+/// How a disk reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// A virtio-blk disk backed by a file in L1.
+    VirtioBlk,
+    /// An NVMe controller emulated by the host for L1, bound to vfio-pci in L1 and assigned
+    /// to L2.
+    VfioNvme,
+}
+
+/// A disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The disk's id.
+    pub id: String,
+    /// Its size.
+    pub size: Size,
+    /// How it is attached.
+    pub kind: DiskKind,
+}
+
+/// The guest script.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    /// The script's text.
+    pub script: Option<String>,
+    /// A script file, relative to the scenario file (or given on the command line).
+    pub script_file: Option<PathBuf>,
+}
+
+/// Per-stage timeouts in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// L1 from start to its control loop.
+    pub l1_boot: u64,
+    /// L2 from VMM start to the agent.
+    pub l2_boot: u64,
+    /// The guest script, host steps included.
+    pub scenario: u64,
+    /// One host step.
+    pub host_step: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            l1_boot: 240,
+            l2_boot: 300,
+            scenario: 900,
+            host_step: 180,
+        }
+    }
+}
+
+/// An expectation checked after the run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Expectation {
+    /// The guest script exits with `status` (always checked with 0 unless stated).
+    GuestExit {
+        /// The expected exit status.
+        status: i32,
+    },
+    /// The guest printed a line containing `text`.
+    OutputContains {
+        /// The text.
+        text: String,
+    },
+    /// An observation (`obs key value`) has a numeric value within bounds, every time.
+    Observation {
+        /// The observation's key.
+        key: String,
+        /// Smallest allowed value.
+        min: Option<f64>,
+        /// Largest allowed value.
+        max: Option<f64>,
+        /// Exact value (compared as text).
+        equals: Option<String>,
+    },
+    /// Every resize that shrinks a region lowers the VMM's RSS by at least `min_fraction`
+    /// of the unplugged bytes.
+    RssDropOnUnplug {
+        /// The fraction (0.99 in the shipped scenario).
+        min_fraction: f64,
+    },
+    /// After every resize the VMM's locked memory (VmLck + VmPin) is at least boot memory
+    /// plus plugged memory (pinned without a vIOMMU).
+    LockedFollowsPlugged,
+    /// After every resize the VMM's locked memory (VmLck + VmPin) stays below `max_kb`
+    /// (pinned on demand with a vIOMMU).
+    LockedBelow {
+        /// The bound in KiB.
+        max_kb: u64,
+    },
+}
+
+impl Scenario {
+    /// Parses a scenario; `origin` names the source in errors, which give the line.
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario> {
+        let err = |message: String| Error::Scenario {
+            origin: origin.to_string(),
+            message,
+        };
+        let s: Scenario = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
+            let msg = e.message().trim().to_string();
+            err(match line {
+                Some(l) => format!("line {l}: {msg}"),
+                None => msg,
+            })
+        })?;
+        let line_of = |needle: &str| {
+            text.lines()
+                .position(|l| l.contains(needle))
+                .map(|i| i + 1)
+                .unwrap_or(0)
+        };
+        if s.guest.script.is_some() == s.guest.script_file.is_some() {
+            return Err(err(format!(
+                "line {}: [guest] needs exactly one of `script` and `script_file`",
+                line_of("[guest]")
+            )));
+        }
+        let mut ids: Vec<&str> = s.vm.vmem.iter().map(|v| v.id.as_str()).collect();
+        ids.extend(s.vm.disks.iter().map(|d| d.id.as_str()));
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
+                return Err(err(format!(
+                    "line {}: device id `{id}` used twice",
+                    line_of(&format!("\"{id}\""))
+                )));
+            }
+        }
+        for v in &s.vm.vmem {
+            let bs = v.block_size.0;
+            if !bs.is_power_of_two() || bs < (2 << 20) || v.size.0 % bs != 0 || v.requested > v.size {
+                return Err(err(format!(
+                    "line {}: vmem `{}`: block_size must be a power of two >= 2M dividing size, requested <= size",
+                    line_of(&format!("\"{}\"", v.id)),
+                    v.id
+                )));
+            }
+        }
+        for step in &s.host_steps {
+            if !HOST_STEPS.contains(&step.as_str()) {
+                return Err(err(format!(
+                    "line {}: unknown host step `{step}` (known: {})",
+                    line_of(&format!("\"{step}\"")),
+                    HOST_STEPS.join(", ")
+                )));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Reads and parses a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Scenario {
+            origin: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The guest script's text: `override_file` if given, else the scenario's `script` or
+    /// `script_file` (relative to `base`).
+    pub fn guest_script(&self, base: &Path, override_file: Option<&Path>) -> Result<String> {
+        let file = override_file
+            .map(Path::to_path_buf)
+            .or_else(|| self.guest.script_file.as_ref().map(|f| base.join(f)));
+        match (file, &self.guest.script) {
+            (Some(f), _) => std::fs::read_to_string(&f).map_err(|e| Error::Scenario {
+                origin: f.display().to_string(),
+                message: e.to_string(),
+            }),
+            (None, Some(s)) => Ok(s.clone()),
+            (None, None) => unreachable!("checked by parse"),
+        }
+    }
+
+    /// Whether any disk is an assigned NVMe.
+    pub fn needs_vfio(&self) -> bool {
+        self.vm.disks.iter().any(|d| d.kind == DiskKind::VfioNvme)
+    }
+}
+
+/// Host steps a guest may ask for.
+pub const HOST_STEPS: &[&str] = &["resize", "stats"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+host_steps = ["resize"]
+[vm]
+cpus = 2
+memory = "512M"
+iommu = true
+[[vm.vmem]]
+id = "vmem0"
+size = "1G"
+requested = "128M"
+[[vm.disks]]
+id = "d0"
+size = "64M"
+kind = "virtio-blk"
+[guest]
+script = "echo hi"
+[[expect]]
+kind = "rss-drop-on-unplug"
+min_fraction = 0.99
+"#;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(Size::parse("512M"), Some(Size(512 << 20)));
+        assert_eq!(Size::parse("1GiB"), Some(Size(1 << 30)));
+        assert_eq!(Size::parse("0"), Some(Size(0)));
+        assert_eq!(Size::parse("x"), None);
+        assert_eq!(Size(256 << 20).to_string(), "256M");
+        assert_eq!(Size(0).to_string(), "0");
+    }
+
+    #[test]
+    fn a_good_scenario_parses() {
+        let s = Scenario::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(s.vm.cpus, 2);
+        assert_eq!(s.vm.vmem[0].block_size, Size(2 << 20));
+        assert_eq!(s.vm.vmem[0].requested, Size(128 << 20));
+        assert_eq!(s.vm.disks[0].kind, DiskKind::VirtioBlk);
+        assert!(matches!(s.expect[0], Expectation::RssDropOnUnplug { min_fraction } if min_fraction == 0.99));
+        assert_eq!(s.timeouts.l1_boot, 240);
+    }
+
+    fn error_of(text: &str) -> String {
+        Scenario::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let bad = GOOD.replace("cpus = 2", "cpus = = 2");
+        let e = error_of(&bad);
+        assert!(e.starts_with("scenario bad.toml: line 5:"), "{e}");
+    }
+
+    #[test]
+    fn type_and_unknown_field_errors_name_the_line() {
+        let e = error_of(&GOOD.replace("size = \"1G\"", "size = \"lots\""));
+        assert!(e.contains("line 10:") && e.contains("not a size"), "{e}");
+        let e = error_of(&GOOD.replace("iommu = true", "iommu = true\ncolour = 3"));
+        assert!(e.contains("line 8:") && e.contains("colour"), "{e}");
+        let e = error_of(&GOOD.replace("virtio-blk", "floppy"));
+        assert!(e.contains("line 15:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_line() {
+        let e = error_of(&GOOD.replace("script = \"echo hi\"", ""));
+        assert!(e.contains("line 16:") && e.contains("exactly one"), "{e}");
+        let e = error_of(&GOOD.replace("\"d0\"", "\"vmem0\""));
+        assert!(e.contains("used twice"), "{e}");
+        let e = error_of(&GOOD.replace("[\"resize\"]", "[\"reboot\"]"));
+        assert!(e.contains("line 3:") && e.contains("reboot"), "{e}");
+    }
+}
