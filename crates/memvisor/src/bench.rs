@@ -33,6 +33,8 @@ const GIB: u64 = 1 << 30;
 const HOT: u64 = 4 * GIB;
 /// The IOVA benchmark mappings use.
 const IOVA: u64 = 0x1000_0000;
+/// Where the live mappings of a scaling run start (above any pair's).
+const LIVE_IOVA: u64 = 0x10_0000_0000;
 
 /// How long to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +325,13 @@ impl ViommuMapUnmap {
     /// Without a backend (`None`) the same requests pin nothing: the
     /// virtqueue and device alone.
     pub fn new(len: u64, dma: Option<DmaBackend>) -> Self {
+        Self::with_live_mappings(len, dma, 0)
+    }
+
+    /// [`new`](Self::new), with `live` more 4 KiB mappings in the domain
+    /// (pinned by the backend, if there is one) before the measured pair,
+    /// at IOVAs above the pair's, onto the plugged memory.
+    pub fn with_live_mappings(len: u64, dma: Option<DmaBackend>, live: u64) -> Self {
         let mut machine = machine(&machine_config(64 * MIB, true, dma));
         let plug = MemRequest::Plug(BlockRange {
             addr: HOT,
@@ -336,6 +345,17 @@ impl ViommuMapUnmap {
             reserved: [0; 4],
         });
         assert_eq!(iommu(&mut machine, attach), Status::Ok);
+        for i in 0..live {
+            let iova = LIVE_IOVA + i * 4096;
+            let live_map = IommuRequest::Map(Map {
+                domain: 1,
+                virt_start: iova,
+                virt_end: iova + 4095,
+                phys_start: HOT + (i * 4096) % (4 * MIB),
+                flags: 3,
+            });
+            assert_eq!(iommu(&mut machine, live_map), Status::Ok, "live mapping {i}");
+        }
         let map = IommuRequest::Map(Map {
             domain: 1,
             virt_start: IOVA,
@@ -369,6 +389,14 @@ impl ViommuMapUnmap {
         assert_eq!(iommu(&mut self.machine, self.map), Status::Ok);
         self.pin.unpin();
         assert_eq!(iommu(&mut self.machine, self.unmap), Status::Ok);
+    }
+
+    /// `pairs` MAP + UNMAP pairs through [`map_unmap`], the function
+    /// `memvisor bench --instructions` counts under callgrind.
+    pub fn counted_pairs(&mut self, pairs: u64) {
+        for _ in 0..pairs {
+            map_unmap(&mut self.machine, self.map, self.unmap);
+        }
     }
 
     /// Bytes the machine has pinned (none between two runs of `ours`).

@@ -135,6 +135,21 @@ enum Command {
         /// Only the figures whose key contains this (e.g. viommu, populated).
         #[arg(long)]
         only: Option<String>,
+        /// Instead of times: instructions per 4 KiB MAP + UNMAP pair, counted by callgrind
+        /// (valgrind must be installed), device side and DMA layer, and their scaling with
+        /// 1,000 and 100,000 live mappings (100 with --quick).
+        #[arg(long)]
+        instructions: bool,
+    },
+    /// One counted run of `bench --instructions` (run under callgrind by it).
+    #[command(hide = true)]
+    BenchPairs {
+        /// uring or none.
+        dma: String,
+        /// Other live mappings in the domain.
+        live: u64,
+        /// Pairs to run.
+        pairs: u64,
     },
 }
 
@@ -206,8 +221,64 @@ fn main() -> ExitCode {
                 verbose,
             }),
         },
-        Command::Bench { json, quick, only } => bench(json, quick, only.as_deref()),
+        Command::Bench {
+            json,
+            quick,
+            instructions: true,
+            ..
+        } => bench_instructions(json, quick),
+        Command::Bench { json, quick, only, .. } => bench(json, quick, only.as_deref()),
+        Command::BenchPairs { dma, live, pairs } => match memvisor::instructions::pairs(&dma, live, pairs) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("memvisor {e}");
+                ExitCode::from(2)
+            }
+        },
     }
+}
+
+fn bench_instructions(json: bool, quick: bool) -> ExitCode {
+    let counts = match memvisor::instructions::count(quick) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("memvisor bench --instructions: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!("{}", counts.to_json());
+        return ExitCode::SUCCESS;
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!(
+        "instructions per 4 KiB MAP + UNMAP pair ({} pairs counted by callgrind)",
+        counts.pairs
+    );
+    println!(
+        "  device side, no DMA backend:   {:>8.0}   (the whole pair with the guest's side: {:.0})",
+        counts.no_dma.device, counts.no_dma.pair
+    );
+    println!(
+        "  device side, io_uring pinning: {:>8.0}   target <= 4000 {}   (whole pair: {:.0})",
+        counts.full.device,
+        verdict(counts.full.device <= 4000.0),
+        counts.full.pair
+    );
+    println!(
+        "  DMA layer (bridge, pinner):    {:>8.0}   target <= 700 {}",
+        counts.dma_layer(),
+        verdict(counts.dma_layer() <= 700.0)
+    );
+    for (live, c) in &counts.scaling {
+        println!("  device side, {live:>6} live mappings: {:>8.0}", c.device);
+    }
+    println!(
+        "  scaling to the most live mappings: {:.3}x   target <= 1.2 {}",
+        counts.scaling_ratio(),
+        verdict(counts.scaling_ratio() <= 1.2)
+    );
+    ExitCode::SUCCESS
 }
 
 fn bench(json: bool, quick: bool, only: Option<&str>) -> ExitCode {

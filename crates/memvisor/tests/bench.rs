@@ -54,3 +54,31 @@ fn an_unknown_figure_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("viommu_map_unmap_4k"));
 }
+
+/// `memvisor bench --instructions --quick --json` counts with callgrind:
+/// the figures are instructions, which repeat, so their relations are
+/// asserted (the targets themselves are reported, not asserted).
+#[test]
+fn instruction_counts_are_reported_and_consistent() {
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args(["bench", "--instructions", "--quick", "--json"])
+        .output()
+        .expect("memvisor runs");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let n = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    // The device side is part of the pair; pinning adds to the device side.
+    assert!(
+        n("device_no_dma") > 1000.0 && n("device_no_dma") < n("pair_no_dma"),
+        "{v}"
+    );
+    assert!(n("device_full") < n("pair_full"), "{v}");
+    assert_eq!(n("dma_layer"), n("device_full") - n("device_no_dma"), "{v}");
+    assert!(n("dma_layer") > 0.0, "{v}");
+    assert!(n("device_full_100_live") > 0.0 && n("scaling_ratio") > 0.5, "{v}");
+    assert_eq!(
+        (n("dma_layer_target"), n("device_full_target"), n("scaling_target")),
+        (700.0, 4000.0, 1.2)
+    );
+}
