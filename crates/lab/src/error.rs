@@ -33,6 +33,16 @@ pub enum Error {
     /// The requested VMM cannot run scenarios yet.
     #[error("VMM `{0}` is not available yet: the lab can only drive it once its VMM exists")]
     VmmUnavailable(String),
+    /// The scenario cannot run in the chosen mode on this host (found before anything boots).
+    #[error("scenario `{scenario}` cannot run in {mode} mode here: {missing}")]
+    NotHere {
+        /// The scenario's name.
+        scenario: String,
+        /// The mode (`direct`).
+        mode: String,
+        /// What this host lacks.
+        missing: String,
+    },
     /// An I/O error with what the lab was doing.
     #[error("{context}: {source}")]
     Io {

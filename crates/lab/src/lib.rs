@@ -1,17 +1,22 @@
-//! The guest lab: boots unmodified Linux (L2) under nested KVM inside a TCG-emulated L1,
-//! with a VMM in L1 (QEMU now, memvisor later), and runs scenarios described as data.
+//! The guest lab: boots unmodified Linux (L2) under a VMM (QEMU now, memvisor later) and
+//! runs scenarios described as data. Nested ([`nested`]): the VMM runs in L1, a Linux under
+//! TCG whose own KVM runs L2. Direct ([`direct`]): the VMM runs on this host, under its KVM
+//! when `/dev/kvm` boots Linux ([`host`] detects it), under TCG when asked for directly.
 //!
 //! Everything comes from Debian's packages, fetched with a private APT configuration into
 //! `~/.cache/memvisor-lab` (see [`apt`]); images are built per run ([`image`], [`cpio`]);
-//! [`run`] boots L1, starts the VMM, lets the guest agent run the scenario's script, carries
-//! out the host steps it asks for and returns a [`Report`].
+//! [`run`] starts the VMM on its [`host::Host`], lets the guest agent run the scenario's
+//! script, carries out the host steps it asks for and returns a [`Report`].
 #![deny(missing_docs)]
 
 pub mod apt;
 pub mod console;
 pub mod cpio;
+pub mod direct;
 pub mod error;
+pub mod host;
 pub mod image;
+pub mod nested;
 pub mod qemu;
 pub mod qmp;
 pub mod report;
@@ -20,7 +25,8 @@ pub mod scenario;
 pub mod vmm;
 
 pub use error::{Error, Result};
+pub use host::{Mode, ModeChoice};
 pub use report::Report;
 pub use runner::{RunOptions, run, setup};
 pub use scenario::Scenario;
-pub use vmm::VmmKind;
+pub use vmm::{Accel, VmmKind};

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::qmp::Qmp;
 use crate::scenario::{DiskKind, VmSpec};
-use crate::vmm::{Launch, Vmm, VmmKind, l1};
+use crate::vmm::{Accel, Control, Launch, RamBlock, Vmm, VmmKind};
 
 /// The QEMU driver.
 #[derive(Default)]
@@ -22,8 +22,10 @@ impl Qemu {
     }
 }
 
-/// QEMU's L2 command line for `vm`.
+/// QEMU's L2 command line for `vm`, with the program, firmware, kernel, initramfs, disk
+/// files, accelerator and control socket of `launch.placement`.
 pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
+    let p = &launch.placement;
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let mib = |b: u64| format!("{}M", b >> 20);
@@ -33,18 +35,20 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
     } else {
         mib(vm.memory.0)
     };
-    let qmp = format!("tcp:127.0.0.1:{},server=on,wait=off", l1::CONTROL_PORT);
-    push(&[
-        l1::QEMU,
-        "-L",
-        l1::FIRMWARE,
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-machine",
-        "q35",
-    ]);
+    let qmp = match &p.control {
+        Control::Tcp(port) => format!("tcp:127.0.0.1:{port},server=on,wait=off"),
+        Control::Unix(path) => format!("unix:{},server=on,wait=off", path.display()),
+    };
+    push(&[&p.program]);
+    for dir in &p.firmware {
+        push(&["-L", dir]);
+    }
+    match p.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // The CPU model L1 runs under TCG too (la57 off: 4-level paging, as with KVM here).
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max,la57=off"]),
+    }
+    push(&["-machine", "q35"]);
     push(&[
         "-smp",
         &vm.cpus.to_string(),
@@ -56,7 +60,7 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
         "-no-reboot",
     ]);
     push(&["-serial", "stdio", "-monitor", "none", "-qmp", &qmp]);
-    push(&["-kernel", l1::KERNEL, "-initrd", l1::INITRD, "-append", &launch.cmdline]);
+    push(&["-kernel", &p.kernel, "-initrd", &p.initrd, "-append", &launch.cmdline]);
     if vm.iommu {
         push(&["-device", "virtio-iommu-pci,id=viommu"]);
     }
@@ -74,7 +78,7 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
     for d in &vm.disks {
         match d.kind {
             DiskKind::VirtioBlk => {
-                let drive = format!("file={},if=none,id={},format=raw", l1::disk(&d.id), d.id);
+                let drive = format!("file={},if=none,id={},format=raw", p.disk(&d.id), d.id);
                 let mut dev = format!("virtio-blk-pci,drive={0},id={0}-dev,disable-legacy=on", d.id);
                 if vm.iommu {
                     dev.push_str(",iommu_platform=on");
@@ -91,6 +95,30 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
         }
     }
     Ok(a)
+}
+
+/// Parses the table of `x-query-ramblock` (`Block Name  PSize  Offset  Used  Total  HVA  RO`)
+/// into its writable blocks (guest RAM; ROMs are read-only).
+pub fn parse_ramblocks(text: &str) -> Result<Vec<RamBlock>> {
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let mut blocks = Vec::new();
+    for line in text.lines().skip(1).map(str::trim).filter(|l| !l.is_empty()) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let bad = || Error::Vmm(format!("x-query-ramblock: cannot read {line:?}"));
+        // Block Name, PSize (`4 KiB`), Offset, Used, Total, HVA, RO: read from the end.
+        let [.., used, _total, hva, ro] = w[..] else {
+            return Err(bad());
+        };
+        if ro != "rw" {
+            continue;
+        }
+        blocks.push(RamBlock {
+            name: w[0].to_string(),
+            hva: hex(hva).ok_or_else(bad)?,
+            size: hex(used).ok_or_else(bad)?,
+        });
+    }
+    Ok(blocks)
 }
 
 impl Vmm for Qemu {
@@ -128,6 +156,15 @@ impl Vmm for Qemu {
             .ok_or_else(|| Error::Vmm(format!("qom-get size of {id}: {v}")))
     }
 
+    fn ram_blocks(&mut self) -> Result<Vec<RamBlock>> {
+        let v = self.qmp()?.execute("x-query-ramblock", None)?;
+        let text = v
+            .get("human-readable-text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| Error::Vmm(format!("x-query-ramblock: {v}")))?;
+        parse_ramblocks(text)
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         self.qmp()?.execute("quit", None).map(|_| ())
     }
@@ -137,10 +174,10 @@ impl Vmm for Qemu {
 mod tests {
     use super::*;
     use crate::scenario::{DiskSpec, Size, VmemSpec};
+    use crate::vmm::Placement;
 
-    #[test]
-    fn command_line_has_virtio_mem_iommu_and_disks() {
-        let vm = VmSpec {
+    fn vm() -> VmSpec {
+        VmSpec {
             cpus: 2,
             memory: Size(512 << 20),
             vmem: vec![VmemSpec {
@@ -164,11 +201,40 @@ mod tests {
                 },
             ],
             kernel_args: String::new(),
-        };
-        let mut launch = Launch {
-            cmdline: "console=ttyS0".into(),
-            ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn ram_blocks_parse() {
+        // QEMU 10's table (x-query-ramblock) for 512M of boot memory and a 1G virtio-mem.
+        let text = "              Block Name    PSize              Offset               Used              Total                HVA  RO\n  \
+                    0000:00:01.0/mem-vmem0    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000 0x00007f0f1be00000  rw\n  \
+                    pc.ram    4 KiB  0x0000000040000000 0x0000000020000000 0x0000000020000000 0x00007f0ef3e00000  rw\n  \
+                    /rom@etc/acpi/tables    4 KiB  0x0000000060080000 0x0000000000020000 0x0000000000200000 0x00007f0fa0800000  ro\n";
+        let b = parse_ramblocks(text).unwrap();
+        assert_eq!(
+            b,
+            [
+                RamBlock {
+                    name: "0000:00:01.0/mem-vmem0".into(),
+                    hva: 0x7f0f1be00000,
+                    size: 1 << 30
+                },
+                RamBlock {
+                    name: "pc.ram".into(),
+                    hva: 0x7f0ef3e00000,
+                    size: 512 << 20
+                },
+            ]
+        );
+        assert!(parse_ramblocks("header\npc.ram 4 KiB 0x0 zz 0x1 0x2 rw\n").is_err());
+        assert!(parse_ramblocks("header\nrw\n").is_err());
+    }
+
+    #[test]
+    fn command_line_has_virtio_mem_iommu_and_disks() {
+        let vm = vm();
+        let mut launch = Launch::new("console=ttyS0".into(), Placement::in_l1());
         assert!(
             command_line(&vm, &launch).is_err(),
             "an assigned disk needs its address"
@@ -190,5 +256,9 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-device vfio-pci,host=0000:00:04.0,id=n0"), "{a}");
+        assert!(a.contains("-cpu host -machine q35"), "{a}");
+        assert!(a.contains("-qmp tcp:127.0.0.1:4444,server=on,wait=off"), "{a}");
+        assert!(a.contains("-kernel /lab/l2/vmlinuz -initrd /lab/l2/initrd.cpio"), "{a}");
+        assert!(a.contains("file=/tmp/disk-d0.img,if=none"), "{a}");
     }
 }

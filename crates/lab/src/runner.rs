@@ -1,21 +1,23 @@
-//! A run: setup, images, L1 under TCG, the VMM in L1, the guest script and its host steps,
-//! the report; every stage with a timeout, every process killed and reaped on every path.
+//! A run: setup, images, the VMM's host (L1 under TCG when nested, this host when direct),
+//! the VMM, the guest script and its host steps, the report; every stage with a timeout,
+//! every process killed and reaped on every path.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::net::UnixStream;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::apt::{self, Packages};
-use crate::console::{Lines, NoLine};
+use crate::console::NoLine;
+use crate::direct::{self, Direct};
 use crate::error::{Error, IoContext, Result};
+use crate::host::{Host, KvmProbe, Mode, ModeChoice, Topology};
 use crate::image::{self, Modules};
+use crate::nested::Nested;
 use crate::report::{self, GuestReport, HostSample, HostStep, Observation, Report, StageTime};
 use crate::scenario::{DiskKind, Scenario, Size};
-use crate::vmm::{self, Launch, Vmm, VmmKind};
+use crate::vmm::{self, Accel, Launch, RamBlock, Vmm, VmmKind};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct RunOptions {
     pub scenario: PathBuf,
     /// The VMM for L2.
     pub vmm: VmmKind,
+    /// Nested, direct, or whichever this host's KVM allows.
+    pub mode: ModeChoice,
     /// A guest script file that replaces the scenario's.
     pub guest_script: Option<PathBuf>,
     /// Keep the work folder (images, console logs).
@@ -72,15 +76,25 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Runs a scenario. Errors before anything boots (a malformed scenario, a VMM that is not
-/// available, setup) come back as `Err`; a failing stage or expectation gives a report with
-/// `passed: false`, the stage and the last console lines.
+/// Runs a scenario, nested or direct as `opts.mode` and this host's KVM decide (see
+/// [`Topology::resolve`]). Errors before anything boots (a malformed scenario, a VMM that is
+/// not available, a scenario this host cannot run directly, setup) come back as `Err`; a
+/// failing stage or expectation gives a report with `passed: false`, the stage and the last
+/// console lines.
 pub fn run(opts: &RunOptions) -> Result<Report> {
     let scenario = Scenario::load(&opts.scenario)?;
     let base = opts.scenario.parent().unwrap_or(Path::new("."));
     let script = scenario.guest_script(base, opts.guest_script.as_deref())?;
     let driver = vmm::driver(opts.vmm)?;
-    let mut run = Run::new(&scenario, opts.vmm);
+    let topology = Topology::resolve(opts.mode, &KvmProbe::read(Path::new("/")));
+    let vfio = match topology.mode {
+        Mode::Direct => direct::preflight(&scenario, Path::new("/"))?,
+        Mode::Nested => Vec::new(),
+    };
+    if let Some(why) = &topology.tcg_fallback {
+        eprintln!("memvisor lab: {why}");
+    }
+    let mut run = Run::new(&scenario, opts.vmm, &topology);
     let t = Instant::now();
     let pkgs = setup(opts.cache_dir.as_deref());
     run.stage("setup", t, pkgs.is_ok());
@@ -95,7 +109,7 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     if opts.keep {
         run.report.work_dir = Some(work.path.display().to_string());
     }
-    let result = run.execute(&pkgs, &script, driver, &work.path, opts.verbose);
+    let result = run.execute(&pkgs, &script, driver, &work.path, opts.verbose, vfio);
     if let Err((stage, e)) = result {
         run.report.failed_stage = Some(stage);
         run.report.error = Some(e.to_string());
@@ -108,20 +122,11 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     Ok(run.report)
 }
 
-/// The processes and channels of a booted L1.
-struct L1 {
-    /// Declared first so it is dropped (killed) before the streams close.
-    qemu: ChildGuard,
-    console: Lines,
-    ctl: Lines,
-    ctl_tx: UnixStream,
-    l2con: Lines,
-    l2con_tx: UnixStream,
-    relay: UnixStream,
-}
-
 struct Run<'a> {
     scenario: &'a Scenario,
+    topology: Topology,
+    /// The guest's RAM blocks in the VMM, when samples measure them (L2 under TCG).
+    ram_blocks: Option<Vec<RamBlock>>,
     report: Report,
     start: Instant,
     tails: Vec<String>,
@@ -130,7 +135,8 @@ struct Run<'a> {
 /// A stage failure: the stage's name and the error.
 type StageResult<T> = std::result::Result<T, (String, Error)>;
 
-fn stage_err(stage: &str, message: impl Into<String>) -> Error {
+/// An error of the stage `stage`.
+pub(crate) fn stage_err(stage: &str, message: impl Into<String>) -> Error {
     Error::Stage {
         stage: stage.to_string(),
         message: message.into(),
@@ -138,10 +144,14 @@ fn stage_err(stage: &str, message: impl Into<String>) -> Error {
 }
 
 impl<'a> Run<'a> {
-    fn new(scenario: &'a Scenario, vmm: VmmKind) -> Self {
+    fn new(scenario: &'a Scenario, vmm: VmmKind, topology: &Topology) -> Self {
         let report = Report {
             scenario: scenario.name.clone(),
             vmm,
+            mode: topology.mode,
+            mode_reason: topology.reason.clone(),
+            l2_accel: topology.accel,
+            tcg_fallback: topology.tcg_fallback.clone(),
             passed: false,
             failed_stage: None,
             error: None,
@@ -155,6 +165,8 @@ impl<'a> Run<'a> {
         };
         Run {
             scenario,
+            topology: topology.clone(),
+            ram_blocks: None,
             report,
             start: Instant::now(),
             tails: Vec::new(),
@@ -182,6 +194,34 @@ impl<'a> Run<'a> {
         r.map_err(|e| (name.to_string(), e))
     }
 
+    /// Builds the images and brings up the VMM's host: L1 (the `l1-boot` stage) or this one.
+    fn host(
+        &mut self,
+        pkgs: &Packages,
+        script: &str,
+        work: &Path,
+        echo: bool,
+        vfio: Vec<String>,
+    ) -> StageResult<Box<dyn Host>> {
+        let scenario = self.scenario;
+        let (l2, l1) = (work.join("l2.cpio"), work.join("l1.cpio"));
+        let mode = self.topology.mode;
+        self.timed("images", |_| {
+            let mods = Modules::index(&pkgs.modules())?;
+            image::build_l2(pkgs, &mods, scenario, script, &l2)?;
+            if mode == Mode::Nested {
+                image::build_l1(pkgs, &mods, scenario, &l2, &l1)?;
+            }
+            Ok(())
+        })?;
+        Ok(match mode {
+            Mode::Nested => Box::new(self.timed("l1-boot", |r| {
+                Nested::boot(pkgs, scenario, &l1, work, echo, &mut r.tails)
+            })?),
+            Mode::Direct => Box::new(Direct::new(pkgs, self.topology.accel, &l2, work, echo, vfio)),
+        })
+    }
+
     fn execute(
         &mut self,
         pkgs: &Packages,
@@ -189,286 +229,98 @@ impl<'a> Run<'a> {
         mut vmm: Box<dyn Vmm>,
         work: &Path,
         echo: bool,
+        vfio: Vec<String>,
     ) -> StageResult<()> {
-        let scenario = self.scenario;
-        let l1_initrd = work.join("l1.cpio");
-        self.timed("images", |_| {
-            let mods = Modules::index(&pkgs.modules())?;
-            let l2 = work.join("l2.cpio");
-            image::build_l2(pkgs, &mods, scenario, script, &l2)?;
-            image::build_l1(pkgs, &mods, scenario, &l2, &l1_initrd)?;
-            Ok(())
-        })?;
-        let mut l1 = self.timed("l1-boot", |r| r.boot_l1(pkgs, &l1_initrd, work, echo))?;
-        let result = self.with_l1(&mut l1, vmm.as_mut());
-        self.tails = l1.console.tail();
-        self.tails.extend(l1.ctl.tail());
-        self.tails.extend(l1.l2con.tail());
+        let mut host = self.host(pkgs, script, work, echo, vfio)?;
+        let result = self.with_host(host.as_mut(), vmm.as_mut());
+        self.tails = host.tails();
         let _ = self.timed("shutdown", |_| {
             let _ = vmm.shutdown();
-            let _ = writeln!(l1.ctl_tx, "poweroff -f");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if l1.qemu.0.try_wait().ok().flatten().is_some() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(stage_err("shutdown", "L1 did not power off in 30 s; killed"))
+            host.shutdown()
         });
         result
     }
 
-    fn with_l1(&mut self, l1: &mut L1, vmm: &mut dyn Vmm) -> StageResult<()> {
-        let pid = self.timed("l2-boot", |r| r.boot_l2(l1, vmm))?;
-        self.timed("scenario", |r| r.scenario_loop(l1, vmm, pid))
+    fn with_host(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> StageResult<()> {
+        self.timed("l2-boot", |r| r.boot_l2(host, vmm))?;
+        self.timed("scenario", |r| r.scenario_loop(host, vmm))
     }
 
-    fn boot_l1(&mut self, pkgs: &Packages, initrd: &Path, work: &Path, echo: bool) -> Result<L1> {
+    fn sample(&self, host: &mut dyn Host) -> Result<HostSample> {
+        let mut s = HostSample::parse(self.now(), &host.vmm_status()?);
+        if let Some(blocks) = &self.ram_blocks {
+            s.ram_kb = Some(report::resident_in(&host.vmm_smaps()?, blocks));
+        }
+        Ok(s)
+    }
+
+    fn vmm_failure(&self, host: &mut dyn Host, stage: &str, what: &str) -> Error {
+        stage_err(stage, format!("{what}; VMM log:\n{}", host.vmm_log()))
+    }
+
+    fn boot_l2(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<()> {
         let s = self.scenario;
-        let vfio = s.needs_vfio();
-        let mut cmd = Command::new(pkgs.qemu());
-        cmd.env("LD_LIBRARY_PATH", pkgs.library_path());
-        for d in pkgs.firmware_dirs() {
-            cmd.arg("-L").arg(d);
-        }
-        cmd.args([
-            "-accel",
-            "tcg,thread=multi,tb-size=1024",
-            "-cpu",
-            "max,la57=off",
-            "-smp",
-            "2",
-            "-m",
-            "3G",
-        ]);
-        cmd.args(["-machine", if vfio { "q35" } else { "pc" }]);
-        cmd.args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ]);
-        let mut append = "console=ttyS0 panic=-1 loglevel=4 mitigations=off".to_string();
-        if vfio {
-            cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
-            append.push_str(" intel_iommu=on");
-            for d in s.vm.disks.iter().filter(|d| d.kind == DiskKind::VfioNvme) {
-                let img = work.join(format!("nvme-{}.img", d.id));
-                File::create(&img)
-                    .and_then(|f| f.set_len(d.size.0))
-                    .ctx(|| format!("creating {}", img.display()))?;
-                let drive = format!(
-                    "file={},if=none,id=nvme-{},format=raw,cache=writeback",
-                    img.display(),
-                    d.id
-                );
-                cmd.args([
-                    "-drive",
-                    &drive,
-                    "-device",
-                    &format!("nvme,serial={0},drive=nvme-{0}", d.id),
-                ]);
-            }
-        }
-        cmd.arg("-device").arg("virtio-serial-pci");
-        for name in ["ctl", "l2con", "relay"] {
-            let sock = work.join(format!("{name}.sock"));
-            cmd.arg("-chardev")
-                .arg(format!("socket,id={name},path={},server=on,wait=off", sock.display()));
-            cmd.args(["-device", &format!("virtserialport,chardev={name},name=lab.{name}")]);
-        }
-        cmd.arg("-kernel")
-            .arg(pkgs.vmlinuz())
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", &append]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        fs::write(work.join("l1-command.txt"), format!("{cmd:?}\n")).ctx(|| "writing l1-command.txt".into())?;
-        let mut child = cmd.spawn().ctx(|| format!("starting {}", pkgs.qemu().display()))?;
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let qemu = ChildGuard(child);
-        let log = |n: &str| File::create(work.join(format!("{n}.log"))).ctx(|| format!("creating {n}.log"));
-        let console = Lines::spawn(
-            "l1",
-            stdout.ok_or_else(|| stage_err("l1-boot", "no stdout"))?,
-            log("l1-console")?,
-            echo,
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off memhp_default_state=online_movable {}",
+            s.vm.kernel_args
         );
-        if let Some(e) = stderr {
-            // QEMU's own messages go to the same tail as L1's console.
-            let _ = Lines::spawn("l1-qemu", e, log("l1-qemu-stderr")?, true);
-        }
-        let connect = |name: &str| -> Result<UnixStream> {
-            let sock = work.join(format!("{name}.sock"));
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match UnixStream::connect(&sock) {
-                    Ok(s) => return Ok(s),
-                    Err(e) if Instant::now() > deadline => {
-                        return Err(stage_err("l1-boot", format!("connecting {}: {e}", sock.display())));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        };
-        let (ctl_tx, l2con_tx, relay) = (connect("ctl")?, connect("l2con")?, connect("relay")?);
-        let clone = |s: &UnixStream| s.try_clone().ctx(|| "cloning a socket".into());
-        let ctl = Lines::spawn("l1-ctl", clone(&ctl_tx)?, log("l1-ctl")?, echo);
-        let l2con = Lines::spawn("l2", clone(&l2con_tx)?, log("l2-console")?, echo);
-        let mut l1 = L1 {
-            qemu,
-            console,
-            ctl,
-            ctl_tx,
-            l2con,
-            l2con_tx,
-            relay,
-        };
-        let deadline = Instant::now() + Duration::from_secs(s.timeouts.l1_boot);
-        loop {
-            match l1.ctl.next_before(deadline) {
-                Ok(line) if line.starts_with("@@ready") => return Ok(l1),
-                Ok(_) => {}
-                Err(e) => {
-                    self.tails = l1.console.tail();
-                    let what = if e == NoLine::Timeout {
-                        "timed out"
-                    } else {
-                        "control port closed"
-                    };
-                    return Err(stage_err("l1-boot", format!("L1 {what} before its control loop ran")));
-                }
-            }
-            if let Ok(Some(status)) = l1.qemu.0.try_wait() {
-                return Err(stage_err("l1-boot", format!("L1's QEMU exited: {status}")));
-            }
-        }
-    }
-
-    /// Runs a shell command in L1; returns its status and output.
-    fn l1_exec(&self, l1: &mut L1, command: &str, timeout: Duration) -> Result<(i32, Vec<String>)> {
-        writeln!(l1.ctl_tx, "{command}").ctx(|| "writing to L1's control port".into())?;
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        loop {
-            match l1.ctl.next_before(deadline) {
-                Ok(line) => match line.strip_prefix("@@rc ") {
-                    Some(rc) => return Ok((rc.trim().parse().unwrap_or(-1), out)),
-                    None => out.push(line),
-                },
-                Err(_) => return Err(Error::Vmm(format!("L1 command timed out or L1 closed: {command:.80}"))),
-            }
-        }
-    }
-
-    fn sample(&self, l1: &mut L1) -> Result<HostSample> {
-        let (rc, out) = self.l1_exec(l1, "vmm_status", Duration::from_secs(30))?;
-        if rc != 0 {
-            return Err(Error::Vmm(format!("reading the VMM's status: {}", out.join(" | "))));
-        }
-        Ok(HostSample::parse(self.now(), &out.join("\n")))
-    }
-
-    fn vmm_failure(&self, l1: &mut L1, stage: &str, what: &str) -> Error {
-        let log = self
-            .l1_exec(l1, "vmm_log", Duration::from_secs(20))
-            .map(|(_, o)| o.join("\n"))
-            .unwrap_or_default();
-        stage_err(stage, format!("{what}; VMM log:\n{log}"))
-    }
-
-    fn boot_l2(&mut self, l1: &mut L1, vmm: &mut dyn Vmm) -> Result<u32> {
-        let s = self.scenario;
-        let mut launch = Launch {
-            cmdline: format!(
-                "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off memhp_default_state=online_movable {}",
-                s.vm.kernel_args
-            )
-            .trim()
-            .to_string(),
-            ..Default::default()
-        };
+        let mut launch = Launch::new(cmdline.trim().to_string(), host.placement());
         for d in s.vm.disks.iter().filter(|d| d.kind == DiskKind::VirtioBlk) {
-            let cmd = format!("truncate -s {} {}", d.size.0, vmm::l1::disk(&d.id));
-            let (rc, out) = self.l1_exec(l1, &cmd, Duration::from_secs(30))?;
-            if rc != 0 {
-                return Err(stage_err(
-                    "l2-boot",
-                    format!("creating disk {}: {}", d.id, out.join(" ")),
-                ));
-            }
+            host.create_disk(&launch.placement.disk(&d.id), d.size.0)?;
         }
-        if s.needs_vfio() {
-            let (rc, out) = self.l1_exec(l1, "bind_vfio", Duration::from_secs(60))?;
-            if rc != 0 {
-                return Err(stage_err(
-                    "l2-boot",
-                    format!("binding the NVMe to vfio-pci in L1: {}", out.join(" | ")),
-                ));
-            }
-            let bdfs: Vec<_> = out
-                .iter()
-                .filter_map(|l| l.strip_prefix("bdf ")?.split_whitespace().next())
-                .collect();
-            for (d, bdf) in s.vm.disks.iter().filter(|d| d.kind == DiskKind::VfioNvme).zip(bdfs) {
-                launch.vfio.insert(d.id.clone(), bdf.to_string());
+        let assigned: Vec<_> = s.vm.disks.iter().filter(|d| d.kind == DiskKind::VfioNvme).collect();
+        if !assigned.is_empty() {
+            let bdfs = host.bind_vfio(assigned.len())?;
+            for (d, bdf) in assigned.iter().zip(bdfs) {
+                launch.vfio.insert(d.id.clone(), bdf);
             }
         }
         let argv = vmm.command_line(&s.vm, &launch)?;
-        let line = format!(
-            "start_vmm {}",
-            argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
-        );
         let started = Instant::now();
-        let (rc, out) = self.l1_exec(l1, &line, Duration::from_secs(30))?;
-        let pid = out
-            .iter()
-            .find_map(|l| l.strip_prefix("pid ")?.trim().parse::<u32>().ok());
-        let pid = match (rc, pid) {
-            (0, Some(p)) => p,
-            _ => return Err(stage_err("l2-boot", format!("starting the VMM: {}", out.join(" | ")))),
+        let control = match host.start_vmm(&argv) {
+            Ok(c) => c,
+            Err(e) => return Err(self.vmm_failure(host, "l2-boot", &format!("starting the VMM: {e}"))),
         };
-        let relay = l1.relay.try_clone().ctx(|| "cloning the relay".into())?;
-        relay
+        control
             .set_read_timeout(Some(Duration::from_secs(60)))
-            .ctx(|| "relay timeout".into())?;
-        if let Err(e) = vmm.attach(relay) {
-            return Err(self.vmm_failure(l1, "l2-boot", &format!("attaching to the VMM's control interface: {e}")));
+            .ctx(|| "control socket timeout".into())?;
+        if let Err(e) = vmm.attach(control) {
+            return Err(self.vmm_failure(
+                host,
+                "l2-boot",
+                &format!("attaching to the VMM's control interface: {e}"),
+            ));
+        }
+        if launch.placement.accel == Accel::Tcg {
+            self.ram_blocks = Some(vmm.ram_blocks()?);
         }
         let deadline = started + Duration::from_secs(s.timeouts.l2_boot);
         loop {
-            match l1.l2con.next_within(Duration::from_secs(10)) {
+            match host.console()?.next_within(Duration::from_secs(10)) {
                 Ok(line) if line.starts_with("@@agent ready") => {
                     self.report.guest.agent_ready_at = Some(started.elapsed().as_secs_f64());
-                    return Ok(pid);
+                    return Ok(());
                 }
                 Ok(_) => {}
-                Err(NoLine::Closed) => return Err(stage_err("l2-boot", "L2 console closed")),
+                Err(NoLine::Closed) => return Err(self.vmm_failure(host, "l2-boot", "L2 console closed")),
                 Err(NoLine::Timeout) => {
-                    let (rc, _) = self.l1_exec(l1, &format!("kill -0 {pid}"), Duration::from_secs(20))?;
-                    if rc != 0 {
-                        return Err(self.vmm_failure(l1, "l2-boot", "the VMM exited before the agent ran"));
+                    if !host.vmm_running()? {
+                        return Err(self.vmm_failure(host, "l2-boot", "the VMM exited before the agent ran"));
                     }
                 }
             }
             if Instant::now() > deadline {
-                return Err(self.vmm_failure(l1, "l2-boot", &format!("no agent after {} s", s.timeouts.l2_boot)));
+                return Err(self.vmm_failure(host, "l2-boot", &format!("no agent after {} s", s.timeouts.l2_boot)));
             }
         }
     }
 
-    fn scenario_loop(&mut self, l1: &mut L1, vmm: &mut dyn Vmm, pid: u32) -> Result<()> {
+    fn scenario_loop(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(self.scenario.timeouts.scenario);
         loop {
-            let line = match l1.l2con.next_within(Duration::from_secs(15)) {
+            let line = match host.console()?.next_within(Duration::from_secs(15)) {
                 Ok(l) => l,
-                Err(NoLine::Closed) => return Err(stage_err("scenario", "L2 console closed")),
+                Err(NoLine::Closed) => return Err(self.vmm_failure(host, "scenario", "L2 console closed")),
                 Err(NoLine::Timeout) => {
                     if Instant::now() > deadline {
                         return Err(stage_err(
@@ -476,9 +328,8 @@ impl<'a> Run<'a> {
                             format!("timed out after {} s", self.scenario.timeouts.scenario),
                         ));
                     }
-                    let (rc, _) = self.l1_exec(l1, &format!("kill -0 {pid}"), Duration::from_secs(20))?;
-                    if rc != 0 {
-                        return Err(self.vmm_failure(l1, "scenario", "the VMM exited before the script finished"));
+                    if !host.vmm_running()? {
+                        return Err(self.vmm_failure(host, "scenario", "the VMM exited before the script finished"));
                     }
                     continue;
                 }
@@ -497,16 +348,16 @@ impl<'a> Run<'a> {
                     value: value.trim().into(),
                 });
             } else if let Some(req) = line.strip_prefix("@@host ") {
-                let step = self.host_step(l1, vmm, req.trim());
+                let step = self.host_step(host, vmm, req.trim());
                 let reply = if step.ok {
                     format!("@@ok {}\n", step.detail)
                 } else {
                     format!("@@err {}\n", step.detail)
                 };
                 self.report.host_steps.push(step);
-                l1.l2con_tx
-                    .write_all(reply.as_bytes())
-                    .ctx(|| "answering the guest".into())?;
+                if let Err(e) = host.answer(&reply) {
+                    return Err(self.vmm_failure(host, "scenario", &e.to_string()));
+                }
             } else if let Some(rc) = line.strip_prefix("@@exit ") {
                 self.report.guest.exit_status = rc.trim().parse().ok();
                 return Ok(());
@@ -520,7 +371,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn host_step(&mut self, l1: &mut L1, vmm: &mut dyn Vmm, request: &str) -> HostStep {
+    fn host_step(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, request: &str) -> HostStep {
         let t0 = Instant::now();
         let mut step = HostStep {
             t: self.now(),
@@ -542,11 +393,11 @@ impl<'a> Run<'a> {
             )))
         } else {
             match words.as_slice() {
-                ["stats"] => self.sample(l1).map(|s| {
+                ["stats"] => self.sample(host).map(|s| {
                     step.after = Some(s);
                     format!("rss_kb={} lck_kb={} pin_kb={}", s.rss_kb, s.lck_kb, s.pin_kb)
                 }),
-                ["resize", id, size] => self.resize(l1, vmm, id, size, &mut step),
+                ["resize", id, size] => self.resize(host, vmm, id, size, &mut step),
                 _ => Err(Error::Vmm(format!("cannot do `{request}` (resize ID SIZE, stats)"))),
             }
         };
@@ -558,7 +409,14 @@ impl<'a> Run<'a> {
         step
     }
 
-    fn resize(&mut self, l1: &mut L1, vmm: &mut dyn Vmm, id: &str, size: &str, step: &mut HostStep) -> Result<String> {
+    fn resize(
+        &mut self,
+        host: &mut dyn Host,
+        vmm: &mut dyn Vmm,
+        id: &str,
+        size: &str,
+        step: &mut HostStep,
+    ) -> Result<String> {
         if !self.scenario.vm.vmem.iter().any(|v| v.id == id) {
             return Err(Error::Vmm(format!("no virtio-mem device `{id}`")));
         }
@@ -566,7 +424,7 @@ impl<'a> Run<'a> {
             .ok_or_else(|| Error::Vmm(format!("`{size}` is not a size")))?
             .0;
         let from = vmm.plugged_size(id)?;
-        step.before = Some(self.sample(l1)?);
+        step.before = Some(self.sample(host)?);
         step.resize = Some((from, bytes));
         vmm.request_size(id, bytes)?;
         let deadline = Instant::now() + Duration::from_secs(self.scenario.timeouts.host_step);
@@ -580,7 +438,7 @@ impl<'a> Run<'a> {
             std::thread::sleep(Duration::from_millis(250));
             now = vmm.plugged_size(id)?;
         }
-        let after = self.sample(l1)?;
+        let after = self.sample(host)?;
         step.after = Some(after);
         Ok(format!(
             "size={bytes} rss_kb={} lck_kb={} pin_kb={}",

@@ -1,10 +1,11 @@
-//! `memvisor lab`: real Linux guests under nested KVM (the `memvisor-lab`
-//! crate), scenario by scenario, with QEMU as the reference VMM.
+//! `memvisor lab`: real Linux guests (the `memvisor-lab` crate), nested
+//! under an L1 or directly on this host's KVM, scenario by scenario, with
+//! QEMU as the reference VMM.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use memvisor_lab::{Report, RunOptions, VmmKind};
+use memvisor_lab::{ModeChoice, Report, RunOptions, VmmKind};
 
 /// Where the shipped scenarios are.
 pub fn scenarios_dir() -> PathBuf {
@@ -41,8 +42,10 @@ pub fn setup() -> ExitCode {
 pub struct LabArgs {
     /// The scenario: a shipped name or a file.
     pub scenario: String,
-    /// The VMM in L1.
+    /// The VMM that runs the guest.
     pub vmm: VmmKind,
+    /// Nested, direct, or whichever this host's KVM allows.
+    pub mode: ModeChoice,
     /// A guest script that replaces the scenario's.
     pub guest_script: Option<PathBuf>,
     /// Print the report as JSON on stdout.
@@ -54,11 +57,13 @@ pub struct LabArgs {
 }
 
 /// `memvisor lab run`: exit 0 if every stage ran and every expectation
-/// held, 1 if not, 2 if nothing could start (a bad scenario, setup).
+/// held, 1 if not, 2 if nothing could start (a bad scenario, a scenario this
+/// host cannot run in the chosen mode, setup).
 pub fn run(args: &LabArgs) -> ExitCode {
     let options = RunOptions {
         scenario: scenario_path(&args.scenario),
         vmm: args.vmm,
+        mode: args.mode,
         guest_script: args.guest_script.clone(),
         keep: args.keep,
         cache_dir: None,
@@ -110,9 +115,11 @@ fn print_summary(report: &Report) {
         }
     }
     eprintln!(
-        "{} ({}): {}",
+        "{} ({}, {}, L2 under {}): {}",
         report.scenario,
         report.vmm,
+        report.mode,
+        report.l2_accel,
         if report.passed { "PASSED" } else { "FAILED" }
     );
 }

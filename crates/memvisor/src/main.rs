@@ -56,19 +56,34 @@ enum VmmArg {
     Memvisor,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Direct if this host's /dev/kvm boots Linux (not PVM, kvm_intel or kvm_amd loaded),
+    /// nested otherwise.
+    Auto,
+    /// The VMM in an L1 under TCG, whose own KVM runs the guest.
+    Nested,
+    /// The VMM on this host, without L1 (under TCG if /dev/kvm cannot boot Linux).
+    Direct,
+}
+
 #[derive(Debug, Subcommand)]
 enum LabCommand {
     /// Fetch and unpack the lab's Debian packages (QEMU 10, the 6.12 cloud kernel,
     /// busybox) into ~/.cache/memvisor-lab; `run` does this too.
     Setup,
-    /// Boot L1 under TCG, run a scenario's L2 guest under the chosen VMM, report.
+    /// Run a scenario's L2 guest under the chosen VMM (in an L1 under TCG, or directly on
+    /// this host), report.
     Run {
         /// A shipped scenario (boot, vmem-resize, viommu, vfio-nvme, vfio-nvme-viommu)
         /// or a scenario file.
         scenario: String,
-        /// The VMM that runs the guest inside L1.
+        /// The VMM that runs the guest.
         #[arg(long, value_enum, default_value_t = VmmArg::Qemu)]
         vmm: VmmArg,
+        /// Where the VMM runs: in L1 (nested) or on this host (direct).
+        #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+        mode: ModeArg,
         /// A guest script file that replaces the scenario's.
         #[arg(long)]
         guest_script: Option<PathBuf>,
@@ -205,6 +220,7 @@ fn main() -> ExitCode {
             LabCommand::Run {
                 scenario,
                 vmm,
+                mode,
                 guest_script,
                 json,
                 keep,
@@ -214,6 +230,11 @@ fn main() -> ExitCode {
                 vmm: match vmm {
                     VmmArg::Qemu => memvisor_lab::VmmKind::Qemu,
                     VmmArg::Memvisor => memvisor_lab::VmmKind::Memvisor,
+                },
+                mode: match mode {
+                    ModeArg::Auto => memvisor_lab::ModeChoice::Auto,
+                    ModeArg::Nested => memvisor_lab::ModeChoice::Nested,
+                    ModeArg::Direct => memvisor_lab::ModeChoice::Direct,
                 },
                 guest_script,
                 json,

@@ -78,3 +78,9 @@ fn a_malformed_lab_scenario_fails_before_anything_boots_naming_its_line() {
     assert!(err.contains("`lots` is not a size"), "{err}");
     assert!(!err.contains("stage "), "{err}");
 }
+
+#[test]
+fn an_unknown_lab_mode_is_refused() {
+    let err = refused(&["lab", "run", "boot", "--mode", "bare"]);
+    assert!(err.contains("'bare'") && err.contains("direct"), "{err}");
+}
