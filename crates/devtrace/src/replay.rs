@@ -204,7 +204,7 @@ pub fn replay(
             machine = ReplayMachine::restore(&trace.header, &options.machine, &mut stream.as_slice())
                 .map_err(migration_error)?;
             report.migrations += 1;
-            report.restored_unpinned_maps += machine.machine().iommu().map_or(0, |i| i.handle.unnotified_mappings());
+            report.restored_unpinned_maps += machine.machine().unnotified_mappings();
         }
         if i + 1 < total {
             progress(Progress { done: i + 1, total });

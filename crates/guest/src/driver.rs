@@ -113,14 +113,17 @@ impl Guest {
         if self.vmem.len() <= index {
             self.vmem.resize_with(index + 1, || None);
         }
-        let map = machine.memory().clone();
-        let dev = &mut machine
-            .vmems_mut()
-            .get_mut(index)
+        let active = machine
+            .vmems()
+            .get(index)
             .ok_or_else(|| GuestError::NoDevice(format!("virtio-mem device {index}")))?
-            .device;
+            .device
+            .is_active();
         let slot = &mut self.vmem[index];
-        if slot.is_none() || !dev.is_active() {
+        if slot.is_none() || !active {
+            // Only activation needs the memory map: no clone per request.
+            let map = machine.memory().clone();
+            let dev = &mut machine.vmems_mut()[index].device;
             let at = self.base + VMEM_QUEUES_AT + index as u64 * VMEM_QUEUE_STRIDE;
             let queue = DriverQueue::new(&map, GuestAddress(at), dev.queue_max_sizes()[0], QUEUE_DATA)?;
             let irq = Arc::new(EventFdInterrupt::new(1).map_err(GuestError::Interrupt)?);
@@ -176,12 +179,13 @@ impl Guest {
     }
 
     fn iommu_queues(&mut self, machine: &mut Machine) -> Result<&mut (DriverQueue, DriverQueue), GuestError> {
-        let map = machine.memory().clone();
-        let iommu = machine
-            .iommu_mut()
-            .ok_or_else(|| GuestError::NoDevice("virtio-iommu".into()))?;
-        let dev = &mut iommu.device;
+        if machine.iommu().is_none() {
+            return Err(GuestError::NoDevice("virtio-iommu".into()));
+        }
         if self.iommu.is_none() {
+            // Only activation needs the memory map: no clone per request.
+            let map = machine.memory().clone();
+            let dev = &mut machine.iommu_mut().expect("checked above").device;
             let sizes = dev.queue_max_sizes().to_vec();
             let requests = DriverQueue::new(&map, GuestAddress(self.base + IOMMU_REQUESTS_AT), sizes[0], QUEUE_DATA)?;
             // Linux's virtio-iommu driver polls its request queue (it has
@@ -227,19 +231,5 @@ impl Guest {
                 Answer::NoAnswer
             }
         })
-    }
-
-    /// Resets virtio-mem device `index`'s driver side: fresh queues before
-    /// the next request.
-    pub fn forget_vmem(&mut self, index: usize) {
-        if let Some(slot) = self.vmem.get_mut(index) {
-            *slot = None;
-        }
-    }
-
-    /// Resets the virtio-iommu's driver side: fresh queues before the next
-    /// request.
-    pub fn forget_iommu(&mut self) {
-        self.iommu = None;
     }
 }
