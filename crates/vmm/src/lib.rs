@@ -53,3 +53,5 @@ pub mod slot_table;
 pub mod unassigned;
 #[cfg(target_arch = "x86_64")]
 pub mod vm;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
