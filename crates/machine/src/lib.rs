@@ -41,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod size;
 
 use std::io::{Read, Write};
 use std::sync::Arc;

@@ -46,11 +46,27 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(target_arch = "x86_64")]
+pub mod api;
+pub mod bus;
+#[cfg(target_arch = "x86_64")]
+pub mod config;
+#[cfg(target_arch = "x86_64")]
+pub mod devices;
+pub mod exit;
+// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
+// pub mod irq;
 pub mod memslots;
+// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
+// pub mod platform;
+// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
+// pub mod runner;
 #[cfg(target_arch = "x86_64")]
 pub mod probe;
 pub mod slot_table;
 pub mod unassigned;
+#[cfg(target_arch = "x86_64")]
+pub mod vcpu;
 #[cfg(target_arch = "x86_64")]
 pub mod vm;
 #[cfg(target_arch = "x86_64")]

@@ -89,8 +89,8 @@ fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmErr
 }
 
 /// The VM fd and the memory its slots point into, dropped in that order.
-struct VmHandle {
-    fd: VmFd,
+pub(crate) struct VmHandle {
+    pub(crate) fd: VmFd,
     memory: GuestMemoryMap,
 }
 
@@ -228,6 +228,50 @@ impl Vm {
         &self.handle.memory
     }
 
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd and its memory, for the interrupt and ioeventfd plumbing.
+    pub(crate) fn handle(&self) -> &Arc<VmHandle> {
+        &self.handle
+    }
+
+    /// The PC platform in the kernel: the TSS and identity-map pages KVM
+    /// needs on Intel (placed just below the IOAPIC-free top of 4 GiB), the
+    /// dual 8259 and IOAPIC (`KVM_CREATE_IRQCHIP`) and the PIT
+    /// (`KVM_CREATE_PIT2`). Call once, before creating vCPUs.
+    pub fn create_platform(&self) -> Result<(), VmError> {
+        let fd = &self.handle.fd;
+        fd.set_identity_map_address(0xfffb_c000)
+            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR(0xfffbc000)"))?;
+        fd.set_tss_address(0xfffb_d000)
+            .map_err(kvm_error("KVM_SET_TSS_ADDR(0xfffbd000)"))?;
+        fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))
+    }
+
+    /// Creates vCPU `id` as KVM makes it, for the caller to configure
+    /// (CPUID, MSRs, registers): see [`crate::x86::cpu`].
+    pub fn create_bare_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
+        let fd = self
+            .handle
+            .fd
+            .create_vcpu(id)
+            .map_err(kvm_error(format!("KVM_CREATE_VCPU({id})")))?;
+        Ok(Vcpu {
+            fd,
+            id,
+            unassigned: self.unassigned.clone(),
+            _vm: self.handle.clone(),
+        })
+    }
+
     /// Creates vCPU `id` with the CPUID KVM supports (which 64-bit mode
     /// needs). Each id can be created once per VM.
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
@@ -333,6 +377,16 @@ impl Vcpu {
     /// The vCPU's id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The vCPU fd, to configure it.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU fd, to run it.
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     /// The guest's instruction pointer now (0 if it cannot be read).

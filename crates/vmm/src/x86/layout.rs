@@ -113,6 +113,14 @@ pub fn device_memory_start(size: u64) -> u64 {
     end.next_multiple_of(DEVICE_MEMORY_ALIGN)
 }
 
+// The windows do not overlap (checked when the crate compiles).
+const _: () = {
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,13 +131,5 @@ mod tests {
         assert_eq!(boot_ram(4 << 30), [(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(device_memory_start(512 << 20), 4 << 30);
         assert_eq!(device_memory_start((4 << 30) + 1), 6 << 30);
-    }
-
-    #[test]
-    fn windows_do_not_overlap() {
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

@@ -1,0 +1,297 @@
+//! The descriptor chain of one request: walking it from the descriptor
+//! table, and where its parts are.
+//!
+//! A virtio-blk request has no framing (virtio §2.7.4 "Message Framing"):
+//! the header is the first 16 bytes of the device-readable stream, an OUT's
+//! data the rest of it; the status is the last byte of the device-writable
+//! stream, an IN's data (or GET_ID's serial) everything before it. Linux
+//! puts each in descriptors of their own, but any split is valid.
+//!
+//! Faults of the *ring* (a descriptor index past the queue size, a loop,
+//! an indirect descriptor, which is not offered, a descriptor table in
+//! unplugged memory) are [`Malformed`]: the device enters NEEDS_RESET,
+//! since nothing after them can be trusted. Faults of the *chain* (no
+//! status byte, a readable descriptor after a writable one, a header
+//! shorter than 16 bytes, a buffer that wraps around the address space) are
+//! answered per request ([`ShapeError`]) and the device goes on.
+
+use memvisor_memory::map::GuestMemoryMap;
+use memvisor_virtio::queue::{Malformed, read_guest};
+use virtio_bindings::virtio_ring;
+use vm_memory::GuestAddress;
+
+use crate::wire::OUTHDR_SIZE;
+
+const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
+
+/// One descriptor of a chain, as the driver wrote it (an address in the
+/// device's address space: guest-physical, or an IOVA behind an IOMMU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) writable: bool,
+}
+
+/// Reads descriptor `index` of the table at guest-physical `table`.
+fn read_descriptor(map: &GuestMemoryMap, table: u64, index: u16) -> Result<(u64, u32, u16, u16), Malformed> {
+    let at = table
+        .checked_add(16 * u64::from(index))
+        .ok_or_else(|| Malformed::Queue(format!("descriptor table at {table:#x} wraps")))?;
+    let mut b = [0u8; 16];
+    // The table was resolved to RAM at activation; this fails only if its
+    // memory was unplugged since, and then it is not touched.
+    if !read_guest(map, GuestAddress(at), &mut b) {
+        return Err(Malformed::Queue(format!(
+            "descriptor {index} at {at:#x} is not accessible guest memory"
+        )));
+    }
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&b[0..8]);
+    Ok((
+        u64::from_le_bytes(addr),
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u16::from_le_bytes([b[12], b[13]]),
+        u16::from_le_bytes([b[14], b[15]]),
+    ))
+}
+
+/// Walks the chain at `head` of a queue of `size` entries whose descriptor
+/// table is at guest-physical `table`, into `out` (cleared first; at most
+/// `size` entries, so its capacity stays bounded).
+pub(crate) fn read_chain(
+    map: &GuestMemoryMap,
+    table: u64,
+    size: u16,
+    head: u16,
+    out: &mut Vec<Desc>,
+) -> Result<(), Malformed> {
+    out.clear();
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return Err(Malformed::BadChain {
+                head,
+                reason: "descriptor index past the queue size",
+            });
+        }
+        let (addr, len, flags, next) = read_descriptor(map, table, index)?;
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(Malformed::BadChain {
+                head,
+                reason: "indirect descriptors are not offered",
+            });
+        }
+        out.push(Desc {
+            addr,
+            len,
+            writable: flags & VIRTQ_DESC_F_WRITE != 0,
+        });
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        index = next;
+    }
+    Err(Malformed::BadChain {
+        head,
+        reason: "chain longer than the queue (a loop)",
+    })
+}
+
+/// The address of the status byte: the last byte of the last descriptor,
+/// if that one is device-writable, not empty, and does not wrap.
+pub(crate) fn status_addr(descs: &[Desc]) -> Option<u64> {
+    let last = descs.last().filter(|d| d.writable && d.len > 0)?;
+    last.addr.checked_add(u64::from(last.len) - 1)
+}
+
+/// Why a chain (with a status byte) cannot carry a request; answered
+/// `VIRTIO_BLK_S_IOERR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ShapeError {
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("readable descriptor after a writable one")]
+    WrongDirection,
+    /// Fewer than 16 device-readable bytes.
+    #[error("request header too short: {got} bytes, need 16")]
+    HeaderTooShort {
+        /// Readable bytes.
+        got: u64,
+    },
+    /// A descriptor's buffer wraps around the end of the address space.
+    #[error("buffer at {addr:#x} of {len} bytes wraps around the address space")]
+    Wraps {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+}
+
+/// The lengths of a chain's two streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Device-readable bytes after the 16-byte header.
+    pub(crate) readable_data: u64,
+    /// Device-writable bytes before the status byte.
+    pub(crate) writable_data: u64,
+}
+
+/// Checks the shape of a chain that has a status byte ([`status_addr`]).
+pub(crate) fn layout(descs: &[Desc]) -> Result<Layout, ShapeError> {
+    let (mut readable, mut writable, mut seen_writable) = (0u64, 0u64, false);
+    for d in descs {
+        if d.addr.checked_add(u64::from(d.len)).is_none() {
+            return Err(ShapeError::Wraps {
+                addr: d.addr,
+                len: d.len,
+            });
+        }
+        if d.writable {
+            seen_writable = true;
+            writable += u64::from(d.len);
+        } else if seen_writable {
+            return Err(ShapeError::WrongDirection);
+        } else {
+            readable += u64::from(d.len);
+        }
+    }
+    let header = OUTHDR_SIZE as u64;
+    if readable < header {
+        return Err(ShapeError::HeaderTooShort { got: readable });
+    }
+    Ok(Layout {
+        readable_data: readable - header,
+        // The caller found the status byte, so there is at least one.
+        writable_data: writable.saturating_sub(1),
+    })
+}
+
+/// Calls `f(addr, len)` for every piece of bytes `[start, end)` of the
+/// chain's device-readable (`writable == false`) or device-writable stream,
+/// in order; empty pieces are skipped. Only for a chain [`layout`]
+/// accepted, whose buffers do not wrap.
+pub(crate) fn for_each_part<E>(
+    descs: &[Desc],
+    writable: bool,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut at = 0u64;
+    for d in descs.iter().filter(|d| d.writable == writable) {
+        let len = u64::from(d.len);
+        let (lo, hi) = (start.max(at), end.min(at + len));
+        if lo < hi {
+            // `layout` checked that `[addr, addr + len)` does not wrap.
+            f(d.addr + (lo - at), hi - lo)?;
+        }
+        at += len;
+        if at >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    fn w(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            writable: true,
+        }
+    }
+
+    fn parts(descs: &[Desc], writable: bool, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        for_each_part::<()>(descs, writable, start, end, |a, l| {
+            v.push((a, l));
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn linux_layout() {
+        let chain = [r(0x1000, 16), w(0x2000, 4096), w(0x3000, 4096), w(0x4000, 1)];
+        assert_eq!(status_addr(&chain), Some(0x4000));
+        assert_eq!(
+            layout(&chain),
+            Ok(Layout {
+                readable_data: 0,
+                writable_data: 8192
+            })
+        );
+        assert_eq!(parts(&chain, false, 0, 16), [(0x1000, 16)]);
+        assert_eq!(parts(&chain, true, 0, 8192), [(0x2000, 4096), (0x3000, 4096)]);
+    }
+
+    #[test]
+    fn unframed_layouts() {
+        // Header split over two descriptors, data sharing the first with
+        // it; status sharing the last writable descriptor with data.
+        let chain = [r(0x1000, 10), r(0x2000, 6 + 512), w(0x5000, 100), w(0x6000, 413)];
+        assert_eq!(status_addr(&chain), Some(0x6000 + 412));
+        assert_eq!(
+            layout(&chain),
+            Ok(Layout {
+                readable_data: 512,
+                writable_data: 512
+            })
+        );
+        assert_eq!(parts(&chain, false, 0, 16), [(0x1000, 10), (0x2000, 6)]);
+        assert_eq!(parts(&chain, false, 16, 528), [(0x2006, 512)]);
+        assert_eq!(parts(&chain, true, 0, 512), [(0x5000, 100), (0x6000, 412)]);
+        // Zero-length descriptors are skipped.
+        let chain = [r(0x1000, 0), r(0x1000, 16), w(0x9000, 0), w(0x2000, 1)];
+        assert_eq!(parts(&chain, false, 0, 16), [(0x1000, 16)]);
+        assert_eq!(layout(&chain).unwrap().writable_data, 0);
+    }
+
+    #[test]
+    fn bad_shapes() {
+        assert_eq!(status_addr(&[]), None);
+        assert_eq!(status_addr(&[r(0x1000, 16)]), None, "no writable descriptor");
+        assert_eq!(status_addr(&[r(0x1000, 16), w(0x2000, 0)]), None, "empty status");
+        assert_eq!(status_addr(&[w(0x2000, 1), r(0x1000, 16)]), None, "status not last");
+        assert_eq!(status_addr(&[w(u64::MAX, 1)]), Some(u64::MAX));
+        assert_eq!(status_addr(&[w(u64::MAX, 2)]), None, "wraps");
+
+        assert_eq!(
+            layout(&[r(0x1000, 8), r(0x1100, 7), w(0x2000, 1)]),
+            Err(ShapeError::HeaderTooShort { got: 15 })
+        );
+        assert_eq!(layout(&[w(0x2000, 1)]), Err(ShapeError::HeaderTooShort { got: 0 }));
+        assert_eq!(
+            layout(&[r(0x1000, 16), w(0x2000, 4), r(0x3000, 4), w(0x4000, 1)]),
+            Err(ShapeError::WrongDirection)
+        );
+        // A readable after a zero-length writable one is still out of order.
+        assert_eq!(
+            layout(&[r(0x1000, 16), w(0x2000, 0), r(0x3000, 4), w(0x4000, 1)]),
+            Err(ShapeError::WrongDirection)
+        );
+        assert_eq!(
+            layout(&[r(u64::MAX - 4, 16), w(0x4000, 1)]),
+            Err(ShapeError::Wraps {
+                addr: u64::MAX - 4,
+                len: 16
+            })
+        );
+    }
+}

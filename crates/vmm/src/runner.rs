@@ -1,0 +1,515 @@
+//! `memvisor run`: one process, one guest. The [`Machine`] (memory,
+//! virtio-mem, virtio-iommu) and the disks live for the whole process; a
+//! *boot* — the KVM VM, its memory slots, irqchip, PCI root, transports,
+//! ACPI tables, kernel and vCPU threads — is built on them and thrown away
+//! when the guest resets, after the machine's reset in the declared order.
+//!
+//! Threads: one per vCPU (port and MMIO exits), the API's, and this one:
+//! the event loop, which waits on the queue notifications (ioeventfds),
+//! the console input and the stop signal, and runs the devices' request
+//! handling so a long plug never stalls a vCPU.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use memvisor_machine::Machine;
+use memvisor_pci::{DeviceAccess, PciDevice, PciRoot, VirtioPciDevice, VirtioPciOptions};
+use memvisor_virtio::VirtioDevice;
+use memvisor_virtio_blk::{BlockConfig, VirtioBlk};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::api::{ApiContext, ApiServer, RamBlockInfo};
+use crate::bus::{Bus, BusDevice, lock};
+use crate::config::{ConfigError, PciSlots, SerialConfig, VmmConfig};
+use crate::devices::legacy::{I8042, PmBlock};
+use crate::devices::serial::Serial;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::irq::{GsiRouter, KvmIoEvents, KvmMsiVectors};
+use crate::unassigned::UnassignedMemory;
+use crate::vcpu::{VcpuIo, VcpuThreads};
+use crate::vm::{Vm, VmError};
+use crate::x86::{boot, cpu, layout};
+
+/// Why `memvisor run` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The machine could not be built.
+    #[error(transparent)]
+    Machine(#[from] memvisor_machine::MachineError),
+    /// KVM refused something.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Building a boot failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The guest or a vCPU failed while running.
+    #[error("the guest stopped: {0}")]
+    Guest(String),
+}
+
+fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> RunError {
+    let what = what.into();
+    move |e| RunError::Setup {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// How a successful run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest powered off.
+    PowerOff,
+    /// The VMM was asked to stop.
+    Shutdown,
+}
+
+/// A device owned by the [`Machine`], reached under its lock.
+struct MachineDevice {
+    machine: Arc<Mutex<Machine>>,
+    which: Which,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Vmem(usize),
+    Iommu,
+}
+
+impl DeviceAccess for MachineDevice {
+    fn with_device(&self, f: &mut dyn FnMut(&mut dyn VirtioDevice)) {
+        let mut machine = lock(&self.machine);
+        match self.which {
+            Which::Vmem(i) => {
+                if let Some(v) = machine.vmems_mut().get_mut(i) {
+                    f(&mut v.device);
+                }
+            }
+            Which::Iommu => {
+                if let Some(iommu) = machine.iommu_mut() {
+                    f(&mut iommu.device);
+                }
+            }
+        }
+    }
+}
+
+/// The platform behind the vCPUs' exits.
+struct Platform {
+    pio: Bus,
+    mmio: Bus,
+    pci: Arc<PciRoot>,
+    unassigned: Arc<UnassignedMemory>,
+}
+
+impl VcpuIo for Platform {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) && !self.pci.mmio_read(addr, data) {
+            self.unassigned.read(addr, data);
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) && !self.pci.mmio_write(addr, data) {
+            self.unassigned.write(addr, data);
+        }
+    }
+}
+
+/// `0xcf8..0xd00` on the port bus.
+struct PciPorts(Arc<PciRoot>);
+
+impl BusDevice for PciPorts {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.pio_read(offset as u16, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.pio_write(offset as u16, data);
+    }
+}
+
+/// The ECAM window on the MMIO bus.
+struct Ecam(Arc<PciRoot>);
+
+impl BusDevice for Ecam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.ecam_read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.ecam_write(offset, data);
+    }
+}
+
+/// What lives for the whole process.
+struct Process {
+    config: VmmConfig,
+    machine: Arc<Mutex<Machine>>,
+    disks: Vec<Arc<Mutex<VirtioBlk>>>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    serial_irq: EventFd,
+    exit: Arc<ExitSignal>,
+}
+
+/// Boots `config` and runs the guest until it powers off or the VMM is
+/// asked to stop; a guest reboot resets the machine and boots again.
+pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
+    config.validate()?;
+    check_host_memory(config.memory)?;
+    let machine_config = config.machine_config()?;
+    let machine = Machine::new(&machine_config)?;
+    let iommu = machine.iommu().map(|i| i.handle.clone());
+    let endpoints = config.iommu_endpoints();
+    let disks = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let iommu = endpoints
+                .iter()
+                .find(|(disk, _)| *disk == i)
+                .and_then(|&(_, ep)| iommu.clone().map(|h| (h, ep)));
+            VirtioBlk::new(BlockConfig {
+                id: d.id.clone(),
+                path: d.path.clone(),
+                read_only: d.read_only,
+                queue_size: 256,
+                iommu,
+            })
+            .map(|b| Arc::new(Mutex::new(b)))
+            .map_err(setup(format!("disk `{}`", d.id)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let exit = Arc::new(ExitSignal::new().map_err(setup("the stop eventfd"))?);
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("the serial irqfd"))?;
+    let serial = serial_output(&config.serial)?
+        .map(|out| Arc::new(Mutex::new(Serial::new(serial_irq.try_clone().expect("eventfd dup"), out))));
+
+    let api = match &config.api_socket {
+        Some(path) => Some(
+            ApiServer::start(path, api_context(&machine, &exit, config.memory))
+                .map_err(setup(format!("the API socket {}", path.display())))?,
+        ),
+        None => None,
+    };
+    let process = Process {
+        config,
+        machine: Arc::new(Mutex::new(machine)),
+        disks,
+        serial,
+        serial_irq,
+        exit,
+    };
+    let _raw = RawTerminal::new(&process.config.serial);
+    let started = Instant::now();
+    let end = loop {
+        let reason = run_boot(&process)?;
+        match reason {
+            ExitReason::Reset => {
+                log::info!("guest reset after {:?}: resetting the machine and booting again", started.elapsed());
+                lock(&process.machine).system_reset()?;
+                for d in &process.disks {
+                    lock(d).reset();
+                }
+            }
+            ExitReason::PowerOff => break RunEnd::PowerOff,
+            ExitReason::Shutdown => break RunEnd::Shutdown,
+            ExitReason::Error(why) => return Err(RunError::Guest(why)),
+        }
+    };
+    drop(api);
+    Ok(end)
+}
+
+fn api_context(machine: &Machine, exit: &Arc<ExitSignal>, boot_ram: u64) -> ApiContext {
+    let vmems = machine.vmems().iter().map(|v| (v.id.clone(), v.region.clone())).collect();
+    let mut ram_blocks: Vec<RamBlockInfo> = Vec::new();
+    for region in machine.memory().regions() {
+        let name = match machine.vmems().iter().find(|v| v.region.addr() == region.range().start()) {
+            Some(v) => v.id.clone(),
+            None => "boot-ram".to_string(),
+        };
+        ram_blocks.push(RamBlockInfo {
+            name,
+            hva: region.host_address(),
+            size: region.range().len(),
+        });
+    }
+    ApiContext {
+        exit: exit.clone(),
+        started: Instant::now(),
+        boot_ram,
+        vmems,
+        ram_blocks,
+    }
+}
+
+/// Refuses boot RAM larger than the host's memory (memfd RAM is backed
+/// lazily, so this is the only early check there is).
+fn check_host_memory(memory: u64) -> Result<(), ConfigError> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    match total {
+        Some(total) if memory > total => Err(ConfigError(format!(
+            "--memory {memory} bytes is more than the host has ({total} bytes)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn serial_output(config: &SerialConfig) -> Result<Option<Box<dyn Write + Send>>, RunError> {
+    Ok(match config {
+        SerialConfig::Stdio => Some(Box::new(io::stdout())),
+        SerialConfig::File(path) => Some(Box::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(setup(format!("serial file {}", path.display())))?,
+        )),
+        SerialConfig::Off => None,
+    })
+}
+
+/// Event-loop tokens.
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_STDIN: u64 = 1;
+const TOKEN_QUEUE: u64 = 2;
+
+/// One boot: builds the VM on the process's machine, runs it until a stop
+/// is raised, and returns why.
+fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
+    let config = &p.config;
+    let machine = lock(&p.machine);
+    let vm = Vm::new(&machine)?;
+    let memory = machine.memory().clone();
+    let iommu_present = machine.iommu().is_some();
+    drop(machine);
+    vm.create_platform()?;
+    let router = GsiRouter::new(vm.handle().clone()).map_err(setup("KVM_SET_GSI_ROUTING"))?;
+    router
+        .register_irqfd(&p.serial_irq, layout::COM1_IRQ)
+        .map_err(setup("the serial irqfd"))?;
+    let ioevents = Arc::new(KvmIoEvents::new(vm.handle().clone()));
+
+    // PCI: every virtio device behind the modern transport.
+    let slots = config.slots();
+    let mut root = PciRoot::new();
+    let mut transports: Vec<Arc<Mutex<VirtioPciDevice>>> = Vec::new();
+    let mut add = |device: Arc<dyn DeviceAccess>, slot: u8, queues: u16, access_platform: bool| -> Result<(), RunError> {
+        let vectors = queues + 1;
+        let msi = Arc::new(KvmMsiVectors::new(router.clone(), vectors).map_err(setup("MSI-X vectors"))?);
+        let options = VirtioPciOptions {
+            msix_vectors: vectors,
+            access_platform,
+            ..VirtioPciOptions::default()
+        };
+        let transport = VirtioPciDevice::new(device, memory.clone(), msi, ioevents.clone(), options)
+            .map_err(setup(format!("virtio-pci device in slot {slot}")))?;
+        let transport = Arc::new(Mutex::new(transport));
+        root.add_device_at(slot, transport.clone() as Arc<Mutex<dyn PciDevice>>)
+            .map_err(setup(format!("PCI slot {slot}")))?;
+        transports.push(transport);
+        Ok(())
+    };
+    if let Some(slot) = slots.iommu {
+        let device = Arc::new(MachineDevice { machine: p.machine.clone(), which: Which::Iommu });
+        add(device, slot, 2, false)?;
+    }
+    for (i, &slot) in slots.vmem.iter().enumerate() {
+        let device = Arc::new(MachineDevice { machine: p.machine.clone(), which: Which::Vmem(i) });
+        add(device, slot, 1, false)?;
+    }
+    let endpoints = config.iommu_endpoints();
+    for (i, &slot) in slots.disks.iter().enumerate() {
+        let behind = iommu_present && endpoints.iter().any(|&(d, _)| d == i);
+        add(p.disks[i].clone(), slot, 1, behind)?;
+    }
+    let (mmio64_start, mmio64_size) = config.mmio64_window()?;
+    root.allocate_bars(
+        (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+        (mmio64_start, mmio64_size),
+    )
+    .map_err(setup("PCI BAR allocation"))?;
+    let pci = Arc::new(root);
+
+    // Port and MMIO buses.
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let bus_err = |what: &'static str| setup::<crate::bus::BusError>(what);
+    if let Some(serial) = &p.serial {
+        pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone()).map_err(bus_err("COM1"))?;
+    }
+    pio.insert(u64::from(layout::I8042_DATA_PORT), 5, Arc::new(Mutex::new(I8042::new(p.exit.clone()))))
+        .map_err(bus_err("i8042"))?;
+    pio.insert(
+        u64::from(layout::PM_PORT),
+        u64::from(layout::PM_PORT_LEN),
+        Arc::new(Mutex::new(PmBlock::new(p.exit.clone()))),
+    )
+    .map_err(bus_err("ACPI PM block"))?;
+    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciPorts(pci.clone())))).map_err(bus_err("PCI ports"))?;
+    mmio.insert(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(Ecam(pci.clone()))))
+        .map_err(bus_err("PCI ECAM"))?;
+
+    // ACPI tables, then the kernel.
+    let acpi = crate::platform::acpi_config(config, &slots, (mmio64_start, mmio64_size));
+    let tables = memvisor_acpi::build(&acpi, layout::ACPI_START, layout::ACPI_SIZE)
+        .map_err(setup("building the ACPI tables"))?;
+    for (addr, blob) in &tables.blobs {
+        crate::platform::write_guest(&memory, *addr, blob).map_err(setup("writing the ACPI tables"))?;
+    }
+    let entry = crate::platform::load_kernel(config, &memory, tables.rsdp_addr)?;
+
+    // vCPUs.
+    let cpuid = cpu::supported_cpuid(vm.kvm()).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let vcpu = vm.create_bare_vcpu(u64::from(id))?;
+        let boot_entry = (id == 0).then_some(&entry);
+        cpu::configure_vcpu(vcpu.fd(), &cpuid, id, config.cpus, boot_entry)
+            .map_err(setup(format!("configuring vCPU {id}")))?;
+        vcpus.push(vcpu);
+    }
+
+    // The event loop's sources.
+    let epoll = Epoll::new().map_err(setup("epoll"))?;
+    let watch = |fd: i32, token: u64| {
+        epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+            .map_err(setup("epoll_ctl"))
+    };
+    watch(p.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+    // A stdin epoll cannot watch (a regular file, /dev/null) gives no input.
+    let stdin_input = p.serial.is_some()
+        && matches!(config.serial, SerialConfig::Stdio)
+        && watch(io::stdin().as_raw_fd(), TOKEN_STDIN).is_ok();
+    let mut queue_events = Vec::new();
+    for (t, transport) in transports.iter().enumerate() {
+        for (queue, fd) in lock(transport).queue_events() {
+            watch(fd.as_raw_fd(), TOKEN_QUEUE + queue_events.len() as u64)?;
+            queue_events.push((t, queue, fd));
+        }
+    }
+
+    let platform = Arc::new(Platform {
+        pio,
+        mmio,
+        pci,
+        unassigned: vm.unassigned().clone(),
+    });
+    let mut threads = VcpuThreads::start(vcpus, platform, p.exit.clone()).map_err(setup("starting vCPU threads"))?;
+    let mut events = vec![EpollEvent::default(); 16];
+    let mut stdin_open = stdin_input;
+    let reason = loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break ExitReason::Error(format!("epoll_wait: {e}")),
+        };
+        let mut stop = None;
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_EXIT => stop = p.exit.take(),
+                TOKEN_STDIN => {
+                    let mut buf = [0u8; 256];
+                    match io::stdin().lock().read(&mut buf) {
+                        Ok(0) | Err(_) if stdin_open => {
+                            // End of input: the guest keeps running without a keyboard.
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                io::stdin().as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                            stdin_open = false;
+                        }
+                        Ok(n) => {
+                            if let Some(s) = &p.serial {
+                                lock(s).input(&buf[..n]);
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+                token => {
+                    if let Some((t, queue, fd)) = queue_events.get((token - TOKEN_QUEUE) as usize) {
+                        let _ = fd.read();
+                        lock(&transports[*t]).notify(*queue);
+                    }
+                }
+            }
+        }
+        if let Some(reason) = stop {
+            break reason;
+        }
+    };
+    threads.stop();
+    // The transports reset their devices' transport state as they go; the
+    // VM (slots, irqfds, ioeventfds) goes with `vm`.
+    drop(transports);
+    Ok(reason)
+}
+
+/// Puts an interactive stdin in raw mode for the guest's console and
+/// restores it on drop.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn new(serial: &SerialConfig) -> Self {
+        let fd = io::stdin().as_raw_fd();
+        // SAFETY: isatty only reads the fd's state.
+        if !matches!(serial, SerialConfig::Stdio) || unsafe { libc::isatty(fd) } != 1 {
+            return Self(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return Self(None);
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output processing so the host terminal's newlines stay sane.
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: `raw` is a valid termios derived from the current one.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) };
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores the settings read in `new` on the same fd.
+            unsafe { libc::tcsetattr(io::stdin().as_raw_fd(), libc::TCSANOW, saved) };
+        }
+    }
+}
