@@ -12,8 +12,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KvmIrqRouting, kvm_irq_routing_entry,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KvmIrqRouting, kvm_irq_routing_entry,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use memvisor_pci::{IoEventSink, MsiMessage, MsiSink};
@@ -84,7 +84,9 @@ pub struct GsiRouter {
 
 impl std::fmt::Debug for GsiRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GsiRouter").field("msi_routes", &lock(&self.routes).msi.len()).finish()
+        f.debug_struct("GsiRouter")
+            .field("msi_routes", &lock(&self.routes).msi.len())
+            .finish()
     }
 }
 
@@ -232,7 +234,13 @@ mod tests {
 
     #[test]
     fn msi_route_splits_the_address() {
-        let e = msi_route(30, MsiMessage { addr: 0x1_fee0_0000, data: 0x4041 });
+        let e = msi_route(
+            30,
+            MsiMessage {
+                addr: 0x1_fee0_0000,
+                data: 0x4041,
+            },
+        );
         assert_eq!((e.gsi, e.type_), (30, KVM_IRQ_ROUTING_MSI));
         // SAFETY: built as an MSI entry just above.
         let msi = unsafe { e.u.msi };

@@ -54,15 +54,15 @@ pub mod config;
 #[cfg(target_arch = "x86_64")]
 pub mod devices;
 pub mod exit;
-// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
-// pub mod irq;
+#[cfg(target_arch = "x86_64")]
+pub mod irq;
 pub mod memslots;
-// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
-// pub mod platform;
-// (wired when its dependencies land) #[cfg(target_arch = "x86_64")]
-// pub mod runner;
+#[cfg(target_arch = "x86_64")]
+pub mod platform;
 #[cfg(target_arch = "x86_64")]
 pub mod probe;
+#[cfg(target_arch = "x86_64")]
+pub mod runner;
 pub mod slot_table;
 pub mod unassigned;
 #[cfg(target_arch = "x86_64")]

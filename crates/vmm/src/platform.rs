@@ -4,8 +4,8 @@
 use std::fs::File;
 
 use memvisor_acpi::{
-    AcpiConfig, DEFAULT_OEM_ID, DEFAULT_OEM_TABLE_ID, IoApicConfig, PciHostConfig, PmConfig, SerialConfig as AcpiSerial,
-    ViotConfig,
+    AcpiConfig, DEFAULT_OEM_ID, DEFAULT_OEM_TABLE_ID, IoApicConfig, PciHostConfig, PmConfig,
+    SerialConfig as AcpiSerial, ViotConfig,
 };
 use memvisor_memory::map::GuestMemoryMap;
 use vm_memory::{Bytes, GuestAddress};
@@ -95,4 +95,3 @@ pub fn load_kernel(config: &VmmConfig, memory: &GuestMemoryMap, rsdp: u64) -> Re
         source: Box::new(e),
     })
 }
-

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use memvisor_machine::Machine;
-use memvisor_pci::{DeviceAccess, PciDevice, PciRoot, VirtioPciDevice, VirtioPciOptions};
+use memvisor_pci::bus::SharedDevice;
+use memvisor_pci::{BarAllocator, DeviceAccess, PciRoot, QueueNotifier, VirtioPciDevice, VirtioPciOptions};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio_blk::{BlockConfig, VirtioBlk};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -24,7 +25,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::api::{ApiContext, ApiServer, RamBlockInfo};
 use crate::bus::{Bus, BusDevice, lock};
-use crate::config::{ConfigError, PciSlots, SerialConfig, VmmConfig};
+use crate::config::{ConfigError, SerialConfig, VmmConfig};
 use crate::devices::legacy::{I8042, PmBlock};
 use crate::devices::serial::Serial;
 use crate::exit::{ExitReason, ExitSignal};
@@ -32,7 +33,7 @@ use crate::irq::{GsiRouter, KvmIoEvents, KvmMsiVectors};
 use crate::unassigned::UnassignedMemory;
 use crate::vcpu::{VcpuIo, VcpuThreads};
 use crate::vm::{Vm, VmError};
-use crate::x86::{boot, cpu, layout};
+use crate::x86::{cpu, layout};
 
 /// Why `memvisor run` failed.
 #[derive(Debug, thiserror::Error)]
@@ -203,8 +204,12 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
         .collect::<Result<Vec<_>, _>>()?;
     let exit = Arc::new(ExitSignal::new().map_err(setup("the stop eventfd"))?);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("the serial irqfd"))?;
-    let serial = serial_output(&config.serial)?
-        .map(|out| Arc::new(Mutex::new(Serial::new(serial_irq.try_clone().expect("eventfd dup"), out))));
+    let serial = serial_output(&config.serial)?.map(|out| {
+        Arc::new(Mutex::new(Serial::new(
+            serial_irq.try_clone().expect("eventfd dup"),
+            out,
+        )))
+    });
 
     let api = match &config.api_socket {
         Some(path) => Some(
@@ -227,7 +232,10 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
         let reason = run_boot(&process)?;
         match reason {
             ExitReason::Reset => {
-                log::info!("guest reset after {:?}: resetting the machine and booting again", started.elapsed());
+                log::info!(
+                    "guest reset after {:?}: resetting the machine and booting again",
+                    started.elapsed()
+                );
                 lock(&process.machine).system_reset()?;
                 for d in &process.disks {
                     lock(d).reset();
@@ -243,10 +251,18 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
 }
 
 fn api_context(machine: &Machine, exit: &Arc<ExitSignal>, boot_ram: u64) -> ApiContext {
-    let vmems = machine.vmems().iter().map(|v| (v.id.clone(), v.region.clone())).collect();
+    let vmems = machine
+        .vmems()
+        .iter()
+        .map(|v| (v.id.clone(), v.region.clone()))
+        .collect();
     let mut ram_blocks: Vec<RamBlockInfo> = Vec::new();
     for region in machine.memory().regions() {
-        let name = match machine.vmems().iter().find(|v| v.region.addr() == region.range().start()) {
+        let name = match machine
+            .vmems()
+            .iter()
+            .find(|v| v.region.addr() == region.range().start())
+        {
             Some(v) => v.id.clone(),
             None => "boot-ram".to_string(),
         };
@@ -322,29 +338,40 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     // PCI: every virtio device behind the modern transport.
     let slots = config.slots();
     let mut root = PciRoot::new();
-    let mut transports: Vec<Arc<Mutex<VirtioPciDevice>>> = Vec::new();
-    let mut add = |device: Arc<dyn DeviceAccess>, slot: u8, queues: u16, access_platform: bool| -> Result<(), RunError> {
-        let vectors = queues + 1;
-        let msi = Arc::new(KvmMsiVectors::new(router.clone(), vectors).map_err(setup("MSI-X vectors"))?);
-        let options = VirtioPciOptions {
-            msix_vectors: vectors,
-            access_platform,
-            ..VirtioPciOptions::default()
+    // Each queue's notification eventfd and who to tell.
+    let mut queue_events: Vec<(QueueNotifier, u16, EventFd)> = Vec::new();
+    let mut add =
+        |device: Arc<dyn DeviceAccess>, slot: u8, queues: u16, access_platform: bool| -> Result<(), RunError> {
+            let vectors = queues + 1;
+            let msi = Arc::new(KvmMsiVectors::new(router.clone(), vectors).map_err(setup("MSI-X vectors"))?);
+            let options = VirtioPciOptions {
+                msix_vectors: Some(vectors),
+                access_platform,
+                ..VirtioPciOptions::default()
+            };
+            let transport = VirtioPciDevice::new(device, memory.clone(), msi, ioevents.clone(), options)
+                .map_err(setup(format!("virtio-pci device in slot {slot}")))?;
+            let notifier = transport.notifier();
+            for (queue, fd) in transport.queue_events().map_err(setup("queue eventfds"))? {
+                queue_events.push((notifier.clone(), queue, fd));
+            }
+            let shared: SharedDevice = Arc::new(Mutex::new(transport));
+            root.add_device_at(slot, shared)
+                .map_err(setup(format!("PCI slot {slot}")))?;
+            Ok(())
         };
-        let transport = VirtioPciDevice::new(device, memory.clone(), msi, ioevents.clone(), options)
-            .map_err(setup(format!("virtio-pci device in slot {slot}")))?;
-        let transport = Arc::new(Mutex::new(transport));
-        root.add_device_at(slot, transport.clone() as Arc<Mutex<dyn PciDevice>>)
-            .map_err(setup(format!("PCI slot {slot}")))?;
-        transports.push(transport);
-        Ok(())
-    };
     if let Some(slot) = slots.iommu {
-        let device = Arc::new(MachineDevice { machine: p.machine.clone(), which: Which::Iommu });
+        let device = Arc::new(MachineDevice {
+            machine: p.machine.clone(),
+            which: Which::Iommu,
+        });
         add(device, slot, 2, false)?;
     }
     for (i, &slot) in slots.vmem.iter().enumerate() {
-        let device = Arc::new(MachineDevice { machine: p.machine.clone(), which: Which::Vmem(i) });
+        let device = Arc::new(MachineDevice {
+            machine: p.machine.clone(),
+            which: Which::Vmem(i),
+        });
         add(device, slot, 1, false)?;
     }
     let endpoints = config.iommu_endpoints();
@@ -353,11 +380,14 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         add(p.disks[i].clone(), slot, 1, behind)?;
     }
     let (mmio64_start, mmio64_size) = config.mmio64_window()?;
-    root.allocate_bars(
-        (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        (mmio64_start, mmio64_size),
+    let mut bars = BarAllocator::new(
+        layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE,
+        mmio64_start..mmio64_start + mmio64_size,
     )
-    .map_err(setup("PCI BAR allocation"))?;
+    .map_err(setup("PCI windows"))?;
+    for (bdf, bar) in root.assign_bars(&mut bars).map_err(setup("PCI BAR allocation"))? {
+        log::debug!("PCI {bdf} BAR{} at {:#x} ({:#x} bytes)", bar.index, bar.addr, bar.size);
+    }
     let pci = Arc::new(root);
 
     // Port and MMIO buses.
@@ -365,19 +395,29 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let mut mmio = Bus::new();
     let bus_err = |what: &'static str| setup::<crate::bus::BusError>(what);
     if let Some(serial) = &p.serial {
-        pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone()).map_err(bus_err("COM1"))?;
+        pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())
+            .map_err(bus_err("COM1"))?;
     }
-    pio.insert(u64::from(layout::I8042_DATA_PORT), 5, Arc::new(Mutex::new(I8042::new(p.exit.clone()))))
-        .map_err(bus_err("i8042"))?;
+    pio.insert(
+        u64::from(layout::I8042_DATA_PORT),
+        5,
+        Arc::new(Mutex::new(I8042::new(p.exit.clone()))),
+    )
+    .map_err(bus_err("i8042"))?;
     pio.insert(
         u64::from(layout::PM_PORT),
         u64::from(layout::PM_PORT_LEN),
         Arc::new(Mutex::new(PmBlock::new(p.exit.clone()))),
     )
     .map_err(bus_err("ACPI PM block"))?;
-    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciPorts(pci.clone())))).map_err(bus_err("PCI ports"))?;
-    mmio.insert(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(Ecam(pci.clone()))))
-        .map_err(bus_err("PCI ECAM"))?;
+    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciPorts(pci.clone()))))
+        .map_err(bus_err("PCI ports"))?;
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(Ecam(pci.clone()))),
+    )
+    .map_err(bus_err("PCI ECAM"))?;
 
     // ACPI tables, then the kernel.
     let acpi = crate::platform::acpi_config(config, &slots, (mmio64_start, mmio64_size));
@@ -411,12 +451,8 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let stdin_input = p.serial.is_some()
         && matches!(config.serial, SerialConfig::Stdio)
         && watch(io::stdin().as_raw_fd(), TOKEN_STDIN).is_ok();
-    let mut queue_events = Vec::new();
-    for (t, transport) in transports.iter().enumerate() {
-        for (queue, fd) in lock(transport).queue_events() {
-            watch(fd.as_raw_fd(), TOKEN_QUEUE + queue_events.len() as u64)?;
-            queue_events.push((t, queue, fd));
-        }
+    for (i, (_, _, fd)) in queue_events.iter().enumerate() {
+        watch(fd.as_raw_fd(), TOKEN_QUEUE + i as u64)?;
     }
 
     let platform = Arc::new(Platform {
@@ -443,11 +479,7 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
                     match io::stdin().lock().read(&mut buf) {
                         Ok(0) | Err(_) if stdin_open => {
                             // End of input: the guest keeps running without a keyboard.
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                io::stdin().as_raw_fd(),
-                                EpollEvent::default(),
-                            );
+                            let _ = epoll.ctl(ControlOperation::Delete, io::stdin().as_raw_fd(), EpollEvent::default());
                             stdin_open = false;
                         }
                         Ok(n) => {
@@ -459,9 +491,9 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
                     }
                 }
                 token => {
-                    if let Some((t, queue, fd)) = queue_events.get((token - TOKEN_QUEUE) as usize) {
+                    if let Some((notifier, queue, fd)) = queue_events.get((token - TOKEN_QUEUE) as usize) {
                         let _ = fd.read();
-                        lock(&transports[*t]).notify(*queue);
+                        notifier.notify(*queue);
                     }
                 }
             }
@@ -471,9 +503,6 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         }
     };
     threads.stop();
-    // The transports reset their devices' transport state as they go; the
-    // VM (slots, irqfds, ioeventfds) goes with `vm`.
-    drop(transports);
     Ok(reason)
 }
 
