@@ -26,15 +26,31 @@ L2CON=$(port lab.l2con)
 RELAY=$(port lab.relay)
 echo "@@l1 ports ctl=$CTL l2con=$L2CON relay=$RELAY"
 
-# start_vmm CMD...: starts the L2 VMM with its serial console on `lab.l2con`, relays its
-# control socket (TCP 4444 on loopback) to `lab.relay`, prints its pid.
+# relay CONTROL: connects stdin/stdout to the VMM's control socket: QEMU's QMP on TCP 4444
+# on loopback (busybox nc), or `unix:PATH`, memvisor's API socket, through memvisor's own
+# relay (busybox nc cannot reach a Unix socket; it waits for the socket to appear).
+relay() {
+	case "$1" in
+	unix:*) /lab/memvisor/memvisor api --socket "${1#unix:}" pipe 2>>/tmp/relay.log ;;
+	*) nc 127.0.0.1 4444 2>/dev/null ;;
+	esac
+}
+
+# start_vmm [--control unix:PATH] CMD...: starts the L2 VMM with its serial console on
+# `lab.l2con`, relays its control socket (TCP 4444 on loopback unless --control names a
+# Unix socket) to `lab.relay`, prints its pid.
 start_vmm() {
+	control=tcp:4444
+	if [ "$1" = --control ]; then
+		control=$2
+		shift 2
+	fi
 	"$@" <>"$L2CON" >&0 2>/tmp/vmm.log &
 	echo $! >/run/vmm.pid
 	(
 		i=0
 		while [ $i -lt 600 ]; do
-			nc 127.0.0.1 4444 <>"$RELAY" >&0 2>/dev/null && break
+			relay "$control" <>"$RELAY" >&0 && break
 			sleep 0.1
 			i=$((i + 1))
 		done
@@ -47,9 +63,10 @@ vmm_status() {
 	grep -E '^(VmRSS|VmHWM|VmLck|VmPin):' "/proc/$(cat /run/vmm.pid)/status"
 }
 
-# vmm_log: the VMM's stderr and whether it still runs.
+# vmm_log: the VMM's stderr (and the relay's, if it said anything) and whether it still runs.
 vmm_log() {
 	tail -n 20 /tmp/vmm.log
+	[ -s /tmp/relay.log ] && sed 's/^/relay: /' /tmp/relay.log | tail -n 5
 	kill -0 "$(cat /run/vmm.pid)" 2>/dev/null && echo "(running)" || echo "(exited)"
 }
 

@@ -1,8 +1,8 @@
 //! Direct: the L2 VMM runs on this host, without L1: the unpacked QEMU with its libraries
-//! and firmware, the L2 kernel and initramfs from the work folder, its serial console on
-//! the process's stdin/stdout, QMP on a Unix socket in the work folder, its counters from
-//! this host's `/proc/<pid>/status`. KVM when this host's `/dev/kvm` boots Linux, TCG
-//! otherwise.
+//! and firmware (or the memvisor binary itself), the L2 kernel and initramfs from the work
+//! folder, its serial console on the process's stdin/stdout, QMP (or memvisor's API) on a
+//! Unix socket in the work folder, its counters from this host's `/proc/<pid>/status`. KVM
+//! when this host's `/dev/kvm` boots Linux, TCG otherwise (QEMU only).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -86,7 +86,8 @@ pub struct Direct {
     /// Declared first: dropping it kills and reaps the VMM.
     vmm: Option<Running>,
     placement: Placement,
-    library_path: String,
+    /// `LD_LIBRARY_PATH` for the unpacked QEMU (none for memvisor).
+    library_path: Option<String>,
     work: PathBuf,
     echo: bool,
     vfio: Vec<String>,
@@ -107,14 +108,22 @@ pub fn placement(pkgs: &Packages, accel: Accel, l2_initrd: &Path, work: &Path) -
     }
 }
 
+/// memvisor's placement on this host: the memvisor `binary`, the L2 kernel, `l2_initrd`,
+/// disks and the API socket `memvisor.sock` in `work`.
+pub fn memvisor_placement(pkgs: &Packages, binary: &Path, accel: Accel, l2_initrd: &Path, work: &Path) -> Placement {
+    placement(pkgs, accel, l2_initrd, work).with_memvisor(binary.display().to_string(), work.join("memvisor.sock"))
+}
+
 impl Direct {
-    /// This host, running the VMM with `accel`; `vfio` are the controllers [`preflight`]
-    /// found.
-    pub fn new(pkgs: &Packages, accel: Accel, l2_initrd: &Path, work: &Path, echo: bool, vfio: Vec<String>) -> Direct {
+    /// This host, running the VMM at `placement` ([`placement`], [`memvisor_placement`]);
+    /// `vfio` are the controllers [`preflight`] found.
+    pub fn new(pkgs: &Packages, placement: Placement, work: &Path, echo: bool, vfio: Vec<String>) -> Direct {
+        // The unpacked libraries are the unpacked QEMU's.
+        let library_path = (placement.program == pkgs.qemu().display().to_string()).then(|| pkgs.library_path());
         Direct {
             vmm: None,
-            placement: placement(pkgs, accel, l2_initrd, work),
-            library_path: pkgs.library_path(),
+            placement,
+            library_path,
             work: work.to_path_buf(),
             echo,
             vfio,
@@ -159,9 +168,12 @@ impl Host for Direct {
         let stderr = self.work.join("vmm-stderr.log");
         let err_file = File::create(&stderr).ctx(|| format!("creating {}", stderr.display()))?;
         fs::write(self.work.join("vmm-command.txt"), format!("{argv:?}\n")).ctx(|| "writing vmm-command.txt".into())?;
-        let mut child = Command::new(program)
+        let mut cmd = Command::new(program);
+        if let Some(path) = &self.library_path {
+            cmd.env("LD_LIBRARY_PATH", path);
+        }
+        let mut child = cmd
             .args(args)
-            .env("LD_LIBRARY_PATH", &self.library_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err_file)
@@ -183,7 +195,8 @@ impl Host for Direct {
         let Control::Unix(sock) = self.placement.control.clone() else {
             return Err(Error::Vmm("direct mode's control interface is a Unix socket".into()));
         };
-        // QEMU listens before the guest runs; wait for the socket while the process lives.
+        // QEMU and memvisor listen before the guest runs; wait for the socket while the
+        // process lives.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match UnixStream::connect(&sock) {
@@ -308,6 +321,40 @@ mod tests {
             );
             assert!(a.contains("file=/tmp/memvisor-lab-1-2/disk-disk0.img,if=none"), "{a}");
         }
+    }
+
+    #[test]
+    fn the_direct_memvisor_command_line_is_this_binary_with_a_socket_in_the_work_folder() {
+        let work = Path::new("/tmp/memvisor-lab-1-2");
+        let p = memvisor_placement(
+            &pkgs(),
+            Path::new("/w/target/release/memvisor"),
+            Accel::Kvm,
+            &work.join("l2.cpio"),
+            work,
+        );
+        let launch = Launch::new("console=ttyS0".into(), p.clone());
+        let a = crate::memvisor::command_line(&scenario("viommu").vm, &launch)
+            .unwrap()
+            .join(" ");
+        assert_eq!(
+            a,
+            "/w/target/release/memvisor run --kernel /cache/pkgs/1/root/boot/vmlinuz-6.12.9+deb12-cloud-amd64 \
+             --initrd /tmp/memvisor-lab-1-2/l2.cpio --cmdline console=ttyS0 --cpus 1 --memory 512M --viommu \
+             --disk id=disk0,path=/tmp/memvisor-lab-1-2/disk-disk0.img --serial stdio \
+             --api-socket /tmp/memvisor-lab-1-2/memvisor.sock"
+        );
+        // memvisor runs without the unpacked QEMU's libraries; QEMU with them.
+        assert_eq!(Direct::new(&pkgs(), p, work, false, Vec::new()).library_path, None);
+        let q = placement(&pkgs(), Accel::Kvm, &work.join("l2.cpio"), work);
+        assert_eq!(
+            Direct::new(&pkgs(), q, work, false, Vec::new()).library_path,
+            Some(pkgs().library_path())
+        );
+        // Under TCG memvisor cannot run: it has no emulator.
+        let p = memvisor_placement(&pkgs(), Path::new("/m"), Accel::Tcg, &work.join("l2.cpio"), work);
+        let e = crate::memvisor::command_line(&scenario("boot").vm, &Launch::new(String::new(), p)).unwrap_err();
+        assert!(e.to_string().contains("KVM only"), "{e}");
     }
 
     #[test]

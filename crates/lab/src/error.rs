@@ -30,9 +30,16 @@ pub enum Error {
     /// The VMM's control interface answered with an error.
     #[error("vmm: {0}")]
     Vmm(String),
-    /// The requested VMM cannot run scenarios yet.
-    #[error("VMM `{0}` is not available yet: the lab can only drive it once its VMM exists")]
-    VmmUnavailable(String),
+    /// The chosen VMM cannot run the scenario (found before anything boots).
+    #[error("scenario `{scenario}` cannot run under {vmm}: {missing}")]
+    Unsupported {
+        /// The scenario's name.
+        scenario: String,
+        /// The VMM (`memvisor`).
+        vmm: String,
+        /// What the VMM lacks.
+        missing: String,
+    },
     /// The scenario cannot run in the chosen mode on this host (found before anything boots).
     #[error("scenario `{scenario}` cannot run in {mode} mode here: {missing}")]
     NotHere {

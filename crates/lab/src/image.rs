@@ -1,5 +1,6 @@
 //! The per-run images: L2's initramfs (busybox, virtio modules, agent, guest script) and
-//! L1's (busybox, kvm modules, QEMU with its libraries and firmware, the L2 kernel and
+//! L1's (busybox, kvm modules, QEMU with its libraries and firmware, the memvisor binary
+//! with the libraries QEMU's do not cover when memvisor runs L2, the L2 kernel and
 //! initramfs).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -197,9 +198,31 @@ const FIRMWARE: &[&str] = &[
     "pvh.bin",
 ];
 
-/// Builds L1's initramfs at `out`, carrying QEMU, its libraries and firmware, and L2's
-/// kernel and initramfs.
-pub fn build_l1(pkgs: &Packages, mods: &Modules, scenario: &Scenario, l2_initrd: &Path, out: &Path) -> Result<u64> {
+/// Adds the memvisor binary at `binary` to `a` as [`l1::MEMVISOR`], with the shared libraries
+/// `ldd` finds for it (`library_path` first, as for QEMU) that `a` does not hold yet; returns
+/// the libraries added (paths in the image).
+pub fn add_memvisor(a: &mut Archive, binary: &Path, library_path: &str) -> Result<Vec<String>> {
+    a.host_file(l1::MEMVISOR, 0o755, binary);
+    let mut added = Vec::new();
+    for (path, host) in shared_libraries(binary, library_path)? {
+        if !a.contains(&path) {
+            a.host_file(&path, 0o755, host);
+            added.push(path);
+        }
+    }
+    Ok(added)
+}
+
+/// Builds L1's initramfs at `out`, carrying QEMU, its libraries and firmware, the memvisor
+/// binary `memvisor` (when memvisor runs L2) and L2's kernel and initramfs.
+pub fn build_l1(
+    pkgs: &Packages,
+    mods: &Modules,
+    scenario: &Scenario,
+    l2_initrd: &Path,
+    memvisor: Option<&Path>,
+    out: &Path,
+) -> Result<u64> {
     let mut wanted = vec!["irqbypass", "kvm", "kvm_amd"];
     if scenario.needs_vfio() {
         wanted.extend(["vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci"]);
@@ -213,6 +236,9 @@ pub fn build_l1(pkgs: &Packages, mods: &Modules, scenario: &Scenario, l2_initrd:
         let found = pkgs.firmware_dirs().into_iter().map(|d| d.join(f)).find(|p| p.exists());
         let host = found.ok_or_else(|| Error::Image(format!("firmware {f} not found")))?;
         a.host_file(&format!("{}/{f}", l1::FIRMWARE), 0o644, host);
+    }
+    if let Some(binary) = memvisor {
+        add_memvisor(&mut a, binary, &pkgs.library_path())?;
     }
     a.host_file(l1::KERNEL, 0o644, pkgs.vmlinuz());
     a.host_file(l1::INITRD, 0o644, l2_initrd);
@@ -247,6 +273,49 @@ mod tests {
             ]
         );
         assert!(parse_ldd("\tlibx.so => not found\n").is_err());
+    }
+
+    #[test]
+    fn the_image_carries_the_memvisor_binary_and_the_libraries_l1_lacks() {
+        // The test binary stands in for memvisor: the same toolchain, the same libraries.
+        let exe = std::env::current_exe().unwrap();
+        let libs = shared_libraries(&exe, "").unwrap();
+        assert!(
+            libs.iter().any(|(p, _)| p == "lib/x86_64-linux-gnu/libc.so.6"),
+            "{libs:?}"
+        );
+        let loader = libs
+            .iter()
+            .find(|(p, _)| p.starts_with("lib64/ld-linux"))
+            .unwrap()
+            .0
+            .clone();
+        let mut a = Archive::new();
+        // As if QEMU had brought libc already.
+        a.host_file("lib/x86_64-linux-gnu/libc.so.6", 0o755, "/qemu/libc.so.6");
+        let added = add_memvisor(&mut a, &exe, "").unwrap();
+        assert!(a.contains("lab/memvisor/memvisor"));
+        assert!(!added.iter().any(|p| p.ends_with("libc.so.6")), "{added:?}");
+        assert!(added.contains(&loader), "{added:?}");
+        assert_eq!(added.len(), libs.len() - 1, "{added:?}");
+        for (p, _) in &libs {
+            assert!(a.contains(p), "{p}");
+        }
+        // The binary and its libraries are in the written archive, byte for byte.
+        let mut bytes = Vec::new();
+        let libc = libs.iter().find(|(p, _)| p.ends_with("libc.so.6")).unwrap();
+        a.host_file(&libc.0, 0o755, libc.1.clone());
+        a.write_to(&mut bytes).unwrap();
+        let entries = crate::cpio::parse(&bytes).unwrap();
+        let binary = entries.iter().find(|e| e.name == "lab/memvisor/memvisor").unwrap();
+        assert_eq!(binary.data, fs::read(&exe).unwrap());
+        assert_eq!(binary.mode & 0o777, 0o755);
+        assert!(entries.iter().any(|e| e.name == loader));
+        // A binary ldd cannot read is an error naming it.
+        let e = add_memvisor(&mut Archive::new(), Path::new("/nonexistent/memvisor"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/memvisor"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::host::Host;
 use crate::runner::{ChildGuard, shell_quote, stage_err};
 use crate::scenario::{DiskKind, Scenario};
-use crate::vmm::Placement;
+use crate::vmm::{Control, Placement};
 
 /// A booted L1 with its control loop running.
 pub struct Nested {
@@ -27,16 +27,18 @@ pub struct Nested {
     l2con: Lines,
     l2con_tx: UnixStream,
     relay: UnixStream,
+    placement: Placement,
 }
 
 impl Nested {
     /// Boots L1 from `initrd` (the `l1-boot` stage) with the scenario's emulated NVMe
-    /// controllers; the virtio ports' sockets go in `work`. On failure `tails` gets L1's
-    /// last console lines.
+    /// controllers, for a VMM at `placement` in L1 ([`Placement::in_l1_for`]); the virtio
+    /// ports' sockets go in `work`. On failure `tails` gets L1's last console lines.
     pub fn boot(
         pkgs: &Packages,
         s: &Scenario,
         initrd: &Path,
+        placement: Placement,
         work: &Path,
         echo: bool,
         tails: &mut Vec<String>,
@@ -144,6 +146,7 @@ impl Nested {
             l2con,
             l2con_tx,
             relay,
+            placement,
         };
         let deadline = Instant::now() + Duration::from_secs(s.timeouts.l1_boot);
         loop {
@@ -191,9 +194,22 @@ impl Nested {
     }
 }
 
+/// The control loop's command that starts the VMM `argv` and relays `control` to the host:
+/// `start_vmm ARGV...` for QEMU's TCP port, `start_vmm --control unix:PATH ARGV...` for a
+/// Unix socket (memvisor's API, relayed by `memvisor api --socket PATH pipe`).
+pub fn start_vmm_line(control: &Control, argv: &[String]) -> String {
+    let mut words = vec!["start_vmm".to_string()];
+    if let Control::Unix(path) = control {
+        words.push("--control".into());
+        words.push(shell_quote(&format!("unix:{}", path.display())));
+    }
+    words.extend(argv.iter().map(|a| shell_quote(a)));
+    words.join(" ")
+}
+
 impl Host for Nested {
     fn placement(&self) -> Placement {
-        Placement::in_l1()
+        self.placement.clone()
     }
 
     fn create_disk(&mut self, path: &str, bytes: u64) -> Result<()> {
@@ -222,10 +238,7 @@ impl Host for Nested {
     }
 
     fn start_vmm(&mut self, argv: &[String]) -> Result<UnixStream> {
-        let line = format!(
-            "start_vmm {}",
-            argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
-        );
+        let line = start_vmm_line(&self.placement.control, argv);
         let out = self.exec_ok(&line, Duration::from_secs(30), "starting the VMM in L1")?;
         if !out.iter().any(|l| l.starts_with("pid ")) {
             return Err(Error::Vmm(format!("starting the VMM in L1: {}", out.join(" | "))));
@@ -284,5 +297,35 @@ impl Host for Nested {
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(stage_err("shutdown", "L1 did not power off in 30 s; killed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::{VmmKind, l1};
+
+    #[test]
+    fn the_start_line_relays_qemu_over_tcp_and_memvisor_over_its_socket() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let q = Placement::in_l1_for(VmmKind::Qemu);
+        assert_eq!(
+            start_vmm_line(&q.control, &argv(&[l1::QEMU, "-append", "console=ttyS0 quiet"])),
+            "start_vmm /lab/qemu/qemu-system-x86_64 -append 'console=ttyS0 quiet'"
+        );
+        let m = Placement::in_l1_for(VmmKind::Memvisor);
+        assert_eq!(
+            start_vmm_line(&m.control, &argv(&[l1::MEMVISOR, "run", "--cmdline", "a b"])),
+            "start_vmm --control unix:/run/memvisor.sock /lab/memvisor/memvisor run --cmdline 'a b'"
+        );
+    }
+
+    #[test]
+    fn l1_init_relays_unix_sockets_with_memvisor_and_tcp_with_nc() {
+        let init = crate::image::L1_INIT;
+        assert!(init.contains("unix:*) /lab/memvisor/memvisor api --socket \"${1#unix:}\" pipe"));
+        assert!(init.contains("*) nc 127.0.0.1 4444 2>/dev/null ;;"));
+        assert!(init.contains("if [ \"$1\" = --control ]; then"));
+        assert!(init.contains(&format!("unix:*) {} api", l1::MEMVISOR)));
     }
 }

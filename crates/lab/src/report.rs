@@ -293,9 +293,172 @@ pub fn evaluate(scenario: &Scenario, host_steps: &[HostStep], guest: &GuestRepor
         .collect()
 }
 
+/// The reports of one scenario under several VMMs side by side, as a text table: a column
+/// per report (headed by its VMM), a row per figure: passed, failed stage, each stage's
+/// seconds, the agent's start, and for each host step (matched by position; the guest script
+/// is the same) its seconds and the VMM's RSS, guest RAM RSS (under TCG) and locked memory
+/// after it, then each expectation. A figure a run does not have is `-`; no reports give
+/// `(no runs)`.
+pub fn side_by_side(reports: &[Report]) -> String {
+    let Some(first) = reports.first() else {
+        return "(no runs)\n".into();
+    };
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |label: String, cell: &dyn Fn(&Report) -> Option<String>| {
+        let cells: Vec<String> = reports.iter().map(|r| cell(r).unwrap_or_else(|| "-".into())).collect();
+        rows.push((label, cells));
+    };
+    let title = format!("{} ({}, L2 under {})", first.scenario, first.mode, first.l2_accel);
+    row(title, &|r| Some(r.vmm.to_string()));
+    row("passed".into(), &|r| Some(if r.passed { "yes" } else { "NO" }.into()));
+    row("failed stage".into(), &|r| r.failed_stage.clone());
+    let mut stages: Vec<&str> = Vec::new();
+    for st in reports.iter().flat_map(|r| &r.stages) {
+        if !stages.contains(&st.name.as_str()) {
+            stages.push(&st.name);
+        }
+    }
+    for name in stages {
+        row(format!("{name} (s)"), &|r| {
+            let st = r.stages.iter().find(|s| s.name == name)?;
+            Some(format!("{:.2}{}", st.seconds, if st.ok { "" } else { " FAILED" }))
+        });
+    }
+    row("agent ready (s)".into(), &|r| {
+        r.guest.agent_ready_at.map(|t| format!("{t:.2}"))
+    });
+    let steps = reports.iter().map(|r| r.host_steps.len()).max().unwrap_or(0);
+    for i in 0..steps {
+        let req = reports
+            .iter()
+            .find_map(|r| r.host_steps.get(i))
+            .map(|s| s.request.clone())
+            .unwrap_or_default();
+        let step = |r: &Report| r.host_steps.get(i).filter(|s| s.request == req).cloned();
+        row(format!("{req} (s)"), &|r| {
+            step(r).map(|s| format!("{:.2}{}", s.seconds, if s.ok { "" } else { " FAILED" }))
+        });
+        row(format!("{req}: RSS after (kB)"), &|r| {
+            step(r)?.after.map(|a| a.rss_kb.to_string())
+        });
+        if reports.iter().any(|r| step(r).and_then(|s| s.after?.ram_kb).is_some()) {
+            row(format!("{req}: guest RAM RSS after (kB)"), &|r| {
+                step(r)?.after?.ram_kb.map(|k| k.to_string())
+            });
+        }
+        row(format!("{req}: locked after (kB)"), &|r| {
+            step(r)?.after.map(|a| a.locked_kb().to_string())
+        });
+    }
+    let mut expectations: Vec<&str> = Vec::new();
+    for c in reports.iter().flat_map(|r| &r.expectations) {
+        if !expectations.contains(&c.expectation.as_str()) {
+            expectations.push(&c.expectation);
+        }
+    }
+    for e in expectations {
+        row(e.to_string(), &|r| {
+            let c = r.expectations.iter().find(|c| c.expectation == e)?;
+            Some(if c.passed { "held" } else { "FAILED" }.into())
+        });
+    }
+    let label_width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..reports.len())
+        .map(|i| rows.iter().map(|(_, c)| c[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (label, cells) in rows {
+        let mut line = format!("{label:<label_width$}");
+        for (cell, w) in cells.iter().zip(&widths) {
+            line.push_str(&format!("  {cell:>w$}"));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(vmm: VmmKind, steps: Vec<HostStep>, passed: bool) -> Report {
+        Report {
+            scenario: "vmem-resize".into(),
+            vmm,
+            mode: Mode::Nested,
+            mode_reason: "--mode nested".into(),
+            l2_accel: Accel::Kvm,
+            tcg_fallback: None,
+            passed,
+            failed_stage: (!passed).then(|| "scenario".to_string()),
+            error: None,
+            stages: vec![
+                StageTime {
+                    name: "l1-boot".into(),
+                    seconds: 7.5,
+                    ok: true,
+                },
+                StageTime {
+                    name: "l2-boot".into(),
+                    seconds: if passed { 15.25 } else { 4.0 },
+                    ok: true,
+                },
+            ],
+            host_steps: steps,
+            guest: GuestReport {
+                agent_ready_at: Some(14.0),
+                ..Default::default()
+            },
+            expectations: vec![Checked {
+                expectation: "guest script exits with 0".into(),
+                passed,
+                detail: String::new(),
+            }],
+            packages: BTreeMap::new(),
+            work_dir: None,
+            console_tail: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn both_vmms_figures_stand_side_by_side() {
+        let g = 1 << 30;
+        let qemu = report(
+            VmmKind::Qemu,
+            vec![
+                step("resize vmem0 1G", 0, g, (600_000, 1_650_000), 0),
+                step("resize vmem0 0", g, 0, (1_650_000, 620_000), 0),
+            ],
+            true,
+        );
+        let memvisor = report(
+            VmmKind::Memvisor,
+            vec![step("resize vmem0 1G", 0, g, (100_000, 1_150_000), 4)],
+            false,
+        );
+        let t = side_by_side(&[qemu, memvisor]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "vmem-resize (nested, L2 under kvm)     qemu  memvisor",
+                "passed                                  yes        NO",
+                "failed stage                              -  scenario",
+                "l1-boot (s)                            7.50      7.50",
+                "l2-boot (s)                           15.25      4.00",
+                "agent ready (s)                       14.00     14.00",
+                "resize vmem0 1G (s)                    1.00      1.00",
+                "resize vmem0 1G: RSS after (kB)     1650000   1150000",
+                "resize vmem0 1G: locked after (kB)        0         4",
+                "resize vmem0 0 (s)                     1.00         -",
+                "resize vmem0 0: RSS after (kB)       620000         -",
+                "resize vmem0 0: locked after (kB)         0         -",
+                "guest script exits with 0              held    FAILED",
+            ]
+        );
+        assert_eq!(side_by_side(&[]), "(no runs)\n");
+    }
 
     fn step(req: &str, from: u64, to: u64, rss: (u64, u64), lck: u64) -> HostStep {
         HostStep {

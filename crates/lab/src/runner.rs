@@ -17,7 +17,7 @@ use crate::image::{self, Modules};
 use crate::nested::Nested;
 use crate::report::{self, GuestReport, HostSample, HostStep, Observation, Report, StageTime};
 use crate::scenario::{DiskKind, Scenario, Size};
-use crate::vmm::{self, Accel, Launch, RamBlock, Vmm, VmmKind};
+use crate::vmm::{self, Accel, Launch, Placement, RamBlock, Vmm, VmmKind};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -76,17 +76,37 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// Runs `opts` once per VMM in `vmms`, one after the other (for a side-by-side
+/// [`report::side_by_side`]); each result as [`run`] gives it.
+pub fn run_each(opts: &RunOptions, vmms: &[VmmKind]) -> Vec<(VmmKind, Result<Report>)> {
+    vmms.iter()
+        .map(|&vmm| (vmm, run(&RunOptions { vmm, ..opts.clone() })))
+        .collect()
+}
+
 /// Runs a scenario, nested or direct as `opts.mode` and this host's KVM decide (see
-/// [`Topology::resolve`]). Errors before anything boots (a malformed scenario, a VMM that is
-/// not available, a scenario this host cannot run directly, setup) come back as `Err`; a
-/// failing stage or expectation gives a report with `passed: false`, the stage and the last
-/// console lines.
+/// [`Topology::resolve`]). Errors before anything boots (a malformed scenario, a scenario
+/// the VMM cannot run, a scenario this host cannot run directly, setup) come back as `Err`;
+/// a failing stage or expectation gives a report with `passed: false`, the stage and the
+/// last console lines.
 pub fn run(opts: &RunOptions) -> Result<Report> {
     let scenario = Scenario::load(&opts.scenario)?;
     let base = opts.scenario.parent().unwrap_or(Path::new("."));
     let script = scenario.guest_script(base, opts.guest_script.as_deref())?;
     let driver = vmm::driver(opts.vmm)?;
     let topology = Topology::resolve(opts.mode, &KvmProbe::read(Path::new("/")));
+    driver
+        .supports(&scenario.vm, topology.accel)
+        .map_err(|missing| Error::Unsupported {
+            scenario: scenario.name.clone(),
+            vmm: opts.vmm.to_string(),
+            missing,
+        })?;
+    // memvisor runs from the binary running the lab (copied into L1 when nested).
+    let memvisor = match opts.vmm {
+        VmmKind::Memvisor => Some(crate::memvisor::binary()?),
+        VmmKind::Qemu => None,
+    };
     let vfio = match topology.mode {
         Mode::Direct => direct::preflight(&scenario, Path::new("/"))?,
         Mode::Nested => Vec::new(),
@@ -109,6 +129,7 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
     if opts.keep {
         run.report.work_dir = Some(work.path.display().to_string());
     }
+    run.memvisor = memvisor;
     let result = run.execute(&pkgs, &script, driver, &work.path, opts.verbose, vfio);
     if let Err((stage, e)) = result {
         run.report.failed_stage = Some(stage);
@@ -127,6 +148,8 @@ struct Run<'a> {
     topology: Topology,
     /// The guest's RAM blocks in the VMM, when samples measure them (L2 under TCG).
     ram_blocks: Option<Vec<RamBlock>>,
+    /// The memvisor binary, when memvisor runs L2.
+    memvisor: Option<PathBuf>,
     report: Report,
     start: Instant,
     tails: Vec<String>,
@@ -167,6 +190,7 @@ impl<'a> Run<'a> {
             scenario,
             topology: topology.clone(),
             ram_blocks: None,
+            memvisor: None,
             report,
             start: Instant::now(),
             tails: Vec::new(),
@@ -206,19 +230,31 @@ impl<'a> Run<'a> {
         let scenario = self.scenario;
         let (l2, l1) = (work.join("l2.cpio"), work.join("l1.cpio"));
         let mode = self.topology.mode;
+        let memvisor = self.memvisor.clone();
+        let memvisor = memvisor.as_deref();
         self.timed("images", |_| {
             let mods = Modules::index(&pkgs.modules())?;
             image::build_l2(pkgs, &mods, scenario, script, &l2)?;
             if mode == Mode::Nested {
-                image::build_l1(pkgs, &mods, scenario, &l2, &l1)?;
+                image::build_l1(pkgs, &mods, scenario, &l2, memvisor, &l1)?;
             }
             Ok(())
         })?;
         Ok(match mode {
-            Mode::Nested => Box::new(self.timed("l1-boot", |r| {
-                Nested::boot(pkgs, scenario, &l1, work, echo, &mut r.tails)
-            })?),
-            Mode::Direct => Box::new(Direct::new(pkgs, self.topology.accel, &l2, work, echo, vfio)),
+            Mode::Nested => {
+                let placement = Placement::in_l1_for(self.report.vmm);
+                Box::new(self.timed("l1-boot", |r| {
+                    Nested::boot(pkgs, scenario, &l1, placement, work, echo, &mut r.tails)
+                })?)
+            }
+            Mode::Direct => {
+                let accel = self.topology.accel;
+                let placement = match memvisor {
+                    Some(binary) => direct::memvisor_placement(pkgs, binary, accel, &l2, work),
+                    None => direct::placement(pkgs, accel, &l2, work),
+                };
+                Box::new(Direct::new(pkgs, placement, work, echo, vfio))
+            }
         })
     }
 

@@ -1,11 +1,11 @@
 //! The VMM that runs L2 (inside L1, or on the host itself in direct mode), behind one
-//! trait: QEMU now, memvisor later.
+//! trait: QEMU ([`crate::qemu`], QMP) or memvisor's own ([`crate::memvisor`], its HTTP API).
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::scenario::VmSpec;
 
 /// Which VMM runs the L2 guest.
@@ -14,7 +14,7 @@ use crate::scenario::VmSpec;
 pub enum VmmKind {
     /// QEMU 10 from Debian's backports, driven over QMP.
     Qemu,
-    /// memvisor's own VMM (not available yet).
+    /// memvisor's own VMM (`memvisor run`), driven over its management API.
     Memvisor,
 }
 
@@ -29,6 +29,27 @@ impl std::str::FromStr for VmmKind {
     }
 }
 
+impl VmmKind {
+    /// Parses a comma-separated list (`qemu,memvisor`; `both` is both), each VMM once, in
+    /// the order given.
+    pub fn parse_list(s: &str) -> std::result::Result<Vec<VmmKind>, String> {
+        let mut out = Vec::new();
+        for word in s.split(',').map(str::trim) {
+            let kinds = match word {
+                "both" => vec![VmmKind::Qemu, VmmKind::Memvisor],
+                w => vec![w.parse()?],
+            };
+            for k in kinds {
+                if out.contains(&k) {
+                    return Err(format!("VMM `{k}` named twice in `{s}`"));
+                }
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl std::fmt::Display for VmmKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -40,8 +61,13 @@ impl std::fmt::Display for VmmKind {
 
 /// Where things are inside L1 (the L1 image puts them there).
 pub mod l1 {
-    /// The VMM binaries' folder.
+    /// QEMU's program.
     pub const QEMU: &str = "/lab/qemu/qemu-system-x86_64";
+    /// memvisor's program (the binary that runs the lab, copied into the image).
+    pub const MEMVISOR: &str = "/lab/memvisor/memvisor";
+    /// memvisor's management API socket (`--api-socket`), relayed to the host by
+    /// `memvisor api --socket ... pipe`.
+    pub const API_SOCKET: &str = "/run/memvisor.sock";
     /// Firmware for QEMU's `-L`.
     pub const FIRMWARE: &str = "/lab/fw";
     /// The L2 kernel.
@@ -76,9 +102,11 @@ impl std::fmt::Display for Accel {
 /// Where the VMM's control interface listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    /// A TCP port on loopback (in L1, relayed to the host over a virtio port).
+    /// A TCP port on loopback (QEMU's QMP in L1, relayed to the host over a virtio port by
+    /// busybox `nc`).
     Tcp(u16),
-    /// A Unix socket (on the host, in the run's work folder).
+    /// A Unix socket: on the host, in the run's work folder (direct); in L1, memvisor's API
+    /// socket, relayed to the host over the same virtio port by `memvisor api ... pipe`.
     Unix(PathBuf),
 }
 
@@ -89,7 +117,7 @@ pub enum Control {
 pub struct Placement {
     /// The VMM's program.
     pub program: String,
-    /// Firmware folders (QEMU's `-L`, searched in order).
+    /// Firmware folders (QEMU's `-L`, searched in order; memvisor needs none).
     pub firmware: Vec<String>,
     /// The L2 kernel.
     pub kernel: String,
@@ -114,6 +142,24 @@ impl Placement {
             disk_dir: l1::DISK_DIR.into(),
             accel: Accel::Kvm,
             control: Control::Tcp(l1::CONTROL_PORT),
+        }
+    }
+
+    /// This placement for memvisor: its `program`, no firmware, its API socket at `socket`.
+    pub fn with_memvisor(self, program: String, socket: PathBuf) -> Placement {
+        Placement {
+            program,
+            firmware: Vec::new(),
+            control: Control::Unix(socket),
+            ..self
+        }
+    }
+
+    /// Everything where the L1 image puts it, for the VMM `kind`.
+    pub fn in_l1_for(kind: VmmKind) -> Placement {
+        match kind {
+            VmmKind::Qemu => Placement::in_l1(),
+            VmmKind::Memvisor => Placement::in_l1().with_memvisor(l1::MEMVISOR.into(), l1::API_SOCKET.into()),
         }
     }
 
@@ -161,6 +207,11 @@ pub struct RamBlock {
 pub trait Vmm {
     /// The VMM's name in reports.
     fn kind(&self) -> VmmKind;
+    /// Refuses, before anything boots, a VM this VMM cannot run with `accel` (the error
+    /// names what is missing).
+    fn supports(&self, _vm: &VmSpec, _accel: Accel) -> std::result::Result<(), String> {
+        Ok(())
+    }
     /// The command line (program first) that the host of the VMM runs; the guest's serial
     /// console is the process's stdin/stdout, the control interface listens at
     /// [`Placement::control`].
@@ -181,7 +232,7 @@ pub trait Vmm {
 pub fn driver(kind: VmmKind) -> Result<Box<dyn Vmm>> {
     match kind {
         VmmKind::Qemu => Ok(Box::new(crate::qemu::Qemu::default())),
-        VmmKind::Memvisor => Err(Error::VmmUnavailable("memvisor".into())),
+        VmmKind::Memvisor => Ok(Box::new(crate::memvisor::Memvisor::default())),
     }
 }
 
@@ -190,10 +241,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memvisor_is_not_available_yet() {
-        let e = driver(VmmKind::Memvisor).err().unwrap().to_string();
-        assert!(e.contains("memvisor") && e.contains("not available yet"), "{e}");
-        assert_eq!("qemu".parse::<VmmKind>().unwrap(), VmmKind::Qemu);
-        assert!("xen".parse::<VmmKind>().is_err());
+    fn both_drivers_exist_and_names_parse() {
+        for kind in [VmmKind::Qemu, VmmKind::Memvisor] {
+            assert_eq!(driver(kind).ok().unwrap().kind(), kind);
+            assert_eq!(kind.to_string().parse::<VmmKind>().unwrap(), kind);
+        }
+        assert_eq!(
+            "xen".parse::<VmmKind>().unwrap_err(),
+            "unknown VMM `xen` (qemu, memvisor)"
+        );
+        assert_eq!(VmmKind::parse_list("memvisor").unwrap(), [VmmKind::Memvisor]);
+        assert_eq!(
+            VmmKind::parse_list("qemu, memvisor").unwrap(),
+            [VmmKind::Qemu, VmmKind::Memvisor]
+        );
+        assert_eq!(VmmKind::parse_list("both").unwrap(), [VmmKind::Qemu, VmmKind::Memvisor]);
+        assert_eq!(
+            VmmKind::parse_list("qemu,both").unwrap_err(),
+            "VMM `qemu` named twice in `qemu,both`"
+        );
+        assert!(VmmKind::parse_list("qemu,xen").unwrap_err().contains("`xen`"));
+    }
+
+    #[test]
+    fn l1_placements_differ_in_program_firmware_and_control_only() {
+        let q = Placement::in_l1_for(VmmKind::Qemu);
+        assert_eq!(q, Placement::in_l1());
+        assert_eq!(q.control, Control::Tcp(4444));
+        let m = Placement::in_l1_for(VmmKind::Memvisor);
+        assert_eq!(m.program, "/lab/memvisor/memvisor");
+        assert!(m.firmware.is_empty());
+        assert_eq!(m.control, Control::Unix("/run/memvisor.sock".into()));
+        assert_eq!(
+            (m.kernel, m.initrd, m.disk_dir, m.accel),
+            (q.kernel, q.initrd, q.disk_dir, q.accel)
+        );
     }
 }

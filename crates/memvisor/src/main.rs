@@ -1,8 +1,10 @@
 //! The memvisor command-line program.
 
+mod api;
 mod demo;
 mod lab;
 mod replay;
+mod run;
 mod size;
 
 use std::num::NonZeroUsize;
@@ -101,6 +103,10 @@ enum LabCommand {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a Linux guest under memvisor's KVM VMM, with virtio-mem, virtio-iommu and disks.
+    Run(Box<run::RunArgs>),
+    /// Talk to a running VMM's management API (its `--api-socket`).
+    Api(api::ApiArgs),
     /// Replay a recorded device trace through the real devices, DMA layer and memory,
     /// and compare every answer with the recording.
     Replay {
@@ -170,7 +176,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Diagnostics on stderr: what a running VMM does at info, other commands' warnings;
+    // `RUST_LOG` (e.g. `debug`, `memvisor_vmm=trace`) overrides.
+    let level = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
     match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Api(args) => api::run(&args),
         Command::Replay {
             trace,
             dma,

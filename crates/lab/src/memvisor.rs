@@ -1,0 +1,471 @@
+//! memvisor's own VMM as the L2 VMM: its command line (`memvisor run ...`) and its
+//! management API (HTTP/1.1 with JSON, [`crate::http`]) for virtio-mem resizes, plugged
+//! sizes, RAM blocks and shutdown.
+//!
+//! The contract with `memvisor run` (sizes take K/M/G units):
+//!
+//! ```text
+//! memvisor run --kernel F [--initrd F] [--cmdline S] [--cpus N] [--memory 512M]
+//!   [--vmem id=vmem0,size=1G,block=2M,requested=0[,prealloc=on]]...
+//!   [--viommu] [--disk id=disk0,path=P[,readonly=on][,iommu=off]]...
+//!   [--serial stdio|file:F|socket:P] [--api-socket P]
+//! ```
+//!
+//! and on the API socket: `GET /api/v1/vm` ([`VmInfo`]), `GET /api/v1/memory`
+//! ([`MemoryInfo`]), `PUT /api/v1/memory/{id}` with `{"requested_size":BYTES}` (204; 400/404
+//! with `{"error":"message"}`), `PUT /api/v1/vmm/shutdown` (204, then the VMM exits).
+//!
+//! The program is the binary running the lab ([`binary`]): in L1 the image carries a copy
+//! ([`crate::image::add_memvisor`]); in direct mode it runs from where it is.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::http::Client;
+use crate::scenario::{DiskKind, VmSpec};
+use crate::vmm::{Accel, Control, Launch, RamBlock, Vmm, VmmKind};
+
+/// The API's paths.
+pub mod path {
+    /// The VM's state (`GET`).
+    pub const VM: &str = "/api/v1/vm";
+    /// Memory: boot RAM, virtio-mem devices, RAM blocks, host counters (`GET`).
+    pub const MEMORY: &str = "/api/v1/memory";
+    /// Stops the VMM (`PUT`).
+    pub const SHUTDOWN: &str = "/api/v1/vmm/shutdown";
+
+    /// One virtio-mem device (`PUT` `{"requested_size":BYTES}`).
+    pub fn memory_device(id: &str) -> String {
+        format!("{MEMORY}/{id}")
+    }
+}
+
+/// The environment variable that names the memvisor binary the lab runs (and copies into
+/// L1), instead of the program running the lab.
+pub const BINARY_ENV: &str = "MEMVISOR_LAB_BINARY";
+
+/// The memvisor binary to run: `$MEMVISOR_LAB_BINARY` if set, else the running program
+/// (`memvisor lab run` is memvisor itself).
+pub fn binary() -> Result<PathBuf> {
+    let path = match std::env::var_os(BINARY_ENV) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().map_err(|e| Error::Vmm(format!("finding the memvisor binary: {e}")))?,
+    };
+    if !path.is_file() {
+        return Err(Error::Vmm(format!(
+            "the memvisor binary {} is not a file (set {BINARY_ENV} to one)",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// `GET /api/v1/vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// `running`.
+    pub state: String,
+    /// Milliseconds since the VMM started the VM.
+    pub uptime_ms: u64,
+}
+
+/// `GET /api/v1/memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// Boot RAM (`--memory`) in bytes.
+    pub boot_ram: u64,
+    /// The virtio-mem devices.
+    pub devices: Vec<DeviceInfo>,
+    /// The guest RAM's mappings in the VMM process.
+    pub ram_blocks: Vec<RamBlockInfo>,
+    /// The VMM process's own counters.
+    pub host: HostInfo,
+}
+
+impl MemoryInfo {
+    /// The device `id`, or an error naming it and the devices there are.
+    pub fn device(&self, id: &str) -> Result<&DeviceInfo> {
+        self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
+            Error::Vmm(format!(
+                "memvisor has no virtio-mem device `{id}` (it has: {})",
+                if ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    ids.join(", ")
+                }
+            ))
+        })
+    }
+}
+
+/// One virtio-mem device (all sizes in bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Its id (`--vmem id=...`).
+    pub id: String,
+    /// The guest physical address of its region.
+    pub addr: u64,
+    /// The region's size.
+    pub region_size: u64,
+    /// The block size.
+    pub block_size: u64,
+    /// What the host asked the guest to plug.
+    pub requested_size: u64,
+    /// What the guest has plugged.
+    pub plugged_size: u64,
+    /// The part of the region the guest may plug into.
+    pub usable_region_size: u64,
+}
+
+/// One RAM block: a mapping of guest RAM in the VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamBlockInfo {
+    /// `boot-ram`, or a virtio-mem device's id.
+    pub name: String,
+    /// Its host virtual address.
+    pub hva: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// The VMM process's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Resident set in bytes.
+    pub rss_bytes: u64,
+    /// Pinned (locked for DMA) bytes.
+    pub pinned_bytes: u64,
+}
+
+/// Why memvisor cannot run `vm` with `accel` (`None` if it can).
+pub fn unsupported(vm: &VmSpec, accel: Accel) -> Option<String> {
+    if accel != Accel::Kvm {
+        return Some(
+            "memvisor runs L2 under KVM only and this host's /dev/kvm cannot boot Linux (QEMU falls back to \
+             TCG here, memvisor has no emulator): use --mode nested"
+                .into(),
+        );
+    }
+    vm.disks.iter().find(|d| d.kind != DiskKind::VirtioBlk).map(|d| {
+        format!(
+            "memvisor cannot assign VFIO devices yet (issue 19): disk `{}` is vfio-nvme",
+            d.id
+        )
+    })
+}
+
+/// memvisor's L2 command line for `vm`, with the program, kernel, initramfs, disk files and
+/// API socket of `launch.placement`: `--kernel --initrd --cmdline --cpus --memory`, one
+/// `--vmem` per virtio-mem region, `--viommu`, one `--disk` per virtio-blk disk,
+/// `--serial stdio --api-socket`.
+pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
+    let p = &launch.placement;
+    if let Some(why) = unsupported(vm, p.accel) {
+        return Err(Error::Vmm(why));
+    }
+    let Control::Unix(socket) = &p.control else {
+        return Err(Error::Vmm(format!(
+            "memvisor's API listens on a Unix socket, not {:?}",
+            p.control
+        )));
+    };
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&[&p.program, "run", "--kernel", &p.kernel, "--initrd", &p.initrd]);
+    push(&["--cmdline", &launch.cmdline]);
+    push(&["--cpus", &vm.cpus.to_string(), "--memory", &vm.memory.to_string()]);
+    for v in &vm.vmem {
+        let mut spec = format!(
+            "id={},size={},block={},requested={}",
+            v.id, v.size, v.block_size, v.requested
+        );
+        if v.prealloc {
+            spec.push_str(",prealloc=on");
+        }
+        push(&["--vmem", &spec]);
+    }
+    if vm.iommu {
+        push(&["--viommu"]);
+    }
+    for d in &vm.disks {
+        push(&["--disk", &format!("id={},path={}", d.id, p.disk(&d.id))]);
+    }
+    push(&["--serial", "stdio", "--api-socket", &socket.display().to_string()]);
+    Ok(a)
+}
+
+/// The memvisor driver: the API client over the control stream (the relay when nested).
+#[derive(Default)]
+pub struct Memvisor {
+    api: Option<Client<UnixStream>>,
+    /// What `GET /api/v1/vm` said when the driver attached.
+    pub attached: Option<VmInfo>,
+}
+
+impl Memvisor {
+    fn api(&mut self) -> Result<&mut Client<UnixStream>> {
+        self.api
+            .as_mut()
+            .ok_or_else(|| Error::Vmm("memvisor's API not attached".into()))
+    }
+
+    /// `GET /api/v1/memory`.
+    pub fn memory(&mut self) -> Result<MemoryInfo> {
+        let r = self.api()?.call("GET", path::MEMORY, None)?;
+        serde_json::from_slice(&r.body).map_err(|e| {
+            Error::Vmm(format!(
+                "GET {}: unexpected answer ({e}): {:.300}",
+                path::MEMORY,
+                r.text()
+            ))
+        })
+    }
+}
+
+impl Vmm for Memvisor {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Memvisor
+    }
+
+    fn supports(&self, vm: &VmSpec, accel: Accel) -> std::result::Result<(), String> {
+        unsupported(vm, accel).map_or(Ok(()), Err)
+    }
+
+    fn command_line(&self, vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
+        command_line(vm, launch)
+    }
+
+    fn attach(&mut self, control: UnixStream) -> Result<()> {
+        let api = self.api.insert(Client::over(control)?);
+        let r = api.call("GET", path::VM, None)?;
+        let vm: VmInfo = serde_json::from_slice(&r.body)
+            .map_err(|e| Error::Vmm(format!("GET {}: unexpected answer ({e}): {:.300}", path::VM, r.text())))?;
+        self.attached = Some(vm);
+        Ok(())
+    }
+
+    fn request_size(&mut self, id: &str, bytes: u64) -> Result<()> {
+        let body = json!({ "requested_size": bytes });
+        self.api()?.call("PUT", &path::memory_device(id), Some(&body)).map(drop)
+    }
+
+    fn plugged_size(&mut self, id: &str) -> Result<u64> {
+        Ok(self.memory()?.device(id)?.plugged_size)
+    }
+
+    fn ram_blocks(&mut self) -> Result<Vec<RamBlock>> {
+        Ok(self
+            .memory()?
+            .ram_blocks
+            .into_iter()
+            .map(|b| RamBlock {
+                name: b.name,
+                hva: b.hva,
+                size: b.size,
+            })
+            .collect())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.api()?.call("PUT", path::SHUTDOWN, None).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Scenario;
+    use crate::vmm::{Placement, VmmKind};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::path::Path;
+
+    fn scenario(name: &str) -> Scenario {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("scenarios/{name}.toml"));
+        Scenario::load(&path).unwrap()
+    }
+
+    const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+    fn line_in_l1(name: &str) -> Result<String> {
+        let launch = Launch::new(CMDLINE.into(), Placement::in_l1_for(VmmKind::Memvisor));
+        command_line(&scenario(name).vm, &launch).map(|a| a.join(" "))
+    }
+
+    const PREFIX: &str = "/lab/memvisor/memvisor run --kernel /lab/l2/vmlinuz --initrd /lab/l2/initrd.cpio \
+                          --cmdline console=ttyS0 panic=-1 quiet";
+    const SUFFIX: &str = "--serial stdio --api-socket /run/memvisor.sock";
+
+    #[test]
+    fn the_command_line_of_every_shipped_scenario_in_l1() {
+        assert_eq!(
+            line_in_l1("boot").unwrap(),
+            format!("{PREFIX} --cpus 1 --memory 512M {SUFFIX}")
+        );
+        assert_eq!(
+            line_in_l1("vmem-resize").unwrap(),
+            format!(
+                "{PREFIX} --cpus 1 --memory 512M --vmem id=vmem0,size=1G,block=2M,requested=0,prealloc=on {SUFFIX}"
+            )
+        );
+        assert_eq!(
+            line_in_l1("viommu").unwrap(),
+            format!("{PREFIX} --cpus 1 --memory 512M --viommu --disk id=disk0,path=/tmp/disk-disk0.img {SUFFIX}")
+        );
+        for name in ["vfio-nvme", "vfio-nvme-viommu"] {
+            assert_eq!(
+                line_in_l1(name).unwrap_err().to_string(),
+                "vmm: memvisor cannot assign VFIO devices yet (issue 19): disk `nvme0` is vfio-nvme"
+            );
+        }
+        // The kernel command line is one argument (the control loop quotes it).
+        let launch = Launch::new(CMDLINE.into(), Placement::in_l1_for(VmmKind::Memvisor));
+        let argv = command_line(&scenario("boot").vm, &launch).unwrap();
+        assert_eq!(argv[6..8], ["--cmdline", CMDLINE]);
+    }
+
+    #[test]
+    fn what_memvisor_cannot_run_is_refused_before_anything_boots() {
+        let m = Memvisor::default();
+        assert_eq!(m.supports(&scenario("vmem-resize").vm, Accel::Kvm), Ok(()));
+        let e = m.supports(&scenario("vfio-nvme").vm, Accel::Kvm).unwrap_err();
+        assert!(
+            e.starts_with("memvisor cannot assign VFIO devices yet (issue 19)"),
+            "{e}"
+        );
+        let e = m.supports(&scenario("boot").vm, Accel::Tcg).unwrap_err();
+        assert!(e.contains("KVM only") && e.contains("--mode nested"), "{e}");
+        let mut p = Placement::in_l1_for(VmmKind::Memvisor);
+        p.accel = Accel::Tcg;
+        assert!(command_line(&scenario("boot").vm, &Launch::new(String::new(), p)).is_err());
+        // QEMU's TCP control port is not memvisor's.
+        let e = command_line(&scenario("boot").vm, &Launch::new(String::new(), Placement::in_l1()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Unix socket, not Tcp(4444)"), "{e}");
+    }
+
+    const MEMORY: &str = r#"{"boot_ram":536870912,"devices":[{"id":"vmem0","addr":4294967296,"region_size":1073741824,"block_size":2097152,"requested_size":268435456,"plugged_size":134217728,"usable_region_size":1073741824}],"ram_blocks":[{"name":"boot-ram","hva":139637976727552,"size":536870912},{"name":"vmem0","hva":139636902985728,"size":1073741824}],"host":{"rss_bytes":700000000,"pinned_bytes":0}}"#;
+
+    fn ok(body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn memory_answers_parse_and_name_missing_devices() {
+        let m: MemoryInfo = serde_json::from_str(MEMORY).unwrap();
+        assert_eq!(m.boot_ram, 512 << 20);
+        let d = m.device("vmem0").unwrap();
+        assert_eq!((d.addr, d.block_size, d.plugged_size), (4 << 30, 2 << 20, 128 << 20));
+        assert_eq!(m.ram_blocks[1].name, "vmem0");
+        assert_eq!(m.host.rss_bytes, 700_000_000);
+        assert_eq!(
+            m.device("vmem1").unwrap_err().to_string(),
+            "vmm: memvisor has no virtio-mem device `vmem1` (it has: vmem0)"
+        );
+        // A missing field is named.
+        let e = serde_json::from_str::<MemoryInfo>(&MEMORY.replace("\"plugged_size\"", "\"plugged\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `plugged_size`"), "{e}");
+    }
+
+    /// The driver over a Unix socket pair, the other end played by a thread with canned
+    /// answers that returns the requests it got.
+    #[test]
+    fn the_driver_speaks_the_api_over_one_connection() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let answers: Vec<Vec<u8>> = vec![
+            ok(r#"{"state":"running","uptime_ms":1500}"#),
+            b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            ok(MEMORY),
+            ok(MEMORY),
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 28\r\n\r\n{\"error\":\"no device vmem7\"}\n".to_vec(),
+            b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+        ];
+        let server = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut w = theirs;
+            let mut requests = Vec::new();
+            for answer in answers {
+                let mut head = String::new();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(n) = line.strip_prefix("Content-Length: ") {
+                        len = n.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if head.is_empty() {
+                        head = line.trim_end().to_string();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                requests.push(format!("{head} {}", String::from_utf8(body).unwrap()));
+                w.write_all(&answer).unwrap();
+            }
+            requests
+        });
+        let mut m = Memvisor::default();
+        m.attach(ours).unwrap();
+        assert_eq!(
+            m.attached,
+            Some(VmInfo {
+                state: "running".into(),
+                uptime_ms: 1500
+            })
+        );
+        m.request_size("vmem0", 256 << 20).unwrap();
+        assert_eq!(m.plugged_size("vmem0").unwrap(), 128 << 20);
+        assert_eq!(
+            m.ram_blocks().unwrap(),
+            [
+                RamBlock {
+                    name: "boot-ram".into(),
+                    hva: 0x7f00_0000_0000,
+                    size: 512 << 20
+                },
+                RamBlock {
+                    name: "vmem0".into(),
+                    hva: 0x7eff_c000_0000,
+                    size: 1 << 30
+                }
+            ]
+        );
+        let e = m.request_size("vmem7", 0).unwrap_err().to_string();
+        assert_eq!(e, "vmm: PUT /api/v1/memory/vmem7: 404 Not Found: no device vmem7");
+        m.shutdown().unwrap();
+        assert_eq!(
+            server.join().unwrap(),
+            [
+                "GET /api/v1/vm HTTP/1.1 ",
+                "PUT /api/v1/memory/vmem0 HTTP/1.1 {\"requested_size\":268435456}",
+                "GET /api/v1/memory HTTP/1.1 ",
+                "GET /api/v1/memory HTTP/1.1 ",
+                "PUT /api/v1/memory/vmem7 HTTP/1.1 {\"requested_size\":0}",
+                "PUT /api/v1/vmm/shutdown HTTP/1.1 ",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unattached_driver_says_so() {
+        let mut m = Memvisor::default();
+        assert_eq!(
+            m.plugged_size("vmem0").unwrap_err().to_string(),
+            "vmm: memvisor's API not attached"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! `memvisor run`: boot a guest under memvisor's KVM VMM.
+//!
+//! Every flag has its place in [`VmmConfig`]; `--config FILE` takes the
+//! same structure as JSON, and `--print-config` shows the flags as that
+//! JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use memvisor_vmm::config::{DiskConfig, SerialConfig, VmemConfig, VmmConfig};
+use memvisor_vmm::runner::{self, RunEnd};
+
+use crate::size::{parse_block_size, parse_size};
+
+/// The arguments of `memvisor run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The kernel: an ELF vmlinux with a PVH note, or a bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// An initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=acpi panic=-1")]
+    cmdline: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Boot RAM (e.g. 512M, 2G).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// A virtio-mem device: `id=vmem0,size=4G,block=2M,requested=1G[,prealloc=on]` (repeatable).
+    #[arg(long, value_parser = parse_vmem)]
+    vmem: Vec<VmemConfig>,
+    /// A virtio-iommu; disks are behind it unless `iommu=off`.
+    #[arg(long)]
+    viommu: bool,
+    /// A virtio-blk disk: `id=disk0,path=IMAGE[,readonly=on][,iommu=off]` (repeatable).
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// The serial console: `stdio`, `file:PATH` or `off`.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialConfig,
+    /// The management API's Unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// The whole configuration as JSON (the form `--print-config` prints); no other flag with it.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "vmem", "viommu", "disk", "api_socket"])]
+    config: Option<PathBuf>,
+    /// Print the configuration as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// `key=value,...` pairs, each key at most once and from `allowed`.
+fn pairs<'a>(text: &'a str, what: &str, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{what}: `{part}` is not key=value"))?;
+        if !allowed.contains(&k) {
+            return Err(format!("{what}: unknown key `{k}` (known: {})", allowed.join(", ")));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(format!("{what}: `{k}` given twice"));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn on_off(what: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{what}: {key}={v}: expected on or off")),
+    }
+}
+
+fn parse_vmem(text: &str) -> Result<VmemConfig, String> {
+    let what = "--vmem";
+    let kv = pairs(text, what, &["id", "size", "block", "requested", "prealloc"])?;
+    let get = |k: &str| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    Ok(VmemConfig {
+        id: get("id").unwrap_or("vmem0").to_string(),
+        size: parse_size(get("size").ok_or(format!("{what}: size= is required"))?)?,
+        block_size: parse_block_size(get("block").unwrap_or("2M"))?,
+        requested: get("requested").map(parse_size).transpose()?.unwrap_or(0),
+        prealloc: get("prealloc").map(|v| on_off(what, "prealloc", v)).transpose()?.unwrap_or(false),
+    })
+}
+
+fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let what = "--disk";
+    let kv = pairs(text, what, &["id", "path", "readonly", "iommu"])?;
+    let get = |k: &str| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    Ok(DiskConfig {
+        id: get("id").unwrap_or("disk0").to_string(),
+        path: get("path").ok_or(format!("{what}: path= is required"))?.into(),
+        read_only: get("readonly").map(|v| on_off(what, "readonly", v)).transpose()?.unwrap_or(false),
+        iommu: get("iommu").map(|v| on_off(what, "iommu", v)).transpose()?.unwrap_or(true),
+    })
+}
+
+fn parse_serial(text: &str) -> Result<SerialConfig, String> {
+    match text {
+        "stdio" => Ok(SerialConfig::Stdio),
+        "off" | "none" => Ok(SerialConfig::Off),
+        _ => match text.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+            _ => Err(format!("--serial {text}: expected stdio, file:PATH or off")),
+        },
+    }
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<VmmConfig, String> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+            return serde_json::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()));
+        }
+        Ok(VmmConfig {
+            kernel: self.kernel.clone().ok_or("--kernel is required")?,
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory,
+            vmem: self.vmem.clone(),
+            viommu: self.viommu,
+            disks: self.disk.clone(),
+            serial: self.serial.clone(),
+            api_socket: self.api_socket.clone(),
+        })
+    }
+}
+
+/// Runs the VMM until the guest powers off (exit 0) or fails (exit 1).
+pub fn run(args: &RunArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("memvisor run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&config).expect("a config serializes"));
+        return ExitCode::SUCCESS;
+    }
+    match runner::run(config) {
+        Ok(RunEnd::PowerOff) => {
+            log::info!("the guest powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(RunEnd::Shutdown) => {
+            log::info!("the VMM was asked to stop");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("memvisor run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_flags_parse_and_name_bad_values() {
+        let v = parse_vmem("id=vmem0,size=1G,block=2M,requested=0,prealloc=on").unwrap();
+        assert_eq!((v.size, v.block_size, v.requested, v.prealloc), (1 << 30, 2 << 20, 0, true));
+        assert!(parse_vmem("id=a").unwrap_err().contains("size= is required"));
+        assert!(parse_vmem("size=1G,colour=red").unwrap_err().contains("unknown key `colour`"));
+        assert!(parse_vmem("size=1G,block=3M").unwrap_err().contains("power of two"));
+        assert!(parse_vmem("size=1G,size=2G").unwrap_err().contains("twice"));
+        let d = parse_disk("id=disk0,path=/tmp/d.img,iommu=off").unwrap();
+        assert_eq!((d.path.to_str(), d.iommu, d.read_only), (Some("/tmp/d.img"), false, false));
+        assert!(parse_disk("id=d,readonly=maybe,path=x").unwrap_err().contains("readonly=maybe"));
+        assert_eq!(parse_serial("file:/tmp/c"), Ok(SerialConfig::File("/tmp/c".into())));
+        assert!(parse_serial("tcp:1").is_err());
+    }
+}
