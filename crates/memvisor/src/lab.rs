@@ -42,8 +42,8 @@ pub fn setup() -> ExitCode {
 pub struct LabArgs {
     /// The scenario: a shipped name or a file.
     pub scenario: String,
-    /// The VMM that runs the guest.
-    pub vmm: VmmKind,
+    /// The VMMs that run the guest, one after the other.
+    pub vmms: Vec<VmmKind>,
     /// Nested, direct, or whichever this host's KVM allows.
     pub mode: ModeChoice,
     /// A guest script that replaces the scenario's.
@@ -59,32 +59,50 @@ pub struct LabArgs {
 /// `memvisor lab run`: exit 0 if every stage ran and every expectation
 /// held, 1 if not, 2 if nothing could start (a bad scenario, a scenario this
 /// host cannot run in the chosen mode, setup).
+/// With several VMMs, each runs in turn; the reports are printed side by side (and as a
+/// JSON array with `--json`) and the exit status is the worst of them.
 pub fn run(args: &LabArgs) -> ExitCode {
+    let Some(&first) = args.vmms.first() else {
+        eprintln!("memvisor lab: no VMM given");
+        return ExitCode::from(2);
+    };
     let options = RunOptions {
         scenario: scenario_path(&args.scenario),
-        vmm: args.vmm,
+        vmm: first,
         mode: args.mode,
         guest_script: args.guest_script.clone(),
         keep: args.keep,
         cache_dir: None,
         verbose: args.verbose,
     };
-    let report = match memvisor_lab::run(&options) {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("memvisor lab: {e}");
-            return ExitCode::from(2);
+    let mut reports = Vec::new();
+    let mut status = 0u8;
+    for (vmm, result) in memvisor_lab::run_each(&options, &args.vmms) {
+        match result {
+            Ok(report) => {
+                print_summary(&report);
+                if !report.passed {
+                    status = status.max(1);
+                }
+                reports.push(report);
+            }
+            Err(e) => {
+                eprintln!("memvisor lab ({vmm}): {e}");
+                status = 2;
+            }
         }
-    };
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report serializes"));
+        let json = match reports.as_slice() {
+            [one] if args.vmms.len() == 1 => serde_json::to_string(one),
+            all => serde_json::to_string(all),
+        };
+        println!("{}", json.expect("a report serializes"));
     }
-    print_summary(&report);
-    if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    if args.vmms.len() > 1 {
+        eprint!("{}", memvisor_lab::report::side_by_side(&reports));
     }
+    ExitCode::from(status)
 }
 
 fn print_summary(report: &Report) {

@@ -50,12 +50,12 @@ enum GuardArg {
     Warn,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum VmmArg {
-    /// QEMU 10 from Debian's backports, driven over QMP (the reference).
-    Qemu,
-    /// memvisor's own VMM.
-    Memvisor,
+/// The VMMs of `lab run --vmm`.
+#[derive(Debug, Clone)]
+struct Vmms(Vec<memvisor_lab::VmmKind>);
+
+fn parse_vmms(text: &str) -> Result<Vmms, String> {
+    memvisor_lab::VmmKind::parse_list(text).map(Vmms)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -80,9 +80,10 @@ enum LabCommand {
         /// A shipped scenario (boot, vmem-resize, viommu, vfio-nvme, vfio-nvme-viommu)
         /// or a scenario file.
         scenario: String,
-        /// The VMM that runs the guest.
-        #[arg(long, value_enum, default_value_t = VmmArg::Qemu)]
-        vmm: VmmArg,
+        /// The VMM that runs the guest: qemu (the reference), memvisor, or several
+        /// (`qemu,memvisor` or `both`), one after the other, reported side by side.
+        #[arg(long, default_value = "qemu", value_parser = parse_vmms)]
+        vmm: Vmms,
         /// Where the VMM runs: in L1 (nested) or on this host (direct).
         #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
         mode: ModeArg,
@@ -178,7 +179,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Diagnostics on stderr: what a running VMM does at info, other commands' warnings;
     // `RUST_LOG` (e.g. `debug`, `memvisor_vmm=trace`) overrides.
-    let level = if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" };
+    let level = if matches!(cli.command, Command::Run(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)
         .init();
@@ -241,10 +246,7 @@ fn main() -> ExitCode {
                 verbose,
             } => lab::run(&lab::LabArgs {
                 scenario,
-                vmm: match vmm {
-                    VmmArg::Qemu => memvisor_lab::VmmKind::Qemu,
-                    VmmArg::Memvisor => memvisor_lab::VmmKind::Memvisor,
-                },
+                vmms: vmm.0,
                 mode: match mode {
                     ModeArg::Auto => memvisor_lab::ModeChoice::Auto,
                     ModeArg::Nested => memvisor_lab::ModeChoice::Nested,

@@ -88,7 +88,10 @@ fn parse_vmem(text: &str) -> Result<VmemConfig, String> {
         size: parse_size(get("size").ok_or(format!("{what}: size= is required"))?)?,
         block_size: parse_block_size(get("block").unwrap_or("2M"))?,
         requested: get("requested").map(parse_size).transpose()?.unwrap_or(0),
-        prealloc: get("prealloc").map(|v| on_off(what, "prealloc", v)).transpose()?.unwrap_or(false),
+        prealloc: get("prealloc")
+            .map(|v| on_off(what, "prealloc", v))
+            .transpose()?
+            .unwrap_or(false),
     })
 }
 
@@ -99,8 +102,14 @@ fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig {
         id: get("id").unwrap_or("disk0").to_string(),
         path: get("path").ok_or(format!("{what}: path= is required"))?.into(),
-        read_only: get("readonly").map(|v| on_off(what, "readonly", v)).transpose()?.unwrap_or(false),
-        iommu: get("iommu").map(|v| on_off(what, "iommu", v)).transpose()?.unwrap_or(true),
+        read_only: get("readonly")
+            .map(|v| on_off(what, "readonly", v))
+            .transpose()?
+            .unwrap_or(false),
+        iommu: get("iommu")
+            .map(|v| on_off(what, "iommu", v))
+            .transpose()?
+            .unwrap_or(true),
     })
 }
 
@@ -146,7 +155,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
         }
     };
     if args.print_config {
-        println!("{}", serde_json::to_string_pretty(&config).expect("a config serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config).expect("a config serializes")
+        );
         return ExitCode::SUCCESS;
     }
     match runner::run(config) {
@@ -172,14 +184,28 @@ mod tests {
     #[test]
     fn device_flags_parse_and_name_bad_values() {
         let v = parse_vmem("id=vmem0,size=1G,block=2M,requested=0,prealloc=on").unwrap();
-        assert_eq!((v.size, v.block_size, v.requested, v.prealloc), (1 << 30, 2 << 20, 0, true));
+        assert_eq!(
+            (v.size, v.block_size, v.requested, v.prealloc),
+            (1 << 30, 2 << 20, 0, true)
+        );
         assert!(parse_vmem("id=a").unwrap_err().contains("size= is required"));
-        assert!(parse_vmem("size=1G,colour=red").unwrap_err().contains("unknown key `colour`"));
+        assert!(
+            parse_vmem("size=1G,colour=red")
+                .unwrap_err()
+                .contains("unknown key `colour`")
+        );
         assert!(parse_vmem("size=1G,block=3M").unwrap_err().contains("power of two"));
         assert!(parse_vmem("size=1G,size=2G").unwrap_err().contains("twice"));
         let d = parse_disk("id=disk0,path=/tmp/d.img,iommu=off").unwrap();
-        assert_eq!((d.path.to_str(), d.iommu, d.read_only), (Some("/tmp/d.img"), false, false));
-        assert!(parse_disk("id=d,readonly=maybe,path=x").unwrap_err().contains("readonly=maybe"));
+        assert_eq!(
+            (d.path.to_str(), d.iommu, d.read_only),
+            (Some("/tmp/d.img"), false, false)
+        );
+        assert!(
+            parse_disk("id=d,readonly=maybe,path=x")
+                .unwrap_err()
+                .contains("readonly=maybe")
+        );
         assert_eq!(parse_serial("file:/tmp/c"), Ok(SerialConfig::File("/tmp/c".into())));
         assert!(parse_serial("tcp:1").is_err());
     }

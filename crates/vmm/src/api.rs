@@ -7,7 +7,7 @@
 //! | method | path | answer |
 //! |---|---|---|
 //! | GET | `/api/v1/vm` | `{"state":"running","uptime_ms":N}` |
-//! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes, the RAM blocks' host addresses, host figures |
+//! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host figures |
 //! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
 //! | PUT | `/api/v1/vmm/shutdown` | 204, then the VMM stops |
 //!
@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::unassigned::UnassignedMemory;
 
 /// Largest request body read; larger ones get 413.
 const MAX_BODY: usize = 64 << 10;
@@ -53,6 +54,8 @@ pub struct ApiContext {
     pub vmems: Vec<(String, Arc<VirtioMemRegion>)>,
     /// The guest's RAM blocks in the VMM process.
     pub ram_blocks: Vec<RamBlockInfo>,
+    /// The guest's accesses to unassigned memory (unplugged blocks among them).
+    pub unassigned: Arc<UnassignedMemory>,
 }
 
 /// A running API server; stopping it (or dropping it) joins its thread
@@ -202,6 +205,7 @@ fn memory(ctx: &ApiContext) -> Value {
         .iter()
         .map(|(id, r)| {
             let c = r.config();
+            let unplugged = ctx.unassigned.counts_at(r.addr());
             json!({
                 "id": id,
                 "addr": r.addr(),
@@ -210,6 +214,8 @@ fn memory(ctx: &ApiContext) -> Value {
                 "requested_size": c.requested_size,
                 "plugged_size": c.plugged_size,
                 "usable_region_size": c.usable_region_size,
+                "unassigned_reads": unplugged.reads,
+                "unassigned_writes": unplugged.writes,
             })
         })
         .collect();
@@ -323,6 +329,7 @@ mod tests {
             boot_ram: 2 << 20,
             vmems,
             ram_blocks: vec![],
+            unassigned: Arc::new(UnassignedMemory::for_map(machine.memory())),
         };
         (machine, ctx)
     }
@@ -360,6 +367,12 @@ mod tests {
         let body = m.body.unwrap();
         assert_eq!(body["devices"][0]["region_size"], 64 << 20);
         assert_eq!(body["devices"][0]["plugged_size"], 0);
+        ctx.unassigned.read(1 << 32, &mut [0; 4]);
+        let body = handle(&ctx, &Method::Get, "/api/v1/memory", b"").body.unwrap();
+        assert_eq!(
+            body["devices"][0]["unassigned_reads"], 1,
+            "an access to an unplugged block is counted"
+        );
         assert!(body["host"]["rss_bytes"].as_u64().unwrap() > 0);
         assert_eq!(
             handle(&ctx, &Method::Get, "/api/v1/vm", b"").body.unwrap()["state"],

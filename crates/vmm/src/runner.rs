@@ -171,6 +171,7 @@ struct Process {
     serial: Option<Arc<Mutex<Serial>>>,
     serial_irq: EventFd,
     exit: Arc<ExitSignal>,
+    unassigned: Arc<UnassignedMemory>,
 }
 
 /// Boots `config` and runs the guest until it powers off or the VMM is
@@ -211,9 +212,10 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
         )))
     });
 
+    let unassigned = Arc::new(UnassignedMemory::for_map(machine.memory()));
     let api = match &config.api_socket {
         Some(path) => Some(
-            ApiServer::start(path, api_context(&machine, &exit, config.memory))
+            ApiServer::start(path, api_context(&machine, &exit, &unassigned, config.memory))
                 .map_err(setup(format!("the API socket {}", path.display())))?,
         ),
         None => None,
@@ -225,6 +227,7 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
         serial,
         serial_irq,
         exit,
+        unassigned,
     };
     let _raw = RawTerminal::new(&process.config.serial);
     let started = Instant::now();
@@ -250,7 +253,12 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     Ok(end)
 }
 
-fn api_context(machine: &Machine, exit: &Arc<ExitSignal>, boot_ram: u64) -> ApiContext {
+fn api_context(
+    machine: &Machine,
+    exit: &Arc<ExitSignal>,
+    unassigned: &Arc<UnassignedMemory>,
+    boot_ram: u64,
+) -> ApiContext {
     let vmems = machine
         .vmems()
         .iter()
@@ -278,6 +286,7 @@ fn api_context(machine: &Machine, exit: &Arc<ExitSignal>, boot_ram: u64) -> ApiC
         boot_ram,
         vmems,
         ram_blocks,
+        unassigned: unassigned.clone(),
     }
 }
 
@@ -324,7 +333,7 @@ const TOKEN_QUEUE: u64 = 2;
 fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let config = &p.config;
     let machine = lock(&p.machine);
-    let vm = Vm::new(&machine)?;
+    let vm = Vm::with_unassigned(machine.memory(), p.unassigned.clone())?;
     let memory = machine.memory().clone();
     let iommu_present = machine.iommu().is_some();
     drop(machine);

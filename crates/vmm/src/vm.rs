@@ -185,6 +185,13 @@ impl Vm {
     /// `/dev/kvm` missing or unusable, a KVM call failing, or a map that
     /// may need more slots than `KVM_CAP_NR_MEMSLOTS`.
     pub fn with_memory(memory: &GuestMemoryMap) -> Result<Self, VmError> {
+        Self::with_unassigned(memory, Arc::new(UnassignedMemory::for_map(memory)))
+    }
+
+    /// A VM for `memory` whose accesses outside every slot go to
+    /// `unassigned` (which may outlive the VM, e.g. to count across
+    /// reboots).
+    pub fn with_unassigned(memory: &GuestMemoryMap, unassigned: Arc<UnassignedMemory>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| VmError::Open(e.into()))?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION {
@@ -200,7 +207,7 @@ impl Vm {
         let memslots = Memslots::attach(memory, backend, nr_memslots)?;
         Ok(Self {
             memslots,
-            unassigned: Arc::new(UnassignedMemory::for_map(memory)),
+            unassigned,
             handle,
             kvm,
             nr_memslots,
