@@ -1,35 +1,63 @@
 //! The management API: HTTP/1.1 with JSON bodies on a Unix socket, served
-//! by `tiny_http` on a thread of its own. It reads and resizes the
-//! virtio-mem devices through their regions and asks the VMM to stop
-//! through the [`ExitSignal`]; it never takes a lock a vCPU waits on for
-//! long, so a slow client cannot stall the guest.
+//! by `tiny_http` (sync, small, Unix sockets built in; `micro_http` is not
+//! on crates.io and `hyper` would bring an async runtime into a VMM that
+//! has none) on a thread of its own. It reads and resizes the virtio-mem
+//! devices through their regions and controls the VM through
+//! [`VmControl`]; it never takes a lock a vCPU waits on, so a slow client
+//! cannot stall the guest. Each event stream is served on a thread of its
+//! own. The OpenAPI document is `docs/api/openapi.yaml`; [`ROUTES`] is
+//! what this server answers.
 //!
 //! | method | path | answer |
 //! |---|---|---|
-//! | GET | `/api/v1/vm` | `{"state":"running","uptime_ms":N}` |
-//! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host figures |
-//! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
+//! | GET | `/api/v1/vm` | state, uptime, boots, configuration |
+//! | PUT | `/api/v1/vm/pause`, `/api/v1/vm/resume` | 204; 409 when already in that state |
+//! | PUT | `/api/v1/vm/reboot` | 204: the machine resets and boots again |
+//! | PUT | `/api/v1/vm/power-off` | 202: the ACPI power button, then a forced stop after `timeout_s` |
 //! | PUT | `/api/v1/vmm/shutdown` | 204, then the VMM stops |
+//! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host and DMA figures |
+//! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
+//! | GET | `/api/v1/dma` | the assigned devices, their paths and pinned bytes, the pin budget, IOMMU faults |
+//! | GET | `/api/v1/events` | JSON lines (chunked) as things happen; `?count=N` ends after N |
 //!
 //! Errors are 4xx with `{"error": "..."}` naming the bad value.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use memvisor_machine::Machine;
 use memvisor_machine::size::parse_size;
 use memvisor_virtio_mem::VirtioMemRegion;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::exit::{ExitReason, ExitSignal};
+use crate::bus::lock;
+use crate::control::{ControlError, VmControl};
 use crate::unassigned::UnassignedMemory;
 
 /// Largest request body read; larger ones get 413.
 const MAX_BODY: usize = 64 << 10;
+
+/// Default and largest `timeout_s` of a power-off.
+const POWER_OFF_TIMEOUT_S: (u64, u64) = (30, 600);
+
+/// Every (method, path template) the server answers.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/vm"),
+    ("PUT", "/api/v1/vm/pause"),
+    ("PUT", "/api/v1/vm/resume"),
+    ("PUT", "/api/v1/vm/reboot"),
+    ("PUT", "/api/v1/vm/power-off"),
+    ("PUT", "/api/v1/vmm/shutdown"),
+    ("GET", "/api/v1/memory"),
+    ("PUT", "/api/v1/memory/{id}"),
+    ("GET", "/api/v1/dma"),
+    ("GET", "/api/v1/events"),
+];
 
 /// A block of guest memory and where the VMM process maps it.
 #[derive(Debug, Clone, Serialize)]
@@ -44,8 +72,12 @@ pub struct RamBlockInfo {
 
 /// What the API serves, shared with the VMM for the process's life.
 pub struct ApiContext {
-    /// Where stop requests go.
-    pub exit: Arc<ExitSignal>,
+    /// The VM: pause, resume, reboot, power off, stop, events.
+    pub control: Arc<VmControl>,
+    /// The machine, for DMA figures (locked briefly).
+    pub machine: Arc<Mutex<Machine>>,
+    /// The configuration the VMM runs, as `GET /api/v1/vm` shows it.
+    pub config: Value,
     /// When the VMM started.
     pub started: Instant,
     /// Boot RAM in bytes.
@@ -145,6 +177,9 @@ impl Answer {
 fn serve(ctx: &ApiContext, mut request: Request) {
     let method = request.method().clone();
     let url = request.url().to_string();
+    if method == Method::Get && url.split('?').next() == Some("/api/v1/events") {
+        return stream_events(ctx, request);
+    }
     let answer = match request.body_length() {
         Some(n) if n > MAX_BODY => Answer::error(413, format!("body of {n} bytes; at most {MAX_BODY}")),
         _ => {
@@ -157,6 +192,10 @@ fn serve(ctx: &ApiContext, mut request: Request) {
         }
     };
     log::debug!("API {method} {url} -> {}", answer.status);
+    respond(request, answer);
+}
+
+fn respond(request: Request, answer: Answer) {
     let result = match answer.body {
         Some(body) => {
             let json = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
@@ -173,29 +212,122 @@ fn serve(ctx: &ApiContext, mut request: Request) {
     }
 }
 
+/// Serves `GET /api/v1/events` on a thread of its own: the stream lasts
+/// until the client goes away, `?count=N` events were sent, or the VMM stops.
+fn stream_events(ctx: &ApiContext, request: Request) {
+    let query = request.url().split_once('?').map_or("", |(_, q)| q).to_string();
+    let count = match query.split('&').find_map(|kv| kv.strip_prefix("count=")) {
+        Some(n) => match n.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return respond(request, Answer::error(400, format!("count={n} is not a number"))),
+        },
+        None => None,
+    };
+    let Some(reader) = ctx.control.events().subscribe() else {
+        return respond(request, Answer::error(429, "too many event streams are open"));
+    };
+    let reader = match count {
+        Some(n) => reader.with_limit(n),
+        None => reader,
+    };
+    let spawned = std::thread::Builder::new().name("api-events".into()).spawn(move || {
+        let ndjson = Header::from_bytes("Content-Type", "application/x-ndjson").expect("a valid header");
+        let response = Response::new(200.into(), vec![ndjson], reader, None, None);
+        if let Err(e) = request.respond(response) {
+            log::debug!("event stream ended: {e}");
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("starting an event stream: {e}");
+    }
+}
+
 /// Answers one request (no I/O: the server does that).
 pub fn handle(ctx: &ApiContext, method: &Method, url: &str, body: &[u8]) -> Answer {
     let path = url.split('?').next().unwrap_or(url);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (Method::Get, ["api", "v1", "vm"]) => Answer::ok(json!({
-            "state": "running",
+            "state": ctx.control.state().name(),
             "uptime_ms": ctx.started.elapsed().as_millis() as u64,
+            "boots": ctx.control.boots(),
+            "config": ctx.config,
         })),
-        (Method::Get, ["api", "v1", "memory"]) => Answer::ok(memory(ctx)),
-        (Method::Put, ["api", "v1", "memory", id]) => resize(ctx, id, body),
-        (Method::Put, ["api", "v1", "vmm", "shutdown"]) => {
-            ctx.exit.raise(ExitReason::Shutdown);
+        (Method::Put, ["api", "v1", "vm", "pause"]) => control(ctx.control.pause()),
+        (Method::Put, ["api", "v1", "vm", "resume"]) => control(ctx.control.resume()),
+        (Method::Put, ["api", "v1", "vm", "reboot"]) => {
+            ctx.control.reboot();
             Answer::no_content()
         }
-        (
-            _,
-            ["api", "v1", "vm"]
-            | ["api", "v1", "memory"]
-            | ["api", "v1", "memory", _]
-            | ["api", "v1", "vmm", "shutdown"],
-        ) => Answer::error(405, format!("{method} is not allowed on {path}")),
+        (Method::Put, ["api", "v1", "vm", "power-off"]) => power_off(ctx, body),
+        (Method::Put, ["api", "v1", "vmm", "shutdown"]) => {
+            ctx.control.shutdown();
+            Answer::no_content()
+        }
+        (Method::Get, ["api", "v1", "memory"]) => Answer::ok(memory(ctx)),
+        (Method::Put, ["api", "v1", "memory", id]) => resize(ctx, id, body),
+        (Method::Get, ["api", "v1", "dma"]) => Answer::ok(dma(ctx)),
+        _ if known_path(&segments) => Answer::error(405, format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, format!("no endpoint {path}")),
+    }
+}
+
+/// True if some route has this path (whatever its method).
+fn known_path(segments: &[&str]) -> bool {
+    ROUTES.iter().any(|(_, template)| {
+        let t: Vec<&str> = template.trim_matches('/').split('/').collect();
+        t.len() == segments.len() && t.iter().zip(segments).all(|(t, s)| t.starts_with('{') || t == s)
+    })
+}
+
+fn control(result: Result<(), ControlError>) -> Answer {
+    match result {
+        Ok(()) => Answer::no_content(),
+        Err(e) => Answer::error(409, e.to_string()),
+    }
+}
+
+/// A JSON object body with only `allowed` fields (an empty body is `{}`).
+fn object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Answer> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| Answer::error(400, format!("body is not JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(Answer::error(
+            400,
+            format!("body must be a JSON object with {allowed:?}"),
+        ));
+    };
+    if let Some(unknown) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(Answer::error(
+            400,
+            format!("unknown field `{unknown}` (expected {allowed:?})"),
+        ));
+    }
+    Ok(obj)
+}
+
+fn power_off(ctx: &ApiContext, body: &[u8]) -> Answer {
+    let obj = match object(body, &["timeout_s"]) {
+        Ok(o) => o,
+        Err(answer) => return answer,
+    };
+    let (default, max) = POWER_OFF_TIMEOUT_S;
+    let timeout = match obj.get("timeout_s") {
+        None => default,
+        Some(v) => match v.as_u64() {
+            Some(t) if (1..=max).contains(&t) => t,
+            _ => return Answer::error(400, format!("timeout_s {v}: a whole number of seconds from 1 to {max}")),
+        },
+    };
+    match ctx.control.power_off(Duration::from_secs(timeout)) {
+        Ok(()) => Answer {
+            status: 202,
+            body: Some(json!({ "timeout_s": timeout })),
+        },
+        Err(e) => Answer::error(409, e.to_string()),
     }
 }
 
@@ -220,6 +352,10 @@ fn memory(ctx: &ApiContext) -> Value {
         })
         .collect();
     let status = ProcStatus::read();
+    let (dma_pinned, pin_budget) = {
+        let machine = lock(&ctx.machine);
+        (machine.pinned_bytes(), machine.budget().limit())
+    };
     json!({
         "boot_ram": ctx.boot_ram,
         "devices": devices,
@@ -229,6 +365,10 @@ fn memory(ctx: &ApiContext) -> Value {
             "locked_bytes": status.locked,
             "pinned_bytes": status.pinned,
         },
+        "dma": {
+            "pinned_bytes": dma_pinned,
+            "pin_budget": pin_budget,
+        },
     })
 }
 
@@ -237,16 +377,10 @@ fn resize(ctx: &ApiContext, id: &str, body: &[u8]) -> Answer {
         let known: Vec<&str> = ctx.vmems.iter().map(|(n, _)| n.as_str()).collect();
         return Answer::error(404, format!("no virtio-mem device `{id}` (devices: {known:?})"));
     };
-    let value: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return Answer::error(400, format!("body is not JSON: {e}")),
+    let obj = match object(body, &["requested_size"]) {
+        Ok(o) => o,
+        Err(answer) => return answer,
     };
-    let Some(obj) = value.as_object() else {
-        return Answer::error(400, "body must be an object {\"requested_size\": ...}");
-    };
-    if let Some(unknown) = obj.keys().find(|k| *k != "requested_size") {
-        return Answer::error(400, format!("unknown field `{unknown}` (expected requested_size)"));
-    }
     let bytes = match obj.get("requested_size") {
         Some(Value::Number(n)) => match n.as_u64() {
             Some(b) => b,
@@ -265,9 +399,43 @@ fn resize(ctx: &ApiContext, id: &str, body: &[u8]) -> Answer {
         None => return Answer::error(400, "missing field requested_size"),
     };
     match region.set_requested_size(bytes) {
-        Ok(()) => Answer::no_content(),
+        Ok(()) => {
+            ctx.control
+                .events()
+                .publish("size-requested", json!({ "id": id, "requested_size": bytes }));
+            Answer::no_content()
+        }
         Err(e) => Answer::error(400, format!("virtio-mem `{id}`: {e}")),
     }
+}
+
+fn dma(ctx: &ApiContext) -> Value {
+    let machine = lock(&ctx.machine);
+    let devices: Vec<Value> = machine
+        .dma_devices()
+        .map(|d| {
+            let path = match d.path() {
+                None => "detached",
+                Some(memvisor_dma::attach::DmaPath::Ram) => "ram",
+                Some(memvisor_dma::attach::DmaPath::Viommu { .. }) => "viommu",
+            };
+            json!({
+                "name": d.name(),
+                "path": path,
+                "mappings": d.pinned_ranges().map_or(0, |r| r.len()),
+                "pinned_bytes": d.pinned_bytes(),
+            })
+        })
+        .collect();
+    let iommu = machine
+        .iommu()
+        .map(|i| json!({ "dropped_faults": i.handle.dropped_faults() }));
+    json!({
+        "pinned_bytes": machine.pinned_bytes(),
+        "pin_budget": machine.budget().limit(),
+        "devices": devices,
+        "iommu": iommu,
+    })
 }
 
 /// The VMM process's memory figures from `/proc/self/status`, in bytes.
@@ -307,11 +475,13 @@ impl ProcStatus {
 
 #[cfg(test)]
 mod tests {
-    use memvisor_machine::{Machine, MachineConfig, RamSpec, VirtioMemSpec};
+    use memvisor_machine::{MachineConfig, RamSpec, VirtioMemSpec};
 
     use super::*;
+    use crate::events::EventBus;
+    use crate::exit::{ExitReason, ExitSignal};
 
-    fn ctx() -> (Machine, ApiContext) {
+    fn ctx() -> (Arc<ExitSignal>, ApiContext) {
         let machine = Machine::new(&MachineConfig {
             ram: vec![RamSpec { addr: 0, size: 2 << 20 }],
             virtio_mem: vec![VirtioMemSpec::new("vmem0", 1 << 32, 64 << 20, 2 << 20)],
@@ -323,25 +493,40 @@ mod tests {
             .iter()
             .map(|v| (v.id.clone(), v.region.clone()))
             .collect();
+        let unassigned = Arc::new(UnassignedMemory::for_map(machine.memory()));
+        let exit = Arc::new(ExitSignal::new().unwrap());
         let ctx = ApiContext {
-            exit: Arc::new(ExitSignal::new().unwrap()),
+            control: VmControl::new(exit.clone(), EventBus::new()),
+            machine: Arc::new(Mutex::new(machine)),
+            config: json!({"memory": 2 << 20}),
             started: Instant::now(),
             boot_ram: 2 << 20,
             vmems,
             ram_blocks: vec![],
-            unassigned: Arc::new(UnassignedMemory::for_map(machine.memory())),
+            unassigned,
         };
-        (machine, ctx)
+        (exit, ctx)
+    }
+
+    fn requested(ctx: &ApiContext) -> u64 {
+        ctx.vmems[0].1.requested_size()
     }
 
     #[test]
     fn resize_accepts_units_and_names_bad_values() {
-        let (machine, ctx) = ctx();
+        let (_exit, ctx) = ctx();
+        let mut events = ctx.control.events().subscribe().unwrap().with_limit(1);
         let put = |body: &str| handle(&ctx, &Method::Put, "/api/v1/memory/vmem0", body.as_bytes());
         assert_eq!(put(r#"{"requested_size":"8M"}"#).status, 204);
-        assert_eq!(machine.vmems()[0].region.requested_size(), 8 << 20);
+        assert_eq!(requested(&ctx), 8 << 20);
+        let mut line = String::new();
+        events.read_to_string(&mut line).unwrap();
+        assert!(
+            line.contains(r#""event":"size-requested""#) && line.contains("8388608"),
+            "{line}"
+        );
         assert_eq!(put(r#"{"requested_size":4194304}"#).status, 204);
-        assert_eq!(machine.vmems()[0].region.requested_size(), 4 << 20);
+        assert_eq!(requested(&ctx), 4 << 20, "the later request wins");
         let unaligned = put(r#"{"requested_size":"3K"}"#);
         assert_eq!(unaligned.status, 400);
         assert!(
@@ -350,23 +535,22 @@ mod tests {
         );
         assert_eq!(put(r#"{"requested_size":"1G"}"#).status, 400, "beyond the region");
         assert_eq!(put("{").status, 400);
+        assert_eq!(put("[1]").status, 400);
         assert_eq!(put(r#"{"requested_size":1,"x":2}"#).status, 400);
         assert_eq!(put(r#"{"requested_size":-1}"#).status, 400);
+        assert_eq!(put(r#"{"requested_size":true}"#).status, 400);
+        assert_eq!(put("").status, 400, "the size is required");
         assert_eq!(handle(&ctx, &Method::Put, "/api/v1/memory/nope", b"{}").status, 404);
-        assert_eq!(
-            machine.vmems()[0].region.requested_size(),
-            4 << 20,
-            "no failed request changed it"
-        );
+        assert_eq!(requested(&ctx), 4 << 20, "no failed request changed it");
     }
 
     #[test]
-    fn memory_and_vm_and_shutdown() {
-        let (_machine, ctx) = ctx();
-        let m = handle(&ctx, &Method::Get, "/api/v1/memory", b"");
-        let body = m.body.unwrap();
+    fn memory_vm_dma_and_control() {
+        let (exit, ctx) = ctx();
+        let body = handle(&ctx, &Method::Get, "/api/v1/memory", b"").body.unwrap();
         assert_eq!(body["devices"][0]["region_size"], 64 << 20);
         assert_eq!(body["devices"][0]["plugged_size"], 0);
+        assert_eq!(body["dma"]["pin_budget"], Value::Null);
         ctx.unassigned.read(1 << 32, &mut [0; 4]);
         let body = handle(&ctx, &Method::Get, "/api/v1/memory", b"").body.unwrap();
         assert_eq!(
@@ -374,14 +558,43 @@ mod tests {
             "an access to an unplugged block is counted"
         );
         assert!(body["host"]["rss_bytes"].as_u64().unwrap() > 0);
+        let vm = handle(&ctx, &Method::Get, "/api/v1/vm", b"").body.unwrap();
+        assert_eq!((vm["state"].as_str(), vm["boots"].as_u64()), (Some("stopped"), Some(0)));
+        assert_eq!(vm["config"]["memory"], 2 << 20);
+        let dma = handle(&ctx, &Method::Get, "/api/v1/dma", b"").body.unwrap();
         assert_eq!(
-            handle(&ctx, &Method::Get, "/api/v1/vm", b"").body.unwrap()["state"],
-            "running"
+            (dma["pinned_bytes"].as_u64(), dma["devices"].as_array().map(Vec::len)),
+            (Some(0), Some(0))
+        );
+        // No boot runs: pausing and pressing the power button are conflicts.
+        assert_eq!(handle(&ctx, &Method::Put, "/api/v1/vm/pause", b"").status, 409);
+        assert_eq!(handle(&ctx, &Method::Put, "/api/v1/vm/power-off", b"").status, 409);
+        assert_eq!(
+            handle(&ctx, &Method::Put, "/api/v1/vm/power-off", br#"{"timeout_s":0}"#).status,
+            400
         );
         assert_eq!(handle(&ctx, &Method::Delete, "/api/v1/vm", b"").status, 405);
+        assert_eq!(handle(&ctx, &Method::Get, "/api/v1/memory/vmem0", b"").status, 405);
         assert_eq!(handle(&ctx, &Method::Get, "/nope", b"").status, 404);
+        assert_eq!(handle(&ctx, &Method::Put, "/api/v1/vm/reboot", b"").status, 204);
+        assert_eq!(exit.take(), Some(ExitReason::Reset));
         assert_eq!(handle(&ctx, &Method::Put, "/api/v1/vmm/shutdown", b"").status, 204);
-        assert_eq!(ctx.exit.take(), Some(ExitReason::Shutdown));
+        assert_eq!(exit.take(), Some(ExitReason::Shutdown));
+    }
+
+    #[test]
+    fn every_route_is_answered() {
+        let (_exit, ctx) = ctx();
+        for (method, template) in ROUTES {
+            if template.ends_with("/events") {
+                continue; // streamed by `serve`, not `handle`
+            }
+            let url = template.replace("{id}", "vmem0");
+            let method: Method = method.parse().unwrap();
+            let status = handle(&ctx, &method, &url, br#"{"requested_size":0}"#).status;
+            assert_ne!(status, 404, "{method} {url}");
+            assert_ne!(status, 405, "{method} {url}");
+        }
     }
 
     #[test]

@@ -52,7 +52,10 @@ pub mod bus;
 #[cfg(target_arch = "x86_64")]
 pub mod config;
 #[cfg(target_arch = "x86_64")]
+pub mod control;
+#[cfg(target_arch = "x86_64")]
 pub mod devices;
+pub mod events;
 pub mod exit;
 #[cfg(target_arch = "x86_64")]
 pub mod irq;

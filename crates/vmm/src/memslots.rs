@@ -193,6 +193,7 @@ impl RamDiscardListener for MemslotListener {
         let ops = table
             .populate(range, &mut allocator)
             .map_err(|e| Refusal(format!("KVM memory slots for {range}: {e}")))?;
+        let started = std::time::Instant::now();
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.backend.apply(*op) {
                 // The table forgets the range and its numbers go back to the
@@ -206,6 +207,12 @@ impl RamDiscardListener for MemslotListener {
                 return Err(Refusal(format!("KVM memory slots for {range}: {e}")));
             }
         }
+        log::debug!(
+            "{}: {} slots added for {range} in {:?}",
+            self.name,
+            ops.len(),
+            started.elapsed()
+        );
         Ok(())
     }
 
@@ -216,11 +223,18 @@ impl RamDiscardListener for MemslotListener {
         let mut allocator = lock(&self.allocator);
         match table.discard(range, &mut allocator) {
             Ok(ops) => {
-                for op in ops {
-                    if let Err(e) = self.backend.apply(op) {
+                let started = std::time::Instant::now();
+                for op in &ops {
+                    if let Err(e) = self.backend.apply(*op) {
                         self.retire(op.slot(), &mut allocator, &e);
                     }
                 }
+                log::debug!(
+                    "{}: {} slots removed for {range} in {:?}",
+                    self.name,
+                    ops.len(),
+                    started.elapsed()
+                );
             }
             // The manager only sends whole blocks of the registered range.
             Err(e) => log::error!("{}: discard of {range}: {e}", self.name),

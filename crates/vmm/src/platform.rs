@@ -4,7 +4,7 @@
 use std::fs::File;
 
 use memvisor_acpi::{
-    AcpiConfig, DEFAULT_OEM_ID, DEFAULT_OEM_TABLE_ID, IoApicConfig, PciHostConfig, PmConfig,
+    AcpiConfig, DEFAULT_OEM_ID, DEFAULT_OEM_TABLE_ID, GedConfig, IoApicConfig, PciHostConfig, PmConfig,
     SerialConfig as AcpiSerial, ViotConfig,
 };
 use memvisor_memory::map::GuestMemoryMap;
@@ -16,7 +16,7 @@ use crate::x86::boot::{self, BootConfig, BootEntry};
 use crate::x86::layout;
 
 /// The machine as ACPI describes it: CPUs, the IOAPIC, the PCI host
-/// bridge and its windows, the PM block, COM1 and, with a virtio-iommu,
+/// bridge and its windows, the PM block, the power button, COM1 and, with a virtio-iommu,
 /// the VIOT naming each endpoint behind it.
 pub fn acpi_config(config: &VmmConfig, slots: &PciSlots, mmio64: (u64, u64)) -> AcpiConfig {
     let viot = slots.iommu.map(|iommu| ViotConfig {
@@ -54,7 +54,9 @@ pub fn acpi_config(config: &VmmConfig, slots: &PciSlots, mmio64: (u64, u64)) -> 
             port: layout::COM1_PORT,
             irq: layout::COM1_IRQ,
         }),
-        power_button: None,
+        power_button: Some(GedConfig {
+            gsi: layout::POWER_BUTTON_GSI,
+        }),
         viot,
         oem_id: DEFAULT_OEM_ID,
         oem_table_id: DEFAULT_OEM_TABLE_ID,

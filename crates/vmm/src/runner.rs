@@ -26,8 +26,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::api::{ApiContext, ApiServer, RamBlockInfo};
 use crate::bus::{Bus, BusDevice, lock};
 use crate::config::{ConfigError, SerialConfig, VmmConfig};
+use crate::control::VmControl;
 use crate::devices::legacy::{I8042, PmBlock};
 use crate::devices::serial::Serial;
+use crate::events::EventBus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::irq::{GsiRouter, KvmIoEvents, KvmMsiVectors};
 use crate::unassigned::UnassignedMemory;
@@ -171,6 +173,7 @@ struct Process {
     serial: Option<Arc<Mutex<Serial>>>,
     serial_irq: EventFd,
     exit: Arc<ExitSignal>,
+    control: Arc<VmControl>,
     unassigned: Arc<UnassignedMemory>,
 }
 
@@ -213,26 +216,32 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     });
 
     let unassigned = Arc::new(UnassignedMemory::for_map(machine.memory()));
+    let events = EventBus::new();
+    let control = VmControl::new(exit.clone(), events.clone());
+    forward_size_events(&machine, &events);
+    let machine = Arc::new(Mutex::new(machine));
     let api = match &config.api_socket {
-        Some(path) => Some(
-            ApiServer::start(path, api_context(&machine, &exit, &unassigned, config.memory))
-                .map_err(setup(format!("the API socket {}", path.display())))?,
-        ),
+        Some(path) => {
+            let ctx = api_context(&machine, &control, &unassigned, &config);
+            Some(ApiServer::start(path, ctx).map_err(setup(format!("the API socket {}", path.display())))?)
+        }
         None => None,
     };
     let process = Process {
         config,
-        machine: Arc::new(Mutex::new(machine)),
+        machine,
         disks,
         serial,
         serial_irq,
         exit,
+        control,
         unassigned,
     };
     let _raw = RawTerminal::new(&process.config.serial);
     let started = Instant::now();
     let end = loop {
         let reason = run_boot(&process)?;
+        process.control.ended(&reason);
         match reason {
             ExitReason::Reset => {
                 log::info!(
@@ -246,19 +255,50 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
             }
             ExitReason::PowerOff => break RunEnd::PowerOff,
             ExitReason::Shutdown => break RunEnd::Shutdown,
-            ExitReason::Error(why) => return Err(RunError::Guest(why)),
+            ExitReason::Error(why) => {
+                process.control.events().close();
+                return Err(RunError::Guest(why));
+            }
         }
     };
+    process.control.events().close();
     drop(api);
     Ok(end)
 }
 
+/// Publishes every virtio-mem size change (plugged, requested, usable) as a
+/// `size-changed` event, from a thread per device that ends with the
+/// process.
+fn forward_size_events(machine: &Machine, events: &Arc<EventBus>) {
+    for vmem in machine.vmems() {
+        let (id, rx, events) = (vmem.id.clone(), vmem.region.subscribe(), events.clone());
+        let spawned = std::thread::Builder::new().name(format!("events-{id}")).spawn(move || {
+            while let Ok(e) = rx.recv() {
+                events.publish(
+                    "size-changed",
+                    serde_json::json!({
+                        "id": id,
+                        "plugged_size": e.plugged_size,
+                        "requested_size": e.requested_size,
+                        "usable_region_size": e.usable_region_size,
+                    }),
+                );
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("no size events for {}: {e}", vmem.id);
+        }
+    }
+}
+
 fn api_context(
-    machine: &Machine,
-    exit: &Arc<ExitSignal>,
+    machine: &Arc<Mutex<Machine>>,
+    control: &Arc<VmControl>,
     unassigned: &Arc<UnassignedMemory>,
-    boot_ram: u64,
+    config: &VmmConfig,
 ) -> ApiContext {
+    let shared = machine;
+    let machine = lock(shared);
     let vmems = machine
         .vmems()
         .iter()
@@ -281,9 +321,11 @@ fn api_context(
         });
     }
     ApiContext {
-        exit: exit.clone(),
+        control: control.clone(),
+        machine: shared.clone(),
+        config: serde_json::to_value(config).unwrap_or_default(),
         started: Instant::now(),
-        boot_ram,
+        boot_ram: config.memory,
         vmems,
         ram_blocks,
         unassigned: unassigned.clone(),
@@ -337,11 +379,21 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let memory = machine.memory().clone();
     let iommu_present = machine.iommu().is_some();
     drop(machine);
+    log::info!(
+        "KVM memory slots: {} in use, up to {} needed (one per virtio-mem block), {} available (KVM_CAP_NR_MEMSLOTS)",
+        vm.memslots().in_use(),
+        vm.memslots().worst_case(),
+        vm.memslots().limit()
+    );
     vm.create_platform()?;
     let router = GsiRouter::new(vm.handle().clone()).map_err(setup("KVM_SET_GSI_ROUTING"))?;
     router
         .register_irqfd(&p.serial_irq, layout::COM1_IRQ)
         .map_err(setup("the serial irqfd"))?;
+    let power_button = EventFd::new(EFD_NONBLOCK).map_err(setup("the power button irqfd"))?;
+    router
+        .register_irqfd(&power_button, layout::POWER_BUTTON_GSI)
+        .map_err(setup("the power button irqfd"))?;
     let ioevents = Arc::new(KvmIoEvents::new(vm.handle().clone()));
 
     // PCI: every virtio device behind the modern transport.
@@ -471,6 +523,7 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         unassigned: vm.unassigned().clone(),
     });
     let mut threads = VcpuThreads::start(vcpus, platform, p.exit.clone()).map_err(setup("starting vCPU threads"))?;
+    p.control.booted(threads.control().clone(), power_button);
     let mut events = vec![EpollEvent::default(); 16];
     let mut stdin_open = stdin_input;
     let reason = loop {

@@ -2,18 +2,22 @@
 //! to the platform ([`VcpuIo`]) and turns the exits that end a run
 //! (power off, reset, a failure) into an [`ExitReason`].
 //!
-//! Stopping: [`VcpuThreads::stop`] sets a shared flag and sends each
-//! thread [`kick_signal`] until it has left `KVM_RUN`; the flag is checked
-//! before every entry, so a signal that lands just before the entry is
-//! caught by the next check and a repeated kick.
+//! Stopping and pausing: [`VcpuControl`] sets a shared flag and sends
+//! each thread [`kick_signal`] until it has left `KVM_RUN` (and, to pause,
+//! parked); the flags are checked before every entry, so a signal that
+//! lands just before the entry is caught by the next check and a repeated
+//! kick.
 
-use std::sync::Arc;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
-use vmm_sys_util::signal::{Killable, register_signal_handler};
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::bus::lock;
 
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vm::Vcpu;
@@ -37,9 +41,138 @@ pub fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// Why pausing failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    /// The vCPUs are already paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// The vCPUs are not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU did not leave `KVM_RUN` in time.
+    #[error("{parked} of {total} vCPUs paused within {waited:?}")]
+    Timeout {
+        /// vCPUs that parked.
+        parked: usize,
+        /// vCPUs in all.
+        total: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
+}
+
+#[derive(Default)]
+struct Parking {
+    paused: bool,
+    parked: usize,
+}
+
+/// The shared run state of one boot's vCPU threads: stop, pause, resume.
+pub struct VcpuControl {
+    stop: AtomicBool,
+    parking: Mutex<Parking>,
+    changed: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("paused", &self.is_paused())
+            .finish()
+    }
+}
+
+/// How long [`VcpuControl::pause`] waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuControl {
+    fn new() -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            parking: Mutex::new(Parking::default()),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn kick_all(&self) {
+        for &t in lock(&self.threads).iter() {
+            // SAFETY: `t` is a thread of this process that has not been
+            // joined: `VcpuThreads::stop` clears the list before joining.
+            // The signal's handler does nothing.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// True while the vCPUs are paused (or being paused).
+    pub fn is_paused(&self) -> bool {
+        lock(&self.parking).paused
+    }
+
+    /// Pauses every vCPU: each leaves `KVM_RUN` and waits; returns once
+    /// all have parked.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        let total = lock(&self.threads).len();
+        {
+            let mut p = lock(&self.parking);
+            if p.paused {
+                return Err(PauseError::AlreadyPaused);
+            }
+            p.paused = true;
+        }
+        let started = Instant::now();
+        loop {
+            self.kick_all();
+            let p = lock(&self.parking);
+            let (p, _) = self
+                .changed
+                .wait_timeout_while(p, Duration::from_millis(10), |p| p.parked < total)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if p.parked >= total || self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if started.elapsed() > PAUSE_TIMEOUT {
+                return Err(PauseError::Timeout {
+                    parked: p.parked,
+                    total,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut p = lock(&self.parking);
+        if !p.paused {
+            return Err(PauseError::NotPaused);
+        }
+        p.paused = false;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Parks the calling vCPU thread while paused; false once stopping.
+    fn park_if_paused(&self) -> bool {
+        let mut p = lock(&self.parking);
+        if p.paused {
+            p.parked += 1;
+            self.changed.notify_all();
+            p = self
+                .changed
+                .wait_while(p, |p| p.paused && !self.stop.load(Ordering::SeqCst))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p.parked -= 1;
+        }
+        !self.stop.load(Ordering::SeqCst)
+    }
+}
+
 /// The running vCPU threads of one boot.
 pub struct VcpuThreads {
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -56,38 +189,44 @@ impl VcpuThreads {
     /// on `exit`.
     pub fn start(vcpus: Vec<Vcpu>, io: Arc<dyn VcpuIo>, exit: Arc<ExitSignal>) -> std::io::Result<Self> {
         register_signal_handler(kick_signal(), on_kick).map_err(std::io::Error::other)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut this = Self {
+            control: Arc::new(VcpuControl::new()),
+            threads: Vec::new(),
+        };
         for mut vcpu in vcpus {
-            let (io, exit, stopping) = (io.clone(), exit.clone(), stop.clone());
+            let (io, exit, control) = (io.clone(), exit.clone(), this.control.clone());
             let name = format!("vcpu{}", vcpu.id());
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                if let Some(reason) = run(&mut vcpu, io.as_ref(), &stopping) {
+            let thread = std::thread::Builder::new().name(name).spawn(move || {
+                if let Some(reason) = run(&mut vcpu, io.as_ref(), &control) {
                     exit.raise(reason);
                 }
-            });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    let mut started = Self { stop, threads };
-                    started.stop();
-                    return Err(e);
-                }
-            }
+            })?;
+            lock(&this.control.threads).push(thread.as_pthread_t());
+            this.threads.push(thread);
         }
-        Ok(Self { stop, threads })
+        Ok(this)
     }
 
-    /// Stops every vCPU and joins its thread; the vCPU fds are closed.
+    /// The pause and resume handle of these threads.
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// Stops every vCPU (paused ones too) and joins its thread; the vCPU
+    /// fds are closed.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        let control = &self.control;
+        control.stop.store(true, Ordering::SeqCst);
+        {
+            let _parking = lock(&control.parking);
+            control.changed.notify_all();
+        }
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            control.kick_all();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        lock(&control.threads).clear();
         for t in self.threads.drain(..) {
-            while !t.is_finished() {
-                if let Err(e) = t.kill(kick_signal()) {
-                    log::debug!("kicking a vCPU thread: {e}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
@@ -101,11 +240,11 @@ impl Drop for VcpuThreads {
     }
 }
 
-/// Runs `vcpu` until the run ends (a reason) or `stop` is set (`None`).
-fn run(vcpu: &mut Vcpu, io: &dyn VcpuIo, stop: &AtomicBool) -> Option<ExitReason> {
+/// Runs `vcpu` until the run ends (a reason) or a stop (`None`).
+fn run(vcpu: &mut Vcpu, io: &dyn VcpuIo, control: &VcpuControl) -> Option<ExitReason> {
     let id = vcpu.id();
     loop {
-        if stop.load(Ordering::SeqCst) {
+        if !control.park_if_paused() {
             return None;
         }
         let exit = match vcpu.fd_mut().run() {

@@ -150,6 +150,26 @@ impl SlotBackend for KvmSlots {
     }
 }
 
+/// Asks KVM to zap only a deleted slot's mappings, not the whole VM's
+/// (`KVM_X86_QUIRK_SLOT_ZAP_ALL` off, where the kernel has the quirk): an
+/// unplug removes one slot per block, and zapping everything each time
+/// would make the guest fault all its memory in again.
+fn zap_only_deleted_slots(fd: &VmFd) -> Result<(), VmError> {
+    use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap};
+    let quirks = fd.check_extension_raw(u64::from(KVM_CAP_DISABLE_QUIRKS2));
+    if quirks < 0 || quirks as u32 & KVM_X86_QUIRK_SLOT_ZAP_ALL == 0 {
+        log::debug!("KVM cannot zap only a deleted slot (quirks {quirks:#x}); each unplug zaps all mappings");
+        return Ok(());
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
+    fd.enable_cap(&cap)
+        .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, SLOT_ZAP_ALL)"))
+}
+
 /// A KVM VM over a guest memory map; see the [module documentation](self).
 pub struct Vm {
     // Dropped first: unregisters the listeners and removes every slot.
@@ -199,6 +219,7 @@ impl Vm {
         }
         let nr_memslots = kvm.get_nr_memslots();
         let fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        zap_only_deleted_slots(&fd)?;
         let handle = Arc::new(VmHandle {
             fd,
             memory: memory.clone(),

@@ -77,6 +77,8 @@ pub const PCI_MMIO64_SIZE: u64 = 16 << 30;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line (ISA IRQ, equal to its GSI).
 pub const COM1_IRQ: u32 = 4;
+/// The ACPI power button's interrupt (a GED in the DSDT; edge, active high).
+pub const POWER_BUTTON_GSI: u32 = 5;
 /// i8042 data and command ports.
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 command port (0xfe there resets the machine).

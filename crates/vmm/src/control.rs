@@ -1,0 +1,177 @@
+//! The running VM as the management API controls it: the current boot's
+//! vCPUs (pause, resume), the power button, reboot and stop requests, and
+//! the event bus. The runner updates it at every boot; the API only reads
+//! it and asks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::lock;
+use crate::events::EventBus;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vcpu::{PauseError, VcpuControl};
+
+/// Why a control request could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No boot is running (the VM is between a reset and its next boot, or stopping).
+    #[error("the VM is not running (between boots or stopping)")]
+    NotRunning,
+    /// Pause or resume refused.
+    #[error(transparent)]
+    Pause(#[from] PauseError),
+    /// The power button could not be pressed.
+    #[error("pressing the ACPI power button: {0}")]
+    Button(std::io::Error),
+}
+
+struct Boot {
+    vcpus: Arc<VcpuControl>,
+    power_button: EventFd,
+}
+
+/// What the API may do to the running VM; see the [module documentation](self).
+pub struct VmControl {
+    exit: Arc<ExitSignal>,
+    events: Arc<EventBus>,
+    boot: Mutex<Option<Boot>>,
+    boots: AtomicU64,
+}
+
+impl std::fmt::Debug for VmControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmControl").field("boots", &self.boots()).finish()
+    }
+}
+
+/// What [`VmControl::state`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are paused.
+    Paused,
+    /// Between boots, or stopping.
+    Stopped,
+}
+
+impl VmState {
+    /// The API's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+        }
+    }
+}
+
+impl VmControl {
+    /// Control over a VM that stops through `exit` and tells `events`.
+    pub fn new(exit: Arc<ExitSignal>, events: Arc<EventBus>) -> Arc<Self> {
+        Arc::new(Self {
+            exit,
+            events,
+            boot: Mutex::new(None),
+            boots: AtomicU64::new(0),
+        })
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    /// A boot started with these vCPUs and this power-button irqfd.
+    pub fn booted(&self, vcpus: Arc<VcpuControl>, power_button: EventFd) {
+        *lock(&self.boot) = Some(Boot { vcpus, power_button });
+        let n = self.boots.fetch_add(1, Ordering::SeqCst) + 1;
+        self.events.publish("boot", json!({ "boot": n }));
+    }
+
+    /// The boot ended (its vCPUs are stopping).
+    pub fn ended(&self, reason: &ExitReason) {
+        *lock(&self.boot) = None;
+        let (event, detail) = match reason {
+            ExitReason::PowerOff => ("power-off", json!({})),
+            ExitReason::Reset => ("reset", json!({})),
+            ExitReason::Shutdown => ("shutdown", json!({})),
+            ExitReason::Error(why) => ("error", json!({ "message": why })),
+        };
+        self.events.publish(event, detail);
+    }
+
+    /// Boots so far (1 during the first).
+    pub fn boots(&self) -> u64 {
+        self.boots.load(Ordering::SeqCst)
+    }
+
+    /// Running, paused or stopped.
+    pub fn state(&self) -> VmState {
+        match &*lock(&self.boot) {
+            Some(b) if b.vcpus.is_paused() => VmState::Paused,
+            Some(_) => VmState::Running,
+            None => VmState::Stopped,
+        }
+    }
+
+    fn vcpus(&self) -> Result<Arc<VcpuControl>, ControlError> {
+        lock(&self.boot)
+            .as_ref()
+            .map(|b| b.vcpus.clone())
+            .ok_or(ControlError::NotRunning)
+    }
+
+    /// Pauses the vCPUs.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.vcpus()?.pause()?;
+        self.events.publish("paused", json!({}));
+        Ok(())
+    }
+
+    /// Resumes the vCPUs.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.vcpus()?.resume()?;
+        self.events.publish("resumed", json!({}));
+        Ok(())
+    }
+
+    /// Resets the machine; it boots again.
+    pub fn reboot(&self) {
+        self.exit.raise(ExitReason::Reset);
+    }
+
+    /// Stops the VMM (exit status 0).
+    pub fn shutdown(&self) {
+        self.exit.raise(ExitReason::Shutdown);
+    }
+
+    /// Presses the ACPI power button; if the same boot still runs after
+    /// `timeout`, the VM is stopped as if it had powered off.
+    pub fn power_off(self: &Arc<Self>, timeout: Duration) -> Result<(), ControlError> {
+        let boot = {
+            let current = lock(&self.boot);
+            let b = current.as_ref().ok_or(ControlError::NotRunning)?;
+            b.power_button.write(1).map_err(ControlError::Button)?;
+            self.boots()
+        };
+        self.events
+            .publish("power-button", json!({ "timeout_s": timeout.as_secs() }));
+        let this = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("power-off".into())
+            .spawn(move || {
+                std::thread::sleep(timeout);
+                if this.boots() == boot && this.state() != VmState::Stopped {
+                    log::warn!("the guest did not power off within {timeout:?} of the power button; stopping it");
+                    this.exit.raise(ExitReason::PowerOff);
+                }
+            })
+            .map(drop)
+            .map_err(ControlError::Button)
+    }
+}
