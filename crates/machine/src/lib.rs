@@ -150,6 +150,9 @@ pub struct Machine {
     // Drop order matters: the DMA layer goes first (unpinning everything,
     // see `Drop`), then the devices, then memory.
     dma: Vec<(DmaDevice, DmaPath)>,
+    /// The VFIO containers among the DMA backends, by device name (the
+    /// VMM opens the assigned device through its group).
+    vfio: Vec<(String, Arc<VfioContainerMapper>)>,
     budget: Arc<PinBudget>,
     vmems: Vec<VmemDevice>,
     iommu: Option<IommuDevice>,
@@ -290,6 +293,7 @@ impl Machine {
         );
         let mut this = Self {
             dma: Vec::new(),
+            vfio: Vec::new(),
             budget,
             vmems,
             iommu,
@@ -297,13 +301,18 @@ impl Machine {
             policy,
             config: config.clone(),
         };
-        this.dma = this.assigned_devices()?;
+        (this.dma, this.vfio) = this.assigned_devices()?;
         Ok(this)
     }
 
-    /// The assigned devices of the configuration, detached.
-    fn assigned_devices(&self) -> Result<Vec<(DmaDevice, DmaPath)>, MachineError> {
+    /// The assigned devices of the configuration, detached, and the VFIO
+    /// containers among their backends.
+    #[allow(clippy::type_complexity)]
+    fn assigned_devices(
+        &self,
+    ) -> Result<(Vec<(DmaDevice, DmaPath)>, Vec<(String, Arc<VfioContainerMapper>)>), MachineError> {
         let mut devices = Vec::new();
+        let mut vfio = Vec::new();
         for (i, spec) in self.config.dma.devices.iter().enumerate() {
             if self.config.dma.devices[..i].iter().any(|d| d.name == spec.name) {
                 return Err(MachineError::Config(format!(
@@ -331,14 +340,18 @@ impl Machine {
             };
             let mapper: Arc<dyn DmaMapper> = match spec.backend {
                 DmaBackend::Uring => Arc::new(UringPinner::new(&spec.name, self.budget.clone())),
-                DmaBackend::Vfio { group } => Arc::new(
-                    VfioContainerMapper::open(&spec.name, group, self.budget.clone()).map_err(|source| {
-                        MachineError::Vfio {
-                            device: spec.name.clone(),
-                            source,
-                        }
-                    })?,
-                ),
+                DmaBackend::Vfio { group } => {
+                    let container = Arc::new(
+                        VfioContainerMapper::open(&spec.name, group, self.budget.clone()).map_err(|source| {
+                            MachineError::Vfio {
+                                device: spec.name.clone(),
+                                source,
+                            }
+                        })?,
+                    );
+                    vfio.push((spec.name.clone(), container.clone()));
+                    container
+                }
             };
             let target = DmaTarget {
                 memory: self.map.clone(),
@@ -351,7 +364,13 @@ impl Machine {
             };
             devices.push((DmaDevice::new(&spec.name, target), path));
         }
-        Ok(devices)
+        Ok((devices, vfio))
+    }
+
+    /// The VFIO container of the assigned device `name`, if its backend is
+    /// VFIO: the VMM opens the device itself through the container's group.
+    pub fn vfio_container(&self, name: &str) -> Option<&Arc<VfioContainerMapper>> {
+        self.vfio.iter().find(|(n, _)| n == name).map(|(_, c)| c)
     }
 
     /// The migration registry of this machine's state, in the declared

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use memvisor_vmm::config::{DiskConfig, SerialConfig, VmemConfig, VmmConfig};
+use memvisor_vmm::config::{DiskConfig, SerialConfig, VfioConfig, VmemConfig, VmmConfig};
 use memvisor_vmm::runner::{self, RunEnd};
 
 use crate::size::{parse_block_size, parse_size};
@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// A virtio-blk disk: `id=disk0,path=IMAGE[,readonly=on][,iommu=off]` (repeatable).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// A host PCI function bound to vfio-pci, assigned to the guest:
+    /// `vfio=<BDF or /sys/bus/pci/devices/... path>[,iommu=off]` (repeatable).
+    #[arg(long, value_parser = parse_device)]
+    device: Vec<VfioConfig>,
     /// The serial console: `stdio`, `file:PATH` or `off`.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     serial: SerialConfig,
@@ -46,7 +50,7 @@ pub struct RunArgs {
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// The whole configuration as JSON (the form `--print-config` prints); no other flag with it.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "vmem", "viommu", "disk", "api_socket"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "vmem", "viommu", "disk", "device", "api_socket"])]
     config: Option<PathBuf>,
     /// Print the configuration as JSON and exit.
     #[arg(long)]
@@ -113,6 +117,25 @@ fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     })
 }
 
+fn parse_device(text: &str) -> Result<VfioConfig, String> {
+    let what = "--device";
+    let kv = pairs(text, what, &["vfio", "iommu"])?;
+    let get = |k: &str| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let host = get("vfio").ok_or(format!("{what} {text}: expected vfio=<BDF or sysfs path>"))?;
+    let host = std::path::Path::new(host)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .ok_or(format!("{what} vfio={host}: not a PCI address"))?;
+    Ok(VfioConfig {
+        host: host.to_string(),
+        iommu: get("iommu")
+            .map(|v| on_off(what, "iommu", v))
+            .transpose()?
+            .unwrap_or(true),
+    })
+}
+
 fn parse_serial(text: &str) -> Result<SerialConfig, String> {
     match text {
         "stdio" => Ok(SerialConfig::Stdio),
@@ -139,6 +162,7 @@ impl RunArgs {
             vmem: self.vmem.clone(),
             viommu: self.viommu,
             disks: self.disk.clone(),
+            vfio: self.device.clone(),
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone(),
         })
@@ -207,6 +231,9 @@ mod tests {
                 .contains("readonly=maybe")
         );
         assert_eq!(parse_serial("file:/tmp/c"), Ok(SerialConfig::File("/tmp/c".into())));
+        let v = parse_device("vfio=/sys/bus/pci/devices/0000:00:04.0,iommu=off").unwrap();
+        assert_eq!((v.host.as_str(), v.iommu), ("0000:00:04.0", false));
+        assert!(parse_device("nvme=1").unwrap_err().contains("unknown key"));
         assert!(parse_serial("tcp:1").is_err());
     }
 }

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use memvisor_machine::{MachineConfig, RamSpec, VirtioIommuSpec, VirtioMemSpec};
+use memvisor_machine::{
+    AssignedDeviceSpec, AssignedPath, DmaBackend, DmaSpec, MachineConfig, RamSpec, VirtioIommuSpec, VirtioMemSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::x86::layout;
@@ -54,6 +56,45 @@ fn yes() -> bool {
     true
 }
 
+/// A host PCI function assigned to the guest through VFIO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioConfig {
+    /// The function's address on the host (`0000:00:04.0`); it must be
+    /// bound to `vfio-pci`.
+    pub host: String,
+    /// Behind the virtio-iommu (when there is one); default true.
+    #[serde(default = "yes")]
+    pub iommu: bool,
+}
+
+impl VfioConfig {
+    /// The function's IOMMU group, from `/sys/bus/pci/devices/<host>/iommu_group`.
+    pub fn iommu_group(&self) -> Result<u32, ConfigError> {
+        let link = std::path::Path::new("/sys/bus/pci/devices")
+            .join(&self.host)
+            .join("iommu_group");
+        let target = std::fs::read_link(&link).map_err(|e| {
+            ConfigError(format!(
+                "--device vfio={}: {}: {e} (is it bound to vfio-pci?)",
+                self.host,
+                link.display()
+            ))
+        })?;
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "--device vfio={}: IOMMU group link {} is not a group",
+                    self.host,
+                    target.display()
+                ))
+            })
+    }
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -93,6 +134,9 @@ pub struct VmmConfig {
     /// virtio-blk disks.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Host PCI functions assigned through VFIO.
+    #[serde(default)]
+    pub vfio: Vec<VfioConfig>,
     /// The serial console.
     #[serde(default)]
     pub serial: SerialConfig,
@@ -115,7 +159,7 @@ fn one() -> u8 {
 pub struct ConfigError(pub String);
 
 /// Where each PCI device sits: slot numbers on bus 0, in this order:
-/// the virtio-iommu, the virtio-mem devices, the disks.
+/// the virtio-iommu, the virtio-mem devices, the disks, the VFIO devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciSlots {
     /// The virtio-iommu's slot.
@@ -124,6 +168,8 @@ pub struct PciSlots {
     pub vmem: Vec<u8>,
     /// Each disk's slot.
     pub disks: Vec<u8>,
+    /// Each VFIO device's slot.
+    pub vfio: Vec<u8>,
 }
 
 impl PciSlots {
@@ -152,11 +198,9 @@ impl VmmConfig {
                 return Err(ConfigError(format!("device id `{id}` is empty or used twice")));
             }
         }
-        if self.slots().disks.last().is_some_and(|&s| s > 31) {
-            return Err(ConfigError(format!(
-                "{} PCI devices: bus 0 has 31 slots",
-                self.vmem.len() + self.disks.len() + usize::from(self.viommu)
-            )));
+        let devices = self.vmem.len() + self.disks.len() + self.vfio.len() + usize::from(self.viommu);
+        if devices > 31 {
+            return Err(ConfigError(format!("{devices} PCI devices: bus 0 has 31 slots")));
         }
         Ok(())
     }
@@ -168,20 +212,52 @@ impl VmmConfig {
             iommu: self.viommu.then(|| next.next().unwrap_or(0)),
             vmem: self.vmem.iter().map(|_| next.next().unwrap_or(0)).collect(),
             disks: self.disks.iter().map(|_| next.next().unwrap_or(0)).collect(),
+            vfio: self.vfio.iter().map(|_| next.next().unwrap_or(0)).collect(),
         }
     }
 
-    /// The disks behind the virtio-iommu, as (index, endpoint id = BDF).
-    pub fn iommu_endpoints(&self) -> Vec<(usize, u32)> {
-        if !self.viommu {
-            return vec![];
-        }
-        let slots = self.slots();
-        self.disks
+    /// Disk `i`'s endpoint id (its BDF) if it is behind the virtio-iommu.
+    pub fn disk_endpoint(&self, i: usize) -> Option<u32> {
+        let behind = self.viommu && self.disks.get(i)?.iommu;
+        behind.then(|| u32::from(PciSlots::bdf(self.slots().disks[i])))
+    }
+
+    /// VFIO device `i`'s endpoint id (its BDF) if it is behind the virtio-iommu.
+    pub fn vfio_endpoint(&self, i: usize) -> Option<u32> {
+        let behind = self.viommu && self.vfio.get(i)?.iommu;
+        behind.then(|| u32::from(PciSlots::bdf(self.slots().vfio[i])))
+    }
+
+    /// Every endpoint id behind the virtio-iommu: disks, then VFIO devices.
+    pub fn iommu_endpoints(&self) -> Vec<u32> {
+        let disks = (0..self.disks.len()).filter_map(|i| self.disk_endpoint(i));
+        disks
+            .chain((0..self.vfio.len()).filter_map(|i| self.vfio_endpoint(i)))
+            .collect()
+    }
+
+    /// The DMA attachment of each VFIO device: a VFIO container for its
+    /// IOMMU group, reaching guest memory through the virtio-iommu or, without
+    /// one, all populated RAM.
+    pub fn assigned_devices(&self) -> Result<Vec<AssignedDeviceSpec>, ConfigError> {
+        self.vfio
             .iter()
             .enumerate()
-            .filter(|(_, d)| d.iommu)
-            .map(|(i, _)| (i, u32::from(PciSlots::bdf(slots.disks[i]))))
+            .map(|(i, v)| {
+                Ok(AssignedDeviceSpec {
+                    name: v.host.clone(),
+                    backend: DmaBackend::Vfio {
+                        group: v.iommu_group()?,
+                    },
+                    path: match self.vfio_endpoint(i) {
+                        Some(endpoint) => AssignedPath::Viommu {
+                            endpoint,
+                            guard: Default::default(),
+                        },
+                        None => AssignedPath::Ram,
+                    },
+                })
+            })
             .collect()
     }
 
@@ -214,14 +290,17 @@ impl VmmConfig {
             });
         }
         let virtio_iommu = self.viommu.then(|| VirtioIommuSpec {
-            endpoints: self.iommu_endpoints().into_iter().map(|(_, ep)| ep).collect(),
+            endpoints: self.iommu_endpoints(),
             ..VirtioIommuSpec::default()
         });
         Ok(MachineConfig {
             ram,
             virtio_mem,
             virtio_iommu,
-            ..Default::default()
+            dma: DmaSpec {
+                devices: self.assigned_devices()?,
+                pin_budget: None,
+            },
         })
     }
 
@@ -274,6 +353,7 @@ mod tests {
                     iommu: false,
                 },
             ],
+            vfio: vec![],
             serial: SerialConfig::Stdio,
             api_socket: None,
         }
@@ -298,10 +378,21 @@ mod tests {
             PciSlots {
                 iommu: Some(1),
                 vmem: vec![2],
-                disks: vec![3, 4]
+                disks: vec![3, 4],
+                vfio: vec![],
             }
         );
-        assert_eq!(c.iommu_endpoints(), [(0, 3 << 3)], "only the disk with iommu on");
+        assert_eq!(c.iommu_endpoints(), [3 << 3], "only the disk with iommu on");
+        assert_eq!((c.disk_endpoint(0), c.disk_endpoint(1)), (Some(24), None));
+        let mut v = c.clone();
+        v.vfio.push(VfioConfig {
+            host: "0000:00:99.0".into(),
+            iommu: true,
+        });
+        assert_eq!(v.slots().vfio, [5]);
+        assert_eq!(v.iommu_endpoints(), [24, 40]);
+        let e = v.machine_config().unwrap_err().0;
+        assert!(e.contains("0000:00:99.0") && e.contains("iommu_group"), "{e}");
         assert_eq!(m.virtio_iommu.unwrap().endpoints, [24]);
         assert_eq!(c.mmio64_window().unwrap(), (5 << 30, layout::PCI_MMIO64_SIZE));
     }

@@ -163,6 +163,12 @@ impl KvmMsiVectors {
         Ok(Self { router, gsis, irqfds })
     }
 
+    /// Copies of the irqfds, one per vector: a device that signals its
+    /// vectors itself (VFIO) writes them directly.
+    pub fn irqfds(&self) -> io::Result<Vec<EventFd>> {
+        self.irqfds.iter().map(EventFd::try_clone).collect()
+    }
+
     fn gsi(&self, vector: u16) -> io::Result<u32> {
         self.gsis
             .get(usize::from(vector))

@@ -24,7 +24,7 @@ pub fn acpi_config(config: &VmmConfig, slots: &PciSlots, mmio64: (u64, u64)) -> 
         endpoints: config
             .iommu_endpoints()
             .into_iter()
-            .map(|(_, ep)| (ep as u16, ep as u16))
+            .map(|ep| (ep as u16, ep as u16))
             .collect(),
     });
     AcpiConfig {

@@ -18,6 +18,7 @@ use std::time::Instant;
 use memvisor_machine::Machine;
 use memvisor_pci::bus::SharedDevice;
 use memvisor_pci::{BarAllocator, DeviceAccess, PciRoot, QueueNotifier, VirtioPciDevice, VirtioPciOptions};
+use memvisor_vfio_pci::{VfioDeviceFd, VfioPciDevice};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio_blk::{BlockConfig, VirtioBlk};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -185,16 +186,12 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     let machine_config = config.machine_config()?;
     let machine = Machine::new(&machine_config)?;
     let iommu = machine.iommu().map(|i| i.handle.clone());
-    let endpoints = config.iommu_endpoints();
     let disks = config
         .disks
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let iommu = endpoints
-                .iter()
-                .find(|(disk, _)| *disk == i)
-                .and_then(|&(_, ep)| iommu.clone().map(|h| (h, ep)));
+            let iommu = config.disk_endpoint(i).and_then(|ep| iommu.clone().map(|h| (h, ep)));
             VirtioBlk::new(BlockConfig {
                 id: d.id.clone(),
                 path: d.path.clone(),
@@ -378,6 +375,11 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let vm = Vm::with_unassigned(machine.memory(), p.unassigned.clone())?;
     let memory = machine.memory().clone();
     let iommu_present = machine.iommu().is_some();
+    let vfio_containers: Vec<_> = config
+        .vfio
+        .iter()
+        .map(|v| machine.vfio_container(&v.host).cloned())
+        .collect();
     drop(machine);
     log::info!(
         "KVM memory slots: {} in use, up to {} needed (one per virtio-mem block), {} available (KVM_CAP_NR_MEMSLOTS)",
@@ -435,10 +437,15 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         });
         add(device, slot, 1, false)?;
     }
-    let endpoints = config.iommu_endpoints();
     for (i, &slot) in slots.disks.iter().enumerate() {
-        let behind = iommu_present && endpoints.iter().any(|&(d, _)| d == i);
+        let behind = iommu_present && config.disk_endpoint(i).is_some();
         add(p.disks[i].clone(), slot, 1, behind)?;
+    }
+    for ((v, &slot), container) in config.vfio.iter().zip(&slots.vfio).zip(&vfio_containers) {
+        let device = open_vfio(&v.host, container.as_deref(), &router)?;
+        log::info!("VFIO {} in slot {slot}: {}", v.host, device.info());
+        root.add_device_at(slot, Arc::new(Mutex::new(device)))
+            .map_err(setup(format!("PCI slot {slot}")))?;
     }
     let (mmio64_start, mmio64_size) = config.mmio64_window()?;
     let mut bars = BarAllocator::new(
@@ -566,6 +573,29 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     };
     threads.stop();
     Ok(reason)
+}
+
+/// Opens the assigned function `host` through its VFIO container's group,
+/// with an MSI-X vector (GSI and irqfd) per vector the function has.
+fn open_vfio(
+    host: &str,
+    container: Option<&memvisor_dma::vfio::VfioContainerMapper>,
+    router: &Arc<GsiRouter>,
+) -> Result<VfioPciDevice, RunError> {
+    let what = || format!("VFIO device {host}");
+    let container = container.ok_or_else(|| RunError::Setup {
+        what: what(),
+        source: "the machine has no VFIO container for it".into(),
+    })?;
+    let group = container.group_fd().ok_or_else(|| RunError::Setup {
+        what: what(),
+        source: "its VFIO group is not open".into(),
+    })?;
+    let io = VfioDeviceFd::open(group, host).map_err(setup(what()))?;
+    let vectors = VfioPciDevice::msix_vectors_of(&io).map_err(setup(what()))?;
+    let msi = KvmMsiVectors::new(router.clone(), vectors).map_err(setup(format!("MSI-X vectors of {host}")))?;
+    let irqfds = msi.irqfds().map_err(setup(format!("irqfds of {host}")))?;
+    VfioPciDevice::new(Box::new(io), Arc::new(msi), irqfds).map_err(setup(what()))
 }
 
 /// Puts an interactive stdin in raw mode for the guest's console and
