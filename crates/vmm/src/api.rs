@@ -5,7 +5,7 @@
 //! devices through their regions and controls the VM through
 //! [`VmControl`]; it never takes a lock a vCPU waits on, so a slow client
 //! cannot stall the guest. Each event stream is served on a thread of its
-//! own. The OpenAPI document is `docs/api/openapi.yaml`; [`ROUTES`] is
+//! own. The OpenAPI document is `docs/api/openapi.json`; [`ROUTES`] is
 //! what this server answers.
 //!
 //! | method | path | answer |
@@ -22,8 +22,9 @@
 //!
 //! Errors are 4xx with `{"error": "..."}` naming the bad value.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +42,10 @@ use crate::unassigned::UnassignedMemory;
 
 /// Largest request body read; larger ones get 413.
 const MAX_BODY: usize = 64 << 10;
+
+/// Requests handled at once (each on a thread of its own, so a client that
+/// stalls mid-request holds up only itself); more are answered 429.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Default and largest `timeout_s` of a power-off.
 const POWER_OFF_TIMEOUT_S: (u64, u64) = (30, 600);
@@ -119,9 +124,26 @@ impl ApiServer {
                 .map_err(|e| std::io::Error::other(format!("API socket {}: {e}", path.display())))?,
         );
         let serving = server.clone();
+        let ctx = Arc::new(ctx);
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new().name("api".into()).spawn(move || {
             for request in serving.incoming_requests() {
-                serve(&ctx, request);
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    respond(
+                        request,
+                        Answer::error(429, format!("{MAX_IN_FLIGHT} requests are already being served")),
+                    );
+                    continue;
+                }
+                let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new().name("api-request".into()).spawn(move || {
+                    serve(&ctx, request);
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+                if let Err(e) = spawned {
+                    log::warn!("API: no thread for a request: {e}");
+                }
             }
         })?;
         Ok(Self {
@@ -151,6 +173,8 @@ pub struct Answer {
     pub status: u16,
     /// The JSON body, if any.
     pub body: Option<Value>,
+    /// For a 405: the methods the path allows (the `Allow` header).
+    pub allow: Option<String>,
 }
 
 impl Answer {
@@ -158,18 +182,21 @@ impl Answer {
         Self {
             status: 200,
             body: Some(body),
+            allow: None,
         }
     }
     fn no_content() -> Self {
         Self {
             status: 204,
             body: None,
+            allow: None,
         }
     }
     fn error(status: u16, message: impl Into<String>) -> Self {
         Self {
             status,
             body: Some(json!({ "error": message.into() })),
+            allow: None,
         }
     }
 }
@@ -196,14 +223,19 @@ fn serve(ctx: &ApiContext, mut request: Request) {
 }
 
 fn respond(request: Request, answer: Answer) {
+    let allow = answer
+        .allow
+        .map(|methods| Header::from_bytes("Allow", methods).expect("a valid header"));
     let result = match answer.body {
         Some(body) => {
             let json = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
-            request.respond(
-                Response::from_string(body.to_string())
-                    .with_status_code(answer.status)
-                    .with_header(json),
-            )
+            let mut response = Response::from_string(body.to_string())
+                .with_status_code(answer.status)
+                .with_header(json);
+            if let Some(allow) = allow {
+                response.add_header(allow);
+            }
+            request.respond(response)
         }
         None => request.respond(Response::empty(answer.status)),
     };
@@ -226,19 +258,27 @@ fn stream_events(ctx: &ApiContext, request: Request) {
     let Some(reader) = ctx.control.events().subscribe() else {
         return respond(request, Answer::error(429, "too many event streams are open"));
     };
-    let reader = match count {
+    let mut reader = match count {
         Some(n) => reader.with_limit(n),
         None => reader,
     };
-    let spawned = std::thread::Builder::new().name("api-events".into()).spawn(move || {
-        let ndjson = Header::from_bytes("Content-Type", "application/x-ndjson").expect("a valid header");
-        let response = Response::new(200.into(), vec![ndjson], reader, None, None);
-        if let Err(e) = request.respond(response) {
-            log::debug!("event stream ended: {e}");
+    // Written by hand, a chunk per line, flushed at once: tiny_http's own
+    // chunked encoder holds small chunks back, and a stream must not wait.
+    let mut out = request.into_writer();
+    let mut stream = || -> std::io::Result<()> {
+        out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+        out.flush()?;
+        while let Some(line) = reader.next_line() {
+            write!(out, "{:x}\r\n", line.len())?;
+            out.write_all(&line)?;
+            out.write_all(b"\r\n")?;
+            out.flush()?;
         }
-    });
-    if let Err(e) = spawned {
-        log::warn!("starting an event stream: {e}");
+        out.write_all(b"0\r\n\r\n")?;
+        out.flush()
+    };
+    if let Err(e) = stream() {
+        log::debug!("event stream ended: {e}");
     }
 }
 
@@ -267,17 +307,28 @@ pub fn handle(ctx: &ApiContext, method: &Method, url: &str, body: &[u8]) -> Answ
         (Method::Get, ["api", "v1", "memory"]) => Answer::ok(memory(ctx)),
         (Method::Put, ["api", "v1", "memory", id]) => resize(ctx, id, body),
         (Method::Get, ["api", "v1", "dma"]) => Answer::ok(dma(ctx)),
-        _ if known_path(&segments) => Answer::error(405, format!("{method} is not allowed on {path}")),
-        _ => Answer::error(404, format!("no endpoint {path}")),
+        _ => match allowed_methods(&segments) {
+            Some(allow) => Answer {
+                allow: Some(allow),
+                ..Answer::error(405, format!("{method} is not allowed on {path}"))
+            },
+            None => Answer::error(404, format!("no endpoint {path}")),
+        },
     }
 }
 
-/// True if some route has this path (whatever its method).
-fn known_path(segments: &[&str]) -> bool {
-    ROUTES.iter().any(|(_, template)| {
-        let t: Vec<&str> = template.trim_matches('/').split('/').collect();
-        t.len() == segments.len() && t.iter().zip(segments).all(|(t, s)| t.starts_with('{') || t == s)
-    })
+/// The methods the routes allow on this path, comma-separated; `None` if
+/// no route has it.
+fn allowed_methods(segments: &[&str]) -> Option<String> {
+    let methods: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, template)| {
+            let t: Vec<&str> = template.trim_matches('/').split('/').collect();
+            t.len() == segments.len() && t.iter().zip(segments).all(|(t, s)| t.starts_with('{') || t == s)
+        })
+        .map(|(method, _)| *method)
+        .collect();
+    (!methods.is_empty()).then(|| methods.join(", "))
 }
 
 fn control(result: Result<(), ControlError>) -> Answer {
@@ -325,7 +376,7 @@ fn power_off(ctx: &ApiContext, body: &[u8]) -> Answer {
     match ctx.control.power_off(Duration::from_secs(timeout)) {
         Ok(()) => Answer {
             status: 202,
-            body: Some(json!({ "timeout_s": timeout })),
+            ..Answer::ok(json!({ "timeout_s": timeout }))
         },
         Err(e) => Answer::error(409, e.to_string()),
     }
@@ -573,7 +624,8 @@ mod tests {
             handle(&ctx, &Method::Put, "/api/v1/vm/power-off", br#"{"timeout_s":0}"#).status,
             400
         );
-        assert_eq!(handle(&ctx, &Method::Delete, "/api/v1/vm", b"").status, 405);
+        let not_allowed = handle(&ctx, &Method::Delete, "/api/v1/vm", b"");
+        assert_eq!((not_allowed.status, not_allowed.allow.as_deref()), (405, Some("GET")));
         assert_eq!(handle(&ctx, &Method::Get, "/api/v1/memory/vmem0", b"").status, 405);
         assert_eq!(handle(&ctx, &Method::Get, "/nope", b"").status, 404);
         assert_eq!(handle(&ctx, &Method::Put, "/api/v1/vm/reboot", b"").status, 204);

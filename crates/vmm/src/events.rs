@@ -108,22 +108,36 @@ impl EventReader {
     }
 }
 
+impl EventReader {
+    /// The next line of the stream (an event, or a bare keep-alive newline
+    /// after 15 s of quiet), waiting for it; `None` at the end.
+    pub fn next_line(&mut self) -> Option<Vec<u8>> {
+        if self.limit == Some(0) {
+            return None;
+        }
+        match self.rx.recv_timeout(KEEPALIVE) {
+            Ok(line) => {
+                if let Some(n) = &mut self.limit {
+                    *n -= 1;
+                }
+                Some((line + "\n").into_bytes())
+            }
+            Err(RecvTimeoutError::Timeout) => Some(b"\n".to_vec()),
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+}
+
+/// How long a quiet stream waits before a keep-alive line.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
 impl Read for EventReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.offset == self.pending.len() {
-            if self.limit == Some(0) {
-                return Ok(0);
+            match self.next_line() {
+                Some(line) => self.pending = line,
+                None => return Ok(0),
             }
-            self.pending = match self.rx.recv_timeout(Duration::from_secs(15)) {
-                Ok(line) => {
-                    if let Some(n) = &mut self.limit {
-                        *n -= 1;
-                    }
-                    (line + "\n").into_bytes()
-                }
-                Err(RecvTimeoutError::Timeout) => b"\n".to_vec(),
-                Err(RecvTimeoutError::Disconnected) => return Ok(0),
-            };
             self.offset = 0;
         }
         let n = buf.len().min(self.pending.len() - self.offset);
