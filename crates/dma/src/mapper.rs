@@ -2,6 +2,7 @@
 //! (a VFIO container, a userspace backend's pinned buffer table) offers.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a device may do with a mapping: read it, write it, or both.
@@ -134,6 +135,93 @@ pub enum DmaError {
     },
 }
 
+/// Names a mapping made by [`PinSession::pin`] for [`PinSession::unpin`];
+/// its meaning is the session's own (a slot of its table, say), so that
+/// undoing the mapping needs no search. Valid until that unpin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PinKey(pub u64);
+
+/// Mappings of one consumer that keeps its own record of each of them, and
+/// orders its own calls: the vIOMMU bridge, whose IOMMU refuses overlapping
+/// mappings and names each one in its unmap, and which pins and unpins
+/// under its own lock. Made by [`DmaMapper::session`].
+///
+/// # Contract
+///
+/// * `pin` maps and pins `[host, host + len)` at `iova` all or nothing,
+///   charging the mapper's budget and mapping limit exactly as
+///   [`DmaMapper::map`] does, and counted in its `pinned_bytes` and
+///   `mapping_count`; it returns a [`PinKey`].
+/// * `unpin` with that key and the same `iova` and `len` unmaps and unpins
+///   exactly that mapping before returning, and refunds it; it returns the
+///   bytes unpinned (0, with nothing changed, for a key that names no live
+///   mapping of that `iova` and `len`).
+/// * A session may keep its mappings out of the IOVA index of the mapper's
+///   `map` and `unmap`, and take no lock of the mapper's (its `&mut self`
+///   says the caller orders the calls): then `map` does not check them for
+///   overlaps and `unmap` does not remove them.
+/// * Dropping a session unpins whatever it still holds.
+pub trait PinSession: Send {
+    /// Maps and pins; see the trait documentation.
+    fn pin(&mut self, iova: u64, host: u64, len: u64, access: Permissions) -> Result<PinKey, DmaError>;
+
+    /// Undoes the `pin` that returned `key` for `iova` and `len`.
+    fn unpin(&mut self, key: PinKey, iova: u64, len: u64) -> Result<u64, DmaError>;
+}
+
+/// The default [`DmaMapper::session`]: `pin` and `unpin` are the mapper's
+/// `map` and `unmap` (under whatever lock the mapper takes), and the
+/// session remembers its mappings only to unmap them when dropped.
+struct MapperSession<M: DmaMapper + ?Sized> {
+    mapper: Arc<M>,
+    /// The live mappings (`iova`, `len`), by key.
+    live: Vec<Option<(u64, u64)>>,
+    vacant: Vec<usize>,
+}
+
+impl<M: DmaMapper + ?Sized> PinSession for MapperSession<M> {
+    fn pin(&mut self, iova: u64, host: u64, len: u64, access: Permissions) -> Result<PinKey, DmaError> {
+        self.mapper.map(iova, host, len, access)?;
+        let key = match self.vacant.pop() {
+            Some(key) => {
+                self.live[key] = Some((iova, len));
+                key
+            }
+            None => {
+                self.live.push(Some((iova, len)));
+                self.live.len() - 1
+            }
+        };
+        Ok(PinKey(key as u64))
+    }
+
+    fn unpin(&mut self, key: PinKey, iova: u64, len: u64) -> Result<u64, DmaError> {
+        let Some(entry) = usize::try_from(key.0).ok().and_then(|k| self.live.get_mut(k)) else {
+            return Ok(0);
+        };
+        if *entry != Some((iova, len)) {
+            return Ok(0);
+        }
+        let unmapped = self.mapper.unmap(iova, len)?;
+        *entry = None;
+        self.vacant.push(key.0 as usize);
+        Ok(unmapped)
+    }
+}
+
+impl<M: DmaMapper + ?Sized> Drop for MapperSession<M> {
+    fn drop(&mut self) {
+        for (iova, len) in self.live.drain(..).flatten() {
+            if let Err(e) = self.mapper.unmap(iova, len) {
+                log::error!(
+                    "{}: unmapping iova {iova:#x} (+{len:#x}) failed: {e}",
+                    self.mapper.name()
+                );
+            }
+        }
+    }
+}
+
 /// A DMA address space that pins what it maps.
 ///
 /// # Contract
@@ -146,8 +234,10 @@ pub enum DmaError {
 /// * `unmap` removes every mapping lying wholly inside `[iova, iova + len)`
 ///   and unpins it before returning; holes are fine; a range that would
 ///   split a mapping fails with [`DmaError::Split`] and changes nothing.
-/// * `pinned_bytes` is exact at every moment no call is in progress.
-pub trait DmaMapper: Send + Sync {
+/// * `pinned_bytes` is exact at every moment no call is in progress; it
+///   and `mapping_count` include the mappings of the mapper's sessions.
+/// * `session` makes a [`PinSession`]: see its contract.
+pub trait DmaMapper: Send + Sync + 'static {
     /// Short name for errors and logs.
     fn name(&self) -> &str;
 
@@ -156,6 +246,18 @@ pub trait DmaMapper: Send + Sync {
 
     /// Unmaps and unpins; returns the bytes unmapped.
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError>;
+
+    /// A [`PinSession`] for one consumer that orders its own calls. The
+    /// default pins through [`map`](Self::map) and
+    /// [`unmap`](Self::unmap); a mapper may give a session state of its
+    /// own, so that its pins take no lock of the mapper's and no search.
+    fn session(self: Arc<Self>) -> Box<dyn PinSession> {
+        Box::new(MapperSession {
+            mapper: self,
+            live: Vec::new(),
+            vacant: Vec::new(),
+        })
+    }
 
     /// What the mapper can take.
     fn limits(&self) -> DmaLimits;
@@ -215,12 +317,15 @@ impl PinBudget {
     /// Charges `bytes` for the mapping at `iova`, or fails without charging
     /// anything if the budget would be exceeded.
     pub fn charge(&self, iova: u64, bytes: u64) -> Result<(), DmaError> {
+        let Some(budget) = self.limit else {
+            // Nothing to refuse: one atomic add, no compare-and-swap loop.
+            self.used.fetch_add(bytes, Ordering::AcqRel);
+            return Ok(());
+        };
         let mut current = self.used.load(Ordering::Relaxed);
         loop {
             let would = current.saturating_add(bytes);
-            if let Some(budget) = self.limit
-                && would > budget
-            {
+            if would > budget {
                 return Err(DmaError::BudgetExceeded {
                     iova,
                     len: bytes,
@@ -278,5 +383,64 @@ mod tests {
         let u = PinBudget::unlimited();
         u.charge(0, u64::MAX / 2).unwrap();
         assert_eq!(u.limit(), None);
+    }
+
+    /// A mapper that only records its mappings, to test the default
+    /// session.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(u64, u64)>>);
+
+    impl DmaMapper for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+
+        fn map(&self, iova: u64, _host: u64, len: u64, _access: Permissions) -> Result<(), DmaError> {
+            self.0.lock().unwrap().push((iova, len));
+            Ok(())
+        }
+
+        fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+            let mut live = self.0.lock().unwrap();
+            let before = live.len();
+            live.retain(|&m| m != (iova, len));
+            Ok(if live.len() < before { len } else { 0 })
+        }
+
+        fn limits(&self) -> DmaLimits {
+            DmaLimits {
+                max_mappings: u64::MAX,
+                page_sizes: 4096,
+                iova_ranges: Vec::new(),
+            }
+        }
+
+        fn pinned_bytes(&self) -> u64 {
+            self.0.lock().unwrap().iter().map(|&(_, len)| len).sum()
+        }
+
+        fn mapping_count(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+    }
+
+    #[test]
+    fn the_default_session_maps_and_unmaps() {
+        let mapper = Arc::new(Recorder::default());
+        let mut session = mapper.clone().session();
+        let a = session.pin(0x1000, 0, 0x1000, Permissions::READ).unwrap();
+        let b = session.pin(0x4000, 0, 0x2000, Permissions::READ).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(mapper.pinned_bytes(), 0x3000);
+        // Only the key's own mapping, with its addresses, and only once.
+        assert_eq!(session.unpin(a, 0x4000, 0x2000).unwrap(), 0);
+        assert_eq!(session.unpin(a, 0x1000, 0x1000).unwrap(), 0x1000);
+        assert_eq!(session.unpin(a, 0x1000, 0x1000).unwrap(), 0);
+        // A freed key is reused; dropping the session unmaps the rest.
+        let c = session.pin(0x8000, 0, 0x1000, Permissions::READ).unwrap();
+        assert_eq!(c, a);
+        drop(session);
+        assert_eq!((mapper.pinned_bytes(), mapper.mapping_count()), (0, 0));
+        let _ = b;
     }
 }

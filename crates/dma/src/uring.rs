@@ -17,16 +17,28 @@
 //! up to 1 GiB keeps its one slot inline, an unmap gathers the slots it
 //! frees on the stack, and slots are cleared from a static table of empty
 //! iovecs.
+//!
+//! A pinner's [session](DmaMapper::session) (the vIOMMU bridge's) has
+//! rings of its own, so that its pins take no lock of the pinner's (the
+//! bridge's own lock orders them), and keeps its mappings out of the
+//! pinner's IOVA-ordered map: the [`PinKey`] of one of up to 1 GiB names its
+//! slot, next to which its IOVA and length are kept, so that pinning and
+//! unpinning it costs no search, whatever the number of live mappings.
+//! (Longer ones, several slots each, are kept in a slab.) The budget, the
+//! mapping limit and the counts of pinned bytes and mappings are the
+//! pinner's, shared with its sessions.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use io_uring::IoUring;
 use smallvec::SmallVec;
 
-use crate::mapper::{DmaError, DmaLimits, DmaMapper, IovaRange, Permissions, PinBudget};
+use crate::mapper::{DmaError, DmaLimits, DmaMapper, IovaRange, Permissions, PinBudget, PinKey, PinSession};
 
 /// Buffers in one ring's table: the kernel's maximum (`IORING_MAX_REG_BUFFERS`).
 pub const SLOTS_PER_RING: u32 = 1 << 14;
@@ -46,9 +58,28 @@ struct Slot {
     index: u32,
 }
 
+/// The [`PinKey`] of a session's pin: for one of up to [`MAX_SLOT_BYTES`],
+/// its slot (ring in the high 32 bits, index in the low ones); with this
+/// bit set, an index into `UringSession::long`.
+const LONG_KEY: u64 = 1 << 63;
+
+impl Slot {
+    fn key(self) -> PinKey {
+        PinKey(u64::from(self.ring) << 32 | u64::from(self.index))
+    }
+}
+
 struct RingTable {
     ring: IoUring,
+    /// Slots that were used and are free again, last freed on top.
     free: Vec<u32>,
+    /// Slots `[unused, SLOTS_PER_RING)` were never used: a new table lists
+    /// no slot, rather than all 16,384 of them.
+    unused: u32,
+    /// For every slot ever used, the IOVA and length of the mapping a
+    /// session pinned there (a length of 0 if none): what `unpin` checks
+    /// its key against.
+    pinned: Vec<(u64, u64)>,
 }
 
 /// The slots of one mapping, in IOVA order: a single one, stored inline,
@@ -64,11 +95,341 @@ struct Mapping {
     slots: MappingSlots,
 }
 
+fn iovec(host: u64, len: u64) -> libc::iovec {
+    libc::iovec {
+        iov_base: host as *mut libc::c_void,
+        iov_len: len as usize,
+    }
+}
+
+/// `IORING_REGISTER_BUFFERS_UPDATE` (`include/uapi/linux/io_uring.h`).
+const IORING_REGISTER_BUFFERS_UPDATE: libc::c_uint = 16;
+
+/// `struct io_uring_rsrc_update2` (`include/uapi/linux/io_uring.h`), the
+/// argument of `IORING_REGISTER_BUFFERS_UPDATE`.
+#[repr(C)]
+struct RsrcUpdate2 {
+    offset: u32,
+    resv: u32,
+    data: u64,
+    tags: u64,
+    nr: u32,
+    resv2: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<RsrcUpdate2>() == 32);
+
+/// Slots cleared by one system call at most: one page of empty iovecs.
+const CLEAR_CHUNK: usize = 256;
+
+/// Empty iovecs, each clearing the slot it is given to. A constant rather
+/// than a `static` because `libc::iovec` holds a raw pointer (so is not
+/// `Sync`); [`RingTable::clear`] borrows it as a promoted `'static`, so it
+/// is neither built nor copied per call.
+const EMPTY_IOVECS: [libc::iovec; CLEAR_CHUNK] = [libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+}; CLEAR_CHUNK];
+
+impl RingTable {
+    fn new() -> std::io::Result<Self> {
+        let ring = IoUring::new(1)?;
+        ring.submitter().register_buffers_sparse(SLOTS_PER_RING)?;
+        Ok(Self {
+            ring,
+            free: Vec::new(),
+            unused: 0,
+            pinned: Vec::new(),
+        })
+    }
+
+    /// A free slot of this table, if it has one.
+    #[inline]
+    fn take_slot(&mut self) -> Option<u32> {
+        if let Some(index) = self.free.pop() {
+            return Some(index);
+        }
+        let index = self.unused;
+        (index < SLOTS_PER_RING).then(|| {
+            self.unused += 1;
+            self.pinned.push((0, 0));
+            index
+        })
+    }
+
+    /// Points slots `[first, first + bufs.len())` at `bufs`; an empty
+    /// iovec clears a slot, which unpins its pages before returning.
+    ///
+    /// This is the system call `io_uring::Submitter::register_buffers_update`
+    /// makes (`IORING_REGISTER_BUFFERS_UPDATE`, no tags), made directly: it
+    /// runs twice per vIOMMU MAP + UNMAP, and the crate's path to it (a
+    /// `Submitter` built per call, the registered-ring check, two layers of
+    /// `Result`) took more instructions than the rest of a slot update.
+    #[inline]
+    fn update(&self, first: u32, bufs: &[libc::iovec]) -> std::io::Result<()> {
+        let update = RsrcUpdate2 {
+            offset: first,
+            resv: 0,
+            data: bufs.as_ptr() as u64,
+            tags: 0,
+            nr: bufs.len() as u32,
+            resv2: 0,
+        };
+        // SAFETY: `update` is a valid `io_uring_rsrc_update2` naming `bufs`,
+        // which outlives the call. Every iovec is either empty (clears the
+        // slot) or a range of host memory the caller keeps mapped while it
+        // is registered (the DmaMapper contract); the kernel pins it and
+        // never writes through it unless a read I/O names the slot, which
+        // memvisor never submits (its tests only submit writes *from* a
+        // slot).
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.ring.as_raw_fd(),
+                IORING_REGISTER_BUFFERS_UPDATE,
+                &update as *const RsrcUpdate2,
+                std::mem::size_of::<RsrcUpdate2>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// [`clear`](Self::clear) of one slot, the common case (a mapping of
+    /// up to 1 GiB), without the chunking.
+    #[inline(always)]
+    fn clear_one(&mut self, ring: u32, index: u32) {
+        let empty: &'static [libc::iovec; CLEAR_CHUNK] = &EMPTY_IOVECS;
+        match self.update(index, &empty[..1]) {
+            Ok(()) => self.free.push(index),
+            Err(e) => log::error!("unpinning io_uring slot {index} of ring {ring} failed: {e}"),
+        }
+    }
+
+    /// Clears slots `[first, first + n)`, unpinning them, and returns them
+    /// to the free list: one system call per [`CLEAR_CHUNK`] slots. A chunk
+    /// the kernel fails to clear is logged and kept off the free list.
+    fn clear(&mut self, ring: u32, first: u32, n: u32) {
+        let empty: &'static [libc::iovec; CLEAR_CHUNK] = &EMPTY_IOVECS;
+        let end = first + n;
+        let mut index = first;
+        while index < end {
+            let count = (end - index).min(CLEAR_CHUNK as u32);
+            if let Err(e) = self.update(index, &empty[..count as usize]) {
+                // Clearing a slot cannot fail on a valid table; if it ever
+                // does, the slot stays pinned and must not be reused.
+                log::error!("unpinning io_uring slots {index}+{count} of ring {ring} failed: {e}");
+            } else if count == 1 {
+                self.free.push(index);
+            } else {
+                self.free.extend((index..index + count).rev());
+            }
+            index += count;
+        }
+    }
+}
+
+/// The rings of a pinner or of a session, and their free slots.
 #[derive(Default)]
-struct PinnerState {
+struct Slots {
     rings: Vec<RingTable>,
+    /// The lowest ring that may have a free slot (every ring below it is
+    /// full), where the search for a free slot starts.
+    first_free_ring: usize,
+}
+
+impl Slots {
+    /// Slots with their first ring set up now (a session's, when its
+    /// device is attached) rather than inside the guest's first MAP; if
+    /// that fails (no io_uring), it is tried again at the first pin, which
+    /// then fails with the reason.
+    fn with_first_ring() -> Self {
+        Self {
+            rings: RingTable::new().map(|ring| vec![ring]).unwrap_or_default(),
+            first_free_ring: 0,
+        }
+    }
+
+    /// A free slot, in the lowest ring that has one (a new ring if all are
+    /// full). The search starts at `first_free_ring`, so that it does not
+    /// walk the full rings on every pin.
+    #[inline]
+    fn alloc(&mut self) -> std::io::Result<Slot> {
+        let mut ring = self.first_free_ring;
+        while let Some(table) = self.rings.get_mut(ring) {
+            if let Some(index) = table.take_slot() {
+                self.first_free_ring = ring;
+                return Ok(Slot {
+                    ring: ring as u32,
+                    index,
+                });
+            }
+            ring += 1;
+        }
+        self.new_ring()
+    }
+
+    /// A slot of a new ring, made because every ring is full (or none
+    /// exists yet): rare, so kept out of the pinning path.
+    #[cold]
+    #[inline(never)]
+    fn new_ring(&mut self) -> std::io::Result<Slot> {
+        let mut table = RingTable::new()?;
+        let index = table.take_slot().expect("fresh table");
+        self.rings.push(table);
+        self.first_free_ring = self.rings.len() - 1;
+        Ok(Slot {
+            ring: self.rings.len() as u32 - 1,
+            index,
+        })
+    }
+
+    /// Pins `[host, host + len)` (at most [`MAX_SLOT_BYTES`]) into a free
+    /// slot; on failure the slot is free again.
+    #[inline(always)]
+    fn pin(&mut self, host: u64, len: u64) -> std::io::Result<Slot> {
+        let slot = self.alloc()?;
+        let ring = &mut self.rings[slot.ring as usize];
+        if let Err(e) = ring.update(slot.index, &[iovec(host, len)]) {
+            // Never pinned: back on the free list.
+            ring.free.push(slot.index);
+            self.first_free_ring = self.first_free_ring.min(slot.ring as usize);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    /// Pins `[host, host + len)` into fresh slots, one per
+    /// [`MAX_SLOT_BYTES`]; on failure everything pinned so far is released.
+    fn pin_all(&mut self, iova: u64, host: u64, len: u64) -> Result<MappingSlots, DmaError> {
+        let os = |source| DmaError::Os {
+            op: "io_uring buffer registration",
+            iova,
+            len,
+            source,
+        };
+        if len <= MAX_SLOT_BYTES {
+            // Every mapping of up to 1 GiB: one slot, no loop.
+            return self.pin(host, len).map(|slot| smallvec::smallvec![slot]).map_err(os);
+        }
+        let mut slots = MappingSlots::new();
+        let mut offset = 0;
+        while offset < len {
+            let chunk = (len - offset).min(MAX_SLOT_BYTES);
+            match self.pin(host + offset, chunk) {
+                Ok(slot) => slots.push(slot),
+                Err(source) => {
+                    self.release(&mut slots);
+                    return Err(os(source));
+                }
+            }
+            offset += chunk;
+        }
+        Ok(slots)
+    }
+
+    /// Clears the one slot of a mapping of up to 1 GiB, unpinning it.
+    #[inline(always)]
+    fn release_one(&mut self, slot: Slot) {
+        self.rings[slot.ring as usize].clear_one(slot.ring, slot.index);
+        self.first_free_ring = self.first_free_ring.min(slot.ring as usize);
+    }
+
+    /// Clears `slots` (unpinning them) and returns them to the free lists,
+    /// with one system call per run of consecutive slots in one ring (per
+    /// [`CLEAR_CHUNK`] slots of a longer run). Sorts `slots` in place.
+    fn release(&mut self, slots: &mut [Slot]) {
+        if let [slot] = slots {
+            // A mapping of up to 1 GiB: nothing to sort or coalesce.
+            self.release_one(*slot);
+            return;
+        }
+        slots.sort_unstable();
+        let mut i = 0;
+        while i < slots.len() {
+            let start = slots[i];
+            let mut n = 1;
+            while i + n < slots.len() && slots[i + n].ring == start.ring && slots[i + n].index == start.index + n as u32
+            {
+                n += 1;
+            }
+            self.rings[start.ring as usize].clear(start.ring, start.index, n as u32);
+            self.first_free_ring = self.first_free_ring.min(start.ring as usize);
+            i += n;
+        }
+    }
+
+    /// Every slot a session pinned one mapping in (`RingTable::pinned`).
+    fn session_slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.rings.iter().enumerate().flat_map(|(ring, table)| {
+            table
+                .pinned
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, len))| *len != 0)
+                .map(move |(index, _)| Slot {
+                    ring: ring as u32,
+                    index: index as u32,
+                })
+        })
+    }
+}
+
+/// What the pinner's lock guards: its own rings and its mappings by IOVA.
+struct PinnerState {
+    slots: Slots,
     mappings: BTreeMap<u64, Mapping>,
+    /// Bytes pinned by `map` (the sessions count their own).
     pinned: u64,
+}
+
+/// What a pinner shares with its sessions: the budget, the mapping limit,
+/// and the counts of every pin, its own and its sessions'.
+struct Accounts {
+    budget: Arc<PinBudget>,
+    max_mappings: u64,
+    pinned: AtomicU64,
+    mappings: AtomicU64,
+}
+
+impl Accounts {
+    /// Takes one mapping of the limit and charges `len` bytes to the
+    /// budget, all or nothing.
+    #[inline]
+    fn charge(&self, iova: u64, len: u64) -> Result<(), DmaError> {
+        let max = self.max_mappings;
+        self.mappings
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .map_err(|_| DmaError::TooManyMappings { limit: max })?;
+        if let Err(e) = self.budget.charge(iova, len) {
+            self.mappings.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Counts `len` pinned bytes, after [`charge`](Self::charge) and the pin.
+    #[inline]
+    fn pinned(&self, len: u64) {
+        self.pinned.fetch_add(len, Ordering::AcqRel);
+    }
+
+    /// Undoes [`charge`](Self::charge) for `count` mappings of `bytes`
+    /// that were never pinned, or are unpinned now.
+    #[inline]
+    fn refund(&self, count: u64, bytes: u64) {
+        self.mappings.fetch_sub(count, Ordering::AcqRel);
+        self.budget.release(bytes);
+    }
+
+    /// [`refund`](Self::refund) of mappings that were counted pinned.
+    #[inline]
+    fn unpinned(&self, count: u64, bytes: u64) {
+        self.pinned.fetch_sub(bytes, Ordering::AcqRel);
+        self.refund(count, bytes);
+    }
 }
 
 /// A [`DmaMapper`] that pins through io_uring registered buffers.
@@ -90,81 +451,18 @@ struct PinnerState {
 /// ```
 pub struct UringPinner {
     name: String,
-    budget: Arc<PinBudget>,
-    max_mappings: u64,
+    accounts: Arc<Accounts>,
     inner: Mutex<PinnerState>,
 }
 
 impl fmt::Debug for UringPinner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = self.lock();
         f.debug_struct("UringPinner")
             .field("name", &self.name)
-            .field("rings", &inner.rings.len())
-            .field("mappings", &inner.mappings.len())
-            .field("pinned", &inner.pinned)
+            .field("rings", &self.ring_count())
+            .field("mappings", &self.mapping_count())
+            .field("pinned", &self.pinned_bytes())
             .finish()
-    }
-}
-
-fn iovec(host: u64, len: u64) -> libc::iovec {
-    libc::iovec {
-        iov_base: host as *mut libc::c_void,
-        iov_len: len as usize,
-    }
-}
-
-/// Slots cleared by one system call at most: one page of empty iovecs.
-const CLEAR_CHUNK: usize = 256;
-
-/// Empty iovecs, each clearing the slot it is given to. A constant rather
-/// than a `static` because `libc::iovec` holds a raw pointer (so is not
-/// `Sync`); [`RingTable::clear`] borrows it as a promoted `'static`, so it
-/// is neither built nor copied per call.
-const EMPTY_IOVECS: [libc::iovec; CLEAR_CHUNK] = [libc::iovec {
-    iov_base: std::ptr::null_mut(),
-    iov_len: 0,
-}; CLEAR_CHUNK];
-
-impl RingTable {
-    fn new() -> std::io::Result<Self> {
-        let ring = IoUring::new(1)?;
-        ring.submitter().register_buffers_sparse(SLOTS_PER_RING)?;
-        Ok(Self {
-            ring,
-            free: (0..SLOTS_PER_RING).rev().collect(),
-        })
-    }
-
-    /// Points slots `[first, first + bufs.len())` at `bufs`; an empty
-    /// iovec clears a slot, which unpins its pages before returning.
-    fn update(&self, first: u32, bufs: &[libc::iovec]) -> std::io::Result<()> {
-        // SAFETY: every iovec is either empty (clears the slot) or a range
-        // of host memory the caller keeps mapped while it is registered
-        // (the DmaMapper contract); the kernel pins it and never writes
-        // through it unless a read I/O names the slot, which memvisor never
-        // submits (its tests only submit writes *from* a slot).
-        unsafe { self.ring.submitter().register_buffers_update(first, bufs, None) }
-    }
-
-    /// Clears slots `[first, first + n)`, unpinning them, and returns them
-    /// to the free list: one system call per [`CLEAR_CHUNK`] slots. A chunk
-    /// the kernel fails to clear is logged and kept off the free list.
-    fn clear(&mut self, ring: u32, first: u32, n: u32) {
-        let empty: &'static [libc::iovec; CLEAR_CHUNK] = &EMPTY_IOVECS;
-        let end = first + n;
-        let mut index = first;
-        while index < end {
-            let count = (end - index).min(CLEAR_CHUNK as u32);
-            if let Err(e) = self.update(index, &empty[..count as usize]) {
-                // Clearing a slot cannot fail on a valid table; if it ever
-                // does, the slot stays pinned and must not be reused.
-                log::error!("unpinning io_uring slots {index}+{count} of ring {ring} failed: {e}");
-            } else {
-                self.free.extend((index..index + count).rev());
-            }
-            index += count;
-        }
     }
 }
 
@@ -174,102 +472,67 @@ impl UringPinner {
         Self::with_max_mappings(name, budget, DEFAULT_MAX_MAPPINGS)
     }
 
-    /// A pinner with a limit of `max_mappings` live mappings.
+    /// A pinner with a limit of `max_mappings` live mappings (its
+    /// sessions' included).
     pub fn with_max_mappings(name: &str, budget: Arc<PinBudget>, max_mappings: u64) -> Self {
         Self {
             name: name.to_string(),
-            budget,
-            max_mappings,
-            inner: Mutex::new(PinnerState::default()),
+            accounts: Arc::new(Accounts {
+                budget,
+                max_mappings,
+                pinned: AtomicU64::new(0),
+                mappings: AtomicU64::new(0),
+            }),
+            inner: Mutex::new(PinnerState {
+                // Made at the first `map`: a pinner used only through a
+                // session (path 2) needs no ring of its own.
+                slots: Slots::default(),
+                mappings: BTreeMap::new(),
+                pinned: 0,
+            }),
         }
     }
 
-    /// Number of io_uring instances (tables) in use.
+    /// Number of io_uring instances (tables) the pinner's own mappings use
+    /// (its sessions have their own).
     pub fn ring_count(&self) -> usize {
-        self.lock().rings.len()
+        self.lock().slots.rings.len()
     }
 
     /// The budget this pinner charges.
     pub fn budget(&self) -> &Arc<PinBudget> {
-        &self.budget
+        &self.accounts.budget
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PinnerState> {
         self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Unpins `slots`, which held the `bytes` of mappings just removed from
-    /// the table, and gives the bytes back to the budget.
-    fn unpin(&self, inner: &mut PinnerState, slots: &mut [Slot], bytes: u64) {
-        Self::release_slots(inner, slots);
+    /// Unpins `slots`, which held the `count` mappings of `bytes` just
+    /// removed from the table, and gives them back to the accounts.
+    fn release(&self, inner: &mut PinnerState, slots: &mut [Slot], count: u64, bytes: u64) {
+        inner.slots.release(slots);
         inner.pinned -= bytes;
-        self.budget.release(bytes);
+        self.accounts.unpinned(count, bytes);
     }
 
-    /// Clears `slots` (unpinning them) and returns them to the free lists,
-    /// with one system call per run of consecutive slots in one ring (per
-    /// [`CLEAR_CHUNK`] slots of a longer run). Sorts `slots` in place.
-    fn release_slots(inner: &mut PinnerState, slots: &mut [Slot]) {
-        slots.sort_unstable();
-        let mut i = 0;
-        while i < slots.len() {
-            let start = slots[i];
-            let mut n = 1;
-            while i + n < slots.len() && slots[i + n].ring == start.ring && slots[i + n].index == start.index + n as u32
-            {
-                n += 1;
-            }
-            inner.rings[start.ring as usize].clear(start.ring, start.index, n as u32);
-            i += n;
-        }
-    }
-
-    fn alloc_slot(inner: &mut PinnerState) -> std::io::Result<Slot> {
-        if let Some(ring) = inner.rings.iter().position(|r| !r.free.is_empty()) {
-            let index = inner.rings[ring].free.pop().expect("non-empty");
-            return Ok(Slot {
-                ring: ring as u32,
-                index,
+    /// Checks what `map` and `pin` are given: page-aligned, non-empty, and
+    /// not wrapping around the IOVA or host address space.
+    #[inline]
+    fn check(iova: u64, host: u64, len: u64) -> Result<(), DmaError> {
+        if len == 0 || (iova | host | len) % PAGE_SIZE != 0 {
+            return Err(DmaError::Unaligned {
+                iova,
+                host,
+                len,
+                page_size: PAGE_SIZE,
             });
         }
-        let mut table = RingTable::new()?;
-        let index = table.free.pop().expect("fresh table");
-        inner.rings.push(table);
-        Ok(Slot {
-            ring: inner.rings.len() as u32 - 1,
-            index,
-        })
-    }
-
-    /// Pins `[host, host + len)` into fresh slots; on failure everything
-    /// pinned so far is released.
-    fn pin(inner: &mut PinnerState, iova: u64, host: u64, len: u64) -> Result<MappingSlots, DmaError> {
-        let mut slots = MappingSlots::with_capacity(len.div_ceil(MAX_SLOT_BYTES) as usize);
-        let mut offset = 0;
-        while offset < len {
-            let chunk = (len - offset).min(MAX_SLOT_BYTES);
-            let result = Self::alloc_slot(inner).and_then(|slot| {
-                let r = inner.rings[slot.ring as usize].update(slot.index, &[iovec(host + offset, chunk)]);
-                if r.is_err() {
-                    inner.rings[slot.ring as usize].free.push(slot.index);
-                }
-                r.map(|()| slot)
-            });
-            match result {
-                Ok(slot) => slots.push(slot),
-                Err(source) => {
-                    Self::release_slots(inner, &mut slots);
-                    return Err(DmaError::Os {
-                        op: "io_uring buffer registration",
-                        iova,
-                        len,
-                        source,
-                    });
-                }
-            }
-            offset += chunk;
+        // Inclusive ends: the page at the top of the IOVA space is mappable.
+        if iova.checked_add(len - 1).is_none() || host.checked_add(len - 1).is_none() {
+            return Err(DmaError::IovaOutOfRange { iova, len });
         }
-        Ok(slots)
+        Ok(())
     }
 }
 
@@ -285,19 +548,8 @@ impl DmaMapper for UringPinner {
     }
 
     fn map(&self, iova: u64, host: u64, len: u64, _access: Permissions) -> Result<(), DmaError> {
-        if len == 0 || (iova | host | len) % PAGE_SIZE != 0 {
-            return Err(DmaError::Unaligned {
-                iova,
-                host,
-                len,
-                page_size: PAGE_SIZE,
-            });
-        }
-        // Inclusive ends: the page at the top of the IOVA space is mappable.
-        let last = iova
-            .checked_add(len - 1)
-            .filter(|_| host.checked_add(len - 1).is_some())
-            .ok_or(DmaError::IovaOutOfRange { iova, len })?;
+        Self::check(iova, host, len)?;
+        let last = last_byte(iova, len);
         let mut inner = self.lock();
         if let Some((&start, m)) = inner.mappings.range(..=last).next_back()
             && last_byte(start, m.len) >= iova
@@ -308,23 +560,18 @@ impl DmaMapper for UringPinner {
                 existing: start,
             });
         }
-        if inner.mappings.len() as u64 >= self.max_mappings {
-            return Err(DmaError::TooManyMappings {
-                limit: self.max_mappings,
-            });
-        }
-        self.budget.charge(iova, len)?;
-        match Self::pin(&mut inner, iova, host, len) {
-            Ok(slots) => {
-                inner.mappings.insert(iova, Mapping { len, slots });
-                inner.pinned += len;
-                Ok(())
-            }
+        self.accounts.charge(iova, len)?;
+        let slots = match inner.slots.pin_all(iova, host, len) {
+            Ok(slots) => slots,
             Err(e) => {
-                self.budget.release(len);
-                Err(e)
+                self.accounts.refund(1, len);
+                return Err(e);
             }
-        }
+        };
+        inner.mappings.insert(iova, Mapping { len, slots });
+        inner.pinned += len;
+        self.accounts.pinned(len);
+        Ok(())
     }
 
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
@@ -335,7 +582,7 @@ impl DmaMapper for UringPinner {
             && found.get().len == len
         {
             let mut slots = found.remove().slots;
-            self.unpin(&mut inner, &mut slots, len);
+            self.release(&mut inner, &mut slots, 1, len);
             return Ok(len);
         }
         // A mapping starting before the range but reaching into it would be split.
@@ -360,7 +607,7 @@ impl DmaMapper for UringPinner {
         // past `last` (mappings do not overlap), and it is checked before
         // anything is removed.
         let mut slots = FreedSlots::new();
-        let mut bytes = 0;
+        let (mut count, mut bytes) = (0, 0);
         let mut upper = Some(last);
         while let Some(top) = upper
             && let Some((&start, m)) = inner.mappings.range(iova..=top).next_back()
@@ -374,21 +621,33 @@ impl DmaMapper for UringPinner {
                 });
             }
             let m = inner.mappings.remove(&start).expect("found above");
+            count += 1;
             bytes += m.len;
             slots.extend(m.slots);
             upper = start.checked_sub(1).filter(|&below| below >= iova);
         }
-        if bytes == 0 {
+        if count == 0 {
             // A hole: nothing to release.
             return Ok(0);
         }
-        self.unpin(&mut inner, &mut slots, bytes);
+        self.release(&mut inner, &mut slots, count, bytes);
         Ok(bytes)
+    }
+
+    fn session(self: Arc<Self>) -> Box<dyn PinSession> {
+        Box::new(UringSession {
+            accounts: self.accounts.clone(),
+            slots: Slots::with_first_ring(),
+            long: Vec::new(),
+            vacant: Vec::new(),
+            pinned: 0,
+            count: 0,
+        })
     }
 
     fn limits(&self) -> DmaLimits {
         DmaLimits {
-            max_mappings: self.max_mappings,
+            max_mappings: self.accounts.max_mappings,
             page_sizes: !(PAGE_SIZE - 1),
             iova_ranges: vec![IovaRange {
                 start: 0,
@@ -398,11 +657,11 @@ impl DmaMapper for UringPinner {
     }
 
     fn pinned_bytes(&self) -> u64 {
-        self.lock().pinned
+        self.accounts.pinned.load(Ordering::Acquire)
     }
 
     fn mapping_count(&self) -> u64 {
-        self.lock().mappings.len() as u64
+        self.accounts.mappings.load(Ordering::Acquire)
     }
 }
 
@@ -412,12 +671,160 @@ impl Drop for UringPinner {
         // kernel worker), so pins would outlive the pinner for a while:
         // clear every slot synchronously first.
         let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-        let mut slots: Vec<Slot> = std::mem::take(&mut inner.mappings)
-            .into_values()
-            .flat_map(|m| m.slots)
-            .collect();
-        Self::release_slots(inner, &mut slots);
-        self.budget.release(std::mem::take(&mut inner.pinned));
+        let mappings = std::mem::take(&mut inner.mappings);
+        let count = mappings.len() as u64;
+        let mut slots: Vec<Slot> = mappings.into_values().flat_map(|m| m.slots).collect();
+        inner.slots.release(&mut slots);
+        self.accounts.unpinned(count, std::mem::take(&mut inner.pinned));
+    }
+}
+
+/// A mapping of more than [`MAX_SLOT_BYTES`] pinned by a session.
+struct Long {
+    iova: u64,
+    mapping: Mapping,
+}
+
+/// The [`PinSession`] of a [`UringPinner`]: rings of its own, so that its
+/// pins take no lock (its owner orders its calls), and mappings kept by
+/// [`PinKey`] rather than by IOVA; the accounts are the pinner's.
+struct UringSession {
+    accounts: Arc<Accounts>,
+    slots: Slots,
+    /// Mappings of more than one slot, by key: a slab whose vacant entries
+    /// are listed in `vacant`. (The others are kept beside their slot,
+    /// `RingTable::pinned`.)
+    long: Vec<Option<Long>>,
+    vacant: Vec<u32>,
+    /// Bytes and mappings pinned by this session.
+    pinned: u64,
+    count: u64,
+}
+
+impl UringSession {
+    /// `pin` of a mapping longer than one slot: kept in the `long` slab.
+    #[cold]
+    fn pin_long(&mut self, iova: u64, host: u64, len: u64) -> Result<PinKey, DmaError> {
+        if self.vacant.is_empty() && self.long.len() >= u32::MAX as usize {
+            return Err(DmaError::TooManyMappings {
+                limit: u64::from(u32::MAX),
+            });
+        }
+        self.accounts.charge(iova, len)?;
+        let slots = match self.slots.pin_all(iova, host, len) {
+            Ok(slots) => slots,
+            Err(e) => {
+                self.accounts.refund(1, len);
+                return Err(e);
+            }
+        };
+        let long = Some(Long {
+            iova,
+            mapping: Mapping { len, slots },
+        });
+        let index = match self.vacant.pop() {
+            Some(index) => {
+                self.long[index as usize] = long;
+                index
+            }
+            None => {
+                self.long.push(long);
+                self.long.len() as u32 - 1
+            }
+        };
+        self.pinned(len);
+        Ok(PinKey(LONG_KEY | u64::from(index)))
+    }
+
+    /// `unpin` of a mapping made by `pin_long`: the bytes unpinned.
+    #[cold]
+    fn unpin_long(&mut self, index: u64, iova: u64, len: u64) -> u64 {
+        let Some(entry) = usize::try_from(index).ok().and_then(|i| self.long.get_mut(i)) else {
+            return 0;
+        };
+        if !entry.as_ref().is_some_and(|l| l.iova == iova && l.mapping.len == len) {
+            return 0;
+        }
+        let Long { mapping, .. } = entry.take().expect("checked above");
+        self.vacant.push(index as u32);
+        let mut slots = mapping.slots;
+        self.slots.release(&mut slots);
+        self.unpinned(len);
+        len
+    }
+
+    #[inline]
+    fn pinned(&mut self, len: u64) {
+        self.pinned += len;
+        self.count += 1;
+        self.accounts.pinned(len);
+    }
+
+    #[inline]
+    fn unpinned(&mut self, len: u64) {
+        self.pinned -= len;
+        self.count -= 1;
+        self.accounts.unpinned(1, len);
+    }
+}
+
+impl PinSession for UringSession {
+    fn pin(&mut self, iova: u64, host: u64, len: u64, _access: Permissions) -> Result<PinKey, DmaError> {
+        UringPinner::check(iova, host, len)?;
+        if len > MAX_SLOT_BYTES {
+            return self.pin_long(iova, host, len);
+        }
+        // The common case: one slot, no slot list, kept beside the slot.
+        self.accounts.charge(iova, len)?;
+        let slot = match self.slots.pin(host, len) {
+            Ok(slot) => slot,
+            Err(source) => {
+                self.accounts.refund(1, len);
+                return Err(DmaError::Os {
+                    op: "io_uring buffer registration",
+                    iova,
+                    len,
+                    source,
+                });
+            }
+        };
+        self.slots.rings[slot.ring as usize].pinned[slot.index as usize] = (iova, len);
+        self.pinned(len);
+        Ok(slot.key())
+    }
+
+    fn unpin(&mut self, key: PinKey, iova: u64, len: u64) -> Result<u64, DmaError> {
+        if key.0 & LONG_KEY != 0 {
+            return Ok(self.unpin_long(key.0 & !LONG_KEY, iova, len));
+        }
+        let slot = Slot {
+            ring: (key.0 >> 32) as u32,
+            index: key.0 as u32,
+        };
+        let entry = self
+            .slots
+            .rings
+            .get_mut(slot.ring as usize)
+            .and_then(|table| table.pinned.get_mut(slot.index as usize));
+        match entry {
+            Some(entry) if len != 0 && *entry == (iova, len) => *entry = (0, 0),
+            _ => return Ok(0),
+        }
+        self.slots.release_one(slot);
+        self.unpinned(len);
+        Ok(len)
+    }
+}
+
+impl Drop for UringSession {
+    fn drop(&mut self) {
+        // As for the pinner: clear every slot synchronously, before the
+        // rings close.
+        let long = std::mem::take(&mut self.long).into_iter().flatten();
+        let mut slots: Vec<Slot> = long.flat_map(|l| l.mapping.slots).collect();
+        slots.extend(self.slots.session_slots());
+        self.slots.release(&mut slots);
+        self.accounts.unpinned(self.count, self.pinned);
     }
 }
 
@@ -467,7 +874,7 @@ mod tests {
         let (mut rx, tx) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
         let mut inner = p.lock();
         let slot = inner.mappings[&iova].slots[0];
-        let ring = &mut inner.rings[slot.ring as usize].ring;
+        let ring = &mut inner.slots.rings[slot.ring as usize].ring;
         let sqe = opcode::WriteFixed::new(types::Fd(tx.as_raw_fd()), host as *const u8, len, slot.index as u16).build();
         // SAFETY: the buffer is a registered slot that stays pinned while the
         // lock is held; the kernel only reads from it.
@@ -654,5 +1061,84 @@ mod tests {
         // A range reaching past the top unmaps what is there.
         p.map(top, h, 4096, Permissions::READ).unwrap();
         assert_eq!(p.unmap(top, 8192).unwrap(), 4096);
+    }
+
+    /// A session's pins are real, charged to the pinner's budget and limit
+    /// and counted in its figures, kept apart from its IOVA index, found by
+    /// their key alone, and unpinned when the session is dropped.
+    #[test]
+    fn session_pins_are_keyed_and_share_the_accounts() {
+        let _g = serial();
+        let ram = RamBlock::new("ram", 8 * MIB, Backing::Memfd).unwrap();
+        let h = ram.host_address();
+        let rw = Permissions::READ_WRITE;
+        let p = Arc::new(UringPinner::with_max_mappings(
+            "s",
+            Arc::new(PinBudget::limited(3 * MIB)),
+            3,
+        ));
+        let before = vm_pin_kib();
+        let mut s = p.clone().session();
+        let a = s.pin(0x1000_0000, h, MIB, rw).unwrap();
+        // The pinner's own map does not see the session's pins (its owner
+        // keeps its mappings apart), but shares the accounts.
+        p.map(0x1000_0000, h + MIB, MIB, rw).unwrap();
+        assert_eq!((p.pinned_bytes(), p.mapping_count()), (2 * MIB, 2));
+        assert_eq!(vm_pin_kib() - before, 2 * 1024);
+        assert_eq!(p.ring_count(), 1, "the session pinned into rings of its own");
+        assert!(matches!(
+            s.pin(0x2000_0000, h + 2 * MIB, 2 * MIB, rw),
+            Err(DmaError::BudgetExceeded { .. })
+        ));
+        let b = s.pin(0x2000_0000, h + 2 * MIB, 4096, rw).unwrap();
+        assert!(matches!(
+            s.pin(0x3000_0000, h, 4096, rw),
+            Err(DmaError::TooManyMappings { limit: 3 })
+        ));
+        assert!(matches!(s.pin(0, h + 1, 4096, rw), Err(DmaError::Unaligned { .. })));
+        // Nothing refused was charged or pinned.
+        assert_eq!((p.budget().used(), p.mapping_count()), (2 * MIB + 4096, 3));
+        // A key unpins only the mapping it names, once.
+        assert_eq!(s.unpin(a, 0x1000_0000 + 4096, MIB).unwrap(), 0);
+        assert_eq!(s.unpin(a, 0x1000_0000, 4096).unwrap(), 0);
+        assert_eq!(s.unpin(PinKey(7 << 32), 0x1000_0000, MIB).unwrap(), 0);
+        assert_eq!(s.unpin(a, 0x1000_0000, MIB).unwrap(), MIB);
+        assert_eq!(s.unpin(a, 0x1000_0000, MIB).unwrap(), 0);
+        // `unmap` removes the pinner's own mapping, not the session's.
+        assert_eq!(p.unmap(0x2000_0000, 4096).unwrap(), 0);
+        assert_eq!(p.unmap(0x1000_0000, MIB).unwrap(), MIB);
+        assert_eq!(
+            (p.pinned_bytes(), p.mapping_count(), p.budget().used()),
+            (4096, 1, 4096)
+        );
+        assert_eq!(vm_pin_kib() - before, 4);
+        // Dropping the session unpins what it still holds (`b`).
+        let _ = b;
+        drop(s);
+        assert_eq!((p.pinned_bytes(), p.mapping_count(), p.budget().used()), (0, 0, 0));
+        assert_eq!(vm_pin_kib(), before);
+    }
+
+    #[test]
+    fn session_pins_over_1gib_take_several_slots() {
+        let _g = serial();
+        let len = (1 << 30) + 8 * MIB;
+        let ram = RamBlock::new("big", len, Backing::PrivateAnonymous).unwrap();
+        let p = Arc::new(pinner(None));
+        let before = vm_pin_kib();
+        let mut s = p.clone().session();
+        let key = s
+            .pin(1 << 32, ram.host_address(), len, Permissions::READ_WRITE)
+            .unwrap();
+        assert_eq!(vm_pin_kib() - before, (1 << 20) + 8 * 1024);
+        assert_eq!((p.pinned_bytes(), p.mapping_count()), (len, 1));
+        assert_eq!(s.unpin(key, 1 << 32, len - 4096).unwrap(), 0);
+        assert_eq!(s.unpin(key, 1 << 32, len).unwrap(), len);
+        assert_eq!(vm_pin_kib(), before);
+        // Dropped with a long pin still held: unpinned too.
+        s.pin(1 << 32, ram.host_address(), len, Permissions::READ).unwrap();
+        drop(s);
+        assert_eq!((p.pinned_bytes(), p.mapping_count()), (0, 0));
+        assert_eq!(vm_pin_kib(), before);
     }
 }

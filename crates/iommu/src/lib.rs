@@ -61,6 +61,9 @@
 //!   notified.
 //! * Events of one IOMMU never overlap in time: it holds its own lock while
 //!   notifying.
+//! * Every event names its mapping with a [`MappingId`]: the same in the
+//!   `notify_unmap` as in the `notify_map`, never shared by two live
+//!   mappings, and small enough to index a table with.
 //!
 //! The implementer must:
 //! * in `notify_map`, either fully accept the mapping (e.g. pin and map all
@@ -187,6 +190,27 @@ pub enum UnmapCause {
     Rollback,
 }
 
+/// Identifies one live mapping of an IOMMU, so that a notifier finds what
+/// it keeps for the mapping without a search.
+///
+/// The IOMMU guarantees that the [`UnmapEvent`] ending a mapping carries
+/// the id of the [`MapEvent`] that made it visible, that no two of its
+/// live mappings share an id (whatever their domain), and that ids are
+/// small: a freed id is reused, so every id stays below the number of
+/// mappings that were ever live at once (a bound the IOMMU's own limits
+/// set). A notifier may therefore index a table with it, and needs neither
+/// an ordered map nor a hash of guest-chosen addresses per request. An id
+/// means nothing once its mapping is gone; it is not migrated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MappingId(pub u32);
+
+impl MappingId {
+    /// The id as a table index.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// A mapping that becomes visible to an endpoint; see the
 /// [crate documentation](crate) for what the IOMMU guarantees.
 #[derive(Debug)]
@@ -195,6 +219,8 @@ pub struct MapEvent<'a> {
     pub endpoint: u32,
     /// The domain the mapping belongs to.
     pub domain: u32,
+    /// The mapping, as the [`UnmapEvent`] that ends it names it again.
+    pub id: MappingId,
     /// First IOVA.
     pub iova: u64,
     /// Bytes (never 0).
@@ -219,6 +245,8 @@ pub struct UnmapEvent {
     pub endpoint: u32,
     /// The domain the mapping belongs to.
     pub domain: u32,
+    /// The mapping: the id its [`MapEvent`] carried.
+    pub id: MappingId,
     /// First IOVA.
     pub iova: u64,
     /// Bytes.

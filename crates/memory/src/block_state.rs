@@ -96,6 +96,7 @@ impl BlockBitmap {
     }
 
     /// The value of bit `index`. Panics if `index >= len()`.
+    #[inline]
     pub fn get(&self, index: usize) -> bool {
         assert!(index < self.len, "bit {index} out of range {}", self.len);
         self.words[index / WORD_BITS] >> (index % WORD_BITS) & 1 == 1

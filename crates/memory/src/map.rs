@@ -64,6 +64,7 @@ impl Region {
 
     /// The region's discard manager, if its memory can be discarded in a
     /// coordinated way (virtio-mem).
+    #[inline]
     pub fn manager(&self) -> Option<&Arc<dyn RamDiscardManager>> {
         self.manager.as_ref()
     }
@@ -71,6 +72,7 @@ impl Region {
     /// `len` bytes of the region's memory from `offset` on, for volatile
     /// access; `None` if they are not all inside the region (or the region
     /// does not belong to a built map).
+    #[inline]
     pub fn slice(&self, offset: u64, len: u64) -> Option<VolatileSlice<'_>> {
         let end = offset.checked_add(len)?;
         if end > self.range.len() {
@@ -338,10 +340,26 @@ impl GuestMemoryMap {
     }
 
     /// The region holding `addr`, if any.
+    #[inline]
     pub fn region_at(&self, addr: u64) -> Option<&Region> {
         let regions = &self.inner.regions;
         let i = regions.partition_point(|r| r.range.end() <= addr);
         regions.get(i).filter(|r| r.range.start() <= addr)
+    }
+
+    /// The region holding every byte of the non-empty `range`, with its
+    /// index in [`regions`](Self::regions): [`lookup`](Self::lookup)
+    /// without building a [`HostRange`] or an error. Hot paths (a device's
+    /// request and answer buffers) call it once per buffer and keep the
+    /// index to find the region again without a search.
+    #[inline]
+    pub fn find(&self, range: GuestRange) -> Option<(usize, &Region)> {
+        if range.is_empty() {
+            return None;
+        }
+        let regions = &self.inner.regions;
+        let i = regions.partition_point(|r| r.range.end() <= range.start());
+        regions.get(i).filter(|r| r.range.contains(&range)).map(|r| (i, r))
     }
 
     /// Resolves `range` to host memory. Fails with [`MapError::Hole`] if
@@ -421,6 +439,18 @@ mod tests {
         assert_eq!(map.lookup(r(0, 0)).unwrap_err(), MapError::Hole(r(0, 0)));
         assert!(map.lookup(r(7 * MIB, 2 * MIB)).is_err());
         assert!(map.region_at(u64::MAX - 1).is_none());
+        // `find` succeeds exactly where `lookup` does, on the same region.
+        for start in [0, MIB, 4 * MIB - 1, 4 * MIB, 8 * MIB - 1, 8 * MIB, 12 * MIB] {
+            for len in [0, 1, 2, 4096, 4 * MIB, 5 * MIB] {
+                let range = r(start, len);
+                let found = map.find(range).map(|(i, region)| (i, region.range()));
+                let looked_up = map.lookup(range).ok().map(|h| h.region.range());
+                assert_eq!(found.map(|(_, region)| region), looked_up, "{range}");
+                if let Some((i, region)) = found {
+                    assert_eq!(map.regions()[i].range(), region);
+                }
+            }
+        }
     }
 
     #[test]

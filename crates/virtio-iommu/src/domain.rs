@@ -136,7 +136,7 @@ impl Domain {
 mod tests {
     use std::sync::Mutex;
 
-    use memvisor_iommu::{MapEvent, NotifierRefusal, UnmapCause, UnmapEvent};
+    use memvisor_iommu::{MapEvent, MappingId, NotifierRefusal, UnmapCause, UnmapEvent};
     use memvisor_memory::map::GuestMemoryMap;
     use memvisor_memory::{Backing, RamBlock};
     use proptest::prelude::*;
@@ -240,6 +240,91 @@ mod tests {
             virt_end,
         };
         model.unmap(u, ACKED)
+    }
+
+    /// No two live mappings of the device share a [`MappingId`].
+    fn assert_ids_unique(model: &DeviceModel) {
+        let mut ids: Vec<_> = model
+            .domains
+            .values()
+            .flat_map(|d| d.mappings.iter().map(|m| m.id))
+            .collect();
+        let live = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), live, "duplicate mapping ids");
+    }
+
+    /// Records the IOVA and id of every event.
+    #[derive(Default)]
+    struct Ids(Mutex<Vec<(&'static str, u64, MappingId)>>);
+
+    impl IommuNotifier for Ids {
+        fn name(&self) -> &str {
+            "ids"
+        }
+
+        fn notify_map(&self, e: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
+            self.0.lock().unwrap().push(("map", e.iova, e.id));
+            Ok(())
+        }
+
+        fn notify_unmap(&self, e: &UnmapEvent) {
+            self.0.lock().unwrap().push(("unmap", e.iova, e.id));
+        }
+    }
+
+    impl Ids {
+        fn take(&self) -> Vec<(&'static str, u64, MappingId)> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    #[test]
+    fn mappings_are_named_by_unique_ids_that_are_reused() {
+        let mut model = DeviceModel::new(config(vec![1, 2]), Some(memory()));
+        let ids = Arc::new(Ids::default());
+        model.register_notifier(1, ids.clone()).unwrap();
+        model.register_notifier(2, ids.clone()).unwrap();
+        assert_eq!(attach(&mut model, 1, 1), Status::Ok);
+        assert_eq!(attach(&mut model, 2, 2), Status::Ok);
+        for (domain, iova) in [(1, 0x1000), (1, 0x2000), (2, 0x1000)] {
+            assert_eq!(map(&mut model, domain, iova), Status::Ok);
+        }
+        let (a, b, c) = (MappingId(0), MappingId(1), MappingId(2));
+        assert_eq!(ids.take(), [("map", 0x1000, a), ("map", 0x2000, b), ("map", 0x1000, c)]);
+        // The unmap names the mapping as its map did; the id is then free.
+        assert_eq!(unmap(&mut model, 1, 0x1000, 0x1fff), Status::Ok);
+        assert_eq!(map(&mut model, 2, 0x5000), Status::Ok);
+        assert_eq!(ids.take(), [("unmap", 0x1000, a), ("map", 0x5000, a)]);
+        // A refused MAP takes no id.
+        assert_eq!(map(&mut model, 2, 0x5000), Status::Inval);
+        // A domain that goes with its last endpoint frees its mappings' ids.
+        let detach = request::Detach { domain: 2, endpoint: 2 };
+        assert_eq!(model.detach(detach), Status::Ok);
+        assert_eq!(ids.take(), [("unmap", 0x5000, a), ("unmap", 0x1000, c)]);
+        assert_eq!(attach(&mut model, 2, 1), Status::Ok);
+        assert_eq!(map(&mut model, 1, 0x7000), Status::Ok);
+        assert_eq!(map(&mut model, 1, 0x8000), Status::Ok);
+        // The replay to endpoint 2 names `b` again; the new mappings take
+        // the freed ids (last freed first), each told to both endpoints.
+        assert_eq!(
+            ids.take(),
+            [
+                ("map", 0x2000, b),
+                ("map", 0x7000, a),
+                ("map", 0x7000, a),
+                ("map", 0x8000, c),
+                ("map", 0x8000, c)
+            ]
+        );
+        assert_ids_unique(&model);
+        // A reset frees every id.
+        model.detach_all(UnmapCause::Reset);
+        ids.take();
+        assert_eq!(attach(&mut model, 1, 3), Status::Ok);
+        assert_eq!(map(&mut model, 3, 0x1000), Status::Ok);
+        assert_eq!(ids.take(), [("map", 0x1000, MappingId(0))]);
     }
 
     /// Every domain's cached targets are what collecting them afresh gives
@@ -425,6 +510,7 @@ mod tests {
         );
         handle.with_model(|model| {
             assert_targets_fresh(model);
+            assert_ids_unique(model);
             assert_eq!(map(model, 5, 0x3000), Status::Ok);
             assert_eq!(unmap(model, 6, 0x2000, 0x2fff), Status::Ok);
         });
@@ -508,6 +594,7 @@ mod tests {
                     Op::Reset => model.detach_all(UnmapCause::Reset),
                 }
                 assert_targets_fresh(&model);
+                assert_ids_unique(&model);
             }
         }
     }

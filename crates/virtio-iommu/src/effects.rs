@@ -21,7 +21,7 @@ use memvisor_virtio::queue::{Malformed, RequestChain, Response};
 use crate::device::NAME;
 use crate::domain::{Domain, Endpoint};
 use crate::fault::RateLimit;
-use crate::mapping::{DomainMappings, MapFlags, Mapping};
+use crate::mapping::{DomainMappings, MapFlags, Mapping, MappingIds};
 use crate::notify::{deliver_map, replay, unmap_to};
 use crate::options::IommuOptions;
 use crate::request::{self, Request};
@@ -38,6 +38,8 @@ pub(crate) struct DeviceModel {
     pub(crate) bypass: bool,
     pub(crate) endpoints: BTreeMap<u32, Endpoint>,
     pub(crate) domains: BTreeMap<u32, Domain>,
+    /// The ids of the live mappings of every domain ([`Mapping::id`]).
+    pub(crate) ids: MappingIds,
     pub(crate) mem: Option<GuestMemoryMap>,
     /// The id the next registered notifier gets.
     pub(crate) next_notifier: u64,
@@ -56,6 +58,7 @@ impl DeviceModel {
             options,
             endpoints,
             domains: BTreeMap::new(),
+            ids: MappingIds::default(),
             mem,
             next_notifier: 1,
             dropped_faults: 0,
@@ -83,10 +86,20 @@ impl DeviceModel {
         }
         d.remove_endpoint(endpoint);
         if d.endpoints.is_empty() {
-            self.domains.remove(&domain);
+            self.remove_domain(domain);
         }
         if let Some(ep) = self.endpoints.get_mut(&endpoint) {
             ep.domain = None;
+        }
+    }
+
+    /// Removes `domain` (its last endpoint has left), freeing the ids of
+    /// its mappings.
+    fn remove_domain(&mut self, domain: u32) {
+        if let Some(d) = self.domains.remove(&domain) {
+            for m in d.mappings.iter() {
+                self.ids.give(m.id);
+            }
         }
     }
 
@@ -101,6 +114,7 @@ impl DeviceModel {
             self.detach_endpoint(endpoint, domain, cause);
         }
         self.domains.clear();
+        self.ids.clear();
     }
 
     /// Parses and applies one request of the request queue; `acked` are
@@ -178,7 +192,7 @@ impl DeviceModel {
         {
             domain.remove_endpoint(a.endpoint);
             if domain.endpoints.is_empty() {
-                self.domains.remove(&a.domain);
+                self.remove_domain(a.domain);
             }
             log::warn!(
                 "{NAME}: attach of endpoint {} to domain {} failed replaying [{:#x}, {:#x}]: {refusal}",
@@ -266,15 +280,20 @@ impl DeviceModel {
         if domain.mappings.len() >= self.options.limits.max_mappings_per_domain {
             return Status::NoMem;
         }
+        let Some(id) = self.ids.take() else {
+            return Status::NoMem;
+        };
         let mapping = Mapping {
             virt_start: m.virt_start,
             virt_end: m.virt_end,
             phys_start: m.phys_start,
             flags,
             notified: true,
+            id,
         };
         debug_assert!(domain.targets_fresh(&self.endpoints));
         if let Err(refusal) = deliver_map(self.mem.as_ref(), &domain.targets, m.domain, &mapping, MapCause::Map) {
+            self.ids.give(id);
             log::debug!(
                 "{NAME}: MAP [{:#x}, {:#x}] -> {:#x} in domain {} refused: {refusal}",
                 m.virt_start,
@@ -312,6 +331,7 @@ impl DeviceModel {
         debug_assert!(domain.targets_fresh(&self.endpoints));
         if let Some(m) = domain.mappings.remove_exact(u.virt_start, u.virt_end) {
             unmap_to(&domain.targets, u.domain, &m, UnmapCause::Unmap);
+            self.ids.give(m.id);
             return Status::Ok;
         }
         if domain.mappings.check_unmap(u.virt_start, u.virt_end).is_err() {
@@ -320,6 +340,7 @@ impl DeviceModel {
         // Each covered mapping in ascending order: removed, then notified.
         while let Some(m) = domain.mappings.remove_first_in(u.virt_start, u.virt_end) {
             unmap_to(&domain.targets, u.domain, &m, UnmapCause::Unmap);
+            self.ids.give(m.id);
         }
         Status::Ok
     }

@@ -88,8 +88,8 @@ pub use handle::IommuHandle;
 pub use map_target::MapRefusal;
 pub use mapping::{MapFlags, Mapping};
 pub use memvisor_iommu::{
-    IommuNotifier, MapCause, MapEvent, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError, UnmapCause,
-    UnmapEvent,
+    IommuNotifier, MapCause, MapEvent, MappingId, NotifierId, NotifierRefusal, NotifierRegistry, RegisterError,
+    UnmapCause, UnmapEvent,
 };
 pub use notify::NotifierError;
 pub use options::{IommuOptions, Limits, ReservedKind, ReservedRegion};

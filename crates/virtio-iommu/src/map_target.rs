@@ -138,8 +138,23 @@ pub(crate) fn resolve<'a>(mem: Option<&'a GuestMemoryMap>, m: &Mapping) -> Resul
         reason,
     };
     let range = GuestRange::new(m.phys_start, size).ok_or_else(|| not_ram("the range wraps".into()))?;
-    let host = mem.lookup(range).map_err(|e: MapError| not_ram(e.to_string()))?;
-    let region: &'a Region = host.region;
+    // `find` rather than `lookup`: the same search without building an
+    // error; only a refusal asks `lookup` for its words.
+    let Some((_, region)) = mem.find(range) else {
+        let reason = mem
+            .lookup(range)
+            .err()
+            .map_or_else(String::new, |e: MapError| e.to_string());
+        return Err(not_ram(reason));
+    };
+    let region: &'a Region = region;
+    let offset = range.start() - region.range().start();
+    let host = HostRange {
+        region,
+        guest: range,
+        host_address: region.host_address() + offset,
+        block_offset: region.block_offset() + offset,
+    };
     let populated = match region.manager() {
         None => None,
         Some(manager) => {

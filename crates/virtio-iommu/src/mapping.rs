@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 
-pub use memvisor_iommu::MapFlags;
+pub use memvisor_iommu::{MapFlags, MappingId};
 
 /// One mapping, as created by a single MAP request: IOVAs
 /// `[virt_start, virt_end]` (inclusive) onto guest-physical
@@ -28,6 +28,10 @@ pub struct Mapping {
     /// and every access through it faults while the memory is unplugged.
     /// Replays and unmaps skip it.
     pub notified: bool,
+    /// How notifiers know it again ([`MappingId`]): given by the device
+    /// when the mapping is made (or restored), unique among its live
+    /// mappings, and free again once it is removed.
+    pub id: MappingId,
 }
 
 impl Mapping {
@@ -144,6 +148,47 @@ impl DomainMappings {
     pub fn remove(&mut self, virt_start: u64) -> Option<Mapping> {
         self.by_start.remove(&virt_start)
     }
+
+    /// The mappings in ascending IOVA order, to give them their
+    /// [`Mapping::id`] (the only field that may change in place).
+    pub(crate) fn ids_mut(&mut self) -> impl Iterator<Item = &mut MappingId> + '_ {
+        self.by_start.values_mut().map(|m| &mut m.id)
+    }
+}
+
+/// Hands out [`MappingId`]s to the mappings of one device: a freed id is
+/// reused (last freed, first reused), so ids stay below the number of
+/// mappings that were ever live at once, and notifiers can index tables
+/// with them.
+#[derive(Debug, Default)]
+pub(crate) struct MappingIds {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl MappingIds {
+    /// A fresh id, `None` once all 2^32 are live (memory runs out long
+    /// before).
+    pub(crate) fn take(&mut self) -> Option<MappingId> {
+        if let Some(id) = self.free.pop() {
+            return Some(MappingId(id));
+        }
+        let id = self.next;
+        self.next = id.checked_add(1)?;
+        Some(MappingId(id))
+    }
+
+    /// Frees the id of a mapping that is gone.
+    pub(crate) fn give(&mut self, id: MappingId) {
+        debug_assert!(id.0 < self.next, "{id:?} was never given");
+        self.free.push(id.0);
+    }
+
+    /// Frees every id: no mapping is left.
+    pub(crate) fn clear(&mut self) {
+        self.free.clear();
+        self.next = 0;
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +199,7 @@ mod tests {
     fn m(s: u64, e: u64) -> Mapping {
         Mapping {
             notified: true,
+            id: MappingId(0),
             virt_start: s,
             virt_end: e,
             phys_start: 0x1000 + s,

@@ -56,6 +56,7 @@ fn unmap_event(endpoint: u32, domain: u32, m: &Mapping, cause: UnmapCause) -> Un
     UnmapEvent {
         endpoint,
         domain,
+        id: m.id,
         iova: m.virt_start,
         size: m.size(),
         phys: m.phys_start,
@@ -67,11 +68,14 @@ fn unmap_event(endpoint: u32, domain: u32, m: &Mapping, cause: UnmapCause) -> Un
 /// Tells every target that `m` is gone, last target first (none, for a
 /// mapping they were never told of: [`Mapping::notified`]).
 pub(crate) fn unmap_to(targets: &[Target], domain: u32, m: &Mapping, cause: UnmapCause) {
-    if !m.notified {
+    if !m.notified || targets.is_empty() {
         return;
     }
+    // One event, its endpoint set per target.
+    let mut event = unmap_event(0, domain, m, cause);
     for t in targets.iter().rev() {
-        t.notifier.notify_unmap(&unmap_event(t.endpoint, domain, m, cause));
+        event.endpoint = t.endpoint;
+        t.notifier.notify_unmap(&event);
     }
 }
 
@@ -106,18 +110,24 @@ fn notify_all<'a>(
     host: Option<HostRange<'a>>,
     populated: Option<&'a PopulatedView<'a>>,
 ) -> Result<(), MapRefusal> {
+    if targets.is_empty() {
+        return Ok(());
+    }
+    // One event, its endpoint set per target.
+    let mut event = MapEvent {
+        endpoint: 0,
+        domain,
+        id: m.id,
+        iova: m.virt_start,
+        size: m.size(),
+        phys: m.phys_start,
+        flags: m.flags,
+        cause,
+        host,
+        populated,
+    };
     for (i, t) in targets.iter().enumerate() {
-        let event = MapEvent {
-            endpoint: t.endpoint,
-            domain,
-            iova: m.virt_start,
-            size: m.size(),
-            phys: m.phys_start,
-            flags: m.flags,
-            cause,
-            host: host.clone(),
-            populated,
-        };
+        event.endpoint = t.endpoint;
         if let Err(refusal) = t.notifier.notify_map(&event) {
             unmap_to(&targets[..i], domain, m, UnmapCause::Rollback);
             return Err(MapRefusal::Notifier {

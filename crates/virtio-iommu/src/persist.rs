@@ -19,7 +19,7 @@ use crate::domain::Domain;
 use crate::effects::DeviceModel;
 use crate::handle::IommuHandle;
 use crate::map_target::{self, MapRefusal};
-use crate::mapping::{DomainMappings, MapFlags, Mapping};
+use crate::mapping::{DomainMappings, MapFlags, Mapping, MappingId};
 use crate::notify::{deliver_map, unmap_to};
 
 /// One endpoint of the topology and the domain it is attached to.
@@ -184,6 +184,16 @@ impl IommuHandle {
             model.detach_all(UnmapCause::Reset);
             model.bypass = state.bypass;
             model.domains = domains;
+            // Every mapping of the device was just removed, so the restored
+            // ones take fresh ids (ids are not part of the state).
+            for d in model.domains.values_mut() {
+                for id in d.mappings.ids_mut() {
+                    *id = model
+                        .ids
+                        .take()
+                        .expect("`validate` refuses more mappings than there are ids");
+                }
+            }
             for e in &state.endpoints {
                 if let Some(ep) = model.endpoints.get_mut(&e.id) {
                     ep.domain = e.domain;
@@ -223,6 +233,7 @@ impl IommuHandle {
                 unmap_to(targets, *id, m, UnmapCause::Rollback);
             }
             model.domains.clear();
+            model.ids.clear();
             for ep in model.endpoints.values_mut() {
                 ep.domain = None;
             }
@@ -242,6 +253,14 @@ fn validate(model: &DeviceModel, state: &IommuState) -> Result<BTreeMap<u32, Dom
             what: "domains".into(),
             count: state.domains.len(),
             limit: options.limits.max_domains,
+        });
+    }
+    let total: usize = state.domains.iter().map(|d| d.mappings.len()).sum();
+    if total > u32::MAX as usize {
+        return Err(LoadError::Limit {
+            what: "mappings (each needs a mapping id)".into(),
+            count: total,
+            limit: u32::MAX as usize,
         });
     }
     for d in &state.domains {
@@ -290,6 +309,8 @@ fn validate(model: &DeviceModel, state: &IommuState) -> Result<BTreeMap<u32, Dom
                 phys_start: m.phys_start,
                 flags,
                 notified: true,
+                // Given once the device's own mappings are gone (`load_state`).
+                id: MappingId(0),
             };
             // A target that is no longer populated (the source ran the
             // `warn` guard, or reset its memory device before its IOMMU) is

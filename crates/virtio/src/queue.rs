@@ -13,8 +13,10 @@ use std::fmt;
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU16, Ordering, fence};
 
+use std::sync::Arc;
+
 use memvisor_memory::GuestRange;
-use memvisor_memory::discard::PopulatedView;
+use memvisor_memory::discard::{PopulatedView, RamDiscardManager};
 use memvisor_memory::map::{GuestMemoryMap, Region};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_ring;
@@ -93,6 +95,21 @@ pub enum Malformed {
     UnknownType(u16),
 }
 
+/// `WritableBuf::region` of a buffer that no single region holds (empty,
+/// or spread over several regions).
+const NO_REGION: u32 = u32::MAX;
+
+/// One device-writable buffer of a chain, and the index (in the memory
+/// map's [`regions`](GuestMemoryMap::regions)) of the RAM region that
+/// holds all of it, found when the chain was read: the answer is then
+/// written without searching the map again ([`write_response`]).
+#[derive(Debug, Clone, Copy)]
+struct WritableBuf {
+    addr: GuestAddress,
+    len: u32,
+    region: u32,
+}
+
 /// One request popped from a queue: its device-readable bytes and where to
 /// put the answer.
 #[derive(Default)]
@@ -100,7 +117,7 @@ pub struct RequestChain {
     head: u16,
     readable: SmallVec<[u8; INLINE_REQUEST]>,
     readable_len: usize,
-    writable: SmallVec<[(GuestAddress, u32); 4]>,
+    writable: SmallVec<[WritableBuf; 4]>,
     writable_len: usize,
 }
 
@@ -183,10 +200,24 @@ impl RingArea {
     /// (virtio-mem memory) must be populated — touching it after its block
     /// was unplugged would populate reclaimed memory — and the returned
     /// view keeps it so while it is held. Plain RAM needs no check.
+    ///
+    /// Inlined, as every ring accessor below: a ring access is a handful of
+    /// instructions, and for a ring in plain RAM (where drivers put them)
+    /// this check is one branch, which a call would cost several times over.
+    #[inline(always)]
     fn hold(&self) -> Result<Option<PopulatedView<'_>>, Malformed> {
-        let Some(manager) = self.region.manager() else {
-            return Ok(None);
-        };
+        match self.region.manager() {
+            None => Ok(None),
+            Some(manager) => self.hold_managed(manager),
+        }
+    }
+
+    /// [`hold`](Self::hold) for a ring in a managed region.
+    #[inline(never)]
+    fn hold_managed<'m>(
+        &self,
+        manager: &'m Arc<dyn RamDiscardManager>,
+    ) -> Result<Option<PopulatedView<'m>>, Malformed> {
         let view = manager.populated();
         if !view.is_populated(self.range) {
             return Err(Malformed::Queue(format!(
@@ -200,6 +231,7 @@ impl RingArea {
     /// Host pointer to a `T` at `offset`. The offsets are the device's
     /// own (a ring field, or an entry `index % size`), so one outside the
     /// ring is a bug in this module, not guest input.
+    #[inline(always)]
     fn ptr<T>(&self, offset: usize) -> *mut T {
         assert!(
             offset + std::mem::size_of::<T>() <= self.range.len() as usize
@@ -212,6 +244,7 @@ impl RingArea {
 
     /// The ring's little-endian 16-bit field at `offset`, shared with the
     /// driver.
+    #[inline(always)]
     fn u16_at(&self, offset: usize) -> &AtomicU16 {
         // SAFETY: `ptr` checked that the two bytes lie inside the ring,
         // which lies inside `region`'s mapping (resolved by lookup), and
@@ -221,17 +254,20 @@ impl RingArea {
         unsafe { AtomicU16::from_ptr(self.ptr::<u16>(offset)) }
     }
 
+    #[inline(always)]
     fn load_u16(&self, offset: usize, order: Ordering) -> Result<u16, Malformed> {
         let _view = self.hold()?;
         Ok(u16::from_le(self.u16_at(offset).load(order)))
     }
 
+    #[inline(always)]
     fn store_u16(&self, value: u16, offset: usize, order: Ordering) -> Result<(), Malformed> {
         let _view = self.hold()?;
         self.u16_at(offset).store(value.to_le(), order);
         Ok(())
     }
 
+    #[inline(always)]
     fn read<T: ByteValued>(&self, offset: usize) -> Result<T, Malformed> {
         let _view = self.hold()?;
         // SAFETY: as in `u16_at`; `T` is plain data, valid for any bytes,
@@ -239,6 +275,7 @@ impl RingArea {
         Ok(unsafe { std::ptr::read_volatile(self.ptr::<T>(offset)) })
     }
 
+    #[inline(always)]
     fn write<T: ByteValued>(&self, offset: usize, value: T) -> Result<(), Malformed> {
         let _view = self.hold()?;
         // SAFETY: as in `u16_at`; volatile because the driver reads it.
@@ -389,31 +426,40 @@ impl<'a> DeviceRing<'a> {
                 addr: addr.0,
                 len,
             };
+            // The common case, a buffer inside one region, is resolved
+            // with one search of the memory map (`find`); a buffer spread
+            // over several regions takes the general path.
+            let whole = GuestRange::new(addr.0, u64::from(len)).ok_or_else(bad)?;
+            let found = map.find(whole);
             if flags & VIRTQ_DESC_F_WRITE != 0 {
-                if !guest_buffer_accessible(map, addr, u64::from(len)) {
-                    return Err(bad());
-                }
-                chain.writable.push((addr, len));
+                let region = match found {
+                    Some((i, region)) if accessible(region, whole) => i as u32,
+                    Some(_) => return Err(bad()),
+                    None if guest_buffer_accessible(map, addr, u64::from(len)) => NO_REGION,
+                    None => return Err(bad()),
+                };
+                chain.writable.push(WritableBuf { addr, len, region });
                 chain.writable_len += len as usize;
             } else {
                 if !chain.writable.is_empty() {
                     return Err(Malformed::WrongDirection { head });
                 }
                 let want = (len as usize).min(max_request.saturating_sub(chain.readable.len()));
-                // The part beyond `max_request` is not read, but must be
-                // accessible all the same.
-                if want < len as usize && !guest_buffer_accessible(map, addr, u64::from(len)) {
-                    return Err(bad());
-                }
-                let read = if want <= INLINE_REQUEST {
-                    let mut piece = [0u8; INLINE_REQUEST];
-                    let ok = read_guest(map, addr, &mut piece[..want]);
-                    chain.readable.extend_from_slice(&piece[..want]);
-                    ok
-                } else {
-                    let start = chain.readable.len();
-                    chain.readable.resize(start + want, 0);
-                    read_guest(map, addr, &mut chain.readable[start..])
+                let read = match found {
+                    // The whole buffer is checked, also the part beyond
+                    // `max_request` that is not read, under the view the
+                    // copy runs under.
+                    Some((_, region)) => {
+                        with_region(region, whole, |slice| {
+                            gather(&mut chain.readable, want, |dst| slice.copy_to(dst) == dst.len())
+                        }) == Some(true)
+                    }
+                    None => {
+                        // The part beyond `max_request` is not read, but
+                        // must be accessible all the same.
+                        (want == len as usize || guest_buffer_accessible(map, addr, u64::from(len)))
+                            && gather(&mut chain.readable, want, |dst| read_guest(map, addr, dst))
+                    }
                 };
                 if !read {
                     return Err(bad());
@@ -474,6 +520,47 @@ impl<'a> DeviceRing<'a> {
     }
 }
 
+/// Runs `f` on the bytes of `range` (non-empty), which lie inside
+/// `region`, if they may be accessed: always in plain RAM; in a managed
+/// region (virtio-mem) only if they are populated, checked under the
+/// region's populated view, which is held while `f` runs (DESIGN.md rule
+/// 3). `None`, without running `f`, if not.
+#[inline]
+fn with_region<R>(region: &Region, range: GuestRange, f: impl FnOnce(VolatileSlice<'_>) -> R) -> Option<R> {
+    let slice = region.slice(range.start() - region.range().start(), range.len())?;
+    match region.manager() {
+        None => Some(f(slice)),
+        Some(manager) => {
+            let view = manager.populated();
+            view.is_populated(range).then(|| f(slice))
+        }
+    }
+}
+
+/// True if `range` (non-empty), which lies inside `region`, may be
+/// accessed now: [`with_region`] without the access.
+#[inline]
+fn accessible(region: &Region, range: GuestRange) -> bool {
+    region.manager().is_none_or(|m| m.populated().is_populated(range))
+}
+
+/// Appends `n` bytes to `readable`, filled by `fill` (which says whether
+/// it could): through a buffer on the stack for a request of up to
+/// [`INLINE_REQUEST`] bytes, so that nothing is zeroed twice or moved.
+#[inline]
+fn gather(readable: &mut SmallVec<[u8; INLINE_REQUEST]>, n: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
+    if n <= INLINE_REQUEST {
+        let mut piece = [0u8; INLINE_REQUEST];
+        let ok = fill(&mut piece[..n]);
+        readable.extend_from_slice(&piece[..n]);
+        ok
+    } else {
+        let start = readable.len();
+        readable.resize(start + n, 0);
+        fill(&mut readable[start..])
+    }
+}
+
 /// True if the buffer `[addr, +len)` is entirely guest RAM and, in managed
 /// regions, populated now. Buffers are checked again when they are read or
 /// written ([`read_guest`], [`write_guest`]).
@@ -505,13 +592,8 @@ fn with_guest_slices(
         return false;
     };
     // The common case: the buffer lies in one region.
-    if let Ok(host) = map.lookup(range) {
-        let view = host.region.manager().map(|m| m.populated());
-        if view.as_ref().is_some_and(|v| !v.is_populated(range)) {
-            return false;
-        }
-        f(0, host.slice());
-        return true;
+    if let Some((_, region)) = map.find(range) {
+        return with_region(region, range, |slice| f(0, slice)).is_some();
     }
     // Across regions (in ascending order, so several views are always
     // taken in the same order): check every piece before touching any.
@@ -575,21 +657,34 @@ pub fn write_response(map: &GuestMemoryMap, chain: &RequestChain, response: &[u8
         });
     }
     let mut rest = response;
-    for &(addr, len) in &chain.writable {
+    for &WritableBuf { addr, len, region } in &chain.writable {
         if rest.is_empty() {
             break;
         }
         let n = rest.len().min(len as usize);
+        if n == 0 {
+            continue;
+        }
+        let (part, next) = rest.split_at(n);
         // Checked again now: handling the request may have unplugged the
-        // memory of its own response buffer.
-        if !write_guest(map, addr, &rest[..n]) {
+        // memory of its own response buffer. The region found when the
+        // chain was read is taken again by its index if it (still, in the
+        // `map` given) holds the buffer; otherwise the map is searched.
+        let target = GuestRange::new(addr.0, n as u64)
+            .and_then(|range| Some((range, map.regions().get(region as usize)?)))
+            .filter(|(range, r)| r.range().contains(range));
+        let written = match target {
+            Some((range, r)) => with_region(r, range, |slice| slice.copy_from(part)).is_some(),
+            None => write_guest(map, addr, part),
+        };
+        if !written {
             return Err(Malformed::BadBuffer {
                 head: chain.head,
                 addr: addr.0,
                 len,
             });
         }
-        rest = &rest[n..];
+        rest = next;
     }
     Ok(response.len() as u32)
 }
@@ -836,5 +931,70 @@ mod tests {
             0,
             "the device populated discarded memory"
         );
+    }
+
+    /// A request and an answer buffer across the boundary of two adjacent
+    /// regions take the general path, piece by piece.
+    #[test]
+    fn buffers_across_two_regions_are_read_and_written() {
+        const MIB: u64 = 1 << 20;
+        let low = Arc::new(RamBlock::new("low", MIB, Backing::Memfd).unwrap());
+        let high = Arc::new(RamBlock::new("high", MIB, Backing::Memfd).unwrap());
+        let map = GuestMemoryMap::builder()
+            .ram(0, low.clone())
+            .unwrap()
+            .ram(MIB, high.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut driver = DriverQueue::new(&map, GuestAddress(0), 16, 8192).unwrap();
+        let mut queue = DeviceQueue::new(driver.device_queue(), &map).unwrap();
+        let irq = EventFdInterrupt::new(1).unwrap();
+        low.write(MIB - 2, b"ab").unwrap();
+        high.write(0, b"cd").unwrap();
+        driver
+            .add_raw(&[(MIB - 2, 4, VIRTQ_DESC_F_NEXT), (MIB - 1, 3, VIRTQ_DESC_F_WRITE)])
+            .unwrap();
+        let echo = |req: &RequestChain| Ok(Response::from_slice(&req.request()[1..]));
+        assert_eq!(drain_queue(&mut queue, 0, &map, &irq, 16, 1, echo), Ok(1));
+        let mut answer = [0u8; 3];
+        low.read(MIB - 1, &mut answer[..1]).unwrap();
+        high.read(0, &mut answer[1..]).unwrap();
+        assert_eq!(&answer, b"bcd");
+    }
+
+    /// `write_response` finds the answer buffer again by the region the
+    /// chain was read in, but only if that region (of the map it is given)
+    /// holds it: given another map, it searches that map instead.
+    #[test]
+    fn an_answer_goes_where_the_given_map_has_its_buffer() {
+        const MIB: u64 = 1 << 20;
+        let whole = Arc::new(RamBlock::new("whole", 2 * MIB, Backing::Memfd).unwrap());
+        let read_with = GuestMemoryMap::builder().ram(0, whole).unwrap().build().unwrap();
+        let mut driver = DriverQueue::new(&read_with, GuestAddress(0), 16, 8192).unwrap();
+        let mut queue = DeviceQueue::new(driver.device_queue(), &read_with).unwrap();
+        driver
+            .add_raw(&[(0x9000, 2, VIRTQ_DESC_F_NEXT), (MIB + MIB / 2, 2, VIRTQ_DESC_F_WRITE)])
+            .unwrap();
+        let mut ring = DeviceRing::new(&mut queue);
+        let head = ring.pop().unwrap().unwrap();
+        let mut chain = RequestChain::new();
+        ring.read_chain(&read_with, head, 16, &mut chain).unwrap();
+        // The buffer's region had index 0; in this map index 0 is `low`,
+        // which does not hold it.
+        let low = Arc::new(RamBlock::new("low", MIB, Backing::Memfd).unwrap());
+        let high = Arc::new(RamBlock::new("high", MIB, Backing::Memfd).unwrap());
+        let other = GuestMemoryMap::builder()
+            .ram(0, low.clone())
+            .unwrap()
+            .ram(MIB, high.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(write_response(&other, &chain, b"xy"), Ok(2));
+        let mut answer = [0u8; 2];
+        high.read(MIB / 2, &mut answer).unwrap();
+        assert_eq!(&answer, b"xy");
+        assert_eq!(low.resident_bytes(0, MIB).unwrap(), 0, "nothing was written into `low`");
     }
 }
