@@ -38,15 +38,24 @@ relay() {
 
 # start_vmm [--control unix:PATH] CMD...: starts the L2 VMM with its serial console on
 # `lab.l2con`, relays its control socket (TCP 4444 on loopback unless --control names a
-# Unix socket) to `lab.relay`, prints its pid.
+# Unix socket) to `lab.relay`, prints its pid. A watcher waits for the VMM and writes its
+# exit status to /run/vmm.rc (its pid is the VMM's own, in /run/vmm.pid).
 start_vmm() {
 	control=tcp:4444
 	if [ "$1" = --control ]; then
 		control=$2
 		shift 2
 	fi
-	"$@" <>"$L2CON" >&0 2>/tmp/vmm.log &
-	echo $! >/run/vmm.pid
+	rm -f /run/vmm.pid /run/vmm.rc /run/vmm.rc.tmp
+	(
+		"$@" <>"$L2CON" >&0 2>/tmp/vmm.log &
+		echo $! >/run/vmm.pid
+		wait $!
+		echo $? >/run/vmm.rc.tmp
+		mv /run/vmm.rc.tmp /run/vmm.rc
+	) </dev/null >/dev/null 2>&1 &
+	i=0
+	while [ ! -s /run/vmm.pid ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
 	(
 		i=0
 		while [ $i -lt 600 ]; do
@@ -63,11 +72,37 @@ vmm_status() {
 	grep -E '^(VmRSS|VmHWM|VmLck|VmPin):' "/proc/$(cat /run/vmm.pid)/status"
 }
 
-# vmm_log: the VMM's stderr (and the relay's, if it said anything) and whether it still runs.
+# vmm_log: the VMM's stderr (and the relay's, if it said anything) and whether it still runs;
+# if it does, each of its threads: name, state, user and system time (ticks), wait channel.
 vmm_log() {
 	tail -n 20 /tmp/vmm.log
 	[ -s /tmp/relay.log ] && sed 's/^/relay: /' /tmp/relay.log | tail -n 5
-	kill -0 "$(cat /run/vmm.pid)" 2>/dev/null && echo "(running)" || echo "(exited)"
+	pid=$(cat /run/vmm.pid)
+	if kill -0 "$pid" 2>/dev/null; then
+		echo "(running)"
+		for t in /proc/"$pid"/task/*; do
+			set -- $(sed 's/.*) //' "$t/stat")
+			echo "thread ${t##*/} $(cat "$t/comm"): state $1 utime ${12} stime ${13} wchan $(cat "$t/wchan" 2>/dev/null)"
+		done
+		kvm_exits 1
+	else
+		echo "(exited)"
+	fi
+}
+
+# kvm_exits SECONDS: what L2's vCPUs exit for during SECONDS (KVM's tracepoints in L1): the
+# most frequent exit reasons with the guest's rIP, port and MMIO accesses, counted.
+kvm_exits() {
+	T=/sys/kernel/tracing
+	[ -e $T/trace ] || mount -t tracefs nodev $T 2>/dev/null || { echo "kvm exits: no tracefs"; return 0; }
+	events="kvm_exit kvm_pio kvm_mmio kvm_userspace_exit"
+	echo >$T/trace
+	for e in $events; do echo 1 >$T/events/kvm/$e/enable 2>/dev/null; done
+	sleep "$1"
+	for e in $events; do echo 0 >$T/events/kvm/$e/enable 2>/dev/null; done
+	echo "kvm exits in $1 s (count, event):"
+	sed -n 's/.* \(kvm_[a-z_]*\): \(.*\)/\1 \2/p' $T/trace |
+		sed 's/vcpu [0-9]* //; s/ info1 .*//; s/ info .*//' | sort | uniq -c | sort -rn | head -n 15
 }
 
 # bind_vfio: binds every NVMe controller to vfio-pci; prints `bdf <addr> group <n>`.

@@ -34,18 +34,25 @@ online_blocks() {
 # iommu_groups: how many IOMMU groups exist.
 iommu_groups() { ls /sys/kernel/iommu_groups 2>/dev/null | wc -l; }
 
-# wait_memtotal KB SECONDS [TOLERANCE_KB]: waits until MemTotal is KB (within tolerance).
+# wait_memtotal KB SECONDS [TOLERANCE_KB]: waits until MemTotal is KB (within tolerance),
+# looking every 0.1 s.
 wait_memtotal() {
 	i=0
-	while [ $i -lt $(($2 * 4)) ]; do
+	while [ $i -lt $(($2 * 10)) ]; do
 		d=$(($(memtotal_kb) - $1))
 		[ $d -lt 0 ] && d=$((-d))
 		[ $d -le "${3:-0}" ] && return 0
-		sleep 0.25
+		sleep 0.1
 		i=$((i + 1))
 	done
 	return 1
 }
+
+# uptime_s: seconds since this boot (/proc/uptime, hundredths).
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# seconds_since T0: seconds from T0 (an uptime_s) to now, with two decimals.
+seconds_since() { awk -v t0="$1" '{ printf "%.2f\n", $1 - t0 }' /proc/uptime; }
 
 # fill_memory [RESERVE_MB]: writes all free memory but RESERVE_MB (default 64) once, so the
 # host backs it, then frees it again.

@@ -228,6 +228,13 @@ impl Host for Direct {
         Ok(r.child.0.try_wait().ctx(|| "waiting for the VMM".into())?.is_none())
     }
 
+    fn vmm_exit_status(&mut self) -> Result<Option<i32>> {
+        use std::os::unix::process::ExitStatusExt;
+        let r = self.running()?;
+        let status = r.child.0.try_wait().ctx(|| "waiting for the VMM".into())?;
+        Ok(status.map(|s| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))))
+    }
+
     fn vmm_status(&mut self) -> Result<String> {
         let pid = self.running()?.child.0.id();
         fs::read_to_string(format!("/proc/{pid}/status")).ctx(|| format!("reading /proc/{pid}/status"))

@@ -28,6 +28,9 @@ pub trait Host {
     fn answer(&mut self, text: &str) -> Result<()>;
     /// Whether the VMM still runs.
     fn vmm_running(&mut self) -> Result<bool>;
+    /// The VMM's exit status once it has exited (128 + the signal if a signal ended it),
+    /// `None` while it runs.
+    fn vmm_exit_status(&mut self) -> Result<Option<i32>>;
     /// The VMM's `/proc/<pid>/status` lines (at least `VmRSS`, `VmHWM`, `VmLck`, `VmPin`).
     fn vmm_status(&mut self) -> Result<String>;
     /// The VMM's `/proc/<pid>/smaps` (sampled under TCG, see [`crate::report::HostSample`]).

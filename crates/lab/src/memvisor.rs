@@ -12,7 +12,8 @@
 //! ```
 //!
 //! and on the API socket: `GET /api/v1/vm` ([`VmInfo`]), `GET /api/v1/memory`
-//! ([`MemoryInfo`]), `PUT /api/v1/memory/{id}` with `{"requested_size":BYTES}` (204; 400/404
+//! ([`MemoryInfo`]; its devices' counts of accesses to unplugged memory read apart as
+//! [`UnassignedInfo`]), `PUT /api/v1/memory/{id}` with `{"requested_size":BYTES}` (204; 400/404
 //! with `{"error":"message"}`), `PUT /api/v1/vmm/shutdown` (204, then the VMM exits).
 //!
 //! The program is the binary running the lab ([`binary`]): in L1 the image carries a copy
@@ -27,7 +28,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::http::Client;
 use crate::scenario::{DiskKind, VmSpec};
-use crate::vmm::{Accel, Control, Launch, RamBlock, Vmm, VmmKind};
+use crate::vmm::{Accel, AccessCounts, Control, Launch, RamBlock, Vmm, VmmKind};
 
 /// The API's paths.
 pub mod path {
@@ -49,11 +50,15 @@ pub mod path {
 pub const BINARY_ENV: &str = "MEMVISOR_LAB_BINARY";
 
 /// The memvisor binary to run: `$MEMVISOR_LAB_BINARY` if set, else the running program
-/// (`memvisor lab run` is memvisor itself).
+/// (`memvisor lab run` is memvisor itself; if its file was replaced meanwhile, e.g. by a
+/// rebuild, the running one through `/proc/<pid>/exe`).
 pub fn binary() -> Result<PathBuf> {
     let path = match std::env::var_os(BINARY_ENV) {
         Some(p) => PathBuf::from(p),
-        None => std::env::current_exe().map_err(|e| Error::Vmm(format!("finding the memvisor binary: {e}")))?,
+        None => {
+            let exe = std::env::current_exe().map_err(|e| Error::Vmm(format!("finding the memvisor binary: {e}")))?;
+            running_binary(exe, std::process::id())
+        }
     };
     if !path.is_file() {
         return Err(Error::Vmm(format!(
@@ -62,6 +67,17 @@ pub fn binary() -> Result<PathBuf> {
         )));
     }
     Ok(path)
+}
+
+/// `exe`, the running program's path, or `/proc/<pid>/exe` when the file was deleted
+/// (Linux names it `PATH (deleted)`): that link still reaches the running binary, for
+/// reading, `ldd` and running it.
+pub fn running_binary(exe: PathBuf, pid: u32) -> PathBuf {
+    if exe.to_string_lossy().ends_with(" (deleted)") {
+        PathBuf::from(format!("/proc/{pid}/exe"))
+    } else {
+        exe
+    }
 }
 
 /// `GET /api/v1/vm`.
@@ -120,6 +136,48 @@ pub struct DeviceInfo {
     pub plugged_size: u64,
     /// The part of the region the guest may plug into.
     pub usable_region_size: u64,
+}
+
+/// `GET /api/v1/memory` read for the devices' counts of accesses to unplugged memory alone
+/// (the rest of the answer is [`MemoryInfo`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct UnassignedInfo {
+    /// The virtio-mem devices.
+    pub devices: Vec<DeviceUnassigned>,
+}
+
+/// One virtio-mem device's accesses to its unplugged blocks (guest accesses outside every
+/// memory slot inside its region, answered as unassigned memory: reads all ones, writes
+/// dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DeviceUnassigned {
+    /// Its id.
+    pub id: String,
+    /// Reads of unplugged memory.
+    pub unassigned_reads: u64,
+    /// Writes to unplugged memory.
+    pub unassigned_writes: u64,
+}
+
+impl UnassignedInfo {
+    /// The counts of the device `id`, or an error naming it and the devices there are.
+    pub fn counts(&self, id: &str) -> Result<AccessCounts> {
+        let d = self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
+            Error::Vmm(format!(
+                "memvisor has no virtio-mem device `{id}` (it has: {})",
+                if ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    ids.join(", ")
+                }
+            ))
+        })?;
+        Ok(AccessCounts {
+            reads: d.unassigned_reads,
+            writes: d.unassigned_writes,
+        })
+    }
 }
 
 /// One RAM block: a mapping of guest RAM in the VMM process.
@@ -214,9 +272,14 @@ impl Memvisor {
             .ok_or_else(|| Error::Vmm("memvisor's API not attached".into()))
     }
 
+    /// `GET /api/v1/memory` (the body as received).
+    fn memory_body(&mut self) -> Result<crate::http::Response> {
+        self.api()?.call("GET", path::MEMORY, None)
+    }
+
     /// `GET /api/v1/memory`.
     pub fn memory(&mut self) -> Result<MemoryInfo> {
-        let r = self.api()?.call("GET", path::MEMORY, None)?;
+        let r = self.memory_body()?;
         serde_json::from_slice(&r.body).map_err(|e| {
             Error::Vmm(format!(
                 "GET {}: unexpected answer ({e}): {:.300}",
@@ -271,6 +334,18 @@ impl Vmm for Memvisor {
             .collect())
     }
 
+    fn unassigned_accesses(&mut self, id: &str) -> Result<Option<AccessCounts>> {
+        let r = self.memory_body()?;
+        let info: UnassignedInfo = serde_json::from_slice(&r.body).map_err(|e| {
+            Error::Vmm(format!(
+                "GET {}: no unplugged-access counts ({e}): {:.300}",
+                path::MEMORY,
+                r.text()
+            ))
+        })?;
+        info.counts(id).map(Some)
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         self.api()?.call("PUT", path::SHUTDOWN, None).map(drop)
     }
@@ -315,6 +390,21 @@ mod tests {
         assert_eq!(
             line_in_l1("viommu").unwrap(),
             format!("{PREFIX} --cpus 1 --memory 512M --viommu --disk id=disk0,path=/tmp/disk-disk0.img {SUFFIX}")
+        );
+        assert_eq!(
+            line_in_l1("poweroff").unwrap(),
+            format!("{PREFIX} --cpus 1 --memory 512M --vmem id=vmem0,size=1G,block=2M,requested=128M {SUFFIX}")
+        );
+        assert_eq!(
+            line_in_l1("reboot").unwrap(),
+            format!(
+                "{PREFIX} --cpus 1 --memory 512M --vmem id=vmem0,size=1G,block=2M,requested=0 \
+                 --disk id=disk0,path=/tmp/disk-disk0.img {SUFFIX}"
+            )
+        );
+        assert_eq!(
+            line_in_l1("unplugged-access").unwrap(),
+            format!("{PREFIX} --cpus 1 --memory 512M --vmem id=vmem0,size=1G,block=2M,requested=128M {SUFFIX}")
         );
         for name in ["vfio-nvme", "vfio-nvme-viommu"] {
             assert_eq!(
@@ -458,6 +548,73 @@ mod tests {
                 "PUT /api/v1/vmm/shutdown HTTP/1.1 ",
             ]
         );
+    }
+
+    #[test]
+    fn unplugged_access_counts_parse_and_name_what_is_missing() {
+        let with = MEMORY.replace(
+            "\"usable_region_size\":1073741824",
+            "\"usable_region_size\":1073741824,\"unassigned_reads\":3,\"unassigned_writes\":1",
+        );
+        // The rest of the answer reads as before.
+        let m: MemoryInfo = serde_json::from_str(&with).unwrap();
+        assert_eq!(m.device("vmem0").unwrap().plugged_size, 128 << 20);
+        let u: UnassignedInfo = serde_json::from_str(&with).unwrap();
+        assert_eq!(u.counts("vmem0").unwrap(), AccessCounts { reads: 3, writes: 1 });
+        assert_eq!(
+            u.counts("vmem1").unwrap_err().to_string(),
+            "vmm: memvisor has no virtio-mem device `vmem1` (it has: vmem0)"
+        );
+        // A memvisor without the counts is named by the field it lacks.
+        let e = serde_json::from_str::<UnassignedInfo>(MEMORY).unwrap_err().to_string();
+        assert!(e.contains("missing field `unassigned_reads`"), "{e}");
+    }
+
+    #[test]
+    fn the_driver_asks_the_memory_answer_for_the_counts() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let with = MEMORY.replace(
+            "\"usable_region_size\":1073741824",
+            "\"usable_region_size\":1073741824,\"unassigned_reads\":2,\"unassigned_writes\":5",
+        );
+        let answers = [ok(r#"{"state":"running","uptime_ms":1}"#), ok(&with), ok(MEMORY)];
+        let server = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut w = theirs;
+            for answer in answers {
+                let mut line = String::new();
+                while line != "\r\n" {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                }
+                w.write_all(&answer).unwrap();
+            }
+        });
+        let mut m = Memvisor::default();
+        m.attach(ours).unwrap();
+        assert_eq!(
+            m.unassigned_accesses("vmem0").unwrap(),
+            Some(AccessCounts { reads: 2, writes: 5 })
+        );
+        let e = m.unassigned_accesses("vmem0").unwrap_err().to_string();
+        assert!(
+            e.starts_with("vmm: GET /api/v1/memory: no unplugged-access counts (missing field `unassigned_reads`"),
+            "{e}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_binary_is_reached_through_proc() {
+        let exe = PathBuf::from("/w/target/release/memvisor");
+        assert_eq!(running_binary(exe.clone(), 42), exe);
+        assert_eq!(
+            running_binary(PathBuf::from("/w/target/release/memvisor (deleted)"), 42),
+            PathBuf::from("/proc/42/exe")
+        );
+        // This test's own binary is reachable that way.
+        let me = running_binary(PathBuf::from("x (deleted)"), std::process::id());
+        assert!(me.is_file(), "{}", me.display());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Nested {
     l2con_tx: UnixStream,
     relay: UnixStream,
     placement: Placement,
+    /// The run's work folder (the VMM's stderr is copied there at shutdown).
+    work: std::path::PathBuf,
 }
 
 impl Nested {
@@ -147,6 +149,7 @@ impl Nested {
             l2con_tx,
             relay,
             placement,
+            work: work.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(s.timeouts.l1_boot);
         loop {
@@ -260,6 +263,19 @@ impl Host for Nested {
         Ok(self.exec("kill -0 \"$(cat /run/vmm.pid)\"", Duration::from_secs(20))?.0 == 0)
     }
 
+    fn vmm_exit_status(&mut self) -> Result<Option<i32>> {
+        // start_vmm's watcher writes the status once the VMM has exited.
+        let (rc, out) = self.exec("cat /run/vmm.rc 2>/dev/null", Duration::from_secs(20))?;
+        if rc != 0 {
+            return Ok(None);
+        }
+        let text = out.join(" ");
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Vmm(format!("L1's /run/vmm.rc holds {text:?}, not an exit status")))
+    }
+
     fn vmm_status(&mut self) -> Result<String> {
         let out = self.exec_ok("vmm_status", Duration::from_secs(30), "reading the VMM's status")?;
         Ok(out.join("\n"))
@@ -288,6 +304,12 @@ impl Host for Nested {
     }
 
     fn shutdown(&mut self) -> Result<()> {
+        // The VMM's stderr (its last 2000 lines) beside the consoles in the work folder.
+        if let Ok((_, lines)) = self.exec("tail -n 2000 /tmp/vmm.log 2>/dev/null", Duration::from_secs(60)) {
+            let mut text = lines.join("\n");
+            text.push('\n');
+            let _ = fs::write(self.work.join("vmm-stderr.log"), text);
+        }
         let _ = writeln!(self.ctl_tx, "poweroff -f");
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -327,5 +349,16 @@ mod tests {
         assert!(init.contains("*) nc 127.0.0.1 4444 2>/dev/null ;;"));
         assert!(init.contains("if [ \"$1\" = --control ]; then"));
         assert!(init.contains(&format!("unix:*) {} api", l1::MEMVISOR)));
+    }
+
+    #[test]
+    fn l1_init_records_the_vmm_pid_and_its_exit_status() {
+        let init = crate::image::L1_INIT;
+        // The pid is the VMM's own (for /proc/<pid>/status), the watcher writes its status.
+        assert!(
+            init.contains("\t\t\"$@\" <>\"$L2CON\" >&0 2>/tmp/vmm.log &\n\t\techo $! >/run/vmm.pid\n\t\twait $!\n")
+        );
+        assert!(init.contains("echo $? >/run/vmm.rc.tmp\n\t\tmv /run/vmm.rc.tmp /run/vmm.rc"));
+        assert!(init.contains("rm -f /run/vmm.pid /run/vmm.rc /run/vmm.rc.tmp"));
     }
 }

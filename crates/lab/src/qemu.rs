@@ -57,8 +57,11 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
         "-nodefaults",
         "-display",
         "none",
-        "-no-reboot",
     ]);
+    // A guest reboot ends QEMU unless the scenario reboots (a panic reboots: panic=-1).
+    if !vm.reboot {
+        push(&["-no-reboot"]);
+    }
     push(&["-serial", "stdio", "-monitor", "none", "-qmp", &qmp]);
     push(&["-kernel", &p.kernel, "-initrd", &p.initrd, "-append", &launch.cmdline]);
     if vm.iommu {
@@ -201,6 +204,7 @@ mod tests {
                 },
             ],
             kernel_args: String::new(),
+            reboot: false,
         }
     }
 
@@ -260,5 +264,19 @@ mod tests {
         assert!(a.contains("-qmp tcp:127.0.0.1:4444,server=on,wait=off"), "{a}");
         assert!(a.contains("-kernel /lab/l2/vmlinuz -initrd /lab/l2/initrd.cpio"), "{a}");
         assert!(a.contains("file=/tmp/disk-d0.img,if=none"), "{a}");
+        assert!(a.contains("-display none -no-reboot -serial stdio"), "{a}");
+    }
+
+    #[test]
+    fn a_scenario_that_reboots_lets_qemu_reboot() {
+        let mut vm = vm();
+        vm.disks.truncate(1);
+        vm.reboot = true;
+        let launch = Launch::new("console=ttyS0".into(), Placement::in_l1());
+        let a = command_line(&vm, &launch).unwrap();
+        assert!(!a.iter().any(|w| w == "-no-reboot"), "{a:?}");
+        vm.reboot = false;
+        let a = command_line(&vm, &launch).unwrap();
+        assert_eq!(a.iter().filter(|w| *w == "-no-reboot").count(), 1, "{a:?}");
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::host::Mode;
-use crate::scenario::{Expectation, Scenario};
-use crate::vmm::{Accel, RamBlock, VmmKind};
+use crate::scenario::{Expect, Expectation, Scenario};
+use crate::vmm::{Accel, AccessCounts, RamBlock, VmmKind};
 
 /// A whole run's report; the same shape whichever VMM ran the guest.
 #[derive(Debug, Clone, Serialize)]
@@ -35,8 +35,16 @@ pub struct Report {
     pub host_steps: Vec<HostStep>,
     /// What the guest reported.
     pub guest: GuestReport,
-    /// The expectations and whether they held.
+    /// How the VMM process ended by itself after the guest's `@@exit`, when a `vmm-exit`
+    /// expectation had the runner wait for it.
+    pub vmm_exit: Option<VmmExit>,
+    /// The named figures of the side-by-side comparison.
+    pub figures: Figures,
+    /// The expectations that apply to this VMM and whether they held.
     pub expectations: Vec<Checked>,
+    /// The observation keys the scenario's expectations check (any VMM's), shown side by
+    /// side.
+    pub checked_keys: Vec<String>,
     /// The Debian packages used (name to version).
     pub packages: BTreeMap<String, String>,
     /// The work folder, when kept.
@@ -45,6 +53,54 @@ pub struct Report {
     /// something failed.
     pub console_tail: Vec<String>,
 }
+
+/// How the VMM process ended after the guest's `@@exit`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct VmmExit {
+    /// Its exit status (128 + the signal if a signal ended it); `None` if it still ran
+    /// after `seconds`.
+    pub status: Option<i32>,
+    /// Seconds from the guest's `@@exit` to the VMM's exit seen (or to giving up).
+    pub seconds: f64,
+}
+
+/// The figures the issue asks to compare side by side (seconds; `None` when the run has no
+/// such step). See the README's "Side by side".
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Figures {
+    /// From the VMM's start to the guest agent's `@@agent ready` (first boot).
+    pub agent_s: Option<f64>,
+    /// From the guest's host request to plug 1 GiB to the guest's MemTotal including it:
+    /// the guest's observation `plug_1g_usable_s` (timed with `/proc/uptime`).
+    pub plug_1g_usable_s: Option<f64>,
+    /// From the host's request to unplug 1 GiB (a resize that shrinks by 1 GiB) to the
+    /// VMM's RSS (its guest RAM's under TCG) having dropped by 99% of it: that step's
+    /// [`HostStep::returned_s`].
+    pub unplug_1g_returned_s: Option<f64>,
+}
+
+impl Figures {
+    /// The figures of a run's `host_steps` and `guest` report.
+    pub fn of(host_steps: &[HostStep], guest: &GuestReport) -> Figures {
+        let gib = 1u64 << 30;
+        Figures {
+            agent_s: guest.agent_ready_at,
+            plug_1g_usable_s: guest
+                .observations
+                .iter()
+                .find(|o| o.key == "plug_1g_usable_s")
+                .and_then(|o| o.value.trim().parse().ok()),
+            unplug_1g_returned_s: host_steps
+                .iter()
+                .find(|s| s.resize.is_some_and(|(from, to)| from >= to && from - to == gib))
+                .and_then(|s| s.returned_s),
+        }
+    }
+}
+
+/// The share of unplugged memory the VMM's RSS must give back for
+/// [`HostStep::returned_s`].
+pub const RETURNED_FRACTION: f64 = 0.99;
 
 /// One stage's wall time.
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +202,13 @@ pub struct HostStep {
     pub before: Option<HostSample>,
     /// VMM counters after the step.
     pub after: Option<HostSample>,
+    /// For resizes that shrink: seconds from the request until the VMM's RSS (its guest
+    /// RAM's under TCG) was [`RETURNED_FRACTION`] of the unplugged bytes below `before`
+    /// (polled about every 0.1–0.3 s); `None` if it never was within the step.
+    pub returned_s: Option<f64>,
+    /// For `unassigned ID`: the VMM's counts of the guest's accesses to unplugged memory of
+    /// the device (`None` under a VMM that does not count them).
+    pub unassigned: Option<AccessCounts>,
 }
 
 /// The guest's side.
@@ -159,6 +222,9 @@ pub struct GuestReport {
     pub observations: Vec<Observation>,
     /// Seconds from L2 VMM start to the agent.
     pub agent_ready_at: Option<f64>,
+    /// Seconds from L2 VMM start to each boot's `@@agent ready` (the first is
+    /// `agent_ready_at`; more than one only when the guest rebooted).
+    pub boots: Vec<f64>,
 }
 
 /// One guest observation.
@@ -183,122 +249,242 @@ pub struct Checked {
     pub detail: String,
 }
 
-/// Checks `scenario`'s expectations (and a zero guest exit status unless stated otherwise).
-pub fn evaluate(scenario: &Scenario, host_steps: &[HostStep], guest: &GuestReport) -> Vec<Checked> {
-    let mut expectations = scenario.expect.clone();
-    if !expectations.iter().any(|e| matches!(e, Expectation::GuestExit { .. })) {
-        expectations.insert(0, Expectation::GuestExit { status: 0 });
+/// Checks `scenario`'s expectations that apply to the report's VMM (and a zero guest exit
+/// status unless stated otherwise) against `report`'s host steps, guest report and VMM exit.
+pub fn evaluate(scenario: &Scenario, report: &Report) -> Vec<Checked> {
+    let mut expectations: Vec<Expect> = scenario
+        .expect
+        .iter()
+        .filter(|e| e.applies_to(report.vmm))
+        .cloned()
+        .collect();
+    if !scenario
+        .expect
+        .iter()
+        .any(|e| matches!(e.check, Expectation::GuestExit { .. }))
+    {
+        expectations.insert(0, Expectation::GuestExit { status: 0 }.into());
     }
+    expectations
+        .iter()
+        .map(|e| {
+            let mut c = check(&e.check, scenario, report);
+            if let Some(vmm) = e.vmm {
+                c.expectation.push_str(&format!(" ({vmm} only)"));
+            }
+            c
+        })
+        .collect()
+}
+
+/// A verdict from per-step `(held, detail)` pairs: held if there is one and all held.
+fn all_of(expectation: String, details: Vec<(bool, String)>) -> Checked {
+    Checked {
+        expectation,
+        passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
+        detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
+    }
+}
+
+/// The VMM's RSS, or under TCG its guest RAM's: (what, kB).
+fn resident(s: &HostSample) -> (&'static str, u64) {
+    match s.ram_kb {
+        Some(kb) => ("guest RAM RSS", kb),
+        None => ("RSS", s.rss_kb),
+    }
+}
+
+fn check(e: &Expectation, scenario: &Scenario, report: &Report) -> Checked {
+    let guest = &report.guest;
+    let host_steps = &report.host_steps;
     let boot_kb = scenario.vm.memory.0 / 1024;
     let resizes: Vec<_> = host_steps
         .iter()
         .filter_map(|s| Some((s, s.resize?, s.before?, s.after?)))
         .collect();
-    expectations
-        .iter()
-        .map(|e| match e {
-            Expectation::GuestExit { status } => Checked {
-                expectation: format!("guest script exits with {status}"),
-                passed: guest.exit_status == Some(*status),
-                detail: format!("exit status {:?}", guest.exit_status),
-            },
-            Expectation::OutputContains { text } => Checked {
-                expectation: format!("guest output contains {text:?}"),
-                passed: guest.output.iter().any(|l| l.contains(text.as_str())),
-                detail: String::new(),
-            },
-            Expectation::Observation { key, min, max, equals } => {
-                let values: Vec<_> = guest
-                    .observations
-                    .iter()
-                    .filter(|o| &o.key == key)
-                    .map(|o| &o.value)
-                    .collect();
-                let ok = |v: &String| {
-                    let n = v.trim().parse::<f64>().ok();
-                    equals.as_ref().is_none_or(|x| x == v.trim())
-                        && min.is_none_or(|m| n.is_some_and(|n| n >= m))
-                        && max.is_none_or(|m| n.is_some_and(|n| n <= m))
-                };
-                Checked {
-                    expectation: format!("observation {key} within min {min:?} max {max:?} equals {equals:?}"),
-                    passed: !values.is_empty() && values.iter().all(|v| ok(v)),
-                    detail: format!("values {values:?}"),
-                }
+    match e {
+        Expectation::GuestExit { status } => Checked {
+            expectation: format!("guest script exits with {status}"),
+            passed: guest.exit_status == Some(*status),
+            detail: format!("exit status {:?}", guest.exit_status),
+        },
+        Expectation::OutputContains { text } => Checked {
+            expectation: format!("guest output contains {text:?}"),
+            passed: guest.output.iter().any(|l| l.contains(text.as_str())),
+            detail: String::new(),
+        },
+        Expectation::Observation { key, min, max, equals } => {
+            let values: Vec<_> = guest
+                .observations
+                .iter()
+                .filter(|o| &o.key == key)
+                .map(|o| &o.value)
+                .collect();
+            let ok = |v: &String| {
+                let n = v.trim().parse::<f64>().ok();
+                equals.as_ref().is_none_or(|x| x == v.trim())
+                    && min.is_none_or(|m| n.is_some_and(|n| n >= m))
+                    && max.is_none_or(|m| n.is_some_and(|n| n <= m))
+            };
+            let mut bounds = Vec::new();
+            if let Some(m) = min {
+                bounds.push(format!(">= {m}"));
             }
-            Expectation::RssDropOnUnplug { min_fraction } => {
-                let shrinks: Vec<_> = resizes.iter().filter(|(_, (from, to), _, _)| to < from).collect();
-                let details: Vec<_> = shrinks
-                    .iter()
-                    .map(|(s, (from, to), b, a)| {
-                        let want = (from - to) as f64 / 1024.0 * min_fraction;
-                        // Under TCG: the guest RAM's own RSS (the emulator's grows meanwhile).
-                        let (what, before, after) = match (b.ram_kb, a.ram_kb) {
-                            (Some(rb), Some(ra)) => ("guest RAM RSS", rb, ra),
-                            _ => ("RSS", b.rss_kb, a.rss_kb),
-                        };
-                        let drop = before as f64 - after as f64;
-                        let mut d = format!(
-                            "{}: {what} {before} -> {after} kB, dropped {drop} kB, need {want:.0}",
-                            s.request
-                        );
-                        if what != "RSS" {
-                            d.push_str(&format!(" (VMM RSS {} -> {} kB)", b.rss_kb, a.rss_kb));
-                        }
-                        (drop >= want, d)
-                    })
-                    .collect();
-                Checked {
-                    expectation: format!(
-                        "unplug lowers the VMM's RSS (its guest RAM's under TCG) by at least {min_fraction} of the unplugged bytes"
-                    ),
-                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
-                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
-                }
+            if let Some(m) = max {
+                bounds.push(format!("<= {m}"));
             }
-            Expectation::LockedFollowsPlugged => {
-                let details: Vec<_> = resizes
-                    .iter()
-                    .map(|(s, (_, to), _, a)| {
-                        let want = boot_kb + to / 1024;
-                        (
-                            a.locked_kb() >= want,
-                            format!("{}: locked {} kB, need {want}", s.request, a.locked_kb()),
-                        )
-                    })
-                    .collect();
-                Checked {
-                    expectation: "the VMM's locked memory follows boot plus plugged memory".into(),
-                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
-                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
-                }
+            if let Some(x) = equals {
+                bounds.push(format!("== {x}"));
             }
-            Expectation::LockedBelow { max_kb } => {
-                let details: Vec<_> = resizes
-                    .iter()
-                    .map(|(s, _, _, a)| {
-                        (
-                            a.locked_kb() <= *max_kb,
-                            format!("{}: locked {} kB", s.request, a.locked_kb()),
-                        )
-                    })
-                    .collect();
-                Checked {
-                    expectation: format!("the VMM's locked memory stays at most {max_kb} kB"),
-                    passed: !details.is_empty() && details.iter().all(|(ok, _)| *ok),
-                    detail: details.into_iter().map(|(_, d)| d).collect::<Vec<_>>().join("; "),
-                }
+            Checked {
+                expectation: format!("observation {key} {}", bounds.join(", "))
+                    .trim_end()
+                    .to_string(),
+                passed: !values.is_empty() && values.iter().all(|v| ok(v)),
+                detail: format!("values {values:?}"),
             }
-        })
-        .collect()
+        }
+        Expectation::RssDropOnUnplug { min_fraction } => {
+            let details = resizes
+                .iter()
+                .filter(|(_, (from, to), _, _)| to < from)
+                .map(|(s, (from, to), b, a)| {
+                    let want = (from - to) as f64 / 1024.0 * min_fraction;
+                    // Under TCG: the guest RAM's own RSS (the emulator's grows meanwhile).
+                    let ((what, before), (_, after)) = (resident(b), resident(a));
+                    let drop = before as f64 - after as f64;
+                    let mut d = format!(
+                        "{}: {what} {before} -> {after} kB, dropped {drop} kB, need {want:.0}",
+                        s.request
+                    );
+                    if what != "RSS" {
+                        d.push_str(&format!(" (VMM RSS {} -> {} kB)", b.rss_kb, a.rss_kb));
+                    }
+                    (drop >= want, d)
+                })
+                .collect();
+            all_of(
+                format!(
+                    "unplug lowers the VMM's RSS (its guest RAM's under TCG) by at least {min_fraction} of the unplugged bytes"
+                ),
+                details,
+            )
+        }
+        Expectation::LockedFollowsPlugged => all_of(
+            "the VMM's locked memory follows boot plus plugged memory".into(),
+            resizes
+                .iter()
+                .map(|(s, (_, to), _, a)| {
+                    let want = boot_kb + to / 1024;
+                    (
+                        a.locked_kb() >= want,
+                        format!("{}: locked {} kB, need {want}", s.request, a.locked_kb()),
+                    )
+                })
+                .collect(),
+        ),
+        Expectation::LockedBelow { max_kb } => all_of(
+            format!("the VMM's locked memory stays at most {max_kb} kB"),
+            resizes
+                .iter()
+                .map(|(s, _, _, a)| {
+                    (
+                        a.locked_kb() <= *max_kb,
+                        format!("{}: locked {} kB", s.request, a.locked_kb()),
+                    )
+                })
+                .collect(),
+        ),
+        Expectation::VmmExit { status, within_s } => {
+            let (passed, detail) = match report.vmm_exit {
+                Some(VmmExit {
+                    status: Some(got),
+                    seconds,
+                }) => (
+                    got == *status && seconds <= *within_s,
+                    format!("exited with {got} {seconds:.2} s after @@exit"),
+                ),
+                Some(VmmExit { status: None, seconds }) => {
+                    (false, format!("still running {seconds:.2} s after @@exit"))
+                }
+                None => (false, "no @@exit to wait from".into()),
+            };
+            Checked {
+                expectation: format!("the VMM exits by itself with {status} within {within_s} s of @@exit"),
+                passed,
+                detail,
+            }
+        }
+        Expectation::Boots { count } => Checked {
+            expectation: format!("the guest agent starts {count} time(s)"),
+            passed: guest.boots.len() == *count as usize,
+            detail: format!("agent ready at {:?} s", guest.boots),
+        },
+        Expectation::UnassignedAccesses {
+            id,
+            min_reads,
+            min_writes,
+        } => {
+            let request = format!("unassigned {id}");
+            let last = host_steps.iter().rev().find(|s| s.request == request);
+            let (passed, detail) = match last.map(|s| (s.ok, s.unassigned)) {
+                Some((_, Some(c))) => (
+                    c.reads >= *min_reads && c.writes >= *min_writes,
+                    format!("reads {} writes {}", c.reads, c.writes),
+                ),
+                Some((true, None)) => (false, "the VMM does not count them".into()),
+                Some((false, _)) => (false, format!("`{request}` failed: {}", last.map_or("", |s| &s.detail))),
+                None => (false, format!("no `{request}` step")),
+            };
+            Checked {
+                expectation: format!(
+                    "the VMM counts at least {min_reads} read(s) and {min_writes} write(s) of unplugged memory of {id}"
+                ),
+                passed,
+                detail,
+            }
+        }
+        Expectation::RssGrowthBelow { step, max_kb } => {
+            let samples: Vec<_> = host_steps
+                .iter()
+                .filter(|s| s.request == *step)
+                .filter_map(|s| s.after)
+                .collect();
+            let (passed, detail) = match (samples.first(), samples.last()) {
+                (Some(first), Some(last)) if samples.len() >= 2 => {
+                    let ((what, a), (_, b)) = (resident(first), resident(last));
+                    let growth = b as i64 - a as i64;
+                    (
+                        growth <= *max_kb as i64,
+                        format!("{what} {a} -> {b} kB, grew {growth} kB"),
+                    )
+                }
+                _ => (
+                    false,
+                    format!("{} `{step}` step(s) with a sample, 2 needed", samples.len()),
+                ),
+            };
+            Checked {
+                expectation: format!(
+                    "the VMM's RSS (its guest RAM's under TCG) grows by at most {max_kb} kB between the `{step}` steps"
+                ),
+                passed,
+                detail,
+            }
+        }
+    }
 }
 
 /// The reports of one scenario under several VMMs side by side, as a text table: a column
 /// per report (headed by its VMM), a row per figure: passed, failed stage, each stage's
-/// seconds, the agent's start, and for each host step (matched by position; the guest script
-/// is the same) its seconds and the VMM's RSS, guest RAM RSS (under TCG) and locked memory
-/// after it, then each expectation. A figure a run does not have is `-`; no reports give
-/// `(no runs)`.
+/// seconds, the named [`Figures`] (`agent_s`, and `plug_1g_usable_s` and
+/// `unplug_1g_returned_s` when a run has them), the boots and the VMM's exit when a run has
+/// them, and for each host step (matched by position; the guest script is the same) its
+/// seconds, for shrinks the seconds until the memory was back on the host, for other steps
+/// than `resize` and `stats` the answer, and the VMM's RSS, guest RAM RSS (under TCG) and
+/// locked memory (VmLck + VmPin) after it; then the last value of every observation an
+/// expectation checks, then each expectation. A figure a run does not have is `-`; no
+/// reports give `(no runs)`.
 pub fn side_by_side(reports: &[Report]) -> String {
     let Some(first) = reports.first() else {
         return "(no runs)\n".into();
@@ -308,6 +494,8 @@ pub fn side_by_side(reports: &[Report]) -> String {
         let cells: Vec<String> = reports.iter().map(|r| cell(r).unwrap_or_else(|| "-".into())).collect();
         rows.push((label, cells));
     };
+    let any = |f: &dyn Fn(&Report) -> bool| reports.iter().any(f);
+    let secs = |t: Option<f64>| t.map(|t| format!("{t:.2}"));
     let title = format!("{} ({}, L2 under {})", first.scenario, first.mode, first.l2_accel);
     row(title, &|r| Some(r.vmm.to_string()));
     row("passed".into(), &|r| Some(if r.passed { "yes" } else { "NO" }.into()));
@@ -324,9 +512,31 @@ pub fn side_by_side(reports: &[Report]) -> String {
             Some(format!("{:.2}{}", st.seconds, if st.ok { "" } else { " FAILED" }))
         });
     }
-    row("agent ready (s)".into(), &|r| {
-        r.guest.agent_ready_at.map(|t| format!("{t:.2}"))
-    });
+    row("agent_s: VMM start to agent (s)".into(), &|r| secs(r.figures.agent_s));
+    if any(&|r| r.figures.plug_1g_usable_s.is_some()) {
+        row("plug_1g_usable_s: 1G usable in guest (s)".into(), &|r| {
+            secs(r.figures.plug_1g_usable_s)
+        });
+    }
+    if any(&|r| r.figures.unplug_1g_returned_s.is_some()) {
+        row("unplug_1g_returned_s: 1G back on host (s)".into(), &|r| {
+            secs(r.figures.unplug_1g_returned_s)
+        });
+    }
+    if any(&|r| r.guest.boots.len() > 1) {
+        row("boots (agent ready at, s)".into(), &|r| {
+            let t: Vec<String> = r.guest.boots.iter().map(|t| format!("{t:.1}")).collect();
+            (!t.is_empty()).then(|| t.join(", "))
+        });
+    }
+    if any(&|r| r.vmm_exit.is_some()) {
+        row("VMM exit after @@exit (status, s)".into(), &|r| {
+            r.vmm_exit.map(|x| match x.status {
+                Some(s) => format!("{s}, {:.2}", x.seconds),
+                None => format!("running, {:.2}", x.seconds),
+            })
+        });
+    }
     let steps = reports.iter().map(|r| r.host_steps.len()).max().unwrap_or(0);
     for i in 0..steps {
         let req = reports
@@ -338,16 +548,41 @@ pub fn side_by_side(reports: &[Report]) -> String {
         row(format!("{req} (s)"), &|r| {
             step(r).map(|s| format!("{:.2}{}", s.seconds, if s.ok { "" } else { " FAILED" }))
         });
+        if any(&|r| step(r).is_some_and(|s| s.resize.is_some_and(|(from, to)| to < from))) {
+            row(format!("{req}: back on host (s)"), &|r| secs(step(r)?.returned_s));
+        }
+        let word = req.split_whitespace().next().unwrap_or("");
+        if !matches!(word, "resize" | "stats") {
+            row(format!("{req}: answer"), &|r| step(r).map(|s| s.detail));
+        }
         row(format!("{req}: RSS after (kB)"), &|r| {
             step(r)?.after.map(|a| a.rss_kb.to_string())
         });
-        if reports.iter().any(|r| step(r).and_then(|s| s.after?.ram_kb).is_some()) {
+        if any(&|r| step(r).and_then(|s| s.after?.ram_kb).is_some()) {
             row(format!("{req}: guest RAM RSS after (kB)"), &|r| {
                 step(r)?.after?.ram_kb.map(|k| k.to_string())
             });
         }
-        row(format!("{req}: locked after (kB)"), &|r| {
+        row(format!("{req}: VmLck+VmPin after (kB)"), &|r| {
             step(r)?.after.map(|a| a.locked_kb().to_string())
+        });
+    }
+    let mut keys: Vec<&str> = Vec::new();
+    for r in reports {
+        for c in &r.checked_keys {
+            if !keys.contains(&c.as_str()) {
+                keys.push(c);
+            }
+        }
+    }
+    for key in keys {
+        row(format!("obs {key}"), &|r| {
+            r.guest
+                .observations
+                .iter()
+                .rev()
+                .find(|o| o.key == key)
+                .map(|o| o.value.clone())
         });
     }
     let mut expectations: Vec<&str> = Vec::new();
@@ -408,6 +643,12 @@ mod tests {
             host_steps: steps,
             guest: GuestReport {
                 agent_ready_at: Some(14.0),
+                boots: vec![14.0],
+                ..Default::default()
+            },
+            vmm_exit: None,
+            figures: Figures {
+                agent_s: Some(14.0),
                 ..Default::default()
             },
             expectations: vec![Checked {
@@ -415,6 +656,7 @@ mod tests {
                 passed,
                 detail: String::new(),
             }],
+            checked_keys: Vec::new(),
             packages: BTreeMap::new(),
             work_dir: None,
             console_tail: Vec::new(),
@@ -424,40 +666,88 @@ mod tests {
     #[test]
     fn both_vmms_figures_stand_side_by_side() {
         let g = 1 << 30;
-        let qemu = report(
+        let mut shrink = step("resize vmem0 0", g, 0, (1_650_000, 620_000), 0);
+        shrink.returned_s = Some(2.5);
+        let mut qemu = report(
             VmmKind::Qemu,
-            vec![
-                step("resize vmem0 1G", 0, g, (600_000, 1_650_000), 0),
-                step("resize vmem0 0", g, 0, (1_650_000, 620_000), 0),
-            ],
+            vec![step("resize vmem0 1G", 0, g, (600_000, 1_650_000), 0), shrink],
             true,
         );
-        let memvisor = report(
+        qemu.guest.observations.push(Observation {
+            t: 30.0,
+            key: "plug_1g_usable_s".into(),
+            value: "3.25".into(),
+        });
+        qemu.figures = Figures::of(&qemu.host_steps, &qemu.guest);
+        qemu.vmm_exit = Some(VmmExit {
+            status: Some(0),
+            seconds: 1.25,
+        });
+        let mut memvisor = report(
             VmmKind::Memvisor,
             vec![step("resize vmem0 1G", 0, g, (100_000, 1_150_000), 4)],
             false,
         );
+        memvisor.guest.boots.push(40.0);
         let t = side_by_side(&[qemu, memvisor]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines,
             [
-                "vmem-resize (nested, L2 under kvm)     qemu  memvisor",
-                "passed                                  yes        NO",
-                "failed stage                              -  scenario",
-                "l1-boot (s)                            7.50      7.50",
-                "l2-boot (s)                           15.25      4.00",
-                "agent ready (s)                       14.00     14.00",
-                "resize vmem0 1G (s)                    1.00      1.00",
-                "resize vmem0 1G: RSS after (kB)     1650000   1150000",
-                "resize vmem0 1G: locked after (kB)        0         4",
-                "resize vmem0 0 (s)                     1.00         -",
-                "resize vmem0 0: RSS after (kB)       620000         -",
-                "resize vmem0 0: locked after (kB)         0         -",
-                "guest script exits with 0              held    FAILED",
+                "vmem-resize (nested, L2 under kvm)            qemu    memvisor",
+                "passed                                         yes          NO",
+                "failed stage                                     -    scenario",
+                "l1-boot (s)                                   7.50        7.50",
+                "l2-boot (s)                                  15.25        4.00",
+                "agent_s: VMM start to agent (s)              14.00       14.00",
+                "plug_1g_usable_s: 1G usable in guest (s)      3.25           -",
+                "unplug_1g_returned_s: 1G back on host (s)     2.50           -",
+                "boots (agent ready at, s)                     14.0  14.0, 40.0",
+                "VMM exit after @@exit (status, s)          0, 1.25           -",
+                "resize vmem0 1G (s)                           1.00        1.00",
+                "resize vmem0 1G: RSS after (kB)            1650000     1150000",
+                "resize vmem0 1G: VmLck+VmPin after (kB)          0           4",
+                "resize vmem0 0 (s)                            1.00           -",
+                "resize vmem0 0: back on host (s)              2.50           -",
+                "resize vmem0 0: RSS after (kB)              620000           -",
+                "resize vmem0 0: VmLck+VmPin after (kB)           0           -",
+                "guest script exits with 0                     held      FAILED",
             ]
         );
         assert_eq!(side_by_side(&[]), "(no runs)\n");
+    }
+
+    #[test]
+    fn other_steps_show_their_answer_and_checked_observations_their_last_value() {
+        let mut qemu = report(VmmKind::Qemu, Vec::new(), true);
+        let mut memvisor = report(VmmKind::Memvisor, Vec::new(), true);
+        for (r, answer, read) in [
+            (&mut qemu, "n/a", "0x00000000"),
+            (&mut memvisor, "reads=2 writes=1", "0xFFFFFFFF"),
+        ] {
+            let mut s = step("unassigned vmem0", 0, 0, (0, 700_000), 0);
+            s.resize = None;
+            s.detail = answer.into();
+            r.host_steps.push(s);
+            r.checked_keys = vec!["unplugged_read".into()];
+            for value in ["first", read] {
+                r.guest.observations.push(Observation {
+                    t: 1.0,
+                    key: "unplugged_read".into(),
+                    value: value.into(),
+                });
+            }
+        }
+        let t = side_by_side(&[qemu, memvisor]);
+        assert!(
+            t.contains("\nunassigned vmem0: answer                         n/a  reads=2 writes=1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\nobs unplugged_read                        0x00000000        0xFFFFFFFF\n"),
+            "{t}"
+        );
+        assert!(!t.contains("back on host"), "{t}");
     }
 
     fn step(req: &str, from: u64, to: u64, rss: (u64, u64), lck: u64) -> HostStep {
@@ -477,7 +767,16 @@ mod tests {
                 lck_kb: lck,
                 ..Default::default()
             }),
+            returned_s: None,
+            unassigned: None,
         }
+    }
+
+    /// `scenario`'s expectations checked against a QEMU run with `steps` and `guest`.
+    fn eval(s: &Scenario, steps: &[HostStep], guest: &GuestReport) -> Vec<Checked> {
+        let mut r = report(VmmKind::Qemu, steps.to_vec(), true);
+        r.guest = guest.clone();
+        evaluate(s, &r)
     }
 
     #[test]
@@ -524,15 +823,15 @@ mod tests {
         };
         // The VMM's RSS dropped by less than the unplugged 768 MiB (the emulator grew)...
         let mut st = step("resize vmem0 256M", 1 << 30, 256 << 20, (1_657_892, 880_376), 0);
-        assert!(!evaluate(&s, std::slice::from_ref(&st), &guest)[1].passed);
+        assert!(!eval(&s, std::slice::from_ref(&st), &guest)[1].passed);
         // ...while its guest RAM gave back all of it.
         st.before.as_mut().unwrap().ram_kb = Some(1_500_000);
         st.after.as_mut().unwrap().ram_kb = Some(1_500_000 - 786_432);
-        let c = evaluate(&s, std::slice::from_ref(&st), &guest);
+        let c = eval(&s, std::slice::from_ref(&st), &guest);
         assert!(c[1].passed && c[1].detail.contains("guest RAM RSS"), "{c:?}");
         // And it still fails if the guest RAM kept the memory.
         st.after.as_mut().unwrap().ram_kb = Some(1_500_000 - 700_000);
-        assert!(!evaluate(&s, std::slice::from_ref(&st), &guest)[1].passed);
+        assert!(!eval(&s, std::slice::from_ref(&st), &guest)[1].passed);
     }
 
     #[test]
@@ -550,11 +849,11 @@ mod tests {
             step("resize vmem0 1G", 0, g, (600_000, 600_000), 1_572_864),
             step("resize vmem0 0", g, 0, (1_700_000, 650_000), 524_288),
         ];
-        let c = evaluate(&s, &steps, &guest);
+        let c = eval(&s, &steps, &guest);
         assert_eq!(c.len(), 3);
         assert!(c[0].passed && c[1].passed && c[2].passed, "{c:?}");
         let steps = [step("resize vmem0 0", g, 0, (1_700_000, 1_000_000), 0)];
-        let c = evaluate(
+        let c = eval(
             &s,
             &steps,
             &GuestReport {
@@ -563,5 +862,179 @@ mod tests {
             },
         );
         assert!(!c[0].passed && !c[1].passed && !c[2].passed, "{c:?}");
+    }
+
+    const NEW_KINDS: &str = "name = \"t\"\nhost_steps = [\"unassigned\", \"resize\"]\n\
+                             [vm]\nmemory = \"512M\"\nreboot = true\n\
+                             [[vm.vmem]]\nid = \"vmem0\"\nsize = \"1G\"\n[guest]\nscript = \"true\"\n\
+                             [[expect]]\nkind = \"vmm-exit\"\nstatus = 0\nwithin_s = 60\n\
+                             [[expect]]\nkind = \"boots\"\ncount = 2\n\
+                             [[expect]]\nkind = \"unassigned-accesses\"\nvmm = \"memvisor\"\nid = \"vmem0\"\n\
+                             min_reads = 1\nmin_writes = 1\n\
+                             [[expect]]\nkind = \"rss-growth-below\"\nvmm = \"memvisor\"\n\
+                             step = \"unassigned vmem0\"\nmax_kb = 1024\n";
+
+    fn unassigned_step(counts: Option<AccessCounts>, rss_kb: u64) -> HostStep {
+        let mut s = step("unassigned vmem0", 0, 0, (0, rss_kb), 0);
+        s.resize = None;
+        s.before = None;
+        s.unassigned = counts;
+        s
+    }
+
+    #[test]
+    fn expectations_for_one_vmm_are_checked_only_under_it() {
+        let s = Scenario::parse(NEW_KINDS, "t").unwrap();
+        let mut r = report(VmmKind::Qemu, Vec::new(), true);
+        r.guest.exit_status = Some(0);
+        let names = |c: &[Checked]| c.iter().map(|c| c.expectation.clone()).collect::<Vec<_>>();
+        let q = evaluate(&s, &r);
+        assert_eq!(
+            names(&q),
+            [
+                "guest script exits with 0",
+                "the VMM exits by itself with 0 within 60 s of @@exit",
+                "the guest agent starts 2 time(s)",
+            ]
+        );
+        r.vmm = VmmKind::Memvisor;
+        let m = evaluate(&s, &r);
+        assert_eq!(m.len(), 5);
+        assert_eq!(
+            m[3].expectation,
+            "the VMM counts at least 1 read(s) and 1 write(s) of unplugged memory of vmem0 (memvisor only)"
+        );
+        assert!(
+            m[4].expectation
+                .ends_with("between the `unassigned vmem0` steps (memvisor only)")
+        );
+    }
+
+    #[test]
+    fn the_vmm_exit_is_checked_for_status_and_time() {
+        let s = Scenario::parse(NEW_KINDS, "t").unwrap();
+        let mut r = report(VmmKind::Qemu, Vec::new(), true);
+        let mut verdict = |x: Option<VmmExit>| {
+            r.vmm_exit = x;
+            let c = evaluate(&s, &r).remove(1);
+            (c.passed, c.detail)
+        };
+        let exit = |status, seconds| Some(VmmExit { status, seconds });
+        assert_eq!(
+            verdict(exit(Some(0), 1.5)),
+            (true, "exited with 0 1.50 s after @@exit".into())
+        );
+        assert_eq!(
+            verdict(exit(Some(1), 1.5)),
+            (false, "exited with 1 1.50 s after @@exit".into())
+        );
+        assert_eq!(
+            verdict(exit(Some(0), 61.0)),
+            (false, "exited with 0 61.00 s after @@exit".into())
+        );
+        assert_eq!(
+            verdict(exit(None, 65.0)),
+            (false, "still running 65.00 s after @@exit".into())
+        );
+        assert_eq!(verdict(None), (false, "no @@exit to wait from".into()));
+    }
+
+    #[test]
+    fn boots_are_counted() {
+        let s = Scenario::parse(NEW_KINDS, "t").unwrap();
+        let mut r = report(VmmKind::Qemu, Vec::new(), true);
+        assert!(!evaluate(&s, &r)[2].passed, "one boot of two");
+        r.guest.boots.push(31.5);
+        let c = evaluate(&s, &r).remove(2);
+        assert!(c.passed, "{c:?}");
+        assert_eq!(c.detail, "agent ready at [14.0, 31.5] s");
+    }
+
+    #[test]
+    fn unplugged_accesses_and_rss_growth_are_checked_under_memvisor() {
+        let s = Scenario::parse(NEW_KINDS, "t").unwrap();
+        let mut r = report(VmmKind::Memvisor, Vec::new(), true);
+        let mut checks = |steps: Vec<HostStep>| {
+            r.host_steps = steps;
+            let c = evaluate(&s, &r);
+            ((c[3].passed, c[3].detail.clone()), (c[4].passed, c[4].detail.clone()))
+        };
+        let counts = |reads, writes| Some(AccessCounts { reads, writes });
+        let (unassigned, growth) = checks(vec![
+            unassigned_step(counts(0, 0), 700_000),
+            unassigned_step(counts(2, 1), 700_100),
+        ]);
+        assert_eq!(unassigned, (true, "reads 2 writes 1".into()));
+        assert_eq!(growth, (true, "RSS 700000 -> 700100 kB, grew 100 kB".into()));
+        // The accessed 2 MiB block became resident: the RSS check fails; no write counted.
+        let (unassigned, growth) = checks(vec![
+            unassigned_step(counts(0, 0), 700_000),
+            unassigned_step(counts(3, 0), 702_048),
+        ]);
+        assert_eq!(unassigned, (false, "reads 3 writes 0".into()));
+        assert_eq!(growth, (false, "RSS 700000 -> 702048 kB, grew 2048 kB".into()));
+        // A VMM without counts, a single step, no step.
+        let (unassigned, growth) = checks(vec![unassigned_step(None, 700_000)]);
+        assert_eq!(unassigned, (false, "the VMM does not count them".into()));
+        assert_eq!(
+            growth,
+            (false, "1 `unassigned vmem0` step(s) with a sample, 2 needed".into())
+        );
+        let (unassigned, _) = checks(Vec::new());
+        assert_eq!(unassigned, (false, "no `unassigned vmem0` step".into()));
+    }
+
+    #[test]
+    fn figures_come_from_the_agent_the_guest_and_the_1g_unplug() {
+        let g = 1 << 30;
+        let mut guest = GuestReport {
+            agent_ready_at: Some(9.5),
+            ..Default::default()
+        };
+        guest.observations.push(Observation {
+            t: 1.0,
+            key: "plug_1g_usable_s".into(),
+            value: "4.20".into(),
+        });
+        let mut partial = step("resize vmem0 256M", g, 256 << 20, (0, 0), 0);
+        partial.returned_s = Some(1.0);
+        let mut whole = step("resize vmem0 0", g, 0, (0, 0), 0);
+        whole.returned_s = Some(3.5);
+        let f = Figures::of(&[step("resize vmem0 1G", 0, g, (0, 0), 0), partial, whole], &guest);
+        assert_eq!(
+            f,
+            Figures {
+                agent_s: Some(9.5),
+                plug_1g_usable_s: Some(4.2),
+                unplug_1g_returned_s: Some(3.5),
+            }
+        );
+        assert_eq!(Figures::of(&[], &GuestReport::default()), Figures::default());
+    }
+
+    #[test]
+    fn observations_are_checked_and_described_by_their_bounds() {
+        let text = "name = \"t\"\n[vm]\nmemory = \"512M\"\n[guest]\nscript = \"true\"\n\
+                    [[expect]]\nkind = \"observation\"\nkey = \"n\"\nmin = 1\nmax = 4\n\
+                    [[expect]]\nkind = \"observation\"\nkey = \"read\"\nequals = \"0xFFFFFFFF\"\nvmm = \"memvisor\"\n";
+        let s = Scenario::parse(text, "t").unwrap();
+        let mut r = report(VmmKind::Memvisor, Vec::new(), true);
+        r.guest.exit_status = Some(0);
+        for (key, value) in [("n", "2"), ("n", "4"), ("read", "0xFFFFFFFF")] {
+            r.guest.observations.push(Observation {
+                t: 0.0,
+                key: key.into(),
+                value: value.into(),
+            });
+        }
+        let c = evaluate(&s, &r);
+        assert_eq!(c[1].expectation, "observation n >= 1, <= 4");
+        assert_eq!(c[2].expectation, "observation read == 0xFFFFFFFF (memvisor only)");
+        assert!(c[1].passed && c[2].passed, "{c:?}");
+        r.guest.observations[1].value = "5".into();
+        r.guest.observations[2].value = "0x00000000".into();
+        let c = evaluate(&s, &r);
+        assert!(!c[1].passed && !c[2].passed, "{c:?}");
+        assert_eq!(c[2].detail, "values [\"0x00000000\"]");
     }
 }

@@ -15,9 +15,15 @@ use crate::error::{Error, IoContext, Result};
 use crate::host::{Host, KvmProbe, Mode, ModeChoice, Topology};
 use crate::image::{self, Modules};
 use crate::nested::Nested;
-use crate::report::{self, GuestReport, HostSample, HostStep, Observation, Report, StageTime};
-use crate::scenario::{DiskKind, Scenario, Size};
+use crate::report::{
+    self, Figures, GuestReport, HostSample, HostStep, Observation, RETURNED_FRACTION, Report, StageTime, VmmExit,
+};
+use crate::scenario::{DiskKind, Expectation, Scenario, Size};
 use crate::vmm::{self, Accel, Launch, Placement, RamBlock, Vmm, VmmKind};
+
+/// How long a shrinking resize waits, once the device reached the size, for the VMM's RSS
+/// to give the memory back ([`HostStep::returned_s`]).
+const RETURN_GRACE: Duration = Duration::from_secs(3);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -74,6 +80,30 @@ pub fn shell_quote(s: &str) -> String {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The environment variable whose value, when set, becomes memvisor's `RUST_LOG` (its log
+/// filter, e.g. `debug` or `memvisor_vmm=debug`) in the runs of the lab.
+pub const VMM_LOG_ENV: &str = "MEMVISOR_LAB_VMM_LOG";
+
+/// `argv` for the VMM `kind` with the log `filter`: memvisor's runs through
+/// `env RUST_LOG=FILTER` (the pid stays memvisor's: `env` execs it); QEMU's is unchanged.
+pub fn with_log_filter(kind: VmmKind, argv: Vec<String>, filter: Option<&str>) -> Vec<String> {
+    match (kind, filter) {
+        (VmmKind::Memvisor, Some(f)) if !f.is_empty() => ["env".to_string(), format!("RUST_LOG={f}")]
+            .into_iter()
+            .chain(argv)
+            .collect(),
+        _ => argv,
+    }
+}
+
+/// What the guest's kernel prints when it restarts (`reboot -f`) or panics (`panic=-1`
+/// restarts it), if `line` of L2's console holds it.
+pub fn restart_line(line: &str) -> Option<&'static str> {
+    ["reboot: Restarting system", "Kernel panic - not syncing"]
+        .into_iter()
+        .find(|m| line.contains(m))
 }
 
 /// Runs `opts` once per VMM in `vmms`, one after the other (for a side-by-side
@@ -135,7 +165,8 @@ pub fn run(opts: &RunOptions) -> Result<Report> {
         run.report.failed_stage = Some(stage);
         run.report.error = Some(e.to_string());
     }
-    run.report.expectations = report::evaluate(&scenario, &run.report.host_steps, &run.report.guest);
+    run.report.figures = Figures::of(&run.report.host_steps, &run.report.guest);
+    run.report.expectations = report::evaluate(&scenario, &run.report);
     run.report.passed = run.report.failed_stage.is_none() && run.report.expectations.iter().all(|c| c.passed);
     if !run.report.passed {
         run.report.console_tail = run.tails.clone();
@@ -152,6 +183,8 @@ struct Run<'a> {
     memvisor: Option<PathBuf>,
     report: Report,
     start: Instant,
+    /// When the VMM was started (set by `l2-boot`).
+    vmm_started: Option<Instant>,
     tails: Vec<String>,
 }
 
@@ -181,7 +214,22 @@ impl<'a> Run<'a> {
             stages: Vec::new(),
             host_steps: Vec::new(),
             guest: GuestReport::default(),
+            vmm_exit: None,
+            figures: Figures::default(),
             expectations: Vec::new(),
+            checked_keys: scenario
+                .expect
+                .iter()
+                .filter_map(|e| match &e.check {
+                    Expectation::Observation { key, .. } => Some(key.clone()),
+                    _ => None,
+                })
+                .fold(Vec::new(), |mut keys, k| {
+                    if !keys.contains(&k) {
+                        keys.push(k);
+                    }
+                    keys
+                }),
             packages: BTreeMap::new(),
             work_dir: None,
             console_tail: Vec::new(),
@@ -193,6 +241,7 @@ impl<'a> Run<'a> {
             memvisor: None,
             report,
             start: Instant::now(),
+            vmm_started: None,
             tails: Vec::new(),
         }
     }
@@ -270,8 +319,12 @@ impl<'a> Run<'a> {
         let mut host = self.host(pkgs, script, work, echo, vfio)?;
         let result = self.with_host(host.as_mut(), vmm.as_mut());
         self.tails = host.tails();
+        // A VMM that exited by itself has nobody left to answer a request to quit.
+        let exited = self.report.vmm_exit.is_some_and(|x| x.status.is_some());
         let _ = self.timed("shutdown", |_| {
-            let _ = vmm.shutdown();
+            if !exited {
+                let _ = vmm.shutdown();
+            }
             host.shutdown()
         });
         result
@@ -311,8 +364,10 @@ impl<'a> Run<'a> {
                 launch.vfio.insert(d.id.clone(), bdf);
             }
         }
-        let argv = vmm.command_line(&s.vm, &launch)?;
+        let filter = std::env::var(VMM_LOG_ENV).ok();
+        let argv = with_log_filter(vmm.kind(), vmm.command_line(&s.vm, &launch)?, filter.as_deref());
         let started = Instant::now();
+        self.vmm_started = Some(started);
         let control = match host.start_vmm(&argv) {
             Ok(c) => c,
             Err(e) => return Err(self.vmm_failure(host, "l2-boot", &format!("starting the VMM: {e}"))),
@@ -334,7 +389,9 @@ impl<'a> Run<'a> {
         loop {
             match host.console()?.next_within(Duration::from_secs(10)) {
                 Ok(line) if line.starts_with("@@agent ready") => {
-                    self.report.guest.agent_ready_at = Some(started.elapsed().as_secs_f64());
+                    let t = started.elapsed().as_secs_f64();
+                    self.report.guest.agent_ready_at = Some(t);
+                    self.report.guest.boots.push(t);
                     return Ok(());
                 }
                 Ok(_) => {}
@@ -352,17 +409,31 @@ impl<'a> Run<'a> {
     }
 
     fn scenario_loop(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(self.scenario.timeouts.scenario);
+        let timeouts = &self.scenario.timeouts;
+        let deadline = Instant::now() + Duration::from_secs(timeouts.scenario);
+        let too_late = format!("timed out after {} s", timeouts.scenario);
+        // Set when the guest's kernel said it restarts or panicked (`panic=-1` restarts): the
+        // next agent is due within l2_boot.
+        let mut restarted: Option<(f64, Instant, String)> = None;
+        let no_agent = |t: f64, line: &str| {
+            format!(
+                "the guest restarted (`{line}` {t:.1} s after the VMM started) and no agent came within {} s",
+                timeouts.l2_boot
+            )
+        };
         loop {
+            if let Some((t, due, line)) = &restarted
+                && Instant::now() > *due
+            {
+                let what = no_agent(*t, line);
+                return Err(self.vmm_failure(host, "scenario", &what));
+            }
             let line = match host.console()?.next_within(Duration::from_secs(15)) {
                 Ok(l) => l,
                 Err(NoLine::Closed) => return Err(self.vmm_failure(host, "scenario", "L2 console closed")),
                 Err(NoLine::Timeout) => {
                     if Instant::now() > deadline {
-                        return Err(stage_err(
-                            "scenario",
-                            format!("timed out after {} s", self.scenario.timeouts.scenario),
-                        ));
+                        return Err(self.vmm_failure(host, "scenario", &too_late));
                     }
                     if !host.vmm_running()? {
                         return Err(self.vmm_failure(host, "scenario", "the VMM exited before the script finished"));
@@ -370,6 +441,11 @@ impl<'a> Run<'a> {
                     continue;
                 }
             };
+            if let Some(said) = restart_line(&line) {
+                let t = self.vmm_started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                let due = Instant::now() + Duration::from_secs(timeouts.l2_boot);
+                restarted = Some((t, due, said.to_string()));
+            }
             if let Some(out) = line
                 .strip_prefix("@@out ")
                 .or(if line == "@@out" { Some("") } else { None })
@@ -396,13 +472,27 @@ impl<'a> Run<'a> {
                 }
             } else if let Some(rc) = line.strip_prefix("@@exit ") {
                 self.report.guest.exit_status = rc.trim().parse().ok();
+                if let Some(within) = self.vmm_exit_wait() {
+                    self.wait_vmm_exit(host, within)?;
+                }
                 return Ok(());
+            } else if line.starts_with("@@agent ready") {
+                restarted = None;
+                let t = self.vmm_started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                self.report.guest.boots.push(t);
+                if !self.scenario.vm.reboot {
+                    return Err(stage_err(
+                        "scenario",
+                        format!(
+                            "the guest booted again ({t:.1} s after the VMM started) although the scenario \
+                             does not reboot (no `reboot = true` in [vm]): a reset, or a kernel panic \
+                             (panic=-1 reboots)"
+                        ),
+                    ));
+                }
             }
             if Instant::now() > deadline {
-                return Err(stage_err(
-                    "scenario",
-                    format!("timed out after {} s", self.scenario.timeouts.scenario),
-                ));
+                return Err(self.vmm_failure(host, "scenario", &too_late));
             }
         }
     }
@@ -418,6 +508,8 @@ impl<'a> Run<'a> {
             resize: None,
             before: None,
             after: None,
+            returned_s: None,
+            unassigned: None,
         };
         let words: Vec<&str> = request.split_whitespace().collect();
         let allowed = words
@@ -434,7 +526,10 @@ impl<'a> Run<'a> {
                     format!("rss_kb={} lck_kb={} pin_kb={}", s.rss_kb, s.lck_kb, s.pin_kb)
                 }),
                 ["resize", id, size] => self.resize(host, vmm, id, size, &mut step),
-                _ => Err(Error::Vmm(format!("cannot do `{request}` (resize ID SIZE, stats)"))),
+                ["unassigned", id] => self.unassigned(host, vmm, id, &mut step),
+                _ => Err(Error::Vmm(format!(
+                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID)"
+                ))),
             }
         };
         step.seconds = (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0;
@@ -460,32 +555,133 @@ impl<'a> Run<'a> {
             .ok_or_else(|| Error::Vmm(format!("`{size}` is not a size")))?
             .0;
         let from = vmm.plugged_size(id)?;
-        step.before = Some(self.sample(host)?);
+        let before = self.sample(host)?;
+        step.before = Some(before);
         step.resize = Some((from, bytes));
+        // A shrink is timed until the VMM's RSS gave the memory back, too.
+        let want_kb = from.saturating_sub(bytes) as f64 / 1024.0 * RETURNED_FRACTION;
+        let returned = |s: &HostSample| match (before.ram_kb, s.ram_kb) {
+            (Some(b), Some(a)) => b as f64 - a as f64 >= want_kb,
+            _ => before.rss_kb as f64 - s.rss_kb as f64 >= want_kb,
+        };
         vmm.request_size(id, bytes)?;
-        let deadline = Instant::now() + Duration::from_secs(self.scenario.timeouts.host_step);
+        let requested = Instant::now();
+        let deadline = requested + Duration::from_secs(self.scenario.timeouts.host_step);
         let mut now = from;
-        while now != bytes {
+        let mut reached: Option<Instant> = None;
+        let mut after = before;
+        loop {
+            if now != bytes {
+                now = vmm.plugged_size(id)?;
+            }
+            if now == bytes && reached.is_none() {
+                reached = Some(Instant::now());
+            }
+            if bytes < from && step.returned_s.is_none() {
+                after = self.sample(host)?;
+                if returned(&after) {
+                    step.returned_s = Some((requested.elapsed().as_secs_f64() * 100.0).round() / 100.0);
+                }
+            }
+            // Done once plugged, and for a shrink once the memory is back (or 3 s after:
+            // memory the guest never touched without `prealloc` is not resident to give back).
+            let settled =
+                bytes >= from || step.returned_s.is_some() || reached.is_some_and(|t| t.elapsed() > RETURN_GRACE);
+            if reached.is_some() && settled {
+                break;
+            }
             if Instant::now() > deadline {
                 return Err(Error::Vmm(format!(
                     "{id} plugged {now} of {bytes} bytes after the timeout"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(250));
-            now = vmm.plugged_size(id)?;
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let after = self.sample(host)?;
+        if bytes >= from || step.returned_s.is_none() {
+            after = self.sample(host)?;
+        }
         step.after = Some(after);
         Ok(format!(
             "size={bytes} rss_kb={} lck_kb={} pin_kb={}",
             after.rss_kb, after.lck_kb, after.pin_kb
         ))
     }
+
+    /// `unassigned ID`: the VMM's counts of accesses to unplugged memory of `id` (`n/a` under
+    /// a VMM that does not count them), with its counters.
+    fn unassigned(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, id: &str, step: &mut HostStep) -> Result<String> {
+        if !self.scenario.vm.vmem.iter().any(|v| v.id == id) {
+            return Err(Error::Vmm(format!("no virtio-mem device `{id}`")));
+        }
+        let counts = vmm.unassigned_accesses(id)?;
+        let after = self.sample(host)?;
+        step.unassigned = counts;
+        step.after = Some(after);
+        Ok(match counts {
+            Some(c) => format!("reads={} writes={} rss_kb={}", c.reads, c.writes, after.rss_kb),
+            None => format!("n/a rss_kb={}", after.rss_kb),
+        })
+    }
+
+    /// The longest `within_s` of the `vmm-exit` expectations that apply to this VMM.
+    fn vmm_exit_wait(&self) -> Option<f64> {
+        self.scenario
+            .expect
+            .iter()
+            .filter(|e| e.applies_to(self.report.vmm))
+            .filter_map(|e| match e.check {
+                Expectation::VmmExit { within_s, .. } => Some(within_s),
+                _ => None,
+            })
+            .reduce(f64::max)
+    }
+
+    /// Waits up to `within` seconds (and a little more, to tell late from never) for the
+    /// VMM to exit by itself; records how and when in the report.
+    fn wait_vmm_exit(&mut self, host: &mut dyn Host, within: f64) -> Result<()> {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs_f64(within + 5.0);
+        loop {
+            let status = host.vmm_exit_status()?;
+            let seconds = (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+            if status.is_some() || t0.elapsed() > limit {
+                self.report.vmm_exit = Some(VmmExit { status, seconds });
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_filter_wraps_memvisor_only() {
+        let argv = vec!["/lab/memvisor/memvisor".to_string(), "run".to_string()];
+        assert_eq!(
+            with_log_filter(VmmKind::Memvisor, argv.clone(), Some("memvisor_vmm=debug")),
+            ["env", "RUST_LOG=memvisor_vmm=debug", "/lab/memvisor/memvisor", "run"]
+        );
+        assert_eq!(with_log_filter(VmmKind::Memvisor, argv.clone(), None), argv);
+        assert_eq!(with_log_filter(VmmKind::Memvisor, argv.clone(), Some("")), argv);
+        assert_eq!(with_log_filter(VmmKind::Qemu, argv.clone(), Some("debug")), argv);
+    }
+
+    #[test]
+    fn restarts_and_panics_are_recognised_on_the_console() {
+        assert_eq!(
+            restart_line("[    4.884850] reboot: Restarting system"),
+            Some("reboot: Restarting system")
+        );
+        assert_eq!(
+            restart_line("[    2.1] Kernel panic - not syncing: Attempted to kill init!"),
+            Some("Kernel panic - not syncing")
+        );
+        assert_eq!(restart_line("[    6.0] reboot: Power down"), None);
+        assert_eq!(restart_line("@@out rebooting"), None);
+    }
 
     #[test]
     fn shell_quoting() {

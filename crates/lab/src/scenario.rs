@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
+use crate::vmm::VmmKind;
 
 /// A byte count written as `512M`, `1G`, `2M`, `0` or a plain integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -68,12 +69,12 @@ pub struct Scenario {
     pub vm: VmSpec,
     /// The guest script.
     pub guest: GuestSpec,
-    /// Host steps the guest may request (`resize`, `stats`); others are refused.
+    /// Host steps the guest may request (`resize`, `stats`, `unassigned`); others are refused.
     #[serde(default)]
     pub host_steps: Vec<String>,
     /// Expectations checked on the collected observations.
     #[serde(default)]
-    pub expect: Vec<Expectation>,
+    pub expect: Vec<Expect>,
     /// Per-stage timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -97,9 +98,15 @@ pub struct VmSpec {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
-    /// Extra kernel command line for L2.
+    /// Extra kernel command line for L2 (appended to the lab's, e.g. `iomem=relaxed`).
     #[serde(default)]
     pub kernel_args: String,
+    /// Whether the guest reboots: QEMU then runs without `-no-reboot` (memvisor always resets
+    /// the machine and boots again), and the runner takes a second `@@agent ready` as the
+    /// next boot. Without it, a second boot fails the run (an unexpected reset, or a kernel
+    /// panic: `panic=-1` reboots).
+    #[serde(default)]
+    pub reboot: bool,
 }
 
 fn one() -> u32 {
@@ -188,6 +195,31 @@ impl Default for Timeouts {
     }
 }
 
+/// An expectation and the VMM it applies to: `[[expect]]` is an [`Expectation`] (by its
+/// `kind`) with an optional `vmm = "memvisor"` (or `"qemu"`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Expect {
+    /// Checked only when this VMM runs L2; under every VMM when absent.
+    #[serde(default)]
+    pub vmm: Option<VmmKind>,
+    /// What is expected.
+    #[serde(flatten)]
+    pub check: Expectation,
+}
+
+impl Expect {
+    /// Whether it is checked when `vmm` runs L2.
+    pub fn applies_to(&self, vmm: VmmKind) -> bool {
+        self.vmm.is_none_or(|v| v == vmm)
+    }
+}
+
+impl From<Expectation> for Expect {
+    fn from(check: Expectation) -> Expect {
+        Expect { vmm: None, check }
+    }
+}
+
 /// An expectation checked after the run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -226,6 +258,41 @@ pub enum Expectation {
     /// (pinned on demand with a vIOMMU).
     LockedBelow {
         /// The bound in KiB.
+        max_kb: u64,
+    },
+    /// After the guest's `@@exit` (the agent then powers off), the VMM process exits by
+    /// itself with `status` within `within_s` seconds. The runner waits for it (and then
+    /// does not ask the VMM to quit).
+    VmmExit {
+        /// The VMM's expected exit status.
+        status: i32,
+        /// Seconds from `@@exit` to the VMM's exit.
+        within_s: f64,
+    },
+    /// The guest agent started `count` times (`@@agent ready`): 1 plus the reboots (more
+    /// than 1 needs `[vm] reboot = true`).
+    Boots {
+        /// The number of boots.
+        count: u32,
+    },
+    /// The last `host unassigned ID` step counted at least `min_reads` reads and
+    /// `min_writes` writes of the guest to unplugged memory of the virtio-mem device `id`
+    /// (a VMM that does not count them, QEMU, fails it: give it `vmm = "memvisor"`).
+    UnassignedAccesses {
+        /// The virtio-mem device.
+        id: String,
+        /// The fewest reads.
+        min_reads: u64,
+        /// The fewest writes.
+        min_writes: u64,
+    },
+    /// Between the first and the last host step `step` (the request as the guest writes it,
+    /// e.g. `unassigned vmem0`), the VMM's RSS (its guest RAM's under TCG) grew by at most
+    /// `max_kb`.
+    RssGrowthBelow {
+        /// The host step's request.
+        step: String,
+        /// The most growth in KiB.
         max_kb: u64,
     },
 }
@@ -279,6 +346,40 @@ impl Scenario {
                 )));
             }
         }
+        for (i, e) in s.expect.iter().enumerate() {
+            // The line of the `i`th `[[expect]]`.
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| l.trim() == "[[expect]]")
+                .nth(i)
+                .map_or(0, |(n, _)| n + 1);
+            let bad = |m: String| Err(err(format!("line {line}: {m}")));
+            match &e.check {
+                Expectation::Boots { count } if *count == 0 => return bad("boots: count must be at least 1".into()),
+                Expectation::Boots { count } if *count > 1 && !s.vm.reboot => {
+                    return bad(format!("boots: {count} boots need `reboot = true` in [vm]"));
+                }
+                Expectation::VmmExit { within_s, .. } if within_s.is_nan() || *within_s <= 0.0 => {
+                    return bad(format!("vmm-exit: within_s must be more than 0, not {within_s}"));
+                }
+                Expectation::UnassignedAccesses { id, .. } if !s.vm.vmem.iter().any(|v| &v.id == id) => {
+                    return bad(format!("unassigned-accesses: no virtio-mem device `{id}` in [vm]"));
+                }
+                Expectation::UnassignedAccesses { .. } if !s.host_steps.iter().any(|h| h == "unassigned") => {
+                    return bad("unassigned-accesses needs the host step `unassigned` in host_steps".into());
+                }
+                Expectation::RssGrowthBelow { step, .. }
+                    if !step
+                        .split_whitespace()
+                        .next()
+                        .is_some_and(|w| s.host_steps.iter().any(|h| h == w)) =>
+                {
+                    return bad(format!("rss-growth-below: `{step}` is not a declared host step"));
+                }
+                _ => {}
+            }
+        }
         for step in &s.host_steps {
             if !HOST_STEPS.contains(&step.as_str()) {
                 return Err(err(format!(
@@ -323,7 +424,7 @@ impl Scenario {
 }
 
 /// Host steps a guest may ask for.
-pub const HOST_STEPS: &[&str] = &["resize", "stats"];
+pub const HOST_STEPS: &[&str] = &["resize", "stats", "unassigned"];
 
 #[cfg(test)]
 mod tests {
@@ -368,7 +469,9 @@ min_fraction = 0.99
         assert_eq!(s.vm.vmem[0].block_size, Size(2 << 20));
         assert_eq!(s.vm.vmem[0].requested, Size(128 << 20));
         assert_eq!(s.vm.disks[0].kind, DiskKind::VirtioBlk);
-        assert!(matches!(s.expect[0], Expectation::RssDropOnUnplug { min_fraction } if min_fraction == 0.99));
+        assert!(matches!(s.expect[0].check, Expectation::RssDropOnUnplug { min_fraction } if min_fraction == 0.99));
+        assert_eq!(s.expect[0].vmm, None);
+        assert!(!s.vm.reboot);
         assert_eq!(s.timeouts.l1_boot, 240);
     }
 
@@ -401,5 +504,107 @@ min_fraction = 0.99
         assert!(e.contains("used twice"), "{e}");
         let e = error_of(&GOOD.replace("[\"resize\"]", "[\"reboot\"]"));
         assert!(e.contains("line 3:") && e.contains("reboot"), "{e}");
+    }
+
+    const NEW_KINDS: &str = r#"
+name = "t"
+host_steps = ["resize", "unassigned"]
+[vm]
+memory = "512M"
+reboot = true
+kernel_args = "iomem=relaxed"
+[[vm.vmem]]
+id = "vmem0"
+size = "1G"
+[guest]
+script = "true"
+[[expect]]
+kind = "vmm-exit"
+status = 0
+within_s = 60
+[[expect]]
+kind = "boots"
+count = 2
+[[expect]]
+kind = "unassigned-accesses"
+vmm = "memvisor"
+id = "vmem0"
+min_reads = 1
+min_writes = 1
+[[expect]]
+kind = "rss-growth-below"
+vmm = "memvisor"
+step = "unassigned vmem0"
+max_kb = 1024
+[[expect]]
+kind = "observation"
+vmm = "qemu"
+key = "k"
+equals = "0x0"
+"#;
+
+    #[test]
+    fn the_new_kinds_and_the_vmm_filter_parse() {
+        let s = Scenario::parse(NEW_KINDS, "new.toml").unwrap();
+        assert!(s.vm.reboot);
+        assert_eq!(s.vm.kernel_args, "iomem=relaxed");
+        assert!(matches!(s.expect[0].check, Expectation::VmmExit { status: 0, within_s } if within_s == 60.0));
+        assert!(matches!(s.expect[1].check, Expectation::Boots { count: 2 }));
+        assert!(matches!(
+            &s.expect[2].check,
+            Expectation::UnassignedAccesses { id, min_reads: 1, min_writes: 1 } if id == "vmem0"
+        ));
+        assert!(matches!(
+            &s.expect[3].check,
+            Expectation::RssGrowthBelow { step, max_kb: 1024 } if step == "unassigned vmem0"
+        ));
+        let vmms: Vec<_> = s.expect.iter().map(|e| e.vmm).collect();
+        assert_eq!(
+            vmms,
+            [
+                None,
+                None,
+                Some(VmmKind::Memvisor),
+                Some(VmmKind::Memvisor),
+                Some(VmmKind::Qemu)
+            ]
+        );
+        assert!(s.expect[2].applies_to(VmmKind::Memvisor) && !s.expect[2].applies_to(VmmKind::Qemu));
+        assert!(s.expect[0].applies_to(VmmKind::Memvisor) && s.expect[0].applies_to(VmmKind::Qemu));
+    }
+
+    #[test]
+    fn bad_new_kinds_name_the_line_and_the_value() {
+        let new = |from: &str, to: &str| error_of(&NEW_KINDS.replacen(from, to, 1));
+        let e = new("vmm = \"memvisor\"", "vmm = \"xen\"");
+        assert!(e.contains("line 22:") && e.contains("unknown variant `xen`"), "{e}");
+        let e = new("reboot = true", "reboot = false");
+        assert!(
+            e.contains("line 17:") && e.contains("2 boots need `reboot = true`"),
+            "{e}"
+        );
+        let e = new("count = 2", "count = 0");
+        assert!(e.contains("line 17:") && e.contains("at least 1"), "{e}");
+        let e = new("within_s = 60", "within_s = 0");
+        assert!(e.contains("line 13:") && e.contains("not 0"), "{e}");
+        let e = new("id = \"vmem0\"\nmin_reads", "id = \"vmem9\"\nmin_reads");
+        assert!(
+            e.contains("line 20:") && e.contains("no virtio-mem device `vmem9`"),
+            "{e}"
+        );
+        let e = new("[\"resize\", \"unassigned\"]", "[\"resize\"]");
+        assert!(
+            e.contains("line 20:") && e.contains("needs the host step `unassigned`"),
+            "{e}"
+        );
+        let e = new("step = \"unassigned vmem0\"", "step = \"stats\"");
+        assert!(
+            e.contains("line 26:") && e.contains("`stats` is not a declared host step"),
+            "{e}"
+        );
+        let e = new("min_writes = 1", "min_writes = 1\ncolour = 1");
+        assert!(e.contains("line 20:") && e.contains("unknown field `colour`"), "{e}");
+        let e = new("kind = \"boots\"", "kind = \"reboots\"");
+        assert!(e.contains("line 17:") && e.contains("unknown variant `reboots`"), "{e}");
     }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use crate::error::Result;
 use crate::scenario::VmSpec;
 
-/// Which VMM runs the L2 guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Which VMM runs the L2 guest (`qemu`, `memvisor` in scenarios and reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmmKind {
     /// QEMU 10 from Debian's backports, driven over QMP.
@@ -202,6 +202,16 @@ pub struct RamBlock {
     pub size: u64,
 }
 
+/// The guest's accesses to unassigned memory (unplugged blocks) of one virtio-mem region, as
+/// the VMM counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct AccessCounts {
+    /// Reads (answered with all ones).
+    pub reads: u64,
+    /// Writes (dropped).
+    pub writes: u64,
+}
+
 /// A VMM driver: builds the command line to start (in L1 or on the host) and controls the
 /// running VMM.
 pub trait Vmm {
@@ -224,6 +234,12 @@ pub trait Vmm {
     fn plugged_size(&mut self, id: &str) -> Result<u64>;
     /// The guest's writable RAM blocks and where they are mapped in the VMM process.
     fn ram_blocks(&mut self) -> Result<Vec<RamBlock>>;
+    /// The guest's accesses to unplugged memory of the virtio-mem device `id` so far, if the
+    /// VMM counts them (memvisor does; QEMU maps the whole region, so it has nothing to count:
+    /// `None`).
+    fn unassigned_accesses(&mut self, _id: &str) -> Result<Option<AccessCounts>> {
+        Ok(None)
+    }
     /// Asks the VMM to stop (it is killed by the runner anyway).
     fn shutdown(&mut self) -> Result<()>;
 }

@@ -22,7 +22,16 @@ fn every_shipped_scenario_parses_with_its_script() {
     names.sort();
     assert_eq!(
         names,
-        ["boot", "vfio-nvme", "vfio-nvme-viommu", "viommu", "vmem-resize"],
+        [
+            "boot",
+            "poweroff",
+            "reboot",
+            "unplugged-access",
+            "vfio-nvme",
+            "vfio-nvme-viommu",
+            "viommu",
+            "vmem-resize"
+        ],
         "the scenarios the README lists"
     );
 }
