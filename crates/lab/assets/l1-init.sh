@@ -8,6 +8,9 @@
 /bin/busybox --install -s /bin
 export PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 ip link set lo up
+# Huge pages for shared memory on request (MADV_HUGEPAGE), as for anonymous memory: memvisor's
+# memfd guest RAM asks for them, QEMU's anonymous guest RAM gets them by default.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 for m in $(cat /lab/modules.list); do
 	insmod "/lab/modules/$m.ko" || echo "@@l1 insmod $m failed"
 done

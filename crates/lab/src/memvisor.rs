@@ -209,12 +209,7 @@ pub fn unsupported(vm: &VmSpec, accel: Accel) -> Option<String> {
                 .into(),
         );
     }
-    vm.disks.iter().find(|d| d.kind != DiskKind::VirtioBlk).map(|d| {
-        format!(
-            "memvisor cannot assign VFIO devices yet (issue 19): disk `{}` is vfio-nvme",
-            d.id
-        )
-    })
+    None
 }
 
 /// memvisor's L2 command line for `vm`, with the program, kernel, initramfs, disk files and
@@ -251,7 +246,16 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
         push(&["--viommu"]);
     }
     for d in &vm.disks {
-        push(&["--disk", &format!("id={},path={}", d.id, p.disk(&d.id))]);
+        match d.kind {
+            DiskKind::VirtioBlk => push(&["--disk", &format!("id={},path={}", d.id, p.disk(&d.id))]),
+            DiskKind::VfioNvme => {
+                let bdf = launch
+                    .vfio
+                    .get(&d.id)
+                    .ok_or_else(|| Error::Vmm(format!("no assigned device for {}", d.id)))?;
+                push(&["--device", &format!("vfio={bdf}")]);
+            }
+        }
     }
     push(&["--serial", "stdio", "--api-socket", &socket.display().to_string()]);
     Ok(a)
@@ -406,12 +410,18 @@ mod tests {
             line_in_l1("unplugged-access").unwrap(),
             format!("{PREFIX} --cpus 1 --memory 512M --vmem id=vmem0,size=1G,block=2M,requested=128M {SUFFIX}")
         );
-        for name in ["vfio-nvme", "vfio-nvme-viommu"] {
-            assert_eq!(
-                line_in_l1(name).unwrap_err().to_string(),
-                "vmm: memvisor cannot assign VFIO devices yet (issue 19): disk `nvme0` is vfio-nvme"
-            );
-        }
+        let mut launch = Launch::new(CMDLINE.into(), Placement::in_l1_for(VmmKind::Memvisor));
+        launch.vfio.insert("nvme0".into(), "0000:00:04.0".into());
+        let argv = command_line(&scenario("vfio-nvme").vm, &launch).unwrap().join(" ");
+        assert!(argv.contains("--device vfio=0000:00:04.0"), "{argv}");
+        assert!(
+            command_line(
+                &scenario("vfio-nvme").vm,
+                &Launch::new(CMDLINE.into(), Placement::in_l1_for(VmmKind::Memvisor))
+            )
+            .is_err(),
+            "an NVMe disk without its assigned device is an error"
+        );
         // The kernel command line is one argument (the control loop quotes it).
         let launch = Launch::new(CMDLINE.into(), Placement::in_l1_for(VmmKind::Memvisor));
         let argv = command_line(&scenario("boot").vm, &launch).unwrap();
@@ -422,11 +432,7 @@ mod tests {
     fn what_memvisor_cannot_run_is_refused_before_anything_boots() {
         let m = Memvisor::default();
         assert_eq!(m.supports(&scenario("vmem-resize").vm, Accel::Kvm), Ok(()));
-        let e = m.supports(&scenario("vfio-nvme").vm, Accel::Kvm).unwrap_err();
-        assert!(
-            e.starts_with("memvisor cannot assign VFIO devices yet (issue 19)"),
-            "{e}"
-        );
+        assert_eq!(m.supports(&scenario("vfio-nvme").vm, Accel::Kvm), Ok(()));
         let e = m.supports(&scenario("boot").vm, Accel::Tcg).unwrap_err();
         assert!(e.contains("KVM only") && e.contains("--mode nested"), "{e}");
         let mut p = Placement::in_l1_for(VmmKind::Memvisor);

@@ -495,6 +495,7 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         crate::platform::write_guest(&memory, *addr, blob).map_err(setup("writing the ACPI tables"))?;
     }
     let entry = crate::platform::load_kernel(config, &memory, tables.rsdp_addr)?;
+    crate::platform::write_reset_stub(&memory).map_err(setup("writing the reset vector"))?;
 
     // vCPUs.
     let cpuid = cpu::supported_cpuid(vm.kvm()).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
