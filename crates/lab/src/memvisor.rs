@@ -200,8 +200,9 @@ pub struct HostInfo {
     pub pinned_bytes: u64,
 }
 
-/// Why memvisor cannot run `vm` with `accel` (`None` if it can).
-pub fn unsupported(vm: &VmSpec, accel: Accel) -> Option<String> {
+/// Why memvisor cannot run a VM with `accel` (`None` if it can): it runs every
+/// scenario's devices, but only under KVM.
+pub fn unsupported(accel: Accel) -> Option<String> {
     if accel != Accel::Kvm {
         return Some(
             "memvisor runs L2 under KVM only and this host's /dev/kvm cannot boot Linux (QEMU falls back to \
@@ -218,7 +219,7 @@ pub fn unsupported(vm: &VmSpec, accel: Accel) -> Option<String> {
 /// `--serial stdio --api-socket`.
 pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
     let p = &launch.placement;
-    if let Some(why) = unsupported(vm, p.accel) {
+    if let Some(why) = unsupported(p.accel) {
         return Err(Error::Vmm(why));
     }
     let Control::Unix(socket) = &p.control else {
@@ -299,8 +300,8 @@ impl Vmm for Memvisor {
         VmmKind::Memvisor
     }
 
-    fn supports(&self, vm: &VmSpec, accel: Accel) -> std::result::Result<(), String> {
-        unsupported(vm, accel).map_or(Ok(()), Err)
+    fn supports(&self, _vm: &VmSpec, accel: Accel) -> std::result::Result<(), String> {
+        unsupported(accel).map_or(Ok(()), Err)
     }
 
     fn command_line(&self, vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
