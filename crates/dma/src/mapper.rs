@@ -355,17 +355,29 @@ impl PinBudget {
 pub fn vm_pin_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmPin:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+        .and_then(|s| proc_kib(&s, "VmPin"))
         .unwrap_or(0)
+}
+
+/// The value of the `field:   N kB` line of a `/proc` file's text
+/// (`/proc/<pid>/status`, `/proc/meminfo`), in KiB.
+pub fn proc_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_kib_reads_one_field() {
+        let text = "MemTotal:       24576000 kB\nVmPinned:   9 kB\nVmPin:\t   8 kB\n";
+        assert_eq!(proc_kib(text, "MemTotal"), Some(24_576_000));
+        assert_eq!(proc_kib(text, "VmPin"), Some(8), "not the VmPinned line");
+        assert_eq!(proc_kib(text, "VmLck"), None);
+    }
 
     #[test]
     fn budget_charges_and_refuses() {

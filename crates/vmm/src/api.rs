@@ -510,16 +510,11 @@ impl ProcStatus {
 
     /// Parses `/proc/<pid>/status` text.
     pub fn parse(text: &str) -> Self {
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
+        let field = |name| memvisor_dma::mapper::proc_kib(text, name).map_or(0, |kb| kb * 1024);
         Self {
-            rss: field("VmRSS:"),
-            locked: field("VmLck:"),
-            pinned: field("VmPin:"),
+            rss: field("VmRSS"),
+            locked: field("VmLck"),
+            pinned: field("VmPin"),
         }
     }
 }

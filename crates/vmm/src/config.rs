@@ -269,6 +269,24 @@ impl VmmConfig {
             .into_iter()
             .map(|(addr, size)| RamSpec { addr, size })
             .collect();
+        let virtio_iommu = self.viommu.then(|| VirtioIommuSpec {
+            endpoints: self.iommu_endpoints(),
+            ..VirtioIommuSpec::default()
+        });
+        Ok(MachineConfig {
+            ram,
+            virtio_mem: self.vmem_specs()?,
+            virtio_iommu,
+            dma: DmaSpec {
+                devices: self.assigned_devices()?,
+                pin_budget: None,
+            },
+        })
+    }
+
+    /// The virtio-mem regions, placed from the device-memory start, each
+    /// aligned to max(block size, [`VMEM_REGION_ALIGN`]).
+    fn vmem_specs(&self) -> Result<Vec<VirtioMemSpec>, ConfigError> {
         let mut next = layout::device_memory_start(self.memory);
         let mut virtio_mem = Vec::new();
         for v in &self.vmem {
@@ -289,26 +307,15 @@ impl VmmConfig {
                 ..VirtioMemSpec::new(v.id.clone(), addr, v.size, v.block_size)
             });
         }
-        let virtio_iommu = self.viommu.then(|| VirtioIommuSpec {
-            endpoints: self.iommu_endpoints(),
-            ..VirtioIommuSpec::default()
-        });
-        Ok(MachineConfig {
-            ram,
-            virtio_mem,
-            virtio_iommu,
-            dma: DmaSpec {
-                devices: self.assigned_devices()?,
-                pin_budget: None,
-            },
-        })
+        Ok(virtio_mem)
     }
 
     /// The PCI 64-bit MMIO window: after the device memory, 1 GiB aligned.
     pub fn mmio64_window(&self) -> Result<(u64, u64), ConfigError> {
-        let machine = self.machine_config()?;
-        let end = machine
-            .virtio_mem
+        // Only the virtio-mem placement: not the whole machine, whose VFIO
+        // devices would be looked up in sysfs again at every boot.
+        let end = self
+            .vmem_specs()?
             .iter()
             .map(|v| v.addr + v.region_size)
             .max()

@@ -334,11 +334,7 @@ fn api_context(
 fn check_host_memory(memory: u64) -> Result<(), ConfigError> {
     let total = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
+        .and_then(|m| memvisor_dma::mapper::proc_kib(&m, "MemTotal"))
         .map(|kb| kb * 1024);
     match total {
         Some(total) if memory > total => Err(ConfigError(format!(
