@@ -338,9 +338,10 @@ fn control(result: Result<(), ControlError>) -> Answer {
     }
 }
 
-/// A JSON object body with only `allowed` fields (an empty body is `{}`).
+/// A JSON object body with only `allowed` fields. An absent (zero-length) body is `{}`;
+/// anything else, whitespace alone included, must be a JSON object.
 fn object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Answer> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.is_empty() {
         return Ok(Map::new());
     }
     let value: Value =
@@ -586,6 +587,7 @@ mod tests {
         assert_eq!(put(r#"{"requested_size":-1}"#).status, 400);
         assert_eq!(put(r#"{"requested_size":true}"#).status, 400);
         assert_eq!(put("").status, 400, "the size is required");
+        assert_eq!(put("\n").status, 400, "whitespace is not JSON");
         assert_eq!(handle(&ctx, &Method::Put, "/api/v1/memory/nope", b"{}").status, 404);
         assert_eq!(requested(&ctx), 4 << 20, "no failed request changed it");
     }
@@ -618,6 +620,11 @@ mod tests {
         assert_eq!(
             handle(&ctx, &Method::Put, "/api/v1/vm/power-off", br#"{"timeout_s":0}"#).status,
             400
+        );
+        assert_eq!(
+            handle(&ctx, &Method::Put, "/api/v1/vm/power-off", b"\n").status,
+            400,
+            "only an absent body means the default timeout"
         );
         let not_allowed = handle(&ctx, &Method::Delete, "/api/v1/vm", b"");
         assert_eq!((not_allowed.status, not_allowed.allow.as_deref()), (405, Some("GET")));
