@@ -172,6 +172,15 @@ pub trait PinSession: Send {
 /// The default [`DmaMapper::session`]: `pin` and `unpin` are the mapper's
 /// `map` and `unmap` (under whatever lock the mapper takes), and the
 /// session remembers its mappings only to unmap them when dropped.
+pub(crate) fn mapper_session<M: DmaMapper + ?Sized + 'static>(mapper: Arc<M>) -> Box<dyn PinSession> {
+    Box::new(MapperSession {
+        mapper,
+        live: Vec::new(),
+        vacant: Vec::new(),
+    })
+}
+
+/// The session [`mapper_session`] makes.
 struct MapperSession<M: DmaMapper + ?Sized> {
     mapper: Arc<M>,
     /// The live mappings (`iova`, `len`), by key.
@@ -252,11 +261,7 @@ pub trait DmaMapper: Send + Sync + 'static {
     /// [`unmap`](Self::unmap); a mapper may give a session state of its
     /// own, so that its pins take no lock of the mapper's and no search.
     fn session(self: Arc<Self>) -> Box<dyn PinSession> {
-        Box::new(MapperSession {
-            mapper: self,
-            live: Vec::new(),
-            vacant: Vec::new(),
-        })
+        mapper_session(self)
     }
 
     /// What the mapper can take.

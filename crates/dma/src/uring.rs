@@ -31,11 +31,11 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use io_uring::IoUring;
+use io_uring::{IoUring, opcode, types};
 use smallvec::SmallVec;
 
 use crate::mapper::{DmaError, DmaLimits, DmaMapper, IovaRange, Permissions, PinBudget, PinKey, PinSession};
@@ -92,6 +92,9 @@ type FreedSlots = SmallVec<[Slot; 4]>;
 
 struct Mapping {
     len: u64,
+    /// Host address of the mapping's first byte (its slots follow on, one
+    /// per [`MAX_SLOT_BYTES`]).
+    host: u64,
     slots: MappingSlots,
 }
 
@@ -179,9 +182,9 @@ impl RingTable {
         // which outlives the call. Every iovec is either empty (clears the
         // slot) or a range of host memory the caller keeps mapped while it
         // is registered (the DmaMapper contract); the kernel pins it and
-        // never writes through it unless a read I/O names the slot, which
-        // memvisor never submits (its tests only submit writes *from* a
-        // slot).
+        // writes through it only for a read I/O naming the slot, which only
+        // `UringPinner::transfer` submits, into guest memory the mapping
+        // gives the device.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_io_uring_register,
@@ -451,6 +454,8 @@ impl Accounts {
 /// ```
 pub struct UringPinner {
     name: String,
+    /// Whether sessions pin through `map` (see [`UringPinner::for_io`]).
+    io: bool,
     accounts: Arc<Accounts>,
     inner: Mutex<PinnerState>,
 }
@@ -475,8 +480,13 @@ impl UringPinner {
     /// A pinner with a limit of `max_mappings` live mappings (its
     /// sessions' included).
     pub fn with_max_mappings(name: &str, budget: Arc<PinBudget>, max_mappings: u64) -> Self {
+        Self::build(name, budget, max_mappings, false)
+    }
+
+    fn build(name: &str, budget: Arc<PinBudget>, max_mappings: u64, io: bool) -> Self {
         Self {
             name: name.to_string(),
+            io,
             accounts: Arc::new(Accounts {
                 budget,
                 max_mappings,
@@ -491,6 +501,91 @@ impl UringPinner {
                 pinned: 0,
             }),
         }
+    }
+
+    /// A pinner whose registered buffers are also the target of I/O
+    /// ([`transfer`](Self::transfer)): a zero-copy device's DMA context.
+    /// Its [sessions](DmaMapper::session) pin through [`map`](DmaMapper::map),
+    /// so that every mapping, the vIOMMU bridge's included, is found by
+    /// IOVA; they take the pinner's lock (and a search) per pin, which the
+    /// pinning-only pinner avoids.
+    pub fn for_io(name: &str, budget: Arc<PinBudget>) -> Self {
+        Self::build(name, budget, DEFAULT_MAX_MAPPINGS, true)
+    }
+
+    /// Moves `len` bytes between the file `fd` at `offset` and the guest
+    /// memory the mappings of `[iova, iova + len)` pin, with io_uring
+    /// `READ_FIXED` ([`Transfer::Read`]: file → memory) or `WRITE_FIXED`
+    /// (memory → file) on the registered buffers themselves: no copy in
+    /// memvisor and no page pinned per I/O, since the pages are pinned
+    /// already. The range may span several mappings (and slots), but every
+    /// byte of it must be mapped, or nothing is transferred.
+    ///
+    /// Runs under the pinner's lock, so no mapping of the range is
+    /// unpinned until the I/O is complete. A short transfer is continued;
+    /// end of file is an error ([`std::io::ErrorKind::UnexpectedEof`]).
+    pub fn transfer(&self, fd: RawFd, offset: u64, iova: u64, len: u64, dir: Transfer) -> Result<(), FixedIoError> {
+        let not_mapped = || FixedIoError::NotMapped { iova, len };
+        let end = iova.checked_add(len).ok_or_else(not_mapped)?;
+        let mut inner = self.lock();
+        // The pieces: (slot, host address, length), each inside one slot.
+        let mut pieces: SmallVec<[(Slot, u64, u64); 4]> = SmallVec::new();
+        let mut at = iova;
+        while at < end {
+            let Some((&start, m)) = inner.mappings.range(..=at).next_back() else {
+                return Err(not_mapped());
+            };
+            let offset_in = at - start;
+            if offset_in >= m.len {
+                return Err(not_mapped());
+            }
+            let slot_index = (offset_in / MAX_SLOT_BYTES) as usize;
+            let slot_end = (slot_index as u64 + 1) * MAX_SLOT_BYTES;
+            let n = (end - at).min(m.len.min(slot_end) - offset_in);
+            pieces.push((m.slots[slot_index], m.host + offset_in, n));
+            at += n;
+        }
+        let mut file_offset = offset;
+        for (slot, mut host, mut n) in pieces {
+            let ring = &mut inner.slots.rings[slot.ring as usize].ring;
+            while n > 0 {
+                let chunk = n as u32; // At most one slot: 1 GiB.
+                let sqe = match dir {
+                    Transfer::Read => {
+                        opcode::ReadFixed::new(types::Fd(fd), host as *mut u8, chunk, slot.index as u16)
+                            .offset(file_offset)
+                            .build()
+                    }
+                    Transfer::Write => {
+                        opcode::WriteFixed::new(types::Fd(fd), host as *const u8, chunk, slot.index as u16)
+                            .offset(file_offset)
+                            .build()
+                    }
+                };
+                let io_error = |source| FixedIoError::Io {
+                    dir,
+                    offset: file_offset,
+                    source,
+                };
+                // SAFETY: the SQE names `[host, host + chunk)` inside the
+                // registered buffer in slot `slot.index` of this ring, which
+                // stays registered (pinned) while the lock is held, and the
+                // I/O completes before the lock is released.
+                unsafe { ring.submission().push(&sqe) }
+                    .map_err(|_| io_error(std::io::Error::other("the submission queue is full")))?;
+                ring.submit_and_wait(1).map_err(io_error)?;
+                let Some(cqe) = ring.completion().next() else {
+                    return Err(io_error(std::io::Error::other("no completion")));
+                };
+                let done = match cqe.result() {
+                    r if r < 0 => return Err(io_error(std::io::Error::from_raw_os_error(-r))),
+                    0 => return Err(io_error(std::io::ErrorKind::UnexpectedEof.into())),
+                    r => r as u64,
+                };
+                (host, n, file_offset) = (host + done, n - done, file_offset + done);
+            }
+        }
+        Ok(())
     }
 
     /// Number of io_uring instances (tables) the pinner's own mappings use
@@ -568,7 +663,7 @@ impl DmaMapper for UringPinner {
                 return Err(e);
             }
         };
-        inner.mappings.insert(iova, Mapping { len, slots });
+        inner.mappings.insert(iova, Mapping { len, host, slots });
         inner.pinned += len;
         self.accounts.pinned(len);
         Ok(())
@@ -635,6 +730,9 @@ impl DmaMapper for UringPinner {
     }
 
     fn session(self: Arc<Self>) -> Box<dyn PinSession> {
+        if self.io {
+            return crate::mapper::mapper_session(self);
+        }
         Box::new(UringSession {
             accounts: self.accounts.clone(),
             slots: Slots::with_first_ring(),
@@ -679,6 +777,39 @@ impl Drop for UringPinner {
     }
 }
 
+/// Which way a [`UringPinner::transfer`] moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// From the file into guest memory (`READ_FIXED`).
+    Read,
+    /// From guest memory into the file (`WRITE_FIXED`).
+    Write,
+}
+
+/// Why a [`UringPinner::transfer`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FixedIoError {
+    /// Part of the range is not mapped (not pinned): nothing was transferred.
+    #[error("IOVA range [{iova:#x}, +{len:#x}) is not entirely mapped")]
+    NotMapped {
+        /// Start of the range.
+        iova: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The I/O failed at `offset` of the file (what came before it is done).
+    #[error("io_uring {dir:?} at file offset {offset}: {source}")]
+    Io {
+        /// Its direction.
+        dir: Transfer,
+        /// The file offset of the failed part.
+        offset: u64,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A mapping of more than [`MAX_SLOT_BYTES`] pinned by a session.
 struct Long {
     iova: u64,
@@ -720,7 +851,7 @@ impl UringSession {
         };
         let long = Some(Long {
             iova,
-            mapping: Mapping { len, slots },
+            mapping: Mapping { len, host, slots },
         });
         let index = match self.vacant.pop() {
             Some(index) => {
@@ -1140,5 +1271,59 @@ mod tests {
         drop(s);
         assert_eq!((p.pinned_bytes(), p.mapping_count()), (0, 0));
         assert_eq!(vm_pin_kib(), before);
+    }
+
+    #[test]
+    fn transfers_use_the_pinned_buffers_across_mappings_and_sessions() {
+        use std::os::fd::AsRawFd;
+        let _g = serial();
+        let ram = RamBlock::new("ram", 8 * MIB, Backing::Memfd).unwrap();
+        let h = ram.host_address();
+        let path = std::env::temp_dir().join(format!("memvisor-uring-transfer-{}", std::process::id()));
+        let pattern: Vec<u8> = (0..6 * MIB).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &pattern).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let fd = file.as_raw_fd();
+        let p = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
+        // Two adjacent mappings, one of them a session's (the vIOMMU
+        // bridge's path): a transfer spans both.
+        p.map(0x10_0000, h, 2 * MIB, Permissions::READ_WRITE).unwrap();
+        let mut s = p.clone().session();
+        s.pin(0x30_0000, h + 2 * MIB, 2 * MIB, Permissions::READ_WRITE).unwrap();
+        p.transfer(fd, MIB, 0x10_0000, 4 * MIB, Transfer::Read).unwrap();
+        let mut back = vec![0u8; 4 * MIB as usize];
+        ram.read(0, &mut back).unwrap();
+        assert!(back == pattern[MIB as usize..5 * MIB as usize], "the file's bytes are in guest memory");
+        // Memory → file, from the middle of the second mapping.
+        ram.write(3 * MIB, &[0xAB; 4096]).unwrap();
+        p.transfer(fd, 0, 0x30_0000 + MIB, 4096, Transfer::Write).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[..4096], [0xAB; 4096]);
+        // A range reaching past the mappings: refused, nothing moved.
+        ram.write(0, &[7; 16]).unwrap();
+        assert!(matches!(
+            p.transfer(fd, 0, 0x10_0000, 4 * MIB + 4096, Transfer::Read),
+            Err(FixedIoError::NotMapped { len, .. }) if len == 4 * MIB + 4096
+        ));
+        assert!(matches!(
+            p.transfer(fd, 0, 0, 4096, Transfer::Read),
+            Err(FixedIoError::NotMapped { .. })
+        ));
+        let mut first = [0u8; 16];
+        ram.read(0, &mut first).unwrap();
+        assert_eq!(first, [7; 16], "a refused transfer touches no memory");
+        // Reading past the end of the file is an error, not a silent zero fill.
+        let eof = p.transfer(fd, 6 * MIB, 0x10_0000, 4096, Transfer::Read).unwrap_err();
+        assert!(
+            matches!(&eof, FixedIoError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{eof}"
+        );
+        // Unpinned by the session: no longer a target.
+        drop(s);
+        assert!(matches!(
+            p.transfer(fd, 0, 0x30_0000, 4096, Transfer::Read),
+            Err(FixedIoError::NotMapped { .. })
+        ));
+        assert_eq!(p.pinned_bytes(), 2 * MIB);
+        std::fs::remove_file(&path).unwrap();
     }
 }
