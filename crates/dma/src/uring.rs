@@ -551,11 +551,9 @@ impl UringPinner {
             while n > 0 {
                 let chunk = n as u32; // At most one slot: 1 GiB.
                 let sqe = match dir {
-                    Transfer::Read => {
-                        opcode::ReadFixed::new(types::Fd(fd), host as *mut u8, chunk, slot.index as u16)
-                            .offset(file_offset)
-                            .build()
-                    }
+                    Transfer::Read => opcode::ReadFixed::new(types::Fd(fd), host as *mut u8, chunk, slot.index as u16)
+                        .offset(file_offset)
+                        .build(),
                     Transfer::Write => {
                         opcode::WriteFixed::new(types::Fd(fd), host as *const u8, chunk, slot.index as u16)
                             .offset(file_offset)
@@ -1293,7 +1291,10 @@ mod tests {
         p.transfer(fd, MIB, 0x10_0000, 4 * MIB, Transfer::Read).unwrap();
         let mut back = vec![0u8; 4 * MIB as usize];
         ram.read(0, &mut back).unwrap();
-        assert!(back == pattern[MIB as usize..5 * MIB as usize], "the file's bytes are in guest memory");
+        assert!(
+            back == pattern[MIB as usize..5 * MIB as usize],
+            "the file's bytes are in guest memory"
+        );
         // Memory → file, from the middle of the second mapping.
         ram.write(3 * MIB, &[0xAB; 4096]).unwrap();
         p.transfer(fd, 0, 0x30_0000 + MIB, 4096, Transfer::Write).unwrap();
