@@ -513,37 +513,40 @@ impl UringPinner {
         Self::build(name, budget, DEFAULT_MAX_MAPPINGS, true)
     }
 
-    /// Moves `len` bytes between the file `fd` at `offset` and the guest
-    /// memory the mappings of `[iova, iova + len)` pin, with io_uring
+    /// Moves data between the file `fd` from `offset` on and the guest
+    /// memory the mappings of the IOVA `ranges` (`(iova, len)`, in file
+    /// order) pin, with io_uring
     /// `READ_FIXED` ([`Transfer::Read`]: file → memory) or `WRITE_FIXED`
     /// (memory → file) on the registered buffers themselves: no copy in
     /// memvisor and no page pinned per I/O, since the pages are pinned
-    /// already. The range may span several mappings (and slots), but every
-    /// byte of it must be mapped, or nothing is transferred.
+    /// already. A range may span several mappings (and slots), but every
+    /// byte of every range must be mapped, or nothing is transferred.
     ///
     /// Runs under the pinner's lock, so no mapping of the range is
     /// unpinned until the I/O is complete. A short transfer is continued;
     /// end of file is an error ([`std::io::ErrorKind::UnexpectedEof`]).
-    pub fn transfer(&self, fd: RawFd, offset: u64, iova: u64, len: u64, dir: Transfer) -> Result<(), FixedIoError> {
-        let not_mapped = || FixedIoError::NotMapped { iova, len };
-        let end = iova.checked_add(len).ok_or_else(not_mapped)?;
+    pub fn transfer(&self, fd: RawFd, offset: u64, ranges: &[(u64, u64)], dir: Transfer) -> Result<(), FixedIoError> {
         let mut inner = self.lock();
         // The pieces: (slot, host address, length), each inside one slot.
         let mut pieces: SmallVec<[(Slot, u64, u64); 4]> = SmallVec::new();
-        let mut at = iova;
-        while at < end {
-            let Some((&start, m)) = inner.mappings.range(..=at).next_back() else {
-                return Err(not_mapped());
-            };
-            let offset_in = at - start;
-            if offset_in >= m.len {
-                return Err(not_mapped());
+        for &(iova, len) in ranges {
+            let not_mapped = || FixedIoError::NotMapped { iova, len };
+            let end = iova.checked_add(len).ok_or_else(not_mapped)?;
+            let mut at = iova;
+            while at < end {
+                let Some((&start, m)) = inner.mappings.range(..=at).next_back() else {
+                    return Err(not_mapped());
+                };
+                let offset_in = at - start;
+                if offset_in >= m.len {
+                    return Err(not_mapped());
+                }
+                let slot_index = (offset_in / MAX_SLOT_BYTES) as usize;
+                let slot_end = (slot_index as u64 + 1) * MAX_SLOT_BYTES;
+                let n = (end - at).min(m.len.min(slot_end) - offset_in);
+                pieces.push((m.slots[slot_index], m.host + offset_in, n));
+                at += n;
             }
-            let slot_index = (offset_in / MAX_SLOT_BYTES) as usize;
-            let slot_end = (slot_index as u64 + 1) * MAX_SLOT_BYTES;
-            let n = (end - at).min(m.len.min(slot_end) - offset_in);
-            pieces.push((m.slots[slot_index], m.host + offset_in, n));
-            at += n;
         }
         let mut file_offset = offset;
         for (slot, mut host, mut n) in pieces {
@@ -787,7 +790,7 @@ pub enum Transfer {
 /// Why a [`UringPinner::transfer`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FixedIoError {
-    /// Part of the range is not mapped (not pinned): nothing was transferred.
+    /// Part of a range is not mapped (not pinned): nothing was transferred.
     #[error("IOVA range [{iova:#x}, +{len:#x}) is not entirely mapped")]
     NotMapped {
         /// Start of the range.
@@ -1288,7 +1291,7 @@ mod tests {
         p.map(0x10_0000, h, 2 * MIB, Permissions::READ_WRITE).unwrap();
         let mut s = p.clone().session();
         s.pin(0x30_0000, h + 2 * MIB, 2 * MIB, Permissions::READ_WRITE).unwrap();
-        p.transfer(fd, MIB, 0x10_0000, 4 * MIB, Transfer::Read).unwrap();
+        p.transfer(fd, MIB, &[(0x10_0000, 4 * MIB)], Transfer::Read).unwrap();
         let mut back = vec![0u8; 4 * MIB as usize];
         ram.read(0, &mut back).unwrap();
         assert!(
@@ -1297,23 +1300,26 @@ mod tests {
         );
         // Memory → file, from the middle of the second mapping.
         ram.write(3 * MIB, &[0xAB; 4096]).unwrap();
-        p.transfer(fd, 0, 0x30_0000 + MIB, 4096, Transfer::Write).unwrap();
+        p.transfer(fd, 0, &[(0x30_0000 + MIB, 4096)], Transfer::Write).unwrap();
         assert_eq!(std::fs::read(&path).unwrap()[..4096], [0xAB; 4096]);
-        // A range reaching past the mappings: refused, nothing moved.
+        // A range reaching past the mappings, even after a good one:
+        // refused, nothing moved.
         ram.write(0, &[7; 16]).unwrap();
         assert!(matches!(
-            p.transfer(fd, 0, 0x10_0000, 4 * MIB + 4096, Transfer::Read),
+            p.transfer(fd, 0, &[(0x10_0000, 4096), (0x10_0000, 4 * MIB + 4096)], Transfer::Read),
             Err(FixedIoError::NotMapped { len, .. }) if len == 4 * MIB + 4096
         ));
         assert!(matches!(
-            p.transfer(fd, 0, 0, 4096, Transfer::Read),
+            p.transfer(fd, 0, &[(0, 4096)], Transfer::Read),
             Err(FixedIoError::NotMapped { .. })
         ));
         let mut first = [0u8; 16];
         ram.read(0, &mut first).unwrap();
         assert_eq!(first, [7; 16], "a refused transfer touches no memory");
         // Reading past the end of the file is an error, not a silent zero fill.
-        let eof = p.transfer(fd, 6 * MIB, 0x10_0000, 4096, Transfer::Read).unwrap_err();
+        let eof = p
+            .transfer(fd, 6 * MIB, &[(0x10_0000, 4096)], Transfer::Read)
+            .unwrap_err();
         assert!(
             matches!(&eof, FixedIoError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof),
             "{eof}"
@@ -1321,7 +1327,7 @@ mod tests {
         // Unpinned by the session: no longer a target.
         drop(s);
         assert!(matches!(
-            p.transfer(fd, 0, 0x30_0000, 4096, Transfer::Read),
+            p.transfer(fd, 0, &[(0x30_0000, 4096)], Transfer::Read),
             Err(FixedIoError::NotMapped { .. })
         ));
         assert_eq!(p.pinned_bytes(), 2 * MIB);
