@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use smallvec::SmallVec;
@@ -32,6 +32,10 @@ pub(crate) trait Backend: Send {
 
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// The image's descriptor, for I/O the device submits itself (the
+    /// zero-copy path's fixed-buffer reads and writes).
+    fn raw_fd(&self) -> RawFd;
 }
 
 /// Why an image cannot back a device.
@@ -204,6 +208,10 @@ impl Backend for RawFile {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 

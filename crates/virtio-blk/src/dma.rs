@@ -48,11 +48,14 @@ pub(crate) enum Dma {
     },
 }
 
-/// A resolved piece of a buffer: guest RAM inside one region.
+/// A resolved piece of a buffer: guest RAM inside one region, and the
+/// device address it was reached through (the IOVA behind an IOMMU, the
+/// guest-physical address itself otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Piece {
     pub(crate) gpa: u64,
     pub(crate) len: u64,
+    pub(crate) iova: u64,
 }
 
 /// Why a buffer cannot be accessed.
@@ -104,10 +107,12 @@ impl DmaError {
 }
 
 /// Appends `piece` to `out`, merged into the last piece when it continues
-/// it inside the same region.
+/// it inside the same region, at both its guest-physical and its device
+/// address.
 fn push(map: &GuestMemoryMap, out: &mut Vec<Piece>, piece: Piece) -> Result<(), DmaError> {
     if let Some(last) = out.last_mut()
         && last.gpa.checked_add(last.len) == Some(piece.gpa)
+        && last.iova.checked_add(last.len) == Some(piece.iova)
         && GuestRange::new(last.gpa, last.len + piece.len).is_some_and(|r| map.lookup(r).is_ok())
     {
         last.len += piece.len;
@@ -146,7 +151,15 @@ impl Dma {
                         len: range.end() - at,
                     })?;
                     let end = region.range().end().min(range.end());
-                    push(map, out, Piece { gpa: at, len: end - at })?;
+                    push(
+                        map,
+                        out,
+                        Piece {
+                            gpa: at,
+                            len: end - at,
+                            iova: at,
+                        },
+                    )?;
                     at = end;
                 }
             }
@@ -169,6 +182,7 @@ impl Dma {
                         Piece {
                             gpa: piece.start(),
                             len: n,
+                            iova: at,
                         },
                     )?;
                     at += n;
@@ -280,6 +294,11 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    /// A piece reached at its guest-physical address (no IOMMU).
+    fn phys(gpa: u64, len: u64) -> Piece {
+        Piece { gpa, len, iova: gpa }
+    }
     const HOT: u64 = 0x1_0000_0000;
 
     fn map() -> (GuestMemoryMap, Arc<BlockDiscardManager>) {
@@ -304,12 +323,12 @@ mod tests {
         Dma::Physical
             .resolve(&map, MIB - 16, 32, Access::Write, &mut out)
             .unwrap();
-        assert_eq!(out, [Piece { gpa: MIB - 16, len: 16 }, Piece { gpa: MIB, len: 16 }]);
+        assert_eq!(out, [phys(MIB - 16, 16), phys(MIB, 16)]);
         // The next buffer continues the last piece: merged.
         Dma::Physical
             .resolve(&map, MIB + 16, 16, Access::Write, &mut out)
             .unwrap();
-        assert_eq!(out[1], Piece { gpa: MIB, len: 32 });
+        assert_eq!(out[1], phys(MIB, 32));
         assert_eq!(
             Dma::Physical.resolve(&map, 2 * MIB - 1, 2, Access::Read, &mut out),
             Err(DmaError::NotRam { addr: 2 * MIB, len: 1 })
@@ -348,7 +367,7 @@ mod tests {
         assert_eq!(back, [1; 4096]);
         // Pieces in plain RAM and in the managed region, several pieces in
         // the region: one view, all checked.
-        let mut mixed = vec![Piece { gpa: 0x1000, len: 8 }];
+        let mut mixed = vec![phys(0x1000, 8)];
         Dma::Physical
             .resolve(&map, HOT + 0x100, 8, Access::Read, &mut mixed)
             .unwrap();
@@ -357,10 +376,7 @@ mod tests {
             .unwrap();
         assert_eq!(mixed.len(), 3);
         assert!(read_pieces(&map, &mixed, &mut [0; 24]).is_ok());
-        mixed.push(Piece {
-            gpa: HOT + 2 * MIB,
-            len: 8,
-        });
+        mixed.push(phys(HOT + 2 * MIB, 8));
         assert!(matches!(
             read_pieces(&map, &mixed, &mut [0; 32]),
             Err(DmaError::NotPopulated { .. })

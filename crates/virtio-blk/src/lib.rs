@@ -1,6 +1,7 @@
 //! memvisor's virtio-blk device (virtio device ID 2): a raw disk image
 //! behind one request queue — IN, OUT, FLUSH and GET_ID — with its guest
-//! addresses translated through virtio-iommu when it sits behind one.
+//! addresses translated through virtio-iommu when it sits behind one, and
+//! optionally zero-copy through registered (pinned) guest memory.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -47,7 +48,12 @@
 //! * `dma.rs`: the driver's addresses (guest-physical, or IOVAs translated
 //!   by the IOMMU) → pieces of guest RAM, accessed only while populated.
 //! * `backend.rs`: the image, behind a small internal trait (synchronous
-//!   `preadv`/`pwritev` now, so that an io_uring path can replace it).
+//!   `preadv`/`pwritev`).
+//! * Zero-copy ([`BlockConfig::zero_copy`]): INs and OUTs go through the
+//!   disk's DMA context instead, io_uring `READ_FIXED`/`WRITE_FIXED` on the
+//!   guest memory its [`UringPinner`](memvisor_dma::uring::UringPinner)
+//!   has registered, so the disk pins like an assigned device and a buffer
+//!   it has not pinned fails the request untouched.
 //! * [`device`]: [`VirtioBlk`], the
 //!   [`VirtioDevice`](memvisor_virtio::VirtioDevice), and the request path.
 #![deny(missing_docs)]

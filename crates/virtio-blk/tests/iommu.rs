@@ -8,6 +8,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use memvisor_dma::mapper::{DmaMapper, Permissions, PinBudget};
+use memvisor_dma::uring::UringPinner;
 use memvisor_guest::DriverQueue;
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_virtio::{ActivateError, EventFdInterrupt, VirtioDevice};
@@ -63,6 +65,23 @@ impl Rig {
     }
 
     fn unactivated() -> Self {
+        Self::build(None)
+    }
+
+    /// [`Rig::new`] with a zero-copy pinner holding what the vIOMMU
+    /// bridge would have pinned for `pinned`, a list of `(iova, gpa, len)`.
+    fn zero_copy(pinned: &[(u64, u64, u64)]) -> (Self, Arc<UringPinner>) {
+        let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
+        let mut rig = Self::build(Some(pinner.clone()));
+        let host = rig.mem.region_at(0).unwrap().host_address();
+        for &(iova, gpa, len) in pinned {
+            pinner.map(iova, host + gpa, len, Permissions::READ_WRITE).unwrap();
+        }
+        rig.activate().unwrap();
+        (rig, pinner)
+    }
+
+    fn build(zero_copy: Option<Arc<UringPinner>>) -> Self {
         let mem = memory(16 * MIB);
         let mut iommu = Iommu::new(&mem, 12 * MIB, EP, false);
         iommu.attach(DOMAIN, EP);
@@ -74,6 +93,7 @@ impl Rig {
         let image = TempImage::new("iommu", 128);
         let config = BlockConfig {
             iommu: Some((iommu.handle.clone(), EP)),
+            zero_copy,
             ..BlockConfig::new(&image.path)
         };
         let dev = VirtioBlk::new(config).unwrap();
@@ -121,7 +141,58 @@ const DATA_GPA: u64 = BUF_GPA + 0x1_0000;
 
 #[test]
 fn mapped_iovas_carry_requests() {
-    let mut r = Rig::new();
+    mapped_iovas_carry_requests_on(Rig::new());
+}
+
+/// Zero-copy behind the IOMMU: every buffer mapping pinned (as the bridge
+/// pins what the guest maps), the same requests work.
+#[test]
+fn mapped_and_pinned_iovas_carry_zero_copy_requests() {
+    let (r, pinner) = Rig::zero_copy(&[
+        (BUF_IOVA, BUF_GPA, BUF_LEN),
+        (RO_IOVA, RO_GPA, 0x1_0000),
+        (SCATTER_IOVA, SCATTER_GPA[0], 0x1000),
+        (SCATTER_IOVA + 0x1000, SCATTER_GPA[1], 0x1000),
+    ]);
+    mapped_iovas_carry_requests_on(r);
+    assert_eq!(pinner.mapping_count(), 4);
+}
+
+/// A mapping the IOMMU has but the pinner does not (the bridge restores a
+/// mapping over unplugged memory unpinned, or failed to pin it): the
+/// translation succeeds, so there is no fault, but the request fails with
+/// IOERR before anything is read or written.
+#[test]
+fn a_mapped_but_unpinned_iova_fails_zero_copy_requests_untouched() {
+    let (mut r, _pinner) = Rig::zero_copy(&[(BUF_IOVA, BUF_GPA, 0x1_0000)]);
+    for req in [T_IN, T_OUT] {
+        canary(&r, req);
+        let flags = if req == T_IN { W } else { 0 };
+        let used = r.submit(&[
+            (iova(HDR_GPA), 16, 0),
+            (iova(DATA_GPA), 4096, flags),
+            (iova(STATUS_GPA), 1, W),
+        ]);
+        assert_eq!(
+            (used, get(&r.mem, STATUS_GPA, 1)[0]),
+            (Some(1), S_IOERR),
+            "request {req}"
+        );
+        untouched(&r);
+    }
+    assert!(r.iommu.faults().is_empty());
+    // The pinned part of the mapping is served.
+    put(&r.mem, HDR_GPA, &hdr(T_IN, 0));
+    let used = r.submit(&[
+        (iova(HDR_GPA), 16, 0),
+        (iova(HDR_GPA) + 0x1000, 512, W),
+        (iova(STATUS_GPA), 1, W),
+    ]);
+    assert_eq!((used, get(&r.mem, STATUS_GPA, 1)[0]), (Some(513), S_OK));
+    assert_eq!(get(&r.mem, HDR_GPA + 0x1000, 512), pattern(0, 512));
+}
+
+fn mapped_iovas_carry_requests_on(mut r: Rig) {
     assert_ne!(r.dev.avail_features() & F_ACCESS_PLATFORM, 0);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
     // OUT: the data in the read-write area and in the read-only one (the
