@@ -175,6 +175,10 @@ pub struct AssignedDeviceSpec {
 pub enum DmaBackend {
     /// Real long-term pinning through io_uring registered buffers.
     Uring,
+    /// io_uring registered buffers that are also the target of the
+    /// device's own I/O: a zero-copy disk's DMA context
+    /// ([`UringPinner::for_io`](memvisor_dma::uring::UringPinner::for_io)).
+    UringIo,
     /// A VFIO type1v2 container holding this IOMMU group.
     Vfio {
         /// The IOMMU group number.

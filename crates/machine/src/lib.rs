@@ -145,14 +145,23 @@ pub struct IommuDevice {
     pub probe_size: u32,
 }
 
+/// The DMA backends the VMM's own devices use, by device name.
+#[derive(Default)]
+struct Backends {
+    /// The VFIO containers (the VMM opens the assigned device through its
+    /// group).
+    vfio: Vec<(String, Arc<VfioContainerMapper>)>,
+    /// The zero-copy devices' pinners (`DmaBackend::UringIo`).
+    uring_io: Vec<(String, Arc<UringPinner>)>,
+}
+
 /// The machine a [`MachineConfig`] describes; see the [crate documentation](crate).
 pub struct Machine {
     // Drop order matters: the DMA layer goes first (unpinning everything,
     // see `Drop`), then the devices, then memory.
     dma: Vec<(DmaDevice, DmaPath)>,
-    /// The VFIO containers among the DMA backends, by device name (the
-    /// VMM opens the assigned device through its group).
-    vfio: Vec<(String, Arc<VfioContainerMapper>)>,
+    /// The DMA backends the VMM's devices use themselves.
+    backends: Backends,
     budget: Arc<PinBudget>,
     vmems: Vec<VmemDevice>,
     iommu: Option<IommuDevice>,
@@ -293,7 +302,7 @@ impl Machine {
         );
         let mut this = Self {
             dma: Vec::new(),
-            vfio: Vec::new(),
+            backends: Backends::default(),
             budget,
             vmems,
             iommu,
@@ -301,18 +310,15 @@ impl Machine {
             policy,
             config: config.clone(),
         };
-        (this.dma, this.vfio) = this.assigned_devices()?;
+        (this.dma, this.backends) = this.assigned_devices()?;
         Ok(this)
     }
 
-    /// The assigned devices of the configuration, detached, and the VFIO
-    /// containers among their backends.
-    #[allow(clippy::type_complexity)]
-    fn assigned_devices(
-        &self,
-    ) -> Result<(Vec<(DmaDevice, DmaPath)>, Vec<(String, Arc<VfioContainerMapper>)>), MachineError> {
+    /// The assigned devices of the configuration, detached, and the
+    /// backends among theirs that the VMM's devices use themselves.
+    fn assigned_devices(&self) -> Result<(Vec<(DmaDevice, DmaPath)>, Backends), MachineError> {
         let mut devices = Vec::new();
-        let mut vfio = Vec::new();
+        let mut backends = Backends::default();
         for (i, spec) in self.config.dma.devices.iter().enumerate() {
             if self.config.dma.devices[..i].iter().any(|d| d.name == spec.name) {
                 return Err(MachineError::Config(format!(
@@ -340,6 +346,11 @@ impl Machine {
             };
             let mapper: Arc<dyn DmaMapper> = match spec.backend {
                 DmaBackend::Uring => Arc::new(UringPinner::new(&spec.name, self.budget.clone())),
+                DmaBackend::UringIo => {
+                    let pinner = Arc::new(UringPinner::for_io(&spec.name, self.budget.clone()));
+                    backends.uring_io.push((spec.name.clone(), pinner.clone()));
+                    pinner
+                }
                 DmaBackend::Vfio { group } => {
                     let container = Arc::new(
                         VfioContainerMapper::open(&spec.name, group, self.budget.clone()).map_err(|source| {
@@ -349,7 +360,7 @@ impl Machine {
                             }
                         })?,
                     );
-                    vfio.push((spec.name.clone(), container.clone()));
+                    backends.vfio.push((spec.name.clone(), container.clone()));
                     container
                 }
             };
@@ -364,13 +375,19 @@ impl Machine {
             };
             devices.push((DmaDevice::new(&spec.name, target), path));
         }
-        Ok((devices, vfio))
+        Ok((devices, backends))
     }
 
     /// The VFIO container of the assigned device `name`, if its backend is
     /// VFIO: the VMM opens the device itself through the container's group.
     pub fn vfio_container(&self, name: &str) -> Option<&Arc<VfioContainerMapper>> {
-        self.vfio.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+        self.backends.vfio.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    /// The pinner of the zero-copy device `name` (backend `UringIo`): the
+    /// device submits its I/O on the buffers it registers.
+    pub fn uring_io_pinner(&self, name: &str) -> Option<&Arc<UringPinner>> {
+        self.backends.uring_io.iter().find(|(n, _)| n == name).map(|(_, p)| p)
     }
 
     /// The migration registry of this machine's state, in the declared

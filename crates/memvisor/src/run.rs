@@ -36,7 +36,9 @@ pub struct RunArgs {
     /// A virtio-iommu; disks are behind it unless `iommu=off`.
     #[arg(long)]
     viommu: bool,
-    /// A virtio-blk disk: `id=disk0,path=IMAGE[,readonly=on][,iommu=off]` (repeatable).
+    /// A virtio-blk disk: `id=disk0,path=IMAGE[,readonly=on][,iommu=off][,zero-copy=on]`
+    /// (repeatable). `zero-copy=on` pins guest memory for the disk as for an
+    /// assigned device and does its I/O with io_uring on those pinned buffers.
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
     /// A host PCI function bound to vfio-pci, assigned to the guest:
@@ -101,19 +103,20 @@ fn parse_vmem(text: &str) -> Result<VmemConfig, String> {
 
 fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let what = "--disk";
-    let kv = pairs(text, what, &["id", "path", "readonly", "iommu"])?;
+    let kv = pairs(text, what, &["id", "path", "readonly", "iommu", "zero-copy"])?;
     let get = |k: &str| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let flag = |k: &str, default: bool| {
+        get(k)
+            .map(|v| on_off(what, k, v))
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
     Ok(DiskConfig {
         id: get("id").unwrap_or("disk0").to_string(),
         path: get("path").ok_or(format!("{what}: path= is required"))?.into(),
-        read_only: get("readonly")
-            .map(|v| on_off(what, "readonly", v))
-            .transpose()?
-            .unwrap_or(false),
-        iommu: get("iommu")
-            .map(|v| on_off(what, "iommu", v))
-            .transpose()?
-            .unwrap_or(true),
+        read_only: flag("readonly", false)?,
+        iommu: flag("iommu", true)?,
+        zero_copy: flag("zero-copy", false)?,
     })
 }
 
@@ -222,9 +225,11 @@ mod tests {
         assert!(parse_vmem("size=1G,size=2G").unwrap_err().contains("twice"));
         let d = parse_disk("id=disk0,path=/tmp/d.img,iommu=off").unwrap();
         assert_eq!(
-            (d.path.to_str(), d.iommu, d.read_only),
-            (Some("/tmp/d.img"), false, false)
+            (d.path.to_str(), d.iommu, d.read_only, d.zero_copy),
+            (Some("/tmp/d.img"), false, false, false)
         );
+        assert!(parse_disk("path=x,zero-copy=on").unwrap().zero_copy);
+        assert!(parse_disk("path=x,zero-copy=1").unwrap_err().contains("zero-copy=1"));
         assert!(
             parse_disk("id=d,readonly=maybe,path=x")
                 .unwrap_err()

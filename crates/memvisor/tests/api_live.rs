@@ -40,6 +40,11 @@ struct Vmm {
 
 impl Vmm {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Vmm::start`] with more `memvisor run` arguments.
+    fn start_with(extra: &[&str]) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "memvisor-api-live-{}-{}",
@@ -57,6 +62,7 @@ impl Vmm {
             .arg("--api-socket")
             .arg(&sock)
             .arg(format!("--serial=file:{}", serial.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
@@ -678,4 +684,30 @@ fn the_client_drives_every_endpoint() {
         .output()
         .unwrap();
     assert_eq!(gone.status.code(), Some(2), "no VMM: exit status 2");
+}
+
+/// A zero-copy disk is an assigned device of the DMA layer: without a
+/// vIOMMU its pinner holds all boot RAM (64 MiB), really pinned (`VmPin`);
+/// behind one it holds what the guest maps (the idle guest maps nothing).
+#[test]
+fn a_zero_copy_disk_pins_like_an_assigned_device() {
+    let image = std::env::temp_dir().join(format!("memvisor-api-live-zc-{}.img", std::process::id()));
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("id=disk0,path={},zero-copy=on", image.display());
+    for (extra, pinned, path) in [(vec![], 64 * MIB, "ram"), (vec!["--viommu"], 0, "viommu")] {
+        let mut args = vec!["--disk", disk.as_str()];
+        args.extend(extra);
+        let vmm = Vmm::start_with(&args);
+        let dma = vmm.call("GET", "/api/v1/dma", None).json().unwrap();
+        assert_eq!(dma["pinned_bytes"], pinned, "{dma}");
+        assert_eq!(
+            (&dma["devices"][0]["name"], &dma["devices"][0]["path"]),
+            (&json!("disk0"), &json!(path)),
+            "{dma}"
+        );
+        let memory = vmm.call("GET", "/api/v1/memory", None).json().unwrap();
+        assert!(memory["host"]["pinned_bytes"].as_u64().unwrap() >= pinned, "{memory}");
+        vmm.shutdown();
+    }
+    std::fs::remove_file(&image).unwrap();
 }

@@ -50,6 +50,13 @@ pub struct DiskConfig {
     /// Behind the virtio-iommu (when there is one); default true.
     #[serde(default = "yes")]
     pub iommu: bool,
+    /// Zero-copy I/O: the disk pins guest memory through the DMA layer as
+    /// an assigned device does (all populated RAM without a vIOMMU, what
+    /// the guest maps behind one) and reads and writes the image with
+    /// io_uring `READ_FIXED`/`WRITE_FIXED` straight into it. Default
+    /// false: `preadv`/`pwritev`, nothing pinned.
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 fn yes() -> bool {
@@ -236,29 +243,40 @@ impl VmmConfig {
             .collect()
     }
 
-    /// The DMA attachment of each VFIO device: a VFIO container for its
-    /// IOMMU group, reaching guest memory through the virtio-iommu or, without
-    /// one, all populated RAM.
+    /// The DMA attachment of each zero-copy disk (io_uring registered
+    /// buffers, named by the disk's id) and of each VFIO device (a VFIO
+    /// container for its IOMMU group), reaching guest memory through the
+    /// virtio-iommu or, without one, all populated RAM.
     pub fn assigned_devices(&self) -> Result<Vec<AssignedDeviceSpec>, ConfigError> {
-        self.vfio
+        let path = |endpoint: Option<u32>| match endpoint {
+            Some(endpoint) => AssignedPath::Viommu {
+                endpoint,
+                guard: Default::default(),
+            },
+            None => AssignedPath::Ram,
+        };
+        let disks = self
+            .disks
             .iter()
             .enumerate()
-            .map(|(i, v)| {
+            .filter(|(_, d)| d.zero_copy)
+            .map(|(i, d)| {
                 Ok(AssignedDeviceSpec {
-                    name: v.host.clone(),
-                    backend: DmaBackend::Vfio {
-                        group: v.iommu_group()?,
-                    },
-                    path: match self.vfio_endpoint(i) {
-                        Some(endpoint) => AssignedPath::Viommu {
-                            endpoint,
-                            guard: Default::default(),
-                        },
-                        None => AssignedPath::Ram,
-                    },
+                    name: d.id.clone(),
+                    backend: DmaBackend::UringIo,
+                    path: path(self.disk_endpoint(i)),
                 })
+            });
+        let vfio = self.vfio.iter().enumerate().map(|(i, v)| {
+            Ok(AssignedDeviceSpec {
+                name: v.host.clone(),
+                backend: DmaBackend::Vfio {
+                    group: v.iommu_group()?,
+                },
+                path: path(self.vfio_endpoint(i)),
             })
-            .collect()
+        });
+        disks.chain(vfio).collect()
     }
 
     /// The machine: boot RAM split around the 32-bit gap, virtio-mem
@@ -352,12 +370,14 @@ mod tests {
                     path: "a.img".into(),
                     read_only: false,
                     iommu: true,
+                    zero_copy: true,
                 },
                 DiskConfig {
                     id: "disk1".into(),
                     path: "b.img".into(),
                     read_only: false,
                     iommu: false,
+                    zero_copy: false,
                 },
             ],
             vfio: vec![],
@@ -401,6 +421,25 @@ mod tests {
         let e = v.machine_config().unwrap_err().0;
         assert!(e.contains("0000:00:99.0") && e.contains("iommu_group"), "{e}");
         assert_eq!(m.virtio_iommu.unwrap().endpoints, [24]);
+        // The zero-copy disk is an assigned device behind its endpoint;
+        // the other disk pins nothing.
+        assert_eq!(
+            m.dma.devices,
+            [AssignedDeviceSpec {
+                name: "disk0".into(),
+                backend: DmaBackend::UringIo,
+                path: AssignedPath::Viommu {
+                    endpoint: 24,
+                    guard: Default::default()
+                },
+            }]
+        );
+        let mut no_iommu = c.clone();
+        no_iommu.viommu = false;
+        assert_eq!(
+            no_iommu.machine_config().unwrap().dma.devices[0].path,
+            AssignedPath::Ram
+        );
         assert_eq!(c.mmio64_window().unwrap(), (5 << 30, layout::PCI_MMIO64_SIZE));
     }
 

@@ -198,6 +198,7 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
                 read_only: d.read_only,
                 queue_size: 256,
                 iommu,
+                zero_copy: machine.uring_io_pinner(&d.id).cloned(),
             })
             .map(|b| Arc::new(Mutex::new(b)))
             .map_err(setup(format!("disk `{}`", d.id)))
