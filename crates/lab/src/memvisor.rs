@@ -7,7 +7,7 @@
 //! ```text
 //! memvisor run --kernel F [--initrd F] [--cmdline S] [--cpus N] [--memory 512M]
 //!   [--vmem id=vmem0,size=1G,block=2M,requested=0[,prealloc=on]]...
-//!   [--viommu] [--disk id=disk0,path=P[,readonly=on][,iommu=off]]...
+//!   [--viommu] [--disk id=disk0,path=P[,readonly=on][,iommu=off][,zero-copy=on]]...
 //!   [--serial stdio|file:F|socket:P] [--api-socket P]
 //! ```
 //!
@@ -248,7 +248,10 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
     }
     for d in &vm.disks {
         match d.kind {
-            DiskKind::VirtioBlk => push(&["--disk", &format!("id={},path={}", d.id, p.disk(&d.id))]),
+            DiskKind::VirtioBlk => {
+                let zero_copy = if d.zero_copy { ",zero-copy=on" } else { "" };
+                push(&["--disk", &format!("id={},path={}{zero_copy}", d.id, p.disk(&d.id))]);
+            }
             DiskKind::VfioNvme => {
                 let bdf = launch
                     .vfio

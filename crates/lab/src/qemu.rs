@@ -196,11 +196,13 @@ mod tests {
                     id: "d0".into(),
                     size: Size(64 << 20),
                     kind: DiskKind::VirtioBlk,
+                    zero_copy: false,
                 },
                 DiskSpec {
                     id: "n0".into(),
                     size: Size(64 << 20),
                     kind: DiskKind::VfioNvme,
+                    zero_copy: false,
                 },
             ],
             kernel_args: String::new(),

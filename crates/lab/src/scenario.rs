@@ -158,6 +158,10 @@ pub struct DiskSpec {
     pub size: Size,
     /// How it is attached.
     pub kind: DiskKind,
+    /// A virtio-blk disk does zero-copy I/O on guest memory it pins (memvisor's
+    /// `zero-copy=on`; QEMU has no such mode and runs its usual virtio-blk).
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 /// The guest script.

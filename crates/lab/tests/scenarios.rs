@@ -23,6 +23,8 @@ fn every_shipped_scenario_parses_with_its_script() {
     assert_eq!(
         names,
         [
+            "blk-zero-copy",
+            "blk-zero-copy-viommu",
             "boot",
             "poweroff",
             "reboot",

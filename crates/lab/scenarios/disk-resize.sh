@@ -1,16 +1,26 @@
-# Guest script of the vfio-nvme scenarios: the assigned NVMe does real DMA while virtio-mem
+# Guest script of the vfio-nvme and blk-zero-copy scenarios: the disk under test (the
+# assigned NVMe if there is one, else the first virtio-blk disk) does real DMA while virtio-mem
 # plugs and unplugs.
 set -e
-dev=/dev/nvme0n1
+dev=
 i=0
-while [ ! -b $dev ] && [ $i -lt 120 ]; do sleep 0.25; i=$((i + 1)); done
-[ -b $dev ] || { echo "no $dev"; exit 1; }
-pci=$(readlink -f /sys/class/nvme/nvme0/device)
-obs nvme_pci "${pci##*/}"
+while [ -z "$dev" ] && [ $i -lt 120 ]; do
+	for d in /dev/nvme0n1 /dev/vda; do
+		if [ -b $d ]; then dev=$d; break; fi
+	done
+	[ -n "$dev" ] || sleep 0.25
+	i=$((i + 1))
+done
+[ -n "$dev" ] || { echo "no disk (/dev/nvme0n1 or /dev/vda)"; exit 1; }
+obs disk "$dev"
+# The disk's PCI function: the first directory above its device that has a config space.
+pci=$(readlink -f "/sys/block/${dev#/dev/}/device")
+while [ ! -e "$pci/config" ] && [ "$pci" != /sys ]; do pci=${pci%/*}; done
+obs disk_pci "${pci##*/}"
 obs iommu_groups "$(iommu_groups)"
 if [ -e "$pci/iommu_group" ]; then
 	group=$(readlink "$pci/iommu_group")
-	obs nvme_iommu_group "${group##*/}"
+	obs disk_iommu_group "${group##*/}"
 fi
 obs memtotal_kb "$(memtotal_kb)"
 disk_check $dev 16
