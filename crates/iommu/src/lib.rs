@@ -292,6 +292,22 @@ pub trait IommuNotifier: Send + Sync {
     /// A mapping the notifier accepted stops being visible: drop every use
     /// of it before returning.
     fn notify_unmap(&self, event: &UnmapEvent);
+
+    /// The endpoint's accesses stop being translated (`bypass` true): it
+    /// reaches all of guest-physical memory as if there were no IOMMU — it
+    /// is attached to a bypass (identity) domain, or to none while bypass
+    /// is on for unattached endpoints — or (`bypass` false) they are
+    /// translated again. The IOMMU tells it only on a change, after the
+    /// mappings of a domain the endpoint leaves are unmapped and before
+    /// those of a domain it joins are replayed, so a notifier never holds
+    /// both. Entering bypass may be refused (the IOMMU then fails the
+    /// request that caused it, or logs it when nothing can fail); leaving
+    /// it may not. The default accepts and does nothing: right for a
+    /// notifier that only follows mappings.
+    fn notify_bypass(&self, endpoint: u32, bypass: bool) -> Result<(), NotifierRefusal> {
+        let _ = (endpoint, bypass);
+        Ok(())
+    }
 }
 
 /// Identifies a notifier registration with one IOMMU.
@@ -306,6 +322,15 @@ pub enum RegisterError {
     /// The endpoint is not part of the IOMMU's topology.
     #[error("endpoint {0} does not exist")]
     UnknownEndpoint(u32),
+    /// The endpoint bypasses translation and the new notifier refused to
+    /// follow it ([`IommuNotifier::notify_bypass`]).
+    #[error("endpoint {endpoint} bypasses translation, and the notifier refused it: {reason}")]
+    Bypass {
+        /// The endpoint.
+        endpoint: u32,
+        /// Why, in the IOMMU's words.
+        reason: String,
+    },
     /// Replaying one of the endpoint's mappings to the new notifier failed.
     #[error("replaying mapping [{virt_start:#x}, {virt_end:#x}] of domain {domain} failed: {reason}")]
     Replay {

@@ -161,7 +161,7 @@ impl VirtioDevice for VirtioIommu {
         {
             // The driver writes 0 or 1; bits 1-7 (and `reserved`, for a
             // wider write) are ignored.
-            shared.model.bypass = data[0] & 1 != 0;
+            shared.model.set_bypass(data[0] & 1 != 0);
             return;
         }
         log::warn!(

@@ -32,6 +32,9 @@ pub(crate) struct Endpoint {
     pub(crate) domain: Option<u32>,
     /// Its notifiers, in registration order.
     pub(crate) notifiers: Vec<(NotifierId, Arc<dyn IommuNotifier>)>,
+    /// Whether its notifiers were last told that it bypasses translation
+    /// (`IommuNotifier::notify_bypass`; false until told otherwise).
+    pub(crate) bypass_told: bool,
 }
 
 impl Endpoint {
@@ -40,6 +43,7 @@ impl Endpoint {
         Self {
             domain: None,
             notifiers: Vec::new(),
+            bypass_told: false,
         }
     }
 }
@@ -278,6 +282,106 @@ mod tests {
         fn take(&self) -> Vec<(&'static str, u64, MappingId)> {
             std::mem::take(&mut *self.0.lock().unwrap())
         }
+    }
+
+    /// Records map, unmap and bypass events in order; refuses to enter
+    /// bypass while `refuse_bypass` is set.
+    #[derive(Default)]
+    struct Told {
+        log: Mutex<Vec<String>>,
+        refuse_bypass: std::sync::atomic::AtomicBool,
+    }
+
+    impl IommuNotifier for Told {
+        fn name(&self) -> &str {
+            "told"
+        }
+
+        fn notify_map(&self, e: &MapEvent<'_>) -> Result<(), NotifierRefusal> {
+            self.log.lock().unwrap().push(format!("map {:#x}", e.iova));
+            Ok(())
+        }
+
+        fn notify_unmap(&self, e: &UnmapEvent) {
+            self.log.lock().unwrap().push(format!("unmap {:#x}", e.iova));
+        }
+
+        fn notify_bypass(&self, endpoint: u32, on: bool) -> Result<(), NotifierRefusal> {
+            if on && self.refuse_bypass.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(NotifierRefusal::NoResources);
+            }
+            self.log.lock().unwrap().push(format!("bypass e{endpoint} {on}"));
+            Ok(())
+        }
+    }
+
+    impl Told {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    #[test]
+    fn notifiers_follow_bypass_between_the_mappings_of_domains() {
+        use crate::wire::{ATTACH_F_BYPASS, F_BYPASS_CONFIG};
+        let options = IommuOptions {
+            bypass: false,
+            ..config(vec![1, 2])
+        };
+        let mut model = DeviceModel::new(options, Some(memory()));
+        let told = Arc::new(Told::default());
+        model.register_notifier(1, told.clone()).unwrap();
+        assert!(told.take().is_empty(), "unattached with bypass off: translated");
+        let attach = |model: &mut DeviceModel, endpoint, domain, flags| {
+            let a = request::Attach {
+                domain,
+                endpoint,
+                flags,
+                reserved: [0; 4],
+            };
+            model.attach(a, ACKED | F_BYPASS_CONFIG)
+        };
+        // Endpoint 2 keeps domain 5 alive with one mapping.
+        assert_eq!(attach(&mut model, 2, 5, 0), Status::Ok);
+        assert_eq!(map(&mut model, 5, 0x1000), Status::Ok);
+        // An identity domain (Linux's `iommu.passthrough=1`).
+        assert_eq!(attach(&mut model, 1, 0, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(told.take(), ["bypass e1 true"]);
+        // To a translated domain: bypass ends before its mappings come.
+        assert_eq!(attach(&mut model, 1, 5, 0), Status::Ok);
+        assert_eq!(told.take(), ["bypass e1 false", "map 0x1000"]);
+        // And back: the mappings go before bypass starts, with no step
+        // through "unattached" in between.
+        assert_eq!(attach(&mut model, 1, 0, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(told.take(), ["unmap 0x1000", "bypass e1 true"]);
+        assert_eq!(model.detach(request::Detach { domain: 0, endpoint: 1 }), Status::Ok);
+        assert_eq!(told.take(), ["bypass e1 false"], "unattached, bypass off");
+        // The config field turns bypass on for unattached endpoints.
+        model.set_bypass(true);
+        assert_eq!(told.take(), ["bypass e1 true"]);
+        assert_eq!(attach(&mut model, 1, 5, 0), Status::Ok);
+        assert_eq!(told.take(), ["bypass e1 false", "map 0x1000"]);
+        // A second notifier registered in bypass is told so, and told to
+        // leave it when it goes.
+        assert_eq!(attach(&mut model, 1, 0, ATTACH_F_BYPASS), Status::Ok);
+        told.take();
+        let second = Arc::new(Told::default());
+        let id = model.register_notifier(1, second.clone()).unwrap();
+        assert_eq!(second.take(), ["bypass e1 true"]);
+        assert!(model.unregister_notifier(id));
+        assert_eq!(second.take(), ["bypass e1 false"]);
+        // A notifier that cannot follow: the ATTACH to a bypass domain is
+        // refused (the endpoint stays unattached), a DETACH is logged.
+        assert_eq!(attach(&mut model, 1, 5, 0), Status::Ok);
+        told.take();
+        told.refuse_bypass.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(attach(&mut model, 1, 0, ATTACH_F_BYPASS), Status::NoMem);
+        assert_eq!(told.take(), ["unmap 0x1000"]);
+        assert_eq!(model.endpoints[&1].domain, None);
+        assert!(!model.endpoints[&1].bypass_told);
+        told.refuse_bypass.store(false, std::sync::atomic::Ordering::Relaxed);
+        model.set_bypass(true);
+        assert_eq!(told.take(), ["bypass e1 true"], "told once it can follow");
     }
 
     #[test]

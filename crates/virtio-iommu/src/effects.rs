@@ -71,9 +71,18 @@ impl DeviceModel {
     }
 
     /// Detaches `endpoint` from `domain` (it is attached there), unmapping
-    /// the domain's mappings from its notifiers; the domain ceases to
-    /// exist with its last endpoint.
+    /// the domain's mappings from its notifiers, who then learn whether it
+    /// bypasses translation unattached; the domain ceases to exist with its
+    /// last endpoint.
     fn detach_endpoint(&mut self, endpoint: u32, domain: u32, cause: UnmapCause) {
+        self.leave_domain(endpoint, domain, cause);
+        self.sync_bypass(endpoint);
+    }
+
+    /// [`detach_endpoint`](Self::detach_endpoint) without telling the
+    /// notifiers about bypass: a re-attach tells them about the new domain
+    /// instead, so that they do not enter bypass in between.
+    fn leave_domain(&mut self, endpoint: u32, domain: u32, cause: UnmapCause) {
         let Some(d) = self.domains.get_mut(&domain) else {
             return;
         };
@@ -176,7 +185,19 @@ impl DeviceModel {
         // A re-attach behaves as a DETACH followed by the ATTACH (spec
         // 5.13.6.3): if the ATTACH then fails, the endpoint stays detached.
         if let Some(old) = old {
-            self.detach_endpoint(a.endpoint, old, UnmapCause::Detach);
+            self.leave_domain(a.endpoint, old, UnmapCause::Detach);
+        }
+        // The notifiers learn whether the new domain bypasses translation
+        // before its mappings are replayed to them.
+        if let Err(refusal) = self.tell_bypass(a.endpoint, bypass) {
+            log::warn!(
+                "{NAME}: attach of endpoint {} to bypass domain {} refused: {refusal}",
+                a.endpoint,
+                a.domain
+            );
+            // Left unattached.
+            self.sync_bypass(a.endpoint);
+            return refusal.status();
         }
         let notifiers = self.endpoints.get(&a.endpoint).map_or(&[][..], |ep| &ep.notifiers[..]);
         let domain = self
@@ -194,6 +215,8 @@ impl DeviceModel {
             if domain.endpoints.is_empty() {
                 self.remove_domain(a.domain);
             }
+            // Left unattached.
+            self.sync_bypass(a.endpoint);
             log::warn!(
                 "{NAME}: attach of endpoint {} to domain {} failed replaying [{:#x}, {:#x}]: {refusal}",
                 a.endpoint,

@@ -156,8 +156,12 @@ impl IommuHandle {
     /// `notify_unmap`) and `bypass` returns to its configured value.
     pub fn system_reset(&self) {
         let mut shared = self.lock();
+        // `bypass` returns to its configured value first, so that a detached
+        // endpoint's notifiers learn the final state only.
+        let bypass = shared.model.options.bypass;
+        shared.model.bypass = bypass;
         shared.model.detach_all(UnmapCause::Reset);
-        shared.model.bypass = shared.model.options.bypass;
+        shared.model.set_bypass(bypass);
     }
 
     /// Runs `f` on the device model (for [`crate::persist`]).
@@ -179,6 +183,10 @@ impl NotifierRegistry for IommuHandle {
                 domain,
                 virt_start,
                 virt_end,
+                reason: refusal.to_string(),
+            },
+            NotifierError::Bypass { endpoint, refusal } => RegisterError::Bypass {
+                endpoint,
                 reason: refusal.to_string(),
             },
         })

@@ -13,6 +13,9 @@
 //! * [`DeviceModel::register_notifier`] and
 //!   [`DeviceModel::unregister_notifier`]: a notifier is replayed what its
 //!   endpoint sees when it registers, and told to unmap it when it leaves.
+//! * [`DeviceModel::sync_bypass`]: an endpoint's notifiers are told when
+//!   its accesses start or stop bypassing translation (a bypass domain, or
+//!   no domain while the `bypass` config field is on).
 //!
 //! # Locking
 //!
@@ -26,6 +29,7 @@ use memvisor_iommu::{IommuNotifier, MapCause, MapEvent, NotifierId, UnmapCause, 
 use memvisor_memory::discard::PopulatedView;
 use memvisor_memory::map::{GuestMemoryMap, HostRange};
 
+use crate::device::NAME;
 use crate::domain::Target;
 use crate::effects::DeviceModel;
 use crate::map_target::{self, MapRefusal, MapTarget};
@@ -37,6 +41,15 @@ pub enum NotifierError {
     /// The endpoint is not part of the topology.
     #[error("endpoint {0} does not exist")]
     UnknownEndpoint(u32),
+    /// The endpoint bypasses translation and the notifier refused to
+    /// follow it; nothing is registered.
+    #[error("endpoint {endpoint} bypasses translation: {refusal}")]
+    Bypass {
+        /// The endpoint.
+        endpoint: u32,
+        /// Why.
+        refusal: MapRefusal,
+    },
     /// Replaying a mapping of the endpoint's domain failed; nothing stays
     /// registered and the mappings replayed before were unmapped again.
     #[error("replaying mapping [{virt_start:#x}, {virt_end:#x}] of domain {domain} failed: {refusal}")]
@@ -162,6 +175,68 @@ pub(crate) fn replay(
 }
 
 impl DeviceModel {
+    /// Whether `endpoint`'s accesses bypass translation now: it is attached
+    /// to a bypass domain, or to none while `bypass` is on.
+    pub(crate) fn bypasses(&self, endpoint: u32) -> bool {
+        match self.endpoints.get(&endpoint).and_then(|ep| ep.domain) {
+            Some(d) => self.domains.get(&d).is_some_and(|d| d.bypass),
+            None => self.bypass,
+        }
+    }
+
+    /// Tells `endpoint`'s notifiers, in registration order, that it
+    /// bypasses translation (`on`) or no longer does, unless they were told
+    /// so last. Entering bypass is all or nothing: if a notifier refuses,
+    /// the ones told before are told to leave it again and the endpoint
+    /// stays as its notifiers knew it.
+    pub(crate) fn tell_bypass(&mut self, endpoint: u32, on: bool) -> Result<(), MapRefusal> {
+        let Some(ep) = self.endpoints.get_mut(&endpoint) else {
+            return Ok(());
+        };
+        if ep.bypass_told == on {
+            return Ok(());
+        }
+        for (i, (_, n)) in ep.notifiers.iter().enumerate() {
+            if let Err(refusal) = n.notify_bypass(endpoint, on) {
+                for (_, done) in ep.notifiers[..i].iter().rev() {
+                    let _ = done.notify_bypass(endpoint, false);
+                }
+                return Err(MapRefusal::Notifier {
+                    notifier: n.name().to_string(),
+                    endpoint,
+                    refusal,
+                });
+            }
+        }
+        ep.bypass_told = on;
+        Ok(())
+    }
+
+    /// [`tell_bypass`](Self::tell_bypass) of what `endpoint` does now, where
+    /// nothing can fail: a refusal to enter bypass is logged (the endpoint
+    /// then reaches nothing until it is attached elsewhere).
+    pub(crate) fn sync_bypass(&mut self, endpoint: u32) {
+        let on = self.bypasses(endpoint);
+        if let Err(refusal) = self.tell_bypass(endpoint, on) {
+            log::warn!("{NAME}: endpoint {endpoint} bypasses translation, but {refusal}");
+        }
+    }
+
+    /// Sets the `bypass` config field, telling every unattached endpoint
+    /// whose state changes.
+    pub(crate) fn set_bypass(&mut self, on: bool) {
+        self.bypass = on;
+        let unattached: Vec<u32> = self
+            .endpoints
+            .iter()
+            .filter(|(_, ep)| ep.domain.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for endpoint in unattached {
+            self.sync_bypass(endpoint);
+        }
+    }
+
     /// Registers `notifier` for `endpoint`, after replaying to it the
     /// mappings the endpoint sees now ([`MapCause::Register`]); a refused
     /// replay registers nothing.
@@ -174,6 +249,18 @@ impl DeviceModel {
             .endpoints
             .get_mut(&endpoint)
             .ok_or(NotifierError::UnknownEndpoint(endpoint))?;
+        if ep.bypass_told
+            && let Err(refusal) = notifier.notify_bypass(endpoint, true)
+        {
+            return Err(NotifierError::Bypass {
+                endpoint,
+                refusal: MapRefusal::Notifier {
+                    notifier: notifier.name().to_string(),
+                    endpoint,
+                    refusal,
+                },
+            });
+        }
         let target = Target { endpoint, notifier };
         let domain = ep
             .domain
@@ -218,6 +305,9 @@ impl DeviceModel {
         };
         let ep = self.endpoints.get_mut(&endpoint).expect("found above");
         let (_, notifier) = ep.notifiers.remove(pos);
+        if ep.bypass_told {
+            let _ = notifier.notify_bypass(endpoint, false);
+        }
         if let Some(domain_id) = ep.domain
             && let Some(domain) = self.domains.get_mut(&domain_id)
         {

@@ -202,6 +202,12 @@ impl IommuHandle {
             for d in model.domains.values_mut() {
                 d.rebuild_targets(&model.endpoints);
             }
+            // Endpoints that bypass translation first (their notifiers map
+            // all populated RAM), then every domain's mappings.
+            let endpoints: Vec<u32> = model.endpoints.keys().copied().collect();
+            for &endpoint in &endpoints {
+                model.sync_bypass(endpoint);
+            }
             let mut done: Vec<(u32, Mapping)> = Vec::new();
             let mut failure = None;
             'domains: for (&id, d) in &model.domains {
@@ -236,6 +242,9 @@ impl IommuHandle {
             model.ids.clear();
             for ep in model.endpoints.values_mut() {
                 ep.domain = None;
+            }
+            for &endpoint in &endpoints {
+                model.sync_bypass(endpoint);
             }
             log::warn!("virtio-iommu: loading state failed: {error}");
             Err(error)
