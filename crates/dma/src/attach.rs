@@ -238,6 +238,12 @@ impl DmaDevice {
         self.lock().target.mapper.pinned_bytes()
     }
 
+    /// Whether the device is on path 2 and its endpoint bypasses
+    /// translation now (all populated RAM mapped, as on path 1).
+    pub fn in_bypass(&self) -> bool {
+        matches!(&self.lock().attachment, Some(Attachment::Viommu { bridge, .. }) if bridge.in_bypass())
+    }
+
     /// The guest-physical ranges a path-2 bridge has pinned (`None` on
     /// path 1 or detached).
     pub fn pinned_ranges(&self) -> Option<Vec<GuestRange>> {

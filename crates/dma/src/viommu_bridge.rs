@@ -14,6 +14,14 @@
 //! ([`UnplugGuard::Reject`], the default: virtio-mem answers BUSY), or,
 //! under [`UnplugGuard::Warn`] (QEMU's behaviour), lets it through with a
 //! single warning and keeps the pin until the guest unmaps.
+//!
+//! While the endpoint bypasses translation (a bypass or identity domain,
+//! as Linux attaches with `iommu.passthrough=1`, or no domain while the
+//! `bypass` config field is on) the guest maps nothing, yet the device
+//! reaches all guest memory: the bridge then behaves as path 1, a
+//! [`RamDmaListener`] mapping all populated RAM at its guest-physical
+//! address and following plug and unplug, until the endpoint is translated
+//! again ([`IommuNotifier::notify_bypass`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +34,7 @@ use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
 
 use crate::mapper::{DmaError, DmaMapper, Permissions, PinKey, PinSession};
-use crate::ram_listener::SetupError;
+use crate::ram_listener::{RamDmaListener, SetupError};
 
 /// What the bridge does when the guest unplugs memory that a live IOMMU
 /// mapping still covers.
@@ -197,11 +205,20 @@ struct Shared {
     guard: UnplugGuard,
     warned: AtomicBool,
     table: Mutex<PinTable>,
+    /// What path 1 needs while the endpoint bypasses translation.
+    mem: GuestMemoryMap,
+    policy: DiscardPolicy,
+    /// The path-1 listener while the endpoint bypasses translation.
+    bypass: Mutex<Option<RamDmaListener>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, PinTable> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bypass(&self) -> MutexGuard<'_, Option<RamDmaListener>> {
+        self.bypass.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -269,6 +286,41 @@ impl IommuNotifier for Shared {
                 counted,
             },
         );
+        Ok(())
+    }
+
+    fn notify_bypass(&self, endpoint: u32, on: bool) -> Result<(), NotifierRefusal> {
+        let mut bypass = self.bypass();
+        if !on {
+            // Dropping the listener unmaps (unpins) everything it mapped.
+            if bypass.take().is_some() {
+                log::info!(
+                    "{}: endpoint {endpoint} is translated again; all RAM unpinned",
+                    self.name
+                );
+            }
+            return Ok(());
+        }
+        if bypass.is_some() {
+            return Ok(());
+        }
+        let name = format!("{}:bypass", self.name);
+        let listener = RamDmaListener::attach(&name, &self.mem, self.mapper.clone(), &self.policy).map_err(|e| {
+            log::warn!(
+                "{}: endpoint {endpoint} bypasses translation, but mapping all RAM failed: {e}",
+                self.name
+            );
+            match &e {
+                SetupError::Map { source, .. } => refusal_for(source),
+                SetupError::TooManyMappings { .. } => NotifierRefusal::NoResources,
+                SetupError::Policy(_) | SetupError::Register { .. } => NotifierRefusal::Failed,
+            }
+        })?;
+        log::info!(
+            "{}: endpoint {endpoint} bypasses translation; all populated RAM is mapped (path 1)",
+            self.name
+        );
+        *bypass = Some(listener);
         Ok(())
     }
 
@@ -404,6 +456,9 @@ impl ViommuDmaBridge {
                 bytes: 0,
                 session,
             }),
+            mem: mem.clone(),
+            policy: policy.clone(),
+            bypass: Mutex::new(None),
         });
         let mut this = Self {
             shared,
@@ -434,8 +489,15 @@ impl ViommuDmaBridge {
         &self.shared.mapper
     }
 
-    /// Bytes of the live pinned mappings, by the bridge's own record (the
-    /// backend's [`DmaMapper::pinned_bytes`] must agree).
+    /// Whether the endpoint bypasses translation now, all populated RAM
+    /// mapped as on path 1.
+    pub fn in_bypass(&self) -> bool {
+        self.shared.bypass().is_some()
+    }
+
+    /// Bytes of the live pinned mappings of the guest's IOMMU, by the
+    /// bridge's own record (outside bypass, the backend's
+    /// [`DmaMapper::pinned_bytes`] must agree).
     pub fn pinned_bytes(&self) -> u64 {
         self.shared.lock().bytes
     }
@@ -456,6 +518,8 @@ impl ViommuDmaBridge {
 
 impl Drop for ViommuDmaBridge {
     fn drop(&mut self) {
+        // Normally gone already (unregistering the notifier ends bypass).
+        drop(self.shared.bypass().take());
         for (manager, id) in self.registered.drain(..) {
             manager.unregister_listener(id);
         }

@@ -5,9 +5,12 @@ mod common;
 use common::*;
 use memvisor_dma::mapper::vm_pin_kib;
 use memvisor_machine::{AssignedPath, UnplugGuard};
+use memvisor_test_support::machines::dma::ENDPOINT;
 use memvisor_test_support::machines::dma::{BOOT, DOMAIN, HOT, behind_viommu, rig};
 use memvisor_test_support::{MIB, serial};
 use memvisor_virtio_iommu::Status;
+use memvisor_virtio_iommu::request::{Attach, Request as IommuRequest};
+use memvisor_virtio_iommu::wire::ATTACH_F_BYPASS;
 
 #[test]
 fn path1_plug_and_unplug_move_vmpin_by_exactly_the_plugged_bytes() {
@@ -52,6 +55,50 @@ fn path2_maps_only_populated_ram() {
     assert_eq!(m.unmap(DOMAIN, 0, 1 << 40), Status::Ok);
     assert_eq!(m.machine.pinned_bytes(), 0);
     check_invariants(&m.machine);
+}
+
+/// An endpoint in a bypass domain (Linux with `iommu.passthrough=1`)
+/// reaches all guest memory without mapping any: the bridge then pins like
+/// path 1 (boot RAM and plugged blocks, following plug and unplug, no veto)
+/// and unpins it all when the endpoint is translated again.
+#[test]
+fn path2_in_bypass_pins_like_path1_both_ways() {
+    let _s = serial();
+    let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
+    assert_eq!(m.plug(0, 2), ACK);
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 4096, RW), Status::Ok);
+    let device = m.machine.dma_devices().next().unwrap().clone();
+    assert_eq!((device.pinned_bytes(), device.in_bypass()), (4096, false));
+    let identity = Attach {
+        domain: DOMAIN + 1,
+        endpoint: ENDPOINT,
+        flags: ATTACH_F_BYPASS,
+        reserved: [0; 4],
+    };
+    assert_eq!(m.iommu(IommuRequest::Attach(identity)), Status::Ok);
+    assert!(device.in_bypass());
+    assert_eq!(
+        device.pinned_bytes(),
+        BOOT + 4 * MIB,
+        "boot RAM and the two plugged blocks"
+    );
+    check_invariants(&m.machine);
+    // Plug and unplug are followed; the block the old mapping pinned
+    // unplugs (that mapping left with its domain).
+    assert_eq!(m.plug(2, 3), ACK);
+    assert_eq!(device.pinned_bytes(), BOOT + 10 * MIB);
+    assert_eq!(m.unplug(0, 2), ACK);
+    assert_eq!(device.pinned_bytes(), BOOT + 6 * MIB);
+    check_invariants(&m.machine);
+    // Translated again: nothing pinned but what the guest maps.
+    assert_eq!(m.attach(DOMAIN, ENDPOINT), Status::Ok);
+    assert_eq!((device.pinned_bytes(), device.in_bypass()), (0, false));
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT + 4 * MIB, 4096, RW), Status::Ok);
+    assert_eq!(device.pinned_bytes(), 4096);
+    check_invariants(&m.machine);
+    // Unattached with the `bypass` config field off: nothing reachable.
+    assert_eq!(m.detach(DOMAIN, ENDPOINT), Status::Ok);
+    assert_eq!(device.pinned_bytes(), 0);
 }
 
 #[test]

@@ -469,12 +469,14 @@ fn dma(ctx: &ApiContext) -> Value {
             let path = match d.path() {
                 None => "detached",
                 Some(memvisor_dma::attach::DmaPath::Ram) => "ram",
+                Some(memvisor_dma::attach::DmaPath::Viommu { .. }) if d.in_bypass() => "bypass",
                 Some(memvisor_dma::attach::DmaPath::Viommu { .. }) => "viommu",
             };
             json!({
                 "name": d.name(),
                 "path": path,
-                "mappings": d.pinned_ranges().map_or(0, |r| r.len()),
+                // The backend's: one per pinned range, on every path.
+                "mappings": d.mapper().mapping_count(),
                 "pinned_bytes": d.pinned_bytes(),
             })
         })

@@ -287,8 +287,15 @@ impl VmmConfig {
             .into_iter()
             .map(|(addr, size)| RamSpec { addr, size })
             .collect();
+        // Unattached endpoints start blocked (`bypass` 0), where QEMU lets
+        // them bypass for its firmware: memvisor boots the kernel directly,
+        // nothing DMAs before the guest's driver attaches the endpoints, and
+        // a device in bypass makes its DMA backend pin all guest RAM. The
+        // guest may still turn bypass on (`VIRTIO_IOMMU_F_BYPASS_CONFIG`) or
+        // attach to an identity domain.
         let virtio_iommu = self.viommu.then(|| VirtioIommuSpec {
             endpoints: self.iommu_endpoints(),
+            bypass: false,
             ..VirtioIommuSpec::default()
         });
         Ok(MachineConfig {

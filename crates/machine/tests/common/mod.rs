@@ -49,6 +49,13 @@ pub fn check_invariants(m: &Machine) {
     let view = region.populated();
     let pinned = device.pinned_bytes();
     match device.path() {
+        Some(DmaPath::Viommu { .. }) if device.in_bypass() => {
+            assert_eq!(
+                pinned,
+                BOOT + view.populated_bytes(),
+                "bypass: backend vs boot RAM + plugged"
+            );
+        }
         Some(DmaPath::Viommu { .. }) => {
             let ranges = device.pinned_ranges().expect("a bridge on path 2");
             let hot = range(region.addr(), region.region_size());
