@@ -26,6 +26,7 @@ fn every_shipped_scenario_parses_with_its_script() {
             "blk-zero-copy",
             "blk-zero-copy-viommu",
             "boot",
+            "bypass",
             "poweroff",
             "reboot",
             "unplugged-access",
