@@ -20,6 +20,7 @@ use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::DiscardPolicy;
 use memvisor_vmstate::SectionId;
 
+use crate::events::{DmaCounters, DmaCounts, DmaEvents, DmaReport};
 use crate::mapper::DmaMapper;
 use crate::persist::DmaSection;
 use crate::ram_listener::{RamDmaListener, SetupError};
@@ -53,6 +54,8 @@ pub struct DmaTarget {
     pub policy: DiscardPolicy,
     /// The IOMMU, for [`DmaPath::Viommu`].
     pub iommu: Option<DmaIommu>,
+    /// The machine's hub of DMA events.
+    pub events: Arc<DmaEvents>,
 }
 
 /// The IOMMU a path-2 device is behind: where its notifier registers, and
@@ -126,6 +129,8 @@ impl Drop for Attachment {
 pub(crate) struct DeviceState {
     pub(crate) name: String,
     pub(crate) target: DmaTarget,
+    /// Kept across re-attaching.
+    counters: Arc<DmaCounters>,
     path: Option<DmaPath>,
     attachment: Option<Attachment>,
 }
@@ -156,6 +161,7 @@ impl DmaDevice {
             inner: Arc::new(Mutex::new(DeviceState {
                 name: name.to_string(),
                 target,
+                counters: Arc::default(),
                 path: None,
                 attachment: None,
             })),
@@ -189,12 +195,15 @@ impl DmaDevice {
                     .as_ref()
                     .map(|i| i.registry.clone())
                     .ok_or_else(|| DmaAttachError::NoIommu { device: name.clone() })?;
-                let bridge = ViommuDmaBridge::attach(&name, &t.memory, t.mapper.clone(), &t.policy, guard).map_err(
-                    |source| DmaAttachError::Setup {
+                let report = DmaReport {
+                    events: t.events.clone(),
+                    counters: inner.counters.clone(),
+                };
+                let bridge = ViommuDmaBridge::attach(&name, &t.memory, t.mapper.clone(), &t.policy, guard, report)
+                    .map_err(|source| DmaAttachError::Setup {
                         device: name.clone(),
                         source,
-                    },
-                )?;
+                    })?;
                 let id = registry
                     .register_notifier(endpoint, bridge.notifier())
                     .map_err(|source| DmaAttachError::Notifier {
@@ -236,6 +245,11 @@ impl DmaDevice {
     /// Bytes the backend has pinned.
     pub fn pinned_bytes(&self) -> u64 {
         self.lock().target.mapper.pinned_bytes()
+    }
+
+    /// Its refused maps, vetoed unplugs and guard warnings so far.
+    pub fn counts(&self) -> DmaCounts {
+        self.lock().counters.get()
     }
 
     /// Whether the device is on path 2 and its endpoint bypasses

@@ -33,6 +33,7 @@ use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_memory::policy::{DiscardGuard, DiscardPolicy};
 
+use crate::events::{DmaEvent, DmaReport};
 use crate::mapper::{DmaError, DmaMapper, Permissions, PinKey, PinSession};
 use crate::ram_listener::{RamDmaListener, SetupError};
 
@@ -210,6 +211,8 @@ struct Shared {
     policy: DiscardPolicy,
     /// The path-1 listener while the endpoint bypasses translation.
     bypass: Mutex<Option<RamDmaListener>>,
+    /// Where refusals, vetoes and bypass changes are reported.
+    report: DmaReport,
 }
 
 impl Shared {
@@ -219,6 +222,19 @@ impl Shared {
 
     fn bypass(&self) -> MutexGuard<'_, Option<RamDmaListener>> {
         self.bypass.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reports the refusal of `ev` for `reason` and returns `refusal`.
+    fn refuse(&self, ev: &MapEvent<'_>, refusal: NotifierRefusal, reason: String) -> NotifierRefusal {
+        self.report.emit(DmaEvent::MapRefused {
+            device: self.name.clone(),
+            endpoint: ev.endpoint,
+            iova: ev.iova,
+            phys: ev.phys,
+            size: ev.size,
+            reason,
+        });
+        refusal
     }
 }
 
@@ -245,21 +261,21 @@ impl IommuNotifier for Shared {
         }
         let phys = GuestRange::new(ev.phys, ev.size)
             .filter(|r| !r.is_empty())
-            .ok_or(NotifierRefusal::OutOfRange)?;
+            .ok_or_else(|| self.refuse(ev, NotifierRefusal::OutOfRange, "empty or wrapping target".into()))?;
         let Some(host) = &ev.host else {
-            return Err(NotifierRefusal::Invalid);
+            return Err(self.refuse(ev, NotifierRefusal::Invalid, "the target is not RAM".into()));
         };
         // Check, pin and record under the lock: a veto or a discard sees
         // all of it or none of it.
         let mut table = self.lock();
         // Rule 1, checked again under the guard the device holds (rule 3).
         if ev.populated.is_some_and(|view| !view.is_populated(phys)) {
-            return Err(NotifierRefusal::Invalid);
+            return Err(self.refuse(ev, NotifierRefusal::Invalid, format!("{phys} is not populated")));
         }
         // The IOMMU never names two live mappings alike; if it did, the
         // second would be refused rather than lose the first's record.
         if table.by_id.get(ev.id.index()).is_some_and(Option::is_some) {
-            return Err(NotifierRefusal::Invalid);
+            return Err(self.refuse(ev, NotifierRefusal::Invalid, format!("{:?} is already mapped", ev.id)));
         }
         let counted = table.counted(phys);
         let access = Permissions {
@@ -274,7 +290,7 @@ impl IommuNotifier for Shared {
             .pin(ev.iova, host.host_address, ev.size, access)
             .map_err(|e| {
                 log::warn!("{}: refusing map of iova {:#x} -> {phys}: {e}", self.name, ev.iova);
-                refusal_for(&e)
+                self.refuse(ev, refusal_for(&e), e.to_string())
             })?;
         table.insert(
             ev.id,
@@ -298,6 +314,11 @@ impl IommuNotifier for Shared {
                     "{}: endpoint {endpoint} is translated again; all RAM unpinned",
                     self.name
                 );
+                self.report.emit(DmaEvent::Bypass {
+                    device: self.name.clone(),
+                    endpoint,
+                    bypass: false,
+                });
             }
             return Ok(());
         }
@@ -321,6 +342,11 @@ impl IommuNotifier for Shared {
             self.name
         );
         *bypass = Some(listener);
+        self.report.emit(DmaEvent::Bypass {
+            device: self.name.clone(),
+            endpoint,
+            bypass: true,
+        });
         Ok(())
     }
 
@@ -355,14 +381,27 @@ impl RamDiscardListener for Shared {
             return true;
         }
         match self.guard {
-            UnplugGuard::Reject => false,
+            UnplugGuard::Reject => {
+                self.report.emit(DmaEvent::UnplugVetoed {
+                    device: self.name.clone(),
+                    gpa: range.start(),
+                    size: range.len(),
+                });
+                false
+            }
             UnplugGuard::Warn => {
+                let iova = table
+                    .overlapping(range)
+                    .first()
+                    .and_then(|id| table.by_id[id.index()])
+                    .map_or(0, |p| p.iova);
+                self.report.emit(DmaEvent::GuardWarning {
+                    device: self.name.clone(),
+                    gpa: range.start(),
+                    size: range.len(),
+                    iova,
+                });
                 if !self.warned.swap(true, Ordering::Relaxed) {
-                    let iova = table
-                        .overlapping(range)
-                        .first()
-                        .and_then(|id| table.by_id[id.index()])
-                        .map_or(0, |p| p.iova);
                     log::warn!(
                         "{}: the guest unplugs {range} while its IOMMU mapping at iova {iova:#x} still pins it; \
                          allowing it (unplug guard 'warn'), so the host keeps that memory until the guest unmaps: \
@@ -426,6 +465,7 @@ impl ViommuDmaBridge {
         mapper: Arc<dyn DmaMapper>,
         policy: &DiscardPolicy,
         guard: UnplugGuard,
+        report: DmaReport,
     ) -> Result<Self, SetupError> {
         let policy_guard = policy.disable_uncoordinated(name)?;
         // The veto index of every managed region, in place before the
@@ -459,6 +499,7 @@ impl ViommuDmaBridge {
             mem: mem.clone(),
             policy: policy.clone(),
             bypass: Mutex::new(None),
+            report,
         });
         let mut this = Self {
             shared,
@@ -571,7 +612,15 @@ mod tests {
         let plugged = GuestRange::new(HOT, 4 * MIB).unwrap();
         manager.write().plug(plugged, || Ok::<_, ()>(()), |_| {}).unwrap();
         let pinner = Arc::new(UringPinner::new("dev", Arc::new(PinBudget::unlimited())));
-        let bridge = ViommuDmaBridge::attach("dev", &mem, pinner.clone(), &DiscardPolicy::new(), guard).unwrap();
+        let bridge = ViommuDmaBridge::attach(
+            "dev",
+            &mem,
+            pinner.clone(),
+            &DiscardPolicy::new(),
+            guard,
+            DmaReport::default(),
+        )
+        .unwrap();
         Fixture {
             mem,
             manager,

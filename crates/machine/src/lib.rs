@@ -47,6 +47,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use memvisor_dma::attach::{DmaAttachError, DmaDevice, DmaIommu, DmaPath, DmaTarget};
+use memvisor_dma::events::DmaEvents;
 use memvisor_dma::mapper::{DmaMapper, PinBudget};
 use memvisor_dma::uring::UringPinner;
 use memvisor_dma::vfio::{VfioContainerMapper, VfioSetupError};
@@ -163,6 +164,8 @@ pub struct Machine {
     /// The DMA backends the VMM's devices use themselves.
     backends: Backends,
     budget: Arc<PinBudget>,
+    /// Refused maps, vetoed unplugs and bypass changes of every device.
+    dma_events: Arc<DmaEvents>,
     vmems: Vec<VmemDevice>,
     iommu: Option<IommuDevice>,
     map: GuestMemoryMap,
@@ -304,6 +307,7 @@ impl Machine {
             dma: Vec::new(),
             backends: Backends::default(),
             budget,
+            dma_events: Arc::default(),
             vmems,
             iommu,
             map,
@@ -372,6 +376,7 @@ impl Machine {
                     registry: Arc::new(i.handle.clone()),
                     section: SectionId::new(memvisor_virtio_iommu::persist::VIRTIO_IOMMU_SECTION, IOMMU_INSTANCE),
                 }),
+                events: self.dma_events.clone(),
             };
             devices.push((DmaDevice::new(&spec.name, target), path));
         }
@@ -443,6 +448,13 @@ impl Machine {
     /// The VM's discard policy (who disables or requires discard).
     pub fn policy(&self) -> &DiscardPolicy {
         &self.policy
+    }
+
+    /// The hub of the DMA layer's events (refused maps, vetoed unplugs,
+    /// guard warnings, bypass changes): [subscribe](DmaEvents::subscribe)
+    /// to receive them.
+    pub fn dma_events(&self) -> &Arc<DmaEvents> {
+        &self.dma_events
     }
 
     /// The VM's pin budget.

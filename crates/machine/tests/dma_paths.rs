@@ -3,10 +3,11 @@
 mod common;
 
 use common::*;
+use memvisor_dma::events::DmaEvent;
 use memvisor_dma::mapper::vm_pin_kib;
 use memvisor_machine::{AssignedPath, UnplugGuard};
-use memvisor_test_support::machines::dma::ENDPOINT;
 use memvisor_test_support::machines::dma::{BOOT, DOMAIN, HOT, behind_viommu, rig};
+use memvisor_test_support::machines::dma::{DEVICE, ENDPOINT};
 use memvisor_test_support::{MIB, serial};
 use memvisor_virtio_iommu::Status;
 use memvisor_virtio_iommu::request::{Attach, Request as IommuRequest};
@@ -65,6 +66,7 @@ fn path2_maps_only_populated_ram() {
 fn path2_in_bypass_pins_like_path1_both_ways() {
     let _s = serial();
     let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
+    let events = m.machine.dma_events().subscribe();
     assert_eq!(m.plug(0, 2), ACK);
     assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 4096, RW), Status::Ok);
     let device = m.machine.dma_devices().next().unwrap().clone();
@@ -99,18 +101,37 @@ fn path2_in_bypass_pins_like_path1_both_ways() {
     // Unattached with the `bypass` config field off: nothing reachable.
     assert_eq!(m.detach(DOMAIN, ENDPOINT), Status::Ok);
     assert_eq!(device.pinned_bytes(), 0);
+    let bypass = |on| DmaEvent::Bypass {
+        device: DEVICE.into(),
+        endpoint: ENDPOINT,
+        bypass: on,
+    };
+    assert_eq!(events.try_iter().collect::<Vec<_>>(), [bypass(true), bypass(false)]);
 }
 
 #[test]
 fn path2_reject_vetoes_unplug_of_mapped_blocks() {
     let _s = serial();
     let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
+    let events = m.machine.dma_events().subscribe();
     assert_eq!(m.plug(0, 4), ACK);
     assert_eq!(m.map(DOMAIN, 0x10_0000, HOT + 2 * MIB + 4096, 4096, RW), Status::Ok);
     assert_eq!(m.unplug(1, 1), BUSY);
+    assert_eq!(
+        events.try_recv(),
+        Ok(DmaEvent::UnplugVetoed {
+            device: DEVICE.into(),
+            gpa: HOT + 2 * MIB,
+            size: 2 * MIB
+        })
+    );
     assert_eq!(m.unplug(0, 4), BUSY);
     assert_eq!(m.unplug_all(), BUSY);
     assert_eq!(m.machine.plugged_size(), 8 * MIB, "a veto changes nothing");
+    let device = m.machine.dma_devices().next().unwrap().clone();
+    let vetoed = device.counts().vetoed_unplugs;
+    assert_eq!(vetoed, 1 + events.try_iter().count() as u64, "each veto is one event");
+    assert!(vetoed >= 3, "{vetoed}");
     // Blocks the mapping does not touch unplug fine.
     assert_eq!(m.unplug(2, 2), ACK);
     check_invariants(&m.machine);
@@ -141,6 +162,8 @@ fn hostile_map_flood_stops_at_the_pin_budget() {
     }
     assert_eq!(ok * 64 * 1024, budget, "the flood fills the budget exactly");
     assert_eq!(nomem, 4096 - ok);
+    let device = m.machine.dma_devices().next().unwrap().clone();
+    assert_eq!(device.counts().refused_maps, nomem, "every refusal is counted");
     check_invariants(&m.machine);
     // The device keeps working: unmapping frees budget for new maps.
     assert_eq!(m.unmap(DOMAIN, 0, 64 * 1024), Status::Ok);

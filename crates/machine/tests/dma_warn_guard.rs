@@ -40,10 +40,23 @@ fn warn_allows_the_unplug_once_warned_and_keeps_the_pin_until_unmap() {
     assert_eq!(m.plug(0, 4), ACK);
     assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 2 * MIB, RW), Status::Ok);
     assert_eq!(m.map(DOMAIN, 0x40_0000, HOT + 4 * MIB, 2 * MIB, RW), Status::Ok);
+    let events = m.machine.dma_events().subscribe();
     assert_eq!(m.unplug(0, 1), ACK);
+    assert_eq!(
+        events.try_recv(),
+        Ok(memvisor_dma::events::DmaEvent::GuardWarning {
+            device: memvisor_test_support::machines::dma::DEVICE.into(),
+            gpa: HOT,
+            size: 2 * MIB,
+            iova: 0x10_0000
+        })
+    );
     assert_eq!(m.unplug(2, 1), ACK);
     assert_eq!(m.unplug_all(), ACK);
-    assert_eq!(WARNINGS.load(Ordering::SeqCst), 1, "exactly one warning");
+    assert_eq!(WARNINGS.load(Ordering::SeqCst), 1, "exactly one log warning");
+    // ...but an event and a count each time.
+    let device = m.machine.dma_devices().next().unwrap().clone();
+    assert_eq!(device.counts().guard_warnings, 1 + events.try_iter().count() as u64);
     assert_eq!(m.machine.plugged_size(), 0);
     // The pins stay: the host holds 4 MiB the guest no longer has.
     assert_eq!(m.machine.pinned_bytes(), 4 * MIB);
