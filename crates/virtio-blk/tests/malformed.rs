@@ -122,8 +122,18 @@ fn get_id_into_an_unreachable_buffer_fails_cleanly() {
 /// Kicks the device with a ring the driver broke; the device must enter
 /// NEEDS_RESET, tell the driver, and process nothing more until a reset.
 fn assert_needs_reset(f: &mut Fixture) {
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = told.clone();
+    f.dev.observe_needs_reset(std::sync::Arc::new(move |reason: &str| {
+        sink.lock().unwrap().push(reason.into())
+    }));
     f.dev.queue_notify(0);
     assert!(f.dev.needs_reset());
+    let reasons = told.lock().unwrap().clone();
+    assert!(
+        reasons.len() == 1 && !reasons[0].is_empty(),
+        "the VMM is told once, with the reason: {reasons:?}"
+    );
     assert_eq!(f.dev.device_status(), DEVICE_NEEDS_RESET);
     assert_eq!(f.config_interrupts(), 1);
     // Nothing is processed any more.
@@ -132,6 +142,7 @@ fn assert_needs_reset(f: &mut Fixture) {
         .unwrap();
     f.dev.queue_notify(0);
     assert_eq!(f.config_interrupts(), 0, "NEEDS_RESET is signalled once");
+    assert_eq!(told.lock().unwrap().len(), 1, "and observed once");
     f.dev.reset();
     assert!(!f.dev.needs_reset());
 }

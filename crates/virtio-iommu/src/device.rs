@@ -202,4 +202,8 @@ impl VirtioDevice for VirtioIommu {
     fn needs_reset(&self) -> bool {
         self.handle.lock().common.needs_reset()
     }
+
+    fn observe_needs_reset(&mut self, observer: memvisor_virtio::NeedsResetObserver) {
+        self.handle.lock().common.observe_needs_reset(observer);
+    }
 }

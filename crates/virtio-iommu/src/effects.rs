@@ -45,6 +45,10 @@ pub(crate) struct DeviceModel {
     pub(crate) next_notifier: u64,
     /// Fault reports dropped for want of an event buffer.
     pub(crate) dropped_faults: u64,
+    /// Faults met, reported or dropped.
+    pub(crate) faults: u64,
+    /// Who is sent every fault ([`IommuHandle::subscribe_faults`](crate::IommuHandle::subscribe_faults)).
+    pub(crate) fault_subscribers: Vec<std::sync::mpsc::Sender<crate::fault::Fault>>,
     /// Rate limit of the warnings about dropped fault reports.
     pub(crate) fault_log: RateLimit,
 }
@@ -62,6 +66,8 @@ impl DeviceModel {
             mem,
             next_notifier: 1,
             dropped_faults: 0,
+            faults: 0,
+            fault_subscribers: Vec::new(),
             fault_log: RateLimit::default(),
         }
     }

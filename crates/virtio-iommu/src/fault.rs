@@ -180,8 +180,11 @@ impl DeviceModel {
 impl Shared {
     /// Reports `fault` on the event queue; without a buffer there (or an
     /// active device) it is dropped, counted and logged, rate-limited. A
-    /// malformed event buffer puts the device in NEEDS_RESET.
+    /// malformed event buffer puts the device in NEEDS_RESET. Every fault
+    /// is counted and sent to the fault subscribers.
     pub(crate) fn report_fault(&mut self, fault: &Fault) {
+        self.model.faults += 1;
+        self.model.fault_subscribers.retain(|tx| tx.send(*fault).is_ok());
         let bytes = fault.event().to_bytes();
         let outcome = match self.common.active_mut() {
             Some(active) => push_event(active, &bytes),

@@ -109,6 +109,20 @@ impl IommuHandle {
         result
     }
 
+    /// A receiver of every translation fault from now on (those of unknown
+    /// endpoints excepted), whether or not the driver had a buffer for its
+    /// report. Dropping it unsubscribes.
+    pub fn subscribe_faults(&self) -> std::sync::mpsc::Receiver<Fault> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.lock().model.fault_subscribers.push(tx);
+        rx
+    }
+
+    /// Translation faults met so far, reported to the driver or dropped.
+    pub fn faults(&self) -> u64 {
+        self.lock().model.faults
+    }
+
     /// Fault reports dropped because the driver had no event buffer.
     pub fn dropped_faults(&self) -> u64 {
         self.lock().model.dropped_faults

@@ -726,14 +726,24 @@ fn translate_and_fault_reports_on_the_event_queue() {
     let event = f.pop_event().unwrap();
     assert_eq!((event.reason, event.endpoint), (wire::FAULT_R_DOMAIN, EP_B));
 
-    // No buffer left: the fault is counted and dropped.
+    // No buffer left: the fault is counted and dropped, and still sent to
+    // the VMM's subscribers.
+    let faults = f.handle.subscribe_faults();
+    let before = f.handle.faults();
     assert_eq!(f.handle.dropped_faults(), 0);
     assert_eq!(fault_at(&mut f, EP_A, 0x50000, Access::Read), FaultKind::Unmapped);
     assert_eq!(f.handle.dropped_faults(), 1);
+    assert_eq!(f.handle.faults(), before + 1);
+    let sent = faults.try_recv().unwrap();
+    assert_eq!(
+        (sent.endpoint, sent.iova, sent.kind),
+        (EP_A, 0x50000, FaultKind::Unmapped)
+    );
     assert!(f.pop_event().is_none());
     // An unknown endpoint is not reported (no valid endpoint ID to report).
     assert_eq!(fault_at(&mut f, 99, 0x50000, Access::Read), FaultKind::UnknownEndpoint);
     assert_eq!(f.handle.dropped_faults(), 1);
+    assert!(faults.try_recv().is_err());
     // A new buffer gets the next one.
     f.add_event_buffers(1);
     assert_eq!(fault_at(&mut f, EP_A, 0x60000, Access::Read), FaultKind::Unmapped);

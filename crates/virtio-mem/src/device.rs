@@ -312,4 +312,8 @@ impl VirtioDevice for VirtioMem {
     fn needs_reset(&self) -> bool {
         self.common.needs_reset()
     }
+
+    fn observe_needs_reset(&mut self, observer: memvisor_virtio::NeedsResetObserver) {
+        self.common.observe_needs_reset(observer);
+    }
 }

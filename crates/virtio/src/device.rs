@@ -112,6 +112,13 @@ pub trait VirtioDevice: Send {
     /// True once the device met a fault that needs a driver reset.
     fn needs_reset(&self) -> bool;
 
+    /// Calls `observer` with the reason each time the device enters
+    /// NEEDS_RESET, so that the VMM can report it. The default ignores it
+    /// (a device that never needs a reset).
+    fn observe_needs_reset(&mut self, observer: NeedsResetObserver) {
+        let _ = observer;
+    }
+
     /// The device-status bits the device itself contributes (the
     /// transport ORs them into the status register): [`DEVICE_NEEDS_RESET`]
     /// or 0.
@@ -119,6 +126,10 @@ pub trait VirtioDevice: Send {
         if self.needs_reset() { DEVICE_NEEDS_RESET } else { 0 }
     }
 }
+
+/// Called with the reason when a device enters NEEDS_RESET
+/// ([`VirtioDevice::observe_needs_reset`]).
+pub type NeedsResetObserver = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What every device keeps about its transport-facing state: features,
 /// queues, memory, interrupt and the NEEDS_RESET flag. Devices embed it so
@@ -130,6 +141,7 @@ pub struct VirtioCommon {
     queue_max_sizes: Vec<u16>,
     active: Option<Active>,
     needs_reset: bool,
+    needs_reset_observer: Option<NeedsResetObserver>,
 }
 
 /// State that exists only while the device is active.
@@ -165,6 +177,7 @@ impl VirtioCommon {
             queue_max_sizes,
             active: None,
             needs_reset: false,
+            needs_reset_observer: None,
         }
     }
 
@@ -269,12 +282,20 @@ impl VirtioCommon {
         }
         log::warn!("{}: entering NEEDS_RESET: {reason}", self.name);
         self.needs_reset = true;
+        if let Some(observer) = &self.needs_reset_observer {
+            observer(&reason.to_string());
+        }
         self.signal_config();
     }
 
     /// See [`VirtioDevice::needs_reset`].
     pub fn needs_reset(&self) -> bool {
         self.needs_reset
+    }
+
+    /// See [`VirtioDevice::observe_needs_reset`].
+    pub fn observe_needs_reset(&mut self, observer: NeedsResetObserver) {
+        self.needs_reset_observer = Some(observer);
     }
 
     /// Sends a configuration-change interrupt, if active.

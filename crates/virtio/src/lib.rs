@@ -35,5 +35,5 @@ pub mod device;
 pub mod interrupt;
 pub mod queue;
 
-pub use device::{ActivateError, VirtioCommon, VirtioDevice};
+pub use device::{ActivateError, NeedsResetObserver, VirtioCommon, VirtioDevice};
 pub use interrupt::{EventFdInterrupt, InterruptKind, VirtioInterrupt};
