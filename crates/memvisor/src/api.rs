@@ -230,6 +230,8 @@ struct DmaDevice {
     #[serde(default)]
     vetoed_unplugs: Option<u64>,
     #[serde(default)]
+    guard_warnings: Option<u64>,
+    #[serde(default)]
     faults: Option<u64>,
 }
 
@@ -338,13 +340,14 @@ fn format_dma(d: &DmaInfo) -> String {
     }
     for dev in &d.devices {
         out.push_str(&format!(
-            "{} ({}): {} mappings, pinned {}, refused maps {}, vetoed unplugs {}, faults {}\n",
+            "{} ({}): {} mappings, pinned {}, refused maps {}, vetoed unplugs {}, guard warnings {}, faults {}\n",
             dev.name,
             dev.path,
             dev.mappings,
             human(dev.pinned_bytes),
             count(dev.refused_maps),
             count(dev.vetoed_unplugs),
+            count(dev.guard_warnings),
             count(dev.faults)
         ));
     }
@@ -750,7 +753,7 @@ mod tests {
             "pinned_bytes": 8192, "pin_budget": null,
             "devices": [
                 {"name": "disk0", "path": "viommu", "mappings": 2, "pinned_bytes": 8192,
-                 "refused_maps": 1, "vetoed_unplugs": 0, "faults": 4},
+                 "refused_maps": 1, "vetoed_unplugs": 0, "guard_warnings": 2, "faults": 4},
                 {"name": "nvme0", "path": "ram", "mappings": 1, "pinned_bytes": 0}
             ],
             "iommu": {"faults": 4, "dropped_faults": 0}
@@ -759,8 +762,8 @@ mod tests {
         assert_eq!(
             format_dma(&dma),
             "DMA: pinned 8.0 KiB, budget unlimited\n\
-             disk0 (viommu): 2 mappings, pinned 8.0 KiB, refused maps 1, vetoed unplugs 0, faults 4\n\
-             nvme0 (ram): 1 mappings, pinned 0 B, refused maps ?, vetoed unplugs ?, faults ?\n\
+             disk0 (viommu): 2 mappings, pinned 8.0 KiB, refused maps 1, vetoed unplugs 0, guard warnings 2, faults 4\n\
+             nvme0 (ram): 1 mappings, pinned 0 B, refused maps ?, vetoed unplugs ?, guard warnings ?, faults ?\n\
              virtio-iommu: faults 4, dropped faults 0\n"
         );
         let none: DmaInfo =

@@ -66,7 +66,9 @@ impl Instructions {
             "pair_full": self.full.pair.round(),
             "device_no_dma": self.no_dma.device.round(),
             "device_full": self.full.device.round(),
-            "dma_layer": self.dma_layer().round(),
+            // The difference of the rounded figures above, so that the
+            // three agree exactly.
+            "dma_layer": self.full.device.round() - self.no_dma.device.round(),
             "dma_layer_target": 700,
             "device_full_target": 4000,
             "scaling_ratio": (self.scaling_ratio() * 1000.0).round() / 1000.0,

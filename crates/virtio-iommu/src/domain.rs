@@ -35,6 +35,8 @@ pub(crate) struct Endpoint {
     /// Whether its notifiers were last told that it bypasses translation
     /// (`IommuNotifier::notify_bypass`; false until told otherwise).
     pub(crate) bypass_told: bool,
+    /// Translation faults it met.
+    pub(crate) faults: u64,
 }
 
 impl Endpoint {
@@ -44,6 +46,7 @@ impl Endpoint {
             domain: None,
             notifiers: Vec::new(),
             bypass_told: false,
+            faults: 0,
         }
     }
 }

@@ -184,6 +184,9 @@ impl Shared {
     /// is counted and sent to the fault subscribers.
     pub(crate) fn report_fault(&mut self, fault: &Fault) {
         self.model.faults += 1;
+        if let Some(ep) = self.model.endpoints.get_mut(&fault.endpoint) {
+            ep.faults += 1;
+        }
         self.model.fault_subscribers.retain(|tx| tx.send(*fault).is_ok());
         let bytes = fault.event().to_bytes();
         let outcome = match self.common.active_mut() {

@@ -123,6 +123,12 @@ impl IommuHandle {
         self.lock().model.faults
     }
 
+    /// Translation faults `endpoint` met so far; `None` for an endpoint
+    /// the IOMMU does not have.
+    pub fn endpoint_faults(&self, endpoint: u32) -> Option<u64> {
+        self.lock().model.endpoints.get(&endpoint).map(|ep| ep.faults)
+    }
+
     /// Fault reports dropped because the driver had no event buffer.
     pub fn dropped_faults(&self) -> u64 {
         self.lock().model.dropped_faults

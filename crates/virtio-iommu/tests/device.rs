@@ -734,6 +734,8 @@ fn translate_and_fault_reports_on_the_event_queue() {
     assert_eq!(fault_at(&mut f, EP_A, 0x50000, Access::Read), FaultKind::Unmapped);
     assert_eq!(f.handle.dropped_faults(), 1);
     assert_eq!(f.handle.faults(), before + 1);
+    assert!(f.handle.endpoint_faults(EP_A).is_some_and(|n| n >= 1));
+    assert_eq!(f.handle.endpoint_faults(99), None);
     let sent = faults.try_recv().unwrap();
     assert_eq!(
         (sent.endpoint, sent.iova, sent.kind),

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use memvisor_dma::attach::DmaPath;
 use memvisor_machine::Machine;
 use memvisor_machine::size::parse_size;
 use memvisor_virtio_mem::VirtioMemRegion;
@@ -468,9 +469,15 @@ fn dma(ctx: &ApiContext) -> Value {
         .map(|d| {
             let path = match d.path() {
                 None => "detached",
-                Some(memvisor_dma::attach::DmaPath::Ram) => "ram",
-                Some(memvisor_dma::attach::DmaPath::Viommu { .. }) if d.in_bypass() => "bypass",
-                Some(memvisor_dma::attach::DmaPath::Viommu { .. }) => "viommu",
+                Some(DmaPath::Ram) => "ram",
+                Some(DmaPath::Viommu { .. }) if d.in_bypass() => "bypass",
+                Some(DmaPath::Viommu { .. }) => "viommu",
+            };
+            let counts = d.counts();
+            // Faults the IOMMU met for the device's endpoint (path 2).
+            let faults = match (d.path(), machine.iommu()) {
+                (Some(DmaPath::Viommu { endpoint, .. }), Some(iommu)) => iommu.handle.endpoint_faults(endpoint),
+                _ => Some(0),
             };
             json!({
                 "name": d.name(),
@@ -478,12 +485,19 @@ fn dma(ctx: &ApiContext) -> Value {
                 // The backend's: one per pinned range, on every path.
                 "mappings": d.mapper().mapping_count(),
                 "pinned_bytes": d.pinned_bytes(),
+                "refused_maps": counts.refused_maps,
+                "vetoed_unplugs": counts.vetoed_unplugs,
+                "guard_warnings": counts.guard_warnings,
+                "faults": faults,
             })
         })
         .collect();
-    let iommu = machine
-        .iommu()
-        .map(|i| json!({ "dropped_faults": i.handle.dropped_faults() }));
+    let iommu = machine.iommu().map(|i| {
+        json!({
+            "faults": i.handle.faults(),
+            "dropped_faults": i.handle.dropped_faults(),
+        })
+    });
     json!({
         "pinned_bytes": machine.pinned_bytes(),
         "pin_budget": machine.budget().limit(),

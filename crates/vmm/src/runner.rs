@@ -21,6 +21,7 @@ use memvisor_pci::{BarAllocator, DeviceAccess, PciRoot, QueueNotifier, VirtioPci
 use memvisor_vfio_pci::{VfioDeviceFd, VfioPciDevice};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio_blk::{BlockConfig, VirtioBlk};
+use serde_json::{Value, json};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -216,7 +217,8 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     let unassigned = Arc::new(UnassignedMemory::for_map(machine.memory()));
     let events = EventBus::new();
     let control = VmControl::new(exit.clone(), events.clone());
-    forward_size_events(&machine, &events);
+    let mut machine = machine;
+    forward_device_events(&mut machine, &config, &disks, &events);
     let machine = Arc::new(Mutex::new(machine));
     let api = match &config.api_socket {
         Some(path) => {
@@ -264,28 +266,96 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     Ok(end)
 }
 
-/// Publishes every virtio-mem size change (plugged, requested, usable) as a
-/// `size-changed` event, from a thread per device that ends with the
-/// process.
-fn forward_size_events(machine: &Machine, events: &Arc<EventBus>) {
-    for vmem in machine.vmems() {
-        let (id, rx, events) = (vmem.id.clone(), vmem.region.subscribe(), events.clone());
-        let spawned = std::thread::Builder::new().name(format!("events-{id}")).spawn(move || {
+/// Publishes what the devices report by themselves: every virtio-mem size
+/// change (plugged, requested, usable) as `size-changed`, the DMA layer's
+/// `map-refused`, `unplug-vetoed`, `guard-warning` and `bypass`, every
+/// virtio-iommu translation fault as `iommu-fault`, and a device entering
+/// NEEDS_RESET as `needs-reset`. The channels are drained by a thread each,
+/// which ends with the process.
+fn forward_device_events(
+    machine: &mut Machine,
+    config: &VmmConfig,
+    disks: &[Arc<Mutex<VirtioBlk>>],
+    events: &Arc<EventBus>,
+) {
+    fn forward<T: Send + 'static>(
+        name: String,
+        rx: std::sync::mpsc::Receiver<T>,
+        events: &Arc<EventBus>,
+        publish: impl Fn(&EventBus, T) + Send + 'static,
+    ) {
+        let events = events.clone();
+        let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
             while let Ok(e) = rx.recv() {
-                events.publish(
+                publish(&events, e);
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("no {name}: {e}");
+        }
+    }
+    for vmem in machine.vmems() {
+        let id = vmem.id.clone();
+        forward(
+            format!("events-{id}"),
+            vmem.region.subscribe(),
+            events,
+            move |bus, e| {
+                bus.publish(
                     "size-changed",
-                    serde_json::json!({
+                    json!({
                         "id": id,
                         "plugged_size": e.plugged_size,
                         "requested_size": e.requested_size,
                         "usable_region_size": e.usable_region_size,
                     }),
                 );
+            },
+        );
+    }
+    forward(
+        "events-dma".into(),
+        machine.dma_events().subscribe(),
+        events,
+        |bus, e| {
+            // `DmaEvent` serializes as `{"event": KIND, ...fields}`.
+            if let Value::Object(mut fields) = json!(e)
+                && let Some(Value::String(kind)) = fields.remove("event")
+            {
+                bus.publish(&kind, Value::Object(fields));
             }
-        });
-        if let Err(e) = spawned {
-            log::warn!("no size events for {}: {e}", vmem.id);
-        }
+        },
+    );
+    if let Some(iommu) = machine.iommu() {
+        forward(
+            "events-iommu".into(),
+            iommu.handle.subscribe_faults(),
+            events,
+            |bus, f| {
+                bus.publish(
+                    "iommu-fault",
+                    json!({
+                        "endpoint": f.endpoint,
+                        "iova": f.iova,
+                        "access": format!("{:?}", f.access).to_lowercase(),
+                        "kind": format!("{:?}", f.kind),
+                    }),
+                );
+            },
+        );
+    }
+    let needs_reset = |device: String| -> memvisor_virtio::NeedsResetObserver {
+        let events = events.clone();
+        Arc::new(move |reason: &str| events.publish("needs-reset", json!({ "device": device, "reason": reason })))
+    };
+    for vmem in machine.vmems_mut() {
+        vmem.device.observe_needs_reset(needs_reset(vmem.id.clone()));
+    }
+    if let Some(iommu) = machine.iommu_mut() {
+        iommu.device.observe_needs_reset(needs_reset(iommu.id.clone()));
+    }
+    for (spec, disk) in config.disks.iter().zip(disks) {
+        lock(disk).observe_needs_reset(needs_reset(spec.id.clone()));
     }
 }
 
