@@ -711,3 +711,41 @@ fn a_zero_copy_disk_pins_like_an_assigned_device() {
     }
     std::fs::remove_file(&image).unwrap();
 }
+
+/// A long poll (`?after=SEQ&timeout_ms=T`) is an ordinary response: it gives every event
+/// after SEQ, kept or new, ends after T, and the connection then serves the next request —
+/// what a client with one connection (the lab's relay) needs to follow events.
+#[test]
+fn a_long_poll_resumes_after_a_sequence_number_and_keeps_the_connection() {
+    let vmm = Vmm::start();
+    vmm.expect("PUT", "/api/v1/vm/pause", None, 204, "");
+    vmm.expect("PUT", "/api/v1/vm/resume", None, 204, "");
+    let s = vmm.connect();
+    let mut r = BufReader::new(&s);
+    let mut poll = |after: u64| -> Vec<Value> {
+        let path = format!("/api/v1/events?after={after}&timeout_ms=300");
+        (&s).write_all(&format_request("GET", &path, None)).unwrap();
+        let resp = read_response(&mut r, "GET").unwrap();
+        assert_eq!(resp.status, 200);
+        resp.text()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = poll(0);
+    let kinds: Vec<&str> = all.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert!(kinds.ends_with(&["paused", "resumed"]), "{kinds:?}");
+    let last = all.last().unwrap()["seq"].as_u64().unwrap();
+    assert!(poll(last).is_empty(), "nothing new");
+    vmm.expect("PUT", "/api/v1/vm/pause", None, 204, "");
+    let next = poll(last);
+    assert_eq!((next.len(), &next[0]["event"]), (1, &json!("paused")));
+    assert_eq!(next[0]["seq"].as_u64(), Some(last + 1));
+    // The same connection still answers.
+    (&s).write_all(&format_request("GET", "/api/v1/vm", None)).unwrap();
+    assert_eq!(read_response(&mut r, "GET").unwrap().status, 200);
+    vmm.expect("GET", "/api/v1/events?timeout_ms=600001", None, 400, "600000");
+    vmm.expect("GET", "/api/v1/events?after=x", None, 400, "after=x");
+    vmm.shutdown();
+}

@@ -18,7 +18,7 @@
 //! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host and DMA figures |
 //! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
 //! | GET | `/api/v1/dma` | the assigned devices, their paths and pinned bytes, the pin budget, IOMMU faults |
-//! | GET | `/api/v1/events` | JSON lines (chunked) as things happen; `?count=N` ends after N |
+//! | GET | `/api/v1/events` | JSON lines (chunked) as things happen; `?count=N` ends after N, `?after=SEQ` resumes, `?timeout_ms=T` long-polls |
 //!
 //! Errors are 4xx with `{"error": "..."}` naming the bad value.
 
@@ -245,24 +245,57 @@ fn respond(request: Request, answer: Answer) {
     }
 }
 
+/// Longest `timeout_ms` of an event long poll.
+const MAX_EVENTS_TIMEOUT_MS: u64 = 600_000;
+
 /// Serves `GET /api/v1/events` on a thread of its own: the stream lasts
-/// until the client goes away, `?count=N` events were sent, or the VMM stops.
+/// until the client goes away, `?count=N` events were sent, `?timeout_ms=T`
+/// passed, or the VMM stops. `?after=SEQ` first sends the kept events
+/// numbered after SEQ. A stream with `timeout_ms` is a long poll: an
+/// ordinary response, after which the connection serves further requests;
+/// any other stream closes the connection when it ends.
 fn stream_events(ctx: &ApiContext, request: Request) {
     let query = request.url().split_once('?').map_or("", |(_, q)| q).to_string();
-    let count = match query.split('&').find_map(|kv| kv.strip_prefix("count=")) {
-        Some(n) => match n.parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => return respond(request, Answer::error(400, format!("count={n} is not a number"))),
-        },
-        None => None,
+    let number = |key: &str| -> Result<Option<u64>, Answer> {
+        let prefix = format!("{key}=");
+        match query.split('&').find_map(|kv| kv.strip_prefix(prefix.as_str())) {
+            Some(n) => n
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| Answer::error(400, format!("{key}={n} is not a number"))),
+            None => Ok(None),
+        }
     };
-    let Some(reader) = ctx.control.events().subscribe() else {
+    let (count, after, timeout_ms) = match (number("count"), number("after"), number("timeout_ms")) {
+        (Ok(c), Ok(a), Ok(t)) => (c, a, t),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return respond(request, e),
+    };
+    if let Some(t) = timeout_ms.filter(|&t| t > MAX_EVENTS_TIMEOUT_MS) {
+        return respond(
+            request,
+            Answer::error(400, format!("timeout_ms={t} is more than {MAX_EVENTS_TIMEOUT_MS}")),
+        );
+    }
+    let events = ctx.control.events();
+    let subscribed = match after {
+        Some(after) => events.subscribe_after(after),
+        None => events.subscribe(),
+    };
+    let Some(mut reader) = subscribed else {
         return respond(request, Answer::error(429, "too many event streams are open"));
     };
-    let mut reader = match count {
-        Some(n) => reader.with_limit(n),
-        None => reader,
-    };
+    if let Some(n) = count {
+        reader = reader.with_limit(n);
+    }
+    if let Some(t) = timeout_ms {
+        let reader = reader.with_timeout(Duration::from_millis(t));
+        let header = Header::from_bytes("Content-Type", "application/x-ndjson").expect("valid header");
+        let response = Response::new(tiny_http::StatusCode(200), vec![header], reader, None, None);
+        if let Err(e) = request.respond(response) {
+            log::debug!("event long poll ended: {e}");
+        }
+        return;
+    }
     // Written by hand, a chunk per line, flushed at once: tiny_http's own
     // chunked encoder holds small chunks back, and a stream must not wait.
     let mut out = request.into_writer();
