@@ -7,10 +7,12 @@
 //! Everything comes from Debian's packages, fetched with a private APT configuration into
 //! `~/.cache/memvisor-lab` (see [`apt`]); images are built per run ([`image`], [`cpio`]);
 //! [`run`] starts the VMM on its [`host::Host`], lets the guest agent run the scenario's
-//! script, carries out the host steps it asks for and returns a [`Report`].
+//! script, carries out the host steps it asks for and returns a [`Report`]. [`bench`]
+//! compares the named figures of runs under QEMU and memvisor.
 #![deny(missing_docs)]
 
 pub mod apt;
+pub mod bench;
 pub mod console;
 pub mod cpio;
 pub mod direct;

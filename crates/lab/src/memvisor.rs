@@ -21,6 +21,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -28,7 +29,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::http::Client;
 use crate::scenario::{DiskKind, VmSpec};
-use crate::vmm::{Accel, AccessCounts, Control, Launch, RamBlock, Vmm, VmmKind};
+use crate::vmm::{Accel, AccessCounts, Control, Launch, RamBlock, SizeWatch, Vmm, VmmKind};
 
 /// The API's paths.
 pub mod path {
@@ -42,6 +43,11 @@ pub mod path {
     /// One virtio-mem device (`PUT` `{"requested_size":BYTES}`).
     pub fn memory_device(id: &str) -> String {
         format!("{MEMORY}/{id}")
+    }
+
+    /// A long poll of the events after `after`, ending after `timeout_ms` (`GET`).
+    pub fn events_after(after: u64, timeout_ms: u64) -> String {
+        format!("/api/v1/events?after={after}&timeout_ms={timeout_ms}")
     }
 }
 
@@ -265,12 +271,31 @@ pub fn command_line(vm: &VmSpec, launch: &Launch) -> Result<Vec<String>> {
     Ok(a)
 }
 
+/// Reads a long poll's event lines: the last `seq` in them (0 if none) and the plugged size
+/// of the last `size-changed` event of the device `id`.
+fn size_changes(text: &str, id: &str) -> std::result::Result<(u64, Option<u64>), String> {
+    let (mut seq, mut plugged) = (0, None);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let e: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line:.200}"))?;
+        seq = seq.max(e["seq"].as_u64().unwrap_or(0));
+        if e["event"] == "size-changed" && e["id"] == id {
+            let n = e["plugged_size"]
+                .as_u64()
+                .ok_or_else(|| format!("no plugged_size in {line:.200}"))?;
+            plugged = Some(n);
+        }
+    }
+    Ok((seq, plugged))
+}
+
 /// The memvisor driver: the API client over the control stream (the relay when nested).
 #[derive(Default)]
 pub struct Memvisor {
     api: Option<Client<UnixStream>>,
     /// What `GET /api/v1/vm` said when the driver attached.
     pub attached: Option<VmInfo>,
+    /// The sequence number of the last event read (0: none yet).
+    event_seq: u64,
 }
 
 impl Memvisor {
@@ -329,6 +354,14 @@ impl Vmm for Memvisor {
         Ok(self.memory()?.device(id)?.plugged_size)
     }
 
+    fn watch_size(&mut self, id: &str, wait: Duration) -> Result<SizeWatch> {
+        let poll = path::events_after(self.event_seq, wait.as_millis() as u64);
+        let r = self.api()?.call("GET", &poll, None)?;
+        let (seq, plugged) = size_changes(&r.text(), id).map_err(|e| Error::Vmm(format!("GET {poll}: {e}")))?;
+        self.event_seq = self.event_seq.max(seq);
+        Ok(plugged.map_or(SizeWatch::Quiet, SizeWatch::Plugged))
+    }
+
     fn ram_blocks(&mut self) -> Result<Vec<RamBlock>> {
         Ok(self
             .memory()?
@@ -361,6 +394,23 @@ impl Vmm for Memvisor {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_long_poll_gives_the_last_seq_and_the_device_s_last_plugged_size() {
+        let text = "{\"seq\":7,\"event\":\"size-changed\",\"id\":\"vmem0\",\"plugged_size\":2097152}\n\n\
+                    {\"seq\":8,\"event\":\"size-changed\",\"id\":\"vmem1\",\"plugged_size\":4}\n\
+                    {\"seq\":9,\"event\":\"size-changed\",\"id\":\"vmem0\",\"plugged_size\":4194304}\n\
+                    {\"seq\":10,\"event\":\"paused\"}\n";
+        assert_eq!(size_changes(text, "vmem0"), Ok((10, Some(4 << 20))));
+        assert_eq!(
+            size_changes("{\"seq\":3,\"event\":\"resumed\"}\n", "vmem0"),
+            Ok((3, None))
+        );
+        assert_eq!(size_changes("", "vmem0"), Ok((0, None)));
+        assert!(size_changes("{\"event\":\"size-changed\",\"id\":\"vmem0\"}", "vmem0").is_err());
+        assert!(size_changes("not json", "vmem0").is_err());
+    }
+
     use super::*;
     use crate::scenario::Scenario;
     use crate::vmm::{Placement, VmmKind};

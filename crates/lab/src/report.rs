@@ -77,24 +77,45 @@ pub struct Figures {
     /// VMM's RSS (its guest RAM's under TCG) having dropped by 99% of it: that step's
     /// [`HostStep::returned_s`].
     pub unplug_1g_returned_s: Option<f64>,
+    /// 32 MiB written sequentially to the disk under test with O_DIRECT in 1 MiB requests:
+    /// the guest's observation `disk_write_s` (timed with `/proc/uptime`; `disk-resize.sh`).
+    pub disk_write_s: Option<f64>,
+    /// The same 32 MiB read back with O_DIRECT: the guest's observation `disk_read_s`.
+    pub disk_read_s: Option<f64>,
 }
 
 impl Figures {
     /// The figures of a run's `host_steps` and `guest` report.
     pub fn of(host_steps: &[HostStep], guest: &GuestReport) -> Figures {
         let gib = 1u64 << 30;
-        Figures {
-            agent_s: guest.agent_ready_at,
-            plug_1g_usable_s: guest
+        let observed = |key: &str| -> Option<f64> {
+            guest
                 .observations
                 .iter()
-                .find(|o| o.key == "plug_1g_usable_s")
-                .and_then(|o| o.value.trim().parse().ok()),
+                .find(|o| o.key == key)
+                .and_then(|o| o.value.trim().parse().ok())
+        };
+        Figures {
+            agent_s: guest.agent_ready_at,
+            plug_1g_usable_s: observed("plug_1g_usable_s"),
             unplug_1g_returned_s: host_steps
                 .iter()
                 .find(|s| s.resize.is_some_and(|(from, to)| from >= to && from - to == gib))
                 .and_then(|s| s.returned_s),
+            disk_write_s: observed("disk_write_s"),
+            disk_read_s: observed("disk_read_s"),
         }
+    }
+
+    /// Every figure by its name (the field's), in the order of the side-by-side table.
+    pub fn named(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("agent_s", self.agent_s),
+            ("plug_1g_usable_s", self.plug_1g_usable_s),
+            ("unplug_1g_returned_s", self.unplug_1g_returned_s),
+            ("disk_write_s", self.disk_write_s),
+            ("disk_read_s", self.disk_read_s),
+        ]
     }
 }
 
@@ -209,6 +230,11 @@ pub struct HostStep {
     /// For `unassigned ID`: the VMM's counts of the guest's accesses to unplugged memory of
     /// the device (`None` under a VMM that does not count them).
     pub unassigned: Option<AccessCounts>,
+    /// For resizes followed through the VMM's own size-change reports (memvisor's event
+    /// stream): how many long polls brought a change of the device (`None`: the runner
+    /// polled the plugged size instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_events: Option<u64>,
 }
 
 /// The guest's side.
@@ -383,6 +409,20 @@ fn check(e: &Expectation, scenario: &Scenario, report: &Report) -> Checked {
                 })
                 .collect(),
         ),
+        Expectation::ResizesSeenInEvents => all_of(
+            "every resize was followed through the VMM's size-change events".into(),
+            resizes
+                .iter()
+                .filter(|(_, (from, to), _, _)| from != to)
+                .map(|(s, ..)| {
+                    let polls = s.size_events.map_or("none (polled)".to_string(), |n| n.to_string());
+                    (
+                        s.size_events.is_some_and(|n| n >= 1),
+                        format!("{}: long polls with a size change: {polls}", s.request),
+                    )
+                })
+                .collect(),
+        ),
         Expectation::LockedBelow { max_kb } => all_of(
             format!("the VMM's locked memory stays at most {max_kb} kB"),
             resizes
@@ -477,8 +517,8 @@ fn check(e: &Expectation, scenario: &Scenario, report: &Report) -> Checked {
 
 /// The reports of one scenario under several VMMs side by side, as a text table: a column
 /// per report (headed by its VMM), a row per figure: passed, failed stage, each stage's
-/// seconds, the named [`Figures`] (`agent_s`, and `plug_1g_usable_s` and
-/// `unplug_1g_returned_s` when a run has them), the boots and the VMM's exit when a run has
+/// seconds, the named [`Figures`] (`agent_s`, and `plug_1g_usable_s`,
+/// `unplug_1g_returned_s`, `disk_write_s` and `disk_read_s` when a run has them), the boots and the VMM's exit when a run has
 /// them, and for each host step (matched by position; the guest script is the same) its
 /// seconds, for shrinks the seconds until the memory was back on the host, for other steps
 /// than `resize` and `stats` the answer, and the VMM's RSS, guest RAM RSS (under TCG) and
@@ -521,6 +561,16 @@ pub fn side_by_side(reports: &[Report]) -> String {
     if any(&|r| r.figures.unplug_1g_returned_s.is_some()) {
         row("unplug_1g_returned_s: 1G back on host (s)".into(), &|r| {
             secs(r.figures.unplug_1g_returned_s)
+        });
+    }
+    if any(&|r| r.figures.disk_write_s.is_some()) {
+        row("disk_write_s: 32M O_DIRECT write (s)".into(), &|r| {
+            secs(r.figures.disk_write_s)
+        });
+    }
+    if any(&|r| r.figures.disk_read_s.is_some()) {
+        row("disk_read_s: 32M O_DIRECT read (s)".into(), &|r| {
+            secs(r.figures.disk_read_s)
         });
     }
     if any(&|r| r.guest.boots.len() > 1) {
@@ -678,6 +728,11 @@ mod tests {
             key: "plug_1g_usable_s".into(),
             value: "3.25".into(),
         });
+        qemu.guest.observations.push(Observation {
+            t: 31.0,
+            key: "disk_write_s".into(),
+            value: "0.42".into(),
+        });
         qemu.figures = Figures::of(&qemu.host_steps, &qemu.guest);
         qemu.vmm_exit = Some(VmmExit {
             status: Some(0),
@@ -702,6 +757,7 @@ mod tests {
                 "agent_s: VMM start to agent (s)              14.00       14.00",
                 "plug_1g_usable_s: 1G usable in guest (s)      3.25           -",
                 "unplug_1g_returned_s: 1G back on host (s)     2.50           -",
+                "disk_write_s: 32M O_DIRECT write (s)          0.42           -",
                 "boots (agent ready at, s)                     14.0  14.0, 40.0",
                 "VMM exit after @@exit (status, s)          0, 1.25           -",
                 "resize vmem0 1G (s)                           1.00        1.00",
@@ -769,6 +825,7 @@ mod tests {
             }),
             returned_s: None,
             unassigned: None,
+            size_events: None,
         }
     }
 
@@ -873,6 +930,31 @@ mod tests {
                              min_reads = 1\nmin_writes = 1\n\
                              [[expect]]\nkind = \"rss-growth-below\"\nvmm = \"memvisor\"\n\
                              step = \"unassigned vmem0\"\nmax_kb = 1024\n";
+
+    #[test]
+    fn resizes_must_be_seen_in_events() {
+        let s = Scenario::parse(
+            "name = \"t\"\nhost_steps = [\"resize\"]\n[vm]\nmemory = \"512M\"\n[guest]\nscript = \"true\"\n\
+             [[expect]]\nkind = \"resizes-seen-in-events\"\n",
+            "t",
+        )
+        .unwrap();
+        let e = &s.expect[0].check;
+        let mut seen = step("resize vmem0 1G", 0, 1 << 30, (0, 0), 0);
+        seen.size_events = Some(2);
+        let mut polled = step("resize vmem0 0", 1 << 30, 0, (0, 0), 0);
+        let same = step("resize vmem0 0", 0, 0, (0, 0), 0);
+        let r = report(VmmKind::Memvisor, vec![seen.clone(), same.clone()], true);
+        assert!(check(e, &s, &r).passed, "{:?}", check(e, &s, &r));
+        let r = report(VmmKind::Memvisor, vec![seen.clone(), polled.clone()], true);
+        let c = check(e, &s, &r);
+        assert!(!c.passed && c.detail.contains("none (polled)"), "{c:?}");
+        polled.size_events = Some(0);
+        let r = report(VmmKind::Memvisor, vec![seen, polled], true);
+        assert!(!check(e, &s, &r).passed, "a watch that never saw the change");
+        let r = report(VmmKind::Memvisor, vec![same], true);
+        assert!(!check(e, &s, &r).passed, "no resize at all proves nothing");
+    }
 
     fn unassigned_step(counts: Option<AccessCounts>, rss_kb: u64) -> HostStep {
         let mut s = step("unassigned vmem0", 0, 0, (0, rss_kb), 0);
@@ -991,11 +1073,18 @@ mod tests {
             agent_ready_at: Some(9.5),
             ..Default::default()
         };
-        guest.observations.push(Observation {
-            t: 1.0,
-            key: "plug_1g_usable_s".into(),
-            value: "4.20".into(),
-        });
+        for (key, value) in [
+            ("plug_1g_usable_s", "4.20"),
+            ("disk_write_s", "0.37"),
+            ("disk_read_s", " 0.21"),
+            ("disk_read_s", "9.99"),
+        ] {
+            guest.observations.push(Observation {
+                t: 1.0,
+                key: key.into(),
+                value: value.into(),
+            });
+        }
         let mut partial = step("resize vmem0 256M", g, 256 << 20, (0, 0), 0);
         partial.returned_s = Some(1.0);
         let mut whole = step("resize vmem0 0", g, 0, (0, 0), 0);
@@ -1007,8 +1096,21 @@ mod tests {
                 agent_s: Some(9.5),
                 plug_1g_usable_s: Some(4.2),
                 unplug_1g_returned_s: Some(3.5),
+                disk_write_s: Some(0.37),
+                disk_read_s: Some(0.21),
             }
         );
+        assert_eq!(
+            f.named().map(|(name, _)| name),
+            [
+                "agent_s",
+                "plug_1g_usable_s",
+                "unplug_1g_returned_s",
+                "disk_write_s",
+                "disk_read_s"
+            ]
+        );
+        assert_eq!(f.named()[3], ("disk_write_s", Some(0.37)));
         assert_eq!(Figures::of(&[], &GuestReport::default()), Figures::default());
     }
 

@@ -19,11 +19,14 @@ use crate::report::{
     self, Figures, GuestReport, HostSample, HostStep, Observation, RETURNED_FRACTION, Report, StageTime, VmmExit,
 };
 use crate::scenario::{DiskKind, Expectation, Scenario, Size};
-use crate::vmm::{self, Accel, Launch, Placement, RamBlock, Vmm, VmmKind};
+use crate::vmm::{self, Accel, Launch, Placement, RamBlock, SizeWatch, Vmm, VmmKind};
 
 /// How long a shrinking resize waits, once the device reached the size, for the VMM's RSS
 /// to give the memory back ([`HostStep::returned_s`]).
 const RETURN_GRACE: Duration = Duration::from_secs(3);
+/// How often a resize step looks at the plugged size (or the longest it waits for the VMM's
+/// size-change reports at once).
+const POLL: Duration = Duration::from_millis(100);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -510,6 +513,7 @@ impl<'a> Run<'a> {
             after: None,
             returned_s: None,
             unassigned: None,
+            size_events: None,
         };
         let words: Vec<&str> = request.split_whitespace().collect();
         let allowed = words
@@ -571,8 +575,23 @@ impl<'a> Run<'a> {
         let mut reached: Option<Instant> = None;
         let mut after = before;
         loop {
+            // A VMM that reports size changes itself is followed through that (waiting up
+            // to one poll for them); another is polled.
+            let mut waited = false;
             if now != bytes {
-                now = vmm.plugged_size(id)?;
+                now = match vmm.watch_size(id, POLL)? {
+                    SizeWatch::Plugged(n) => {
+                        waited = true;
+                        step.size_events = Some(step.size_events.unwrap_or(0) + 1);
+                        n
+                    }
+                    SizeWatch::Quiet => {
+                        waited = true;
+                        step.size_events.get_or_insert(0);
+                        now
+                    }
+                    SizeWatch::Unsupported => vmm.plugged_size(id)?,
+                };
             }
             if now == bytes && reached.is_none() {
                 reached = Some(Instant::now());
@@ -595,7 +614,9 @@ impl<'a> Run<'a> {
                     "{id} plugged {now} of {bytes} bytes after the timeout"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            if !waited {
+                std::thread::sleep(POLL);
+            }
         }
         if bytes >= from || step.returned_s.is_none() {
             after = self.sample(host)?;

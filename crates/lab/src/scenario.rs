@@ -258,6 +258,10 @@ pub enum Expectation {
     /// After every resize the VMM's locked memory (VmLck + VmPin) is at least boot memory
     /// plus plugged memory (pinned without a vIOMMU).
     LockedFollowsPlugged,
+    /// Every resize that changes the plugged size was followed through the VMM's own
+    /// size-change reports (memvisor's event stream over its API), not by polling: at least
+    /// one long poll of each brought a change of the device.
+    ResizesSeenInEvents,
     /// After every resize the VMM's locked memory (VmLck + VmPin) stays below `max_kb`
     /// (pinned on demand with a vIOMMU).
     LockedBelow {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::scenario::VmSpec;
@@ -212,6 +213,17 @@ pub struct AccessCounts {
     pub writes: u64,
 }
 
+/// What [`Vmm::watch_size`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeWatch {
+    /// The VMM does not report size changes.
+    Unsupported,
+    /// No change of the device within the wait.
+    Quiet,
+    /// The device's plugged size after the last change reported within the wait.
+    Plugged(u64),
+}
+
 /// A VMM driver: builds the command line to start (in L1 or on the host) and controls the
 /// running VMM.
 pub trait Vmm {
@@ -232,6 +244,12 @@ pub trait Vmm {
     fn request_size(&mut self, id: &str, bytes: u64) -> Result<()>;
     /// The memory the virtio-mem device `id` has plugged now.
     fn plugged_size(&mut self, id: &str) -> Result<u64>;
+    /// Waits up to `wait` for the VMM to report size changes of the virtio-mem device `id`
+    /// by itself (memvisor: its `size-changed` events, long-polled over the control
+    /// connection). The default cannot: the runner polls [`Vmm::plugged_size`] instead.
+    fn watch_size(&mut self, _id: &str, _wait: Duration) -> Result<SizeWatch> {
+        Ok(SizeWatch::Unsupported)
+    }
     /// The guest's writable RAM blocks and where they are mapped in the VMM process.
     fn ram_blocks(&mut self) -> Result<Vec<RamBlock>>;
     /// The guest's accesses to unplugged memory of the virtio-mem device `id` so far, if the

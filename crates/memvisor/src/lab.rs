@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use memvisor_lab::{ModeChoice, Report, RunOptions, VmmKind};
+use memvisor_lab::bench::{self, BenchRun};
+use memvisor_lab::{ModeChoice, Report, RunOptions, Scenario, VmmKind};
 
 /// Where the shipped scenarios are.
 pub fn scenarios_dir() -> PathBuf {
@@ -103,6 +104,94 @@ pub fn run(args: &LabArgs) -> ExitCode {
         eprint!("{}", memvisor_lab::report::side_by_side(&reports));
     }
     ExitCode::from(status)
+}
+
+/// What `memvisor lab bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// The scenarios (shipped names or files); [`bench::DEFAULT_SCENARIOS`] if empty.
+    pub scenarios: Vec<String>,
+    /// How many times each scenario runs under each VMM.
+    pub rounds: usize,
+    /// Nested, direct, or whichever this host's KVM allows.
+    pub mode: ModeChoice,
+    /// Print the summary as JSON on stdout instead of the table.
+    pub json: bool,
+}
+
+/// `memvisor lab bench`: each scenario, round after round, under QEMU and memvisor (the
+/// same runs as `lab run --vmm qemu,memvisor`, the order swapped every other round), then
+/// per named figure both VMMs have the medians and the ratio memvisor ÷ QEMU against its
+/// goal (`memvisor_lab::bench`). Exit 0 if every run passed, 1 if one failed (after
+/// printing everything), 2 if a scenario does not load (before anything runs).
+pub fn bench(args: &BenchArgs) -> ExitCode {
+    let names: Vec<String> = if args.scenarios.is_empty() {
+        bench::DEFAULT_SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    if args.rounds == 0 {
+        eprintln!("memvisor lab bench: --rounds must be at least 1");
+        return ExitCode::from(2);
+    }
+    for name in &names {
+        if let Err(e) = Scenario::load(&scenario_path(name)) {
+            eprintln!("memvisor lab bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let mut runs = Vec::new();
+    for name in &names {
+        for round in 0..args.rounds {
+            let order = bench::order(round);
+            eprintln!(
+                "memvisor lab bench: {name}, round {} of {}: {}, then {}",
+                round + 1,
+                args.rounds,
+                order[0],
+                order[1]
+            );
+            let options = RunOptions {
+                scenario: scenario_path(name),
+                vmm: order[0],
+                mode: args.mode,
+                guest_script: None,
+                keep: false,
+                cache_dir: None,
+                verbose: false,
+            };
+            let mut reports = Vec::new();
+            for (vmm, result) in memvisor_lab::run_each(&options, &order) {
+                match result {
+                    Ok(report) => {
+                        print_summary(&report);
+                        runs.push(BenchRun::of_report(name, round + 1, &report));
+                        reports.push(report);
+                    }
+                    Err(e) => {
+                        eprintln!("memvisor lab ({vmm}): {e}");
+                        runs.push(BenchRun::not_started(name, round + 1, vmm, &e.to_string()));
+                    }
+                }
+            }
+            eprint!("{}", memvisor_lab::report::side_by_side(&reports));
+        }
+    }
+    let summary = bench::summarize(&runs);
+    if args.json {
+        eprint!("{}", summary.table());
+        println!(
+            "{}",
+            serde_json::to_string(&summary).expect("a bench summary serializes")
+        );
+    } else {
+        print!("{}", summary.table());
+    }
+    if summary.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn print_summary(report: &Report) {

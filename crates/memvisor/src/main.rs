@@ -69,6 +69,16 @@ enum ModeArg {
     Direct,
 }
 
+impl ModeArg {
+    fn choice(self) -> memvisor_lab::ModeChoice {
+        match self {
+            ModeArg::Auto => memvisor_lab::ModeChoice::Auto,
+            ModeArg::Nested => memvisor_lab::ModeChoice::Nested,
+            ModeArg::Direct => memvisor_lab::ModeChoice::Direct,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum LabCommand {
     /// Fetch and unpack the lab's Debian packages (QEMU 10, the 6.12 cloud kernel,
@@ -99,6 +109,24 @@ enum LabCommand {
         /// Echo the consoles to stderr while running.
         #[arg(long)]
         verbose: bool,
+    },
+    /// Run scenarios under QEMU and memvisor in turn (the order swapped every other
+    /// round) and print, per named figure both have, the medians and the ratio
+    /// memvisor / QEMU (lower is better) against its goal (agent_s <= 0.8, others <= 1.0).
+    Bench {
+        /// Shipped scenarios or scenario files (default: boot vmem-resize blk-zero-copy
+        /// vfio-nvme).
+        scenarios: Vec<String>,
+        /// How many times each scenario runs under each VMM.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Where the VMMs run: in L1 (nested) or on this host (direct).
+        #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+        mode: ModeArg,
+        /// Print the summary (ratios, failures, every run's figures) as one JSON object on
+        /// stdout; the table goes to stderr.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -247,15 +275,22 @@ fn main() -> ExitCode {
             } => lab::run(&lab::LabArgs {
                 scenario,
                 vmms: vmm.0,
-                mode: match mode {
-                    ModeArg::Auto => memvisor_lab::ModeChoice::Auto,
-                    ModeArg::Nested => memvisor_lab::ModeChoice::Nested,
-                    ModeArg::Direct => memvisor_lab::ModeChoice::Direct,
-                },
+                mode: mode.choice(),
                 guest_script,
                 json,
                 keep,
                 verbose,
+            }),
+            LabCommand::Bench {
+                scenarios,
+                rounds,
+                mode,
+                json,
+            } => lab::bench(&lab::BenchArgs {
+                scenarios,
+                rounds,
+                mode: mode.choice(),
+                json,
             }),
         },
         Command::Bench {
