@@ -49,6 +49,10 @@ pub const MAX_SLOT_BYTES: u64 = 1 << 30;
 /// Mapping granularity: the base page size.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Submissions one [`UringPinner::transfer`] makes at once on one ring (a
+/// request's pieces: 256 for 1 MiB of scattered 4 KiB guest pages).
+pub const IO_BATCH: u32 = 64;
+
 /// Default limit on live mappings (64 rings' worth of slots).
 pub const DEFAULT_MAX_MAPPINGS: u64 = 64 * SLOTS_PER_RING as u64;
 
@@ -135,8 +139,10 @@ const EMPTY_IOVECS: [libc::iovec; CLEAR_CHUNK] = [libc::iovec {
 }; CLEAR_CHUNK];
 
 impl RingTable {
-    fn new() -> std::io::Result<Self> {
-        let ring = IoUring::new(1)?;
+    /// A table whose ring takes `entries` submissions at once (1 for
+    /// pinning only: registration needs no submission).
+    fn new(entries: u32) -> std::io::Result<Self> {
+        let ring = IoUring::new(entries)?;
         ring.submitter().register_buffers_sparse(SLOTS_PER_RING)?;
         Ok(Self {
             ring,
@@ -241,6 +247,9 @@ struct Slots {
     /// The lowest ring that may have a free slot (every ring below it is
     /// full), where the search for a free slot starts.
     first_free_ring: usize,
+    /// The rings also carry I/O ([`UringPinner::for_io`]): they take
+    /// [`IO_BATCH`] submissions at once rather than one.
+    io: bool,
 }
 
 impl Slots {
@@ -250,8 +259,9 @@ impl Slots {
     /// then fails with the reason.
     fn with_first_ring() -> Self {
         Self {
-            rings: RingTable::new().map(|ring| vec![ring]).unwrap_or_default(),
+            rings: RingTable::new(1).map(|ring| vec![ring]).unwrap_or_default(),
             first_free_ring: 0,
+            io: false,
         }
     }
 
@@ -279,7 +289,7 @@ impl Slots {
     #[cold]
     #[inline(never)]
     fn new_ring(&mut self) -> std::io::Result<Slot> {
-        let mut table = RingTable::new()?;
+        let mut table = RingTable::new(if self.io { IO_BATCH } else { 1 })?;
         let index = table.take_slot().expect("fresh table");
         self.rings.push(table);
         self.first_free_ring = self.rings.len() - 1;
@@ -496,7 +506,7 @@ impl UringPinner {
             inner: Mutex::new(PinnerState {
                 // Made at the first `map`: a pinner used only through a
                 // session (path 2) needs no ring of its own.
-                slots: Slots::default(),
+                slots: Slots { io, ..Slots::default() },
                 mappings: BTreeMap::new(),
                 pinned: 0,
             }),
@@ -548,42 +558,72 @@ impl UringPinner {
                 at += n;
             }
         }
+        // The work: (slot, host address, length, file offset). Runs of
+        // pieces in one ring go in one submission of up to its size; a
+        // short transfer's rest goes back to the front.
+        let mut work: std::collections::VecDeque<(Slot, u64, u64, u64)> = std::collections::VecDeque::new();
         let mut file_offset = offset;
-        for (slot, mut host, mut n) in pieces {
-            let ring = &mut inner.slots.rings[slot.ring as usize].ring;
-            while n > 0 {
+        for (slot, host, n) in pieces {
+            work.push_back((slot, host, n, file_offset));
+            file_offset += n;
+        }
+        let io_error = |offset, source| FixedIoError::Io { dir, offset, source };
+        while let Some(&(first, ..)) = work.front() {
+            let table = &mut inner.slots.rings[first.ring as usize];
+            let capacity = table.ring.params().sq_entries() as usize;
+            let batch: SmallVec<[(Slot, u64, u64, u64); 16]> =
+                std::iter::from_fn(|| work.pop_front_if(|w| w.0.ring == first.ring))
+                    .take(capacity)
+                    .collect();
+            for (i, &(slot, host, n, at)) in batch.iter().enumerate() {
                 let chunk = n as u32; // At most one slot: 1 GiB.
                 let sqe = match dir {
                     Transfer::Read => opcode::ReadFixed::new(types::Fd(fd), host as *mut u8, chunk, slot.index as u16)
-                        .offset(file_offset)
+                        .offset(at)
                         .build(),
                     Transfer::Write => {
                         opcode::WriteFixed::new(types::Fd(fd), host as *const u8, chunk, slot.index as u16)
-                            .offset(file_offset)
+                            .offset(at)
                             .build()
                     }
-                };
-                let io_error = |source| FixedIoError::Io {
-                    dir,
-                    offset: file_offset,
-                    source,
-                };
+                }
+                .user_data(i as u64);
                 // SAFETY: the SQE names `[host, host + chunk)` inside the
                 // registered buffer in slot `slot.index` of this ring, which
-                // stays registered (pinned) while the lock is held, and the
+                // stays registered (pinned) while the lock is held, and every
                 // I/O completes before the lock is released.
-                unsafe { ring.submission().push(&sqe) }
-                    .map_err(|_| io_error(std::io::Error::other("the submission queue is full")))?;
-                ring.submit_and_wait(1).map_err(io_error)?;
-                let Some(cqe) = ring.completion().next() else {
-                    return Err(io_error(std::io::Error::other("no completion")));
-                };
-                let done = match cqe.result() {
-                    r if r < 0 => return Err(io_error(std::io::Error::from_raw_os_error(-r))),
-                    0 => return Err(io_error(std::io::ErrorKind::UnexpectedEof.into())),
-                    r => r as u64,
-                };
-                (host, n, file_offset) = (host + done, n - done, file_offset + done);
+                unsafe { table.ring.submission().push(&sqe) }
+                    .map_err(|_| io_error(at, std::io::Error::other("the submission queue is full")))?;
+            }
+            // Every submission is waited for, even after an error, so that
+            // none is left in flight on the guest's memory.
+            let mut completed = 0;
+            let mut failure = None;
+            while completed < batch.len() {
+                if let Err(e) = table.ring.submit_and_wait(batch.len() - completed) {
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(io_error(batch[completed].3, e));
+                }
+                for cqe in table.ring.completion() {
+                    completed += 1;
+                    let Some(&(slot, host, n, at)) = batch.get(cqe.user_data() as usize) else {
+                        continue;
+                    };
+                    match cqe.result() {
+                        r if r < 0 => failure = failure.or(Some(io_error(at, std::io::Error::from_raw_os_error(-r)))),
+                        0 => failure = failure.or(Some(io_error(at, std::io::ErrorKind::UnexpectedEof.into()))),
+                        r if (r as u64) < n => {
+                            let done = r as u64;
+                            work.push_front((slot, host + done, n - done, at + done));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                return Err(e);
             }
         }
         Ok(())
@@ -1331,6 +1371,40 @@ mod tests {
             Err(FixedIoError::NotMapped { .. })
         ));
         assert_eq!(p.pinned_bytes(), 2 * MIB);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_transfer_of_many_scattered_pieces_is_batched_and_complete() {
+        use std::os::fd::AsRawFd;
+        let _g = serial();
+        const PAGES: u64 = 3 * IO_BATCH as u64 + 5;
+        let ram = RamBlock::new("ram", PAGES * PAGE_SIZE, Backing::Memfd).unwrap();
+        let path = std::env::temp_dir().join(format!("memvisor-uring-batch-{}", std::process::id()));
+        let pattern: Vec<u8> = (0..PAGES * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 ^ (i % 253) as u8)
+            .collect();
+        std::fs::write(&path, &pattern).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let p = UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited()));
+        // IOVA page i is host page PAGES-1-i: every piece is a mapping of its own.
+        for i in 0..PAGES {
+            let host = ram.host_address() + (PAGES - 1 - i) * PAGE_SIZE;
+            p.map(i * PAGE_SIZE, host, PAGE_SIZE, Permissions::READ_WRITE).unwrap();
+        }
+        p.transfer(file.as_raw_fd(), 0, &[(0, PAGES * PAGE_SIZE)], Transfer::Read)
+            .unwrap();
+        for i in 0..PAGES {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            ram.read((PAGES - 1 - i) * PAGE_SIZE, &mut page).unwrap();
+            let want = &pattern[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
+            assert!(page == want, "page {i}");
+        }
+        // And back out, reversed in the file by the same scatter.
+        std::fs::write(&path, vec![0u8; pattern.len()]).unwrap();
+        p.transfer(file.as_raw_fd(), 0, &[(0, PAGES * PAGE_SIZE)], Transfer::Write)
+            .unwrap();
+        assert!(std::fs::read(&path).unwrap() == pattern);
         std::fs::remove_file(&path).unwrap();
     }
 }
