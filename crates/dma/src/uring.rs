@@ -571,10 +571,9 @@ impl UringPinner {
         while let Some(&(first, ..)) = work.front() {
             let table = &mut inner.slots.rings[first.ring as usize];
             let capacity = table.ring.params().sq_entries() as usize;
-            let batch: SmallVec<[(Slot, u64, u64, u64); 16]> =
-                std::iter::from_fn(|| work.pop_front_if(|w| w.0.ring == first.ring))
-                    .take(capacity)
-                    .collect();
+            // The leading run of pieces in this ring, as many as it takes.
+            let run = work.iter().take_while(|w| w.0.ring == first.ring).count().min(capacity);
+            let batch: SmallVec<[(Slot, u64, u64, u64); 16]> = work.drain(..run).collect();
             for (i, &(slot, host, n, at)) in batch.iter().enumerate() {
                 let chunk = n as u32; // At most one slot: 1 GiB.
                 let sqe = match dir {
