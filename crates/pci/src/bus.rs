@@ -161,6 +161,16 @@ pub struct PciRoot {
     slots: Vec<Option<SharedDevice>>,
     config_address: AtomicU32,
     mapped: RwLock<Vec<MappedBar>>,
+    bar_listener: Option<Arc<dyn BarListener>>,
+}
+
+/// Told when the memory BARs a device decodes change (placed, moved,
+/// decoding turned on or off): the VMM maps device memory straight into the
+/// guest there. Called from the configuration write that made the change,
+/// with the device's lock held: it must not take that lock.
+pub trait BarListener: Send + Sync {
+    /// Device `bdf` now decodes exactly `live` (empty: nothing).
+    fn bars_changed(&self, bdf: PciBdf, live: &[BarInfo]);
 }
 
 impl fmt::Debug for PciRoot {
@@ -195,7 +205,14 @@ impl PciRoot {
             slots,
             config_address: AtomicU32::new(0),
             mapped: RwLock::new(Vec::new()),
+            bar_listener: None,
         }
+    }
+
+    /// Sets who is told of every change of a device's decoded BARs (set
+    /// it before adding devices: it is not told of what is live already).
+    pub fn set_bar_listener(&mut self, listener: Arc<dyn BarListener>) {
+        self.bar_listener = Some(listener);
     }
 
     /// Adds `device` in the lowest free slot and returns its address.
@@ -461,9 +478,21 @@ impl PciRoot {
         } else {
             Vec::new()
         };
-        let mut mapped = self.mapped.write().unwrap_or_else(PoisonError::into_inner);
-        mapped.retain(|m| m.slot != slot);
-        mapped.extend(live.into_iter().map(|bar| MappedBar { slot, bar }));
+        let changed = {
+            let mut mapped = self.mapped.write().unwrap_or_else(PoisonError::into_inner);
+            let before: Vec<BarInfo> = mapped.iter().filter(|m| m.slot == slot).map(|m| m.bar).collect();
+            mapped.retain(|m| m.slot != slot);
+            mapped.extend(live.iter().map(|&bar| MappedBar { slot, bar }));
+            before != live
+        };
+        if changed && let Some(listener) = &self.bar_listener {
+            let bdf = PciBdf {
+                bus: 0,
+                device: slot,
+                function: 0,
+            };
+            listener.bars_changed(bdf, &live);
+        }
     }
 
     fn find_bar(&self, addr: u64) -> Option<(SharedDevice, u8, u64)> {
@@ -707,6 +736,39 @@ mod tests {
         root.ecam_write(base + u64::from(COMMAND), &[0, 0]);
         assert!(!root.mmio_read(0xc020_0010, &mut d));
         assert!(root.mapped_bars().is_empty());
+    }
+
+    /// Records what it is told: (device, the live BARs' index and address).
+    #[derive(Default)]
+    struct Told(Mutex<Vec<(u8, Vec<(u8, u64)>)>>);
+
+    impl BarListener for Told {
+        fn bars_changed(&self, bdf: PciBdf, live: &[BarInfo]) {
+            let bars = live.iter().map(|b| (b.index, b.addr)).collect();
+            self.0.lock().unwrap().push((bdf.device, bars));
+        }
+    }
+
+    #[test]
+    fn the_bar_listener_is_told_each_change_of_what_a_device_decodes() {
+        let told = Arc::new(Told::default());
+        let mut root = PciRoot::new();
+        root.set_bar_listener(told.clone());
+        root.add_device_at(1, Scratch::shared()).unwrap();
+        let base = 1 << 15;
+        let take = || std::mem::take(&mut *told.0.lock().unwrap());
+        assert!(take().is_empty(), "nothing decoded yet");
+        root.ecam_write(base + 0x10, &0xc000_0000u32.to_le_bytes());
+        assert!(take().is_empty(), "placed, but decoding is off");
+        root.ecam_write(base + u64::from(COMMAND), &COMMAND_MEMORY_SPACE.to_le_bytes());
+        assert_eq!(take(), [(1, vec![(0, 0xc000_0000)])]);
+        // A write that changes nothing is not news.
+        root.ecam_write(base + u64::from(COMMAND), &COMMAND_MEMORY_SPACE.to_le_bytes());
+        assert!(take().is_empty());
+        root.ecam_write(base + 0x10, &0xc010_0000u32.to_le_bytes());
+        assert_eq!(take(), [(1, vec![(0, 0xc010_0000)])]);
+        root.ecam_write(base + u64::from(COMMAND), &[0, 0]);
+        assert_eq!(take(), [(1, vec![])]);
     }
 
     fn lock_scratch(dev: &Arc<Mutex<Scratch>>) -> MutexGuard<'_, Scratch> {

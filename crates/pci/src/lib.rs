@@ -83,7 +83,7 @@ pub mod msix;
 pub mod virtio_pci;
 
 pub use bar::BarAllocator;
-pub use bus::{PciBdf, PciRoot};
+pub use bus::{BarListener, PciBdf, PciRoot};
 pub use config::{BarInfo, ConfigSpace, PciDevice, PciHeader};
 pub use error::PciError;
 pub use msix::{MsiMessage, MsiSink, MsixConfig, MsixDelivery};

@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::VfioPciError;
 use crate::config::{CONVENTIONAL, CapabilityInfo, Layout};
-use crate::io::{CONFIG_REGION_INDEX, MSIX_IRQ_INDEX, RegionInfo, VfioDeviceIo};
+use crate::io::{CONFIG_REGION_INDEX, MSIX_IRQ_INDEX, RegionInfo, RegionMapping, VfioDeviceIo};
 use crate::msix::IrqRouter;
 use crate::sys::VfioDeviceFd;
 
@@ -147,6 +147,19 @@ enum Target {
     Device,
     Table(u64),
     Pba(u64),
+}
+
+/// Part of a BAR mapped into this process ([`VfioPciDevice::map_bars`]):
+/// the guest reaches it without a trap once the VMM installs
+/// `mapping` as guest memory at the BAR's address + `offset`.
+#[derive(Debug)]
+pub struct MappedBarRange {
+    /// The BAR.
+    pub bar: u8,
+    /// Offset of the range in the BAR (page-aligned).
+    pub offset: u64,
+    /// The device memory.
+    pub mapping: RegionMapping,
 }
 
 /// A PCI function bound to vfio-pci on the host, presented to the guest:
@@ -351,13 +364,11 @@ impl VfioPciDevice {
     /// `page_size` pages, minus the pages holding the MSI-X table or PBA;
     /// empty if VFIO does not allow mapping the region.
     ///
-    /// This is the hook for the fast path this crate leaves for later:
-    /// `mmap` the device file at `bar_region(bar).offset + range.start`
-    /// and install each range as a KVM memory slot at the BAR's guest
-    /// address + `range.start`, moved when the guest moves the BAR
-    /// ([`PciDevice::bars`] after each configuration write) and removed
-    /// while memory decoding is off. Accesses to mapped ranges then never
-    /// reach [`read_bar`](PciDevice::read_bar); the rest keeps trapping.
+    /// [`map_bars`](Self::map_bars) maps them; the VMM installs each as a
+    /// KVM memory slot at the BAR's guest address + `range.start`, moved
+    /// when the guest moves the BAR and removed while memory decoding is
+    /// off. Accesses to mapped ranges then never reach
+    /// [`read_bar`](PciDevice::read_bar); the rest keeps trapping.
     pub fn mappable_ranges(&self, bar: u8, page_size: u64) -> Vec<Range<u64>> {
         let Some(Some((info, region))) = self.bars.get(usize::from(bar)) else {
             return Vec::new();
@@ -386,6 +397,33 @@ impl VfioPciDevice {
             ranges.push(at..size);
         }
         ranges
+    }
+
+    /// Maps every range of [`mappable_ranges`](Self::mappable_ranges) of
+    /// every BAR into this process, for the VMM to install as guest memory
+    /// at the BAR's address. A range that cannot be mapped is logged and
+    /// left out: the guest's accesses there keep trapping.
+    pub fn map_bars(&self, page_size: u64) -> Vec<MappedBarRange> {
+        let mut mapped = Vec::new();
+        for bar in 0..6u8 {
+            for range in self.mappable_ranges(bar, page_size) {
+                let len = range.end - range.start;
+                match self.io.map_region(u32::from(bar), range.start, len) {
+                    Ok(mapping) => mapped.push(MappedBarRange {
+                        bar,
+                        offset: range.start,
+                        mapping,
+                    }),
+                    Err(e) => log::warn!(
+                        "{}: BAR{bar} [{:#x}, {:#x}) is not mapped, its accesses trap: {e}",
+                        self.info,
+                        range.start,
+                        range.end
+                    ),
+                }
+            }
+        }
+        mapped
     }
 
     /// Resets the device for a system reset: disables MSI-X (tearing down

@@ -99,4 +99,81 @@ pub trait VfioDeviceIo: Send + Sync {
     /// whatever the kernel has for the device). The kernel saves and
     /// restores the configuration space around it.
     fn reset(&self) -> io::Result<()>;
+
+    /// Maps `len` bytes at `offset` of region `index` into this process
+    /// (`mmap` of the device file, shared, read and write), for the guest
+    /// to reach the device's memory without a trap; the mapping lasts as
+    /// long as the returned value. The default cannot (a test double
+    /// without device memory).
+    fn map_region(&self, index: u32, offset: u64, len: u64) -> io::Result<RegionMapping> {
+        let _ = (index, offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Device memory mapped into this process ([`VfioDeviceIo::map_region`]);
+/// unmapped when dropped.
+#[derive(Debug)]
+pub struct RegionMapping {
+    addr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory of the device file; the value
+// only owns the right to unmap it, which any thread may do.
+unsafe impl Send for RegionMapping {}
+// SAFETY: as above; `&RegionMapping` only reads the address and length.
+unsafe impl Sync for RegionMapping {}
+
+impl RegionMapping {
+    /// `mmap`s `len` bytes of `fd` at file offset `offset`, shared, read
+    /// and write.
+    pub fn map(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len == 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: a fresh shared mapping chosen by the kernel (no fixed
+        // address), so no existing memory is affected; the result is
+        // checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = std::ptr::NonNull::new(addr).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Self { addr, len })
+    }
+
+    /// Host address of the first byte.
+    pub fn host_address(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Never true: a mapping has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for RegionMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made, unmapped once.
+        unsafe { libc::munmap(self.addr.as_ptr(), self.len) };
+    }
 }

@@ -16,7 +16,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use crate::VfioPciError;
-use crate::io::{CONFIG_REGION_INDEX, IrqInfo, RegionInfo, VfioDeviceIo};
+use crate::io::{CONFIG_REGION_INDEX, IrqInfo, RegionInfo, RegionMapping, VfioDeviceIo};
 
 // `_IO(VFIO_TYPE, VFIO_BASE + nr)`, as functions (asm-generic `_IOC`
 // layout: x86_64, aarch64, riscv64).
@@ -230,6 +230,19 @@ impl VfioDeviceIo for VfioDeviceFd {
 
     fn disable_irqs(&self, index: u32) -> io::Result<()> {
         self.set_irqs(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, index, 0, &[])
+    }
+
+    fn map_region(&self, index: u32, offset: u64, len: u64) -> io::Result<RegionMapping> {
+        let region = self.regions.get(index as usize).copied().unwrap_or_default();
+        if !region.mappable() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{}: region {index} cannot be mapped", self.name),
+            ));
+        }
+        let len_usize = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let at = self.file_offset(index, offset, len_usize)?;
+        RegionMapping::map(self.file.as_fd(), at, len)
     }
 
     fn reset(&self) -> io::Result<()> {

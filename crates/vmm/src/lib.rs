@@ -55,6 +55,8 @@ pub mod config;
 pub mod control;
 #[cfg(target_arch = "x86_64")]
 pub mod devices;
+#[cfg(target_arch = "x86_64")]
+mod devmem;
 pub mod events;
 pub mod exit;
 #[cfg(target_arch = "x86_64")]

@@ -45,7 +45,7 @@ use memvisor_memory::map::GuestMemoryMap;
 use crate::slot_table::{SlotAllocator, SlotOp, SlotTable, SlotTableError};
 
 /// The page size KVM slots are made of.
-const PAGE_SIZE: u64 = 4096;
+pub(crate) const PAGE_SIZE: u64 = 4096;
 
 /// The highest slot limit used: slot numbers above 16 bits would select
 /// another KVM address space (`KVM_CAP_MULTI_ADDRESS_SPACE`).
@@ -432,6 +432,12 @@ impl Memslots {
     /// per block of each managed region.
     pub fn worst_case(&self) -> usize {
         self.worst_case
+    }
+
+    /// The VM's slot numbers, for memory outside the map (device BARs)
+    /// to take from the same pool.
+    pub(crate) fn allocator(&self) -> &Arc<Mutex<SlotAllocator>> {
+        &self.allocator
     }
 
     /// Slot numbers in use now (including retired ones, see

@@ -31,6 +31,7 @@ use crate::config::{ConfigError, SerialConfig, VmmConfig};
 use crate::control::VmControl;
 use crate::devices::legacy::{I8042, PmBlock};
 use crate::devices::serial::Serial;
+use crate::devmem::DeviceMemory;
 use crate::events::EventBus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::irq::{GsiRouter, KvmIoEvents, KvmMsiVectors};
@@ -468,6 +469,12 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     // PCI: every virtio device behind the modern transport.
     let slots = config.slots();
     let mut root = PciRoot::new();
+    // Assigned devices' BARs, mapped into the guest where VFIO allows it.
+    let device_memory = Arc::new(DeviceMemory::new(
+        vm.handle().clone(),
+        vm.memslots().allocator().clone(),
+    ));
+    root.set_bar_listener(device_memory.clone());
     // Each queue's notification eventfd and who to tell.
     let mut queue_events: Vec<(QueueNotifier, u16, EventFd)> = Vec::new();
     let mut add =
@@ -511,6 +518,7 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     for ((v, &slot), container) in config.vfio.iter().zip(&slots.vfio).zip(&vfio_containers) {
         let device = open_vfio(&v.host, container.as_deref(), &router)?;
         log::info!("VFIO {} in slot {slot}: {}", v.host, device.info());
+        device_memory.add_device(slot, &v.host, device.map_bars(crate::memslots::PAGE_SIZE));
         root.add_device_at(slot, Arc::new(Mutex::new(device)))
             .map_err(setup(format!("PCI slot {slot}")))?;
     }

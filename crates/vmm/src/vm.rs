@@ -94,6 +94,29 @@ pub(crate) struct VmHandle {
     memory: GuestMemoryMap,
 }
 
+impl VmHandle {
+    /// Installs memory slot `slot` at `gpa`, `size` bytes backed by `host`
+    /// — memory outside the guest memory map, such as a device's BAR mapped
+    /// from its VFIO file — or, with `size` 0, removes it.
+    ///
+    /// # Safety
+    ///
+    /// `[host, host + size)` must stay mapped until the slot is removed
+    /// (or the VM is gone).
+    pub(crate) unsafe fn set_foreign_slot(&self, slot: u32, gpa: u64, size: u64, host: u64) -> std::io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller keeps `[host, host + size)` mapped while the
+        // slot exists; KVM refuses overlaps with other slots itself.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(std::io::Error::from)
+    }
+}
+
 /// [`SlotBackend`] of a KVM VM: `KVM_SET_USER_MEMORY_REGION`, with host
 /// addresses resolved through the VM's own memory map.
 struct KvmSlots {

@@ -186,6 +186,25 @@ impl FakeState {
 }
 
 impl VfioDeviceIo for FakeDevice {
+    /// Device memory of its own (a memfd of the region's size), for the
+    /// mapping checks: not the memory `region_read` sees.
+    fn map_region(&self, index: u32, offset: u64, len: u64) -> io::Result<crate::io::RegionMapping> {
+        use std::os::fd::{AsFd, FromRawFd};
+        let size = lock(&self.0).regions.get(index as usize).map_or(0, |r| r.size);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: memfd_create with a valid name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fake-bar".as_ptr(), 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)?;
+        crate::io::RegionMapping::map(file.as_fd(), offset, len)
+    }
+
     fn region_info(&self, index: u32) -> io::Result<RegionInfo> {
         let state = lock(&self.0);
         state

@@ -704,6 +704,21 @@ fn on_the_root_bus() {
     assert_eq!(d.mappable_ranges(0, 0x10000), []);
     assert_eq!(d.mappable_ranges(1, 0x1000), []);
     assert_eq!(d.bar_region(0).unwrap().size, BAR0_SIZE);
+    // ...and mapped: one range, the MSI-X pages left to trap.
+    let mapped = d.map_bars(0x1000);
+    assert_eq!(
+        mapped
+            .iter()
+            .map(|m| (m.bar, m.offset, m.mapping.len()))
+            .collect::<Vec<_>>(),
+        [(0, 0, 0x2000)]
+    );
+    let host = mapped[0].mapping.host_address() as *mut u32;
+    // SAFETY: the first word of the live 8 KiB mapping.
+    unsafe {
+        host.add(0x400).write_volatile(7);
+        assert_eq!(host.add(0x400).read_volatile(), 7);
+    }
 }
 
 #[test]
