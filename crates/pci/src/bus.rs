@@ -738,9 +738,12 @@ mod tests {
         assert!(root.mapped_bars().is_empty());
     }
 
-    /// Records what it is told: (device, the live BARs' index and address).
+    /// One change: the device, and its live BARs' index and address.
+    type Change = (u8, Vec<(u8, u64)>);
+
+    /// Records what it is told.
     #[derive(Default)]
-    struct Told(Mutex<Vec<(u8, Vec<(u8, u64)>)>>);
+    struct Told(Mutex<Vec<Change>>);
 
     impl BarListener for Told {
         fn bars_changed(&self, bdf: PciBdf, live: &[BarInfo]) {
