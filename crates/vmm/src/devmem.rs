@@ -113,7 +113,7 @@ impl BarListener for DeviceMemory {
             // `uninstall`, and in `Drop`).
             match unsafe { self.vm.set_foreign_slot(slot, gpa, len, range.mapping.host_address()) } {
                 Ok(()) => {
-                    log::debug!(
+                    log::info!(
                         "{}: BAR{} [{:#x}, +{len:#x}) in KVM slot {slot} at {gpa:#x}",
                         d.name,
                         range.bar,
