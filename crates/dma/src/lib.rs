@@ -48,6 +48,7 @@
 #![deny(missing_docs)]
 
 pub mod attach;
+pub mod distinct;
 pub mod events;
 pub mod mapper;
 pub mod persist;

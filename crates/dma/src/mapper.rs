@@ -2,8 +2,10 @@
 //! (a VFIO container, a userspace backend's pinned buffer table) offers.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::distinct::RangeCounts;
 
 /// What a device may do with a mapping: read it, write it, or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -277,9 +279,20 @@ pub trait DmaMapper: Send + Sync + 'static {
 /// A per-VM limit on pinned bytes, shared by every mapper of the VM and
 /// enforced by memvisor itself (the process has `CAP_IPC_LOCK`, so the
 /// kernel's `RLIMIT_MEMLOCK` does not bound it).
+///
+/// Two figures: [`used`](Self::used), every pin's bytes summed — what the
+/// kernel accounts (`VmLck`, `VmPin`), counting a page as often as devices
+/// map it — and, for a limited budget, [`distinct`](Self::distinct), the
+/// bytes of guest memory pinned at least once. The limit applies to the
+/// distinct bytes: a second device mapping pages the first pins costs
+/// nothing (where libvirt must allow N × guest memory for N devices). An
+/// unlimited budget only sums, which keeps the pinning path at one atomic
+/// add.
 pub struct PinBudget {
     limit: Option<u64>,
     used: AtomicU64,
+    /// Pins by host address, for a limited budget.
+    distinct: Option<Mutex<RangeCounts>>,
 }
 
 impl fmt::Debug for PinBudget {
@@ -287,16 +300,18 @@ impl fmt::Debug for PinBudget {
         f.debug_struct("PinBudget")
             .field("limit", &self.limit)
             .field("used", &self.used())
+            .field("distinct", &self.distinct())
             .finish()
     }
 }
 
 impl PinBudget {
-    /// A budget of `limit` bytes.
+    /// A budget of `limit` distinct bytes.
     pub fn limited(limit: u64) -> Self {
         Self {
             limit: Some(limit),
             used: AtomicU64::new(0),
+            distinct: Some(Mutex::new(RangeCounts::default())),
         }
     }
 
@@ -306,6 +321,7 @@ impl PinBudget {
         Self {
             limit: None,
             used: AtomicU64::new(0),
+            distinct: None,
         }
     }
 
@@ -314,45 +330,53 @@ impl PinBudget {
         self.limit
     }
 
-    /// Bytes charged now.
+    /// Bytes charged now, every pin counted (what the kernel accounts).
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
     }
 
-    /// Charges `bytes` for the mapping at `iova`, or fails without charging
-    /// anything if the budget would be exceeded.
-    pub fn charge(&self, iova: u64, bytes: u64) -> Result<(), DmaError> {
-        let Some(budget) = self.limit else {
-            // Nothing to refuse: one atomic add, no compare-and-swap loop.
+    /// Bytes of memory pinned at least once, for a limited budget (`None`
+    /// for an unlimited one, which does not track them).
+    pub fn distinct(&self) -> Option<u64> {
+        self.distinct.as_ref().map(|d| lock(d).covered())
+    }
+
+    /// Charges `bytes` of host memory at `host` for the mapping at `iova`,
+    /// or fails without charging anything if the distinct bytes would
+    /// exceed the limit.
+    pub fn charge(&self, iova: u64, host: u64, bytes: u64) -> Result<(), DmaError> {
+        let (Some(budget), Some(distinct)) = (self.limit, &self.distinct) else {
+            // Nothing to refuse: one atomic add.
             self.used.fetch_add(bytes, Ordering::AcqRel);
             return Ok(());
         };
-        let mut current = self.used.load(Ordering::Relaxed);
-        loop {
-            let would = current.saturating_add(bytes);
-            if would > budget {
-                return Err(DmaError::BudgetExceeded {
-                    iova,
-                    len: bytes,
-                    would,
-                    budget,
-                });
-            }
-            match self
-                .used
-                .compare_exchange_weak(current, would, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Ok(()),
-                Err(seen) => current = seen,
-            }
+        let mut distinct = lock(distinct);
+        let would = distinct.covered() + distinct.uncovered_in(host, bytes);
+        if would > budget {
+            return Err(DmaError::BudgetExceeded {
+                iova,
+                len: bytes,
+                would,
+                budget,
+            });
         }
+        distinct.add(host, bytes);
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        Ok(())
     }
 
-    /// Returns `bytes` to the budget.
-    pub fn release(&self, bytes: u64) {
+    /// Returns the `bytes` at `host` of one earlier charge to the budget.
+    pub fn release(&self, host: u64, bytes: u64) {
+        if let Some(distinct) = &self.distinct {
+            lock(distinct).remove(host, bytes);
+        }
         let previous = self.used.fetch_sub(bytes, Ordering::AcqRel);
         debug_assert!(previous >= bytes, "pin budget released more than charged");
     }
+}
+
+fn lock(counts: &Mutex<RangeCounts>) -> std::sync::MutexGuard<'_, RangeCounts> {
+    counts.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `VmPin` of this process in KiB, from `/proc/self/status`: what the
@@ -387,19 +411,41 @@ mod tests {
     #[test]
     fn budget_charges_and_refuses() {
         let b = PinBudget::limited(8192);
-        b.charge(0, 4096).unwrap();
-        b.charge(0x1000, 4096).unwrap();
-        let err = b.charge(0x2000, 1).unwrap_err();
+        b.charge(0, 0x10_0000, 4096).unwrap();
+        b.charge(0x1000, 0x10_1000, 4096).unwrap();
+        let err = b.charge(0x2000, 0x10_2000, 1).unwrap_err();
         assert_eq!(
             err.to_string(),
             "pin budget exceeded: mapping 0x1 bytes at iova 0x2000 would pin 0x2001 bytes, budget 0x2000"
         );
-        assert_eq!(b.used(), 8192);
-        b.release(4096);
-        b.charge(0x2000, 4096).unwrap();
+        assert_eq!((b.used(), b.distinct()), (8192, Some(8192)));
+        b.release(0x10_0000, 4096);
+        b.charge(0x2000, 0x10_2000, 4096).unwrap();
         let u = PinBudget::unlimited();
-        u.charge(0, u64::MAX / 2).unwrap();
-        assert_eq!(u.limit(), None);
+        u.charge(0, 0, u64::MAX / 2).unwrap();
+        assert_eq!((u.limit(), u.distinct()), (None, None));
+    }
+
+    /// Devices mapping the same guest pages (at their own IOVAs) pin them
+    /// again in the kernel, but the budget counts them once.
+    #[test]
+    fn the_budget_counts_each_host_page_once() {
+        let b = PinBudget::limited(8192);
+        b.charge(0x1000, 0x10_0000, 8192).unwrap();
+        // A second device maps both pages, a third the second page: free.
+        b.charge(0x5000, 0x10_0000, 8192).unwrap();
+        b.charge(0x9000, 0x10_1000, 4096).unwrap();
+        assert_eq!((b.used(), b.distinct()), (5 * 4096, Some(8192)));
+        // A new page is over the limit.
+        assert!(b.charge(0xa000, 0x10_2000, 4096).is_err());
+        // The pages stay counted until their last pin goes.
+        b.release(0x10_0000, 8192);
+        b.release(0x10_0000, 8192);
+        assert_eq!((b.used(), b.distinct()), (4096, Some(4096)));
+        b.charge(0xa000, 0x10_2000, 4096).unwrap();
+        b.release(0x10_1000, 4096);
+        b.release(0x10_2000, 4096);
+        assert_eq!((b.used(), b.distinct()), (0, Some(0)));
     }
 
     /// A mapper that only records its mappings, to test the default

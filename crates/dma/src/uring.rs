@@ -83,7 +83,17 @@ struct RingTable {
     /// For every slot ever used, the IOVA and length of the mapping a
     /// session pinned there (a length of 0 if none): what `unpin` checks
     /// its key against.
-    pinned: Vec<(u64, u64)>,
+    pinned: Vec<SessionPin>,
+}
+
+/// A session's pin, kept beside its slot: IOVA and length (what `unpin`
+/// checks its key against; a length of 0 if the slot holds none), and the
+/// host address (what the budget releases).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SessionPin {
+    iova: u64,
+    len: u64,
+    host: u64,
 }
 
 /// The slots of one mapping, in IOVA order: a single one, stored inline,
@@ -161,7 +171,7 @@ impl RingTable {
         let index = self.unused;
         (index < SLOTS_PER_RING).then(|| {
             self.unused += 1;
-            self.pinned.push((0, 0));
+            self.pinned.push(SessionPin::default());
             index
         })
     }
@@ -374,17 +384,21 @@ impl Slots {
         }
     }
 
-    /// Every slot a session pinned one mapping in (`RingTable::pinned`).
-    fn session_slots(&self) -> impl Iterator<Item = Slot> + '_ {
+    /// Every slot a session pinned one mapping in, with the pin
+    /// (`RingTable::pinned`).
+    fn session_slots(&self) -> impl Iterator<Item = (Slot, SessionPin)> + '_ {
         self.rings.iter().enumerate().flat_map(|(ring, table)| {
             table
                 .pinned
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, len))| *len != 0)
-                .map(move |(index, _)| Slot {
-                    ring: ring as u32,
-                    index: index as u32,
+                .filter(|(_, pin)| pin.len != 0)
+                .map(move |(index, &pin)| {
+                    let slot = Slot {
+                        ring: ring as u32,
+                        index: index as u32,
+                    };
+                    (slot, pin)
                 })
         })
     }
@@ -408,15 +422,15 @@ struct Accounts {
 }
 
 impl Accounts {
-    /// Takes one mapping of the limit and charges `len` bytes to the
-    /// budget, all or nothing.
+    /// Takes one mapping of the limit and charges `len` bytes at `host`
+    /// to the budget, all or nothing.
     #[inline]
-    fn charge(&self, iova: u64, len: u64) -> Result<(), DmaError> {
+    fn charge(&self, iova: u64, host: u64, len: u64) -> Result<(), DmaError> {
         let max = self.max_mappings;
         self.mappings
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
             .map_err(|_| DmaError::TooManyMappings { limit: max })?;
-        if let Err(e) = self.budget.charge(iova, len) {
+        if let Err(e) = self.budget.charge(iova, host, len) {
             self.mappings.fetch_sub(1, Ordering::AcqRel);
             return Err(e);
         }
@@ -429,19 +443,19 @@ impl Accounts {
         self.pinned.fetch_add(len, Ordering::AcqRel);
     }
 
-    /// Undoes [`charge`](Self::charge) for `count` mappings of `bytes`
-    /// that were never pinned, or are unpinned now.
+    /// Undoes [`charge`](Self::charge) for one mapping of `len` bytes at
+    /// `host` that was never pinned, or is unpinned now.
     #[inline]
-    fn refund(&self, count: u64, bytes: u64) {
-        self.mappings.fetch_sub(count, Ordering::AcqRel);
-        self.budget.release(bytes);
+    fn refund(&self, host: u64, len: u64) {
+        self.mappings.fetch_sub(1, Ordering::AcqRel);
+        self.budget.release(host, len);
     }
 
-    /// [`refund`](Self::refund) of mappings that were counted pinned.
+    /// [`refund`](Self::refund) of a mapping that was counted pinned.
     #[inline]
-    fn unpinned(&self, count: u64, bytes: u64) {
-        self.pinned.fetch_sub(bytes, Ordering::AcqRel);
-        self.refund(count, bytes);
+    fn unpinned(&self, host: u64, len: u64) {
+        self.pinned.fetch_sub(len, Ordering::AcqRel);
+        self.refund(host, len);
     }
 }
 
@@ -643,12 +657,15 @@ impl UringPinner {
         self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Unpins `slots`, which held the `count` mappings of `bytes` just
-    /// removed from the table, and gives them back to the accounts.
-    fn release(&self, inner: &mut PinnerState, slots: &mut [Slot], count: u64, bytes: u64) {
+    /// Unpins `slots`, which held the mappings `unpinned` (host address,
+    /// length) just removed from the table, and gives them back to the
+    /// accounts.
+    fn release(&self, inner: &mut PinnerState, slots: &mut [Slot], unpinned: &[(u64, u64)]) {
         inner.slots.release(slots);
-        inner.pinned -= bytes;
-        self.accounts.unpinned(count, bytes);
+        for &(host, len) in unpinned {
+            inner.pinned -= len;
+            self.accounts.unpinned(host, len);
+        }
     }
 
     /// Checks what `map` and `pin` are given: page-aligned, non-empty, and
@@ -695,11 +712,11 @@ impl DmaMapper for UringPinner {
                 existing: start,
             });
         }
-        self.accounts.charge(iova, len)?;
+        self.accounts.charge(iova, host, len)?;
         let slots = match inner.slots.pin_all(iova, host, len) {
             Ok(slots) => slots,
             Err(e) => {
-                self.accounts.refund(1, len);
+                self.accounts.refund(host, len);
                 return Err(e);
             }
         };
@@ -716,8 +733,8 @@ impl DmaMapper for UringPinner {
         if let Entry::Occupied(found) = inner.mappings.entry(iova)
             && found.get().len == len
         {
-            let mut slots = found.remove().slots;
-            self.release(&mut inner, &mut slots, 1, len);
+            let Mapping { host, mut slots, .. } = found.remove();
+            self.release(&mut inner, &mut slots, &[(host, len)]);
             return Ok(len);
         }
         // A mapping starting before the range but reaching into it would be split.
@@ -742,7 +759,7 @@ impl DmaMapper for UringPinner {
         // past `last` (mappings do not overlap), and it is checked before
         // anything is removed.
         let mut slots = FreedSlots::new();
-        let (mut count, mut bytes) = (0, 0);
+        let mut unpinned: SmallVec<[(u64, u64); 4]> = SmallVec::new();
         let mut upper = Some(last);
         while let Some(top) = upper
             && let Some((&start, m)) = inner.mappings.range(iova..=top).next_back()
@@ -756,17 +773,16 @@ impl DmaMapper for UringPinner {
                 });
             }
             let m = inner.mappings.remove(&start).expect("found above");
-            count += 1;
-            bytes += m.len;
+            unpinned.push((m.host, m.len));
             slots.extend(m.slots);
             upper = start.checked_sub(1).filter(|&below| below >= iova);
         }
-        if count == 0 {
+        if unpinned.is_empty() {
             // A hole: nothing to release.
             return Ok(0);
         }
-        self.release(&mut inner, &mut slots, count, bytes);
-        Ok(bytes)
+        self.release(&mut inner, &mut slots, &unpinned);
+        Ok(unpinned.iter().map(|&(_, len)| len).sum())
     }
 
     fn session(self: Arc<Self>) -> Box<dyn PinSession> {
@@ -810,10 +826,13 @@ impl Drop for UringPinner {
         // clear every slot synchronously first.
         let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
         let mappings = std::mem::take(&mut inner.mappings);
-        let count = mappings.len() as u64;
+        let unpinned: Vec<(u64, u64)> = mappings.values().map(|m| (m.host, m.len)).collect();
         let mut slots: Vec<Slot> = mappings.into_values().flat_map(|m| m.slots).collect();
         inner.slots.release(&mut slots);
-        self.accounts.unpinned(count, std::mem::take(&mut inner.pinned));
+        for (host, len) in unpinned {
+            self.accounts.unpinned(host, len);
+        }
+        inner.pinned = 0;
     }
 }
 
@@ -881,11 +900,11 @@ impl UringSession {
                 limit: u64::from(u32::MAX),
             });
         }
-        self.accounts.charge(iova, len)?;
+        self.accounts.charge(iova, host, len)?;
         let slots = match self.slots.pin_all(iova, host, len) {
             Ok(slots) => slots,
             Err(e) => {
-                self.accounts.refund(1, len);
+                self.accounts.refund(host, len);
                 return Err(e);
             }
         };
@@ -920,7 +939,7 @@ impl UringSession {
         self.vacant.push(index as u32);
         let mut slots = mapping.slots;
         self.slots.release(&mut slots);
-        self.unpinned(len);
+        self.unpinned(mapping.host, len);
         len
     }
 
@@ -932,10 +951,10 @@ impl UringSession {
     }
 
     #[inline]
-    fn unpinned(&mut self, len: u64) {
+    fn unpinned(&mut self, host: u64, len: u64) {
         self.pinned -= len;
         self.count -= 1;
-        self.accounts.unpinned(1, len);
+        self.accounts.unpinned(host, len);
     }
 }
 
@@ -946,11 +965,11 @@ impl PinSession for UringSession {
             return self.pin_long(iova, host, len);
         }
         // The common case: one slot, no slot list, kept beside the slot.
-        self.accounts.charge(iova, len)?;
+        self.accounts.charge(iova, host, len)?;
         let slot = match self.slots.pin(host, len) {
             Ok(slot) => slot,
             Err(source) => {
-                self.accounts.refund(1, len);
+                self.accounts.refund(host, len);
                 return Err(DmaError::Os {
                     op: "io_uring buffer registration",
                     iova,
@@ -959,7 +978,7 @@ impl PinSession for UringSession {
                 });
             }
         };
-        self.slots.rings[slot.ring as usize].pinned[slot.index as usize] = (iova, len);
+        self.slots.rings[slot.ring as usize].pinned[slot.index as usize] = SessionPin { iova, len, host };
         self.pinned(len);
         Ok(slot.key())
     }
@@ -977,12 +996,12 @@ impl PinSession for UringSession {
             .rings
             .get_mut(slot.ring as usize)
             .and_then(|table| table.pinned.get_mut(slot.index as usize));
-        match entry {
-            Some(entry) if len != 0 && *entry == (iova, len) => *entry = (0, 0),
+        let host = match entry {
+            Some(entry) if len != 0 && (entry.iova, entry.len) == (iova, len) => std::mem::take(entry).host,
             _ => return Ok(0),
-        }
+        };
         self.slots.release_one(slot);
-        self.unpinned(len);
+        self.unpinned(host, len);
         Ok(len)
     }
 }
@@ -991,11 +1010,17 @@ impl Drop for UringSession {
     fn drop(&mut self) {
         // As for the pinner: clear every slot synchronously, before the
         // rings close.
-        let long = std::mem::take(&mut self.long).into_iter().flatten();
-        let mut slots: Vec<Slot> = long.flat_map(|l| l.mapping.slots).collect();
-        slots.extend(self.slots.session_slots());
+        let long: Vec<Long> = std::mem::take(&mut self.long).into_iter().flatten().collect();
+        let mut unpinned: Vec<(u64, u64)> = long.iter().map(|l| (l.mapping.host, l.mapping.len)).collect();
+        let mut slots: Vec<Slot> = long.into_iter().flat_map(|l| l.mapping.slots).collect();
+        for (slot, pin) in self.slots.session_slots() {
+            slots.push(slot);
+            unpinned.push((pin.host, pin.len));
+        }
         self.slots.release(&mut slots);
-        self.accounts.unpinned(self.count, self.pinned);
+        for (host, len) in unpinned {
+            self.accounts.unpinned(host, len);
+        }
     }
 }
 

@@ -146,6 +146,20 @@ pub struct IommuDevice {
     pub probe_size: u32,
 }
 
+/// Bytes covered by the union of `ranges`.
+fn union_bytes(mut ranges: Vec<GuestRange>) -> u64 {
+    ranges.sort_unstable_by_key(|r| r.start());
+    let (mut total, mut end) = (0, 0);
+    for r in ranges {
+        let start = r.start().max(end);
+        if r.end() > start {
+            total += r.end() - start;
+        }
+        end = end.max(r.end());
+    }
+    total
+}
+
 /// The DMA backends the VMM's own devices use, by device name.
 #[derive(Default)]
 struct Backends {
@@ -500,6 +514,38 @@ impl Machine {
     /// Bytes the DMA backends have pinned now, by their own count.
     pub fn pinned_bytes(&self) -> u64 {
         self.dma.iter().map(|(d, _)| d.pinned_bytes()).sum()
+    }
+
+    /// Bytes of guest memory pinned for DMA at least once, however many
+    /// devices (or mappings) pin them: [`pinned_bytes`](Self::pinned_bytes)
+    /// counts a page once per pin, as the kernel accounts it. The budget's
+    /// own count when it has a limit; otherwise the union of what each
+    /// device reaches (all populated RAM on path 1 or in bypass, the pinned
+    /// ranges of a vIOMMU bridge).
+    pub fn distinct_pinned_bytes(&self) -> u64 {
+        if let Some(distinct) = self.budget.distinct() {
+            return distinct;
+        }
+        let mut ranges: Vec<GuestRange> = Vec::new();
+        let mut all_ram = false;
+        for (device, _) in &self.dma {
+            match device.path() {
+                None => {}
+                Some(DmaPath::Viommu { .. }) if !device.in_bypass() => {
+                    ranges.extend(device.pinned_ranges().unwrap_or_default());
+                }
+                Some(_) => all_ram = true,
+            }
+        }
+        if all_ram {
+            for region in self.map.regions() {
+                match region.manager() {
+                    None => ranges.push(region.range()),
+                    Some(manager) => ranges.extend(manager.populated().runs(region.range(), true)),
+                }
+            }
+        }
+        union_bytes(ranges)
     }
 
     /// The guest-physical ranges the vIOMMU bridges hold pinned now, by

@@ -28,6 +28,7 @@ fn path1_plug_and_unplug_move_vmpin_by_exactly_the_plugged_bytes() {
     // One mapping per granule, so a single block can be unmapped alone.
     let device = m.machine.dma_devices().next().unwrap().clone();
     assert_eq!(device.mapper().mapping_count(), 1 + 5);
+    assert_eq!(m.machine.distinct_pinned_bytes(), BOOT + 10 * MIB);
     assert_eq!(m.unplug_all(), ACK);
     assert_eq!(vm_pin_kib(), base);
     // The unplugged memory really left the host.
@@ -109,6 +110,27 @@ fn path2_in_bypass_pins_like_path1_both_ways() {
     assert_eq!(events.try_iter().collect::<Vec<_>>(), [bypass(true), bypass(false)]);
 }
 
+/// The same guest page mapped at two IOVAs is pinned twice (the kernel's
+/// count), but is one page of guest memory (the distinct count), with an
+/// unlimited budget too (computed from the bridge's ranges).
+#[test]
+fn a_page_mapped_twice_is_pinned_twice_and_counted_once() {
+    let _s = serial();
+    let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, None);
+    assert_eq!(m.plug(0, 1), ACK);
+    assert_eq!(m.map(DOMAIN, 0x10_0000, HOT, 8192, RW), Status::Ok);
+    assert_eq!(m.map(DOMAIN, 0x20_0000, HOT + 4096, 8192, RW), Status::Ok);
+    assert_eq!(m.machine.pinned_bytes(), 16384);
+    assert_eq!(vm_pin_kib(), 16, "the kernel pins each mapping");
+    assert_eq!(m.machine.distinct_pinned_bytes(), 12288);
+    assert_eq!(
+        m.machine.budget().distinct(),
+        None,
+        "an unlimited budget does not track it"
+    );
+    check_invariants(&m.machine);
+}
+
 #[test]
 fn path2_reject_vetoes_unplug_of_mapped_blocks() {
     let _s = serial();
@@ -145,28 +167,38 @@ fn path2_reject_vetoes_unplug_of_mapped_blocks() {
 fn hostile_map_flood_stops_at_the_pin_budget() {
     let _s = serial();
     let budget = 8 * MIB;
+    let chunk = 64 * 1024;
     let mut m = rig(behind_viommu(UnplugGuard::Reject), 64 * MIB, Some(budget));
     assert_eq!(m.plug(0, 32), ACK);
-    let mut ok = 0u64;
-    let mut nomem = 0;
-    // Map the same guest memory again and again at fresh IOVAs.
+    let pin_budget = m.machine.budget().clone();
+    let (mut ok, mut nomem) = (0u64, 0u64);
+    // Map 64 MiB of guest memory, 64 KiB at a time at fresh IOVAs, four
+    // times over: the budget counts distinct guest bytes, so the first 8
+    // MiB fit (again and again), the rest never does.
     for i in 0..4096u64 {
-        let status = m.map(DOMAIN, i * 64 * 1024, HOT + (i % 1024) * 64 * 1024, 64 * 1024, RW);
+        let status = m.map(DOMAIN, i * chunk, HOT + (i % 1024) * chunk, chunk, RW);
         match status {
             Status::Ok => ok += 1,
             Status::NoMem => nomem += 1,
             other => panic!("unexpected {other:?}"),
         }
-        assert!(m.machine.pinned_bytes() <= budget);
-        assert!(vm_pin_kib() * 1024 <= budget);
+        assert!(pin_budget.distinct().unwrap() <= budget);
     }
-    assert_eq!(ok * 64 * 1024, budget, "the flood fills the budget exactly");
+    assert_eq!(ok, 4 * budget / chunk, "the same 8 MiB, four times");
+    assert_eq!(pin_budget.distinct(), Some(budget), "counted once");
+    // The kernel pins each mapping: it accounts the 8 MiB four times.
+    assert_eq!(m.machine.pinned_bytes(), 4 * budget);
+    assert_eq!(vm_pin_kib() * 1024, 4 * budget);
     assert_eq!(nomem, 4096 - ok);
     let device = m.machine.dma_devices().next().unwrap().clone();
     assert_eq!(device.counts().refused_maps, nomem, "every refusal is counted");
     check_invariants(&m.machine);
-    // The device keeps working: unmapping frees budget for new maps.
-    assert_eq!(m.unmap(DOMAIN, 0, 64 * 1024), Status::Ok);
-    assert_eq!(m.map(DOMAIN, 0x4000_0000, HOT, 64 * 1024, RW), Status::Ok);
+    // Memory leaves the budget with its last mapping: new memory then fits.
+    for round in 0..4u64 {
+        assert_eq!(m.map(DOMAIN, 0x4000_0000, HOT + 200 * chunk, chunk, RW), Status::NoMem);
+        assert_eq!(m.unmap(DOMAIN, round * 1024 * chunk, chunk), Status::Ok);
+    }
+    assert_eq!(pin_budget.distinct(), Some(budget - chunk));
+    assert_eq!(m.map(DOMAIN, 0x4000_0000, HOT + 200 * chunk, chunk, RW), Status::Ok);
     check_invariants(&m.machine);
 }

@@ -206,14 +206,31 @@ struct HostInfo {
 #[derive(Debug, Deserialize)]
 struct DmaTotals {
     pinned_bytes: u64,
+    /// Absent from a VMM that does not count pages once.
+    #[serde(default)]
+    distinct_pinned_bytes: Option<u64>,
     pin_budget: Option<u64>,
+}
+
+impl DmaTotals {
+    /// `DMA: pinned 8.0 KiB (distinct 4.0 KiB), budget unlimited`.
+    fn line(&self) -> String {
+        let distinct = self
+            .distinct_pinned_bytes
+            .map_or(String::new(), |d| format!(" (distinct {})", human(d)));
+        format!(
+            "DMA: pinned {}{distinct}, budget {}\n",
+            human(self.pinned_bytes),
+            budget(self.pin_budget)
+        )
+    }
 }
 
 /// `GET /api/v1/dma`.
 #[derive(Debug, Deserialize)]
 struct DmaInfo {
-    pinned_bytes: u64,
-    pin_budget: Option<u64>,
+    #[serde(flatten)]
+    totals: DmaTotals,
     devices: Vec<DmaDevice>,
     iommu: Option<IommuInfo>,
 }
@@ -318,11 +335,7 @@ fn format_memory(m: &MemoryInfo) -> String {
         human(m.host.pinned_bytes)
     ));
     if let Some(d) = &m.dma {
-        out.push_str(&format!(
-            "DMA: pinned {}, budget {}\n",
-            human(d.pinned_bytes),
-            budget(d.pin_budget)
-        ));
+        out.push_str(&d.line());
     }
     out
 }
@@ -330,11 +343,7 @@ fn format_memory(m: &MemoryInfo) -> String {
 /// The DMA answer as text: the totals, one line per device, the virtio-iommu.
 fn format_dma(d: &DmaInfo) -> String {
     let count = |n: Option<u64>| n.map_or("?".to_string(), |n| n.to_string());
-    let mut out = format!(
-        "DMA: pinned {}, budget {}\n",
-        human(d.pinned_bytes),
-        budget(d.pin_budget)
-    );
+    let mut out = d.totals.line();
     if d.devices.is_empty() {
         out.push_str("devices: none\n");
     }
@@ -718,6 +727,7 @@ mod tests {
             },
             dma: Some(DmaTotals {
                 pinned_bytes: 8 << 10,
+                distinct_pinned_bytes: Some(4 << 10),
                 pin_budget: Some(64 << 20),
             }),
         }
@@ -747,7 +757,7 @@ mod tests {
              boot-ram   512.0 MiB at 0x7f0000000000\n  \
              vmem0        1.0 GiB at 0x7effc0000000\n\
              host: RSS 700.0 MiB, locked 0 B, pinned 0 B\n\
-             DMA: pinned 8.0 KiB, budget 64.0 MiB\n"
+             DMA: pinned 8.0 KiB (distinct 4.0 KiB), budget 64.0 MiB\n"
         );
         let dma: DmaInfo = serde_json::from_value(json!({
             "pinned_bytes": 8192, "pin_budget": null,

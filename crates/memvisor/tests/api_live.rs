@@ -638,7 +638,10 @@ fn the_client_drives_every_endpoint() {
         "{memory}"
     );
     let dma = stdout(&api(&vmm, &["dma"]));
-    assert!(dma.starts_with("DMA: pinned 0 B, budget unlimited\n"), "{dma}");
+    assert!(
+        dma.starts_with("DMA: pinned 0 B (distinct 0 B), budget unlimited\n"),
+        "{dma}"
+    );
     assert_eq!(stdout(&api(&vmm, &["pause"])), "paused\n");
     let again = memvisor()
         .arg("api")

@@ -438,9 +438,13 @@ fn memory(ctx: &ApiContext) -> Value {
         })
         .collect();
     let status = ProcStatus::read();
-    let (dma_pinned, pin_budget) = {
+    let (dma_pinned, dma_distinct, pin_budget) = {
         let machine = lock(&ctx.machine);
-        (machine.pinned_bytes(), machine.budget().limit())
+        (
+            machine.pinned_bytes(),
+            machine.distinct_pinned_bytes(),
+            machine.budget().limit(),
+        )
     };
     json!({
         "boot_ram": ctx.boot_ram,
@@ -453,6 +457,7 @@ fn memory(ctx: &ApiContext) -> Value {
         },
         "dma": {
             "pinned_bytes": dma_pinned,
+            "distinct_pinned_bytes": dma_distinct,
             "pin_budget": pin_budget,
         },
     })
@@ -533,6 +538,7 @@ fn dma(ctx: &ApiContext) -> Value {
     });
     json!({
         "pinned_bytes": machine.pinned_bytes(),
+        "distinct_pinned_bytes": machine.distinct_pinned_bytes(),
         "pin_budget": machine.budget().limit(),
         "devices": devices,
         "iommu": iommu,

@@ -148,8 +148,9 @@ impl VfioContainerMapper {
             len,
             source,
         })?;
-        table.remove(iova);
-        self.budget.release(len);
+        if let Some((removed, host)) = table.remove(iova) {
+            self.budget.release(host, removed);
+        }
         if unmapped != len {
             return Err(DmaError::Os {
                 op: "VFIO_IOMMU_UNMAP_DMA",
@@ -184,7 +185,7 @@ impl DmaMapper for VfioContainerMapper {
                 limit: self.max_mappings,
             });
         }
-        self.budget.charge(iova, len)?;
+        self.budget.charge(iova, host, len)?;
         let mut flags = 0;
         if access.read {
             flags |= VFIO_DMA_MAP_FLAG_READ;
@@ -193,7 +194,7 @@ impl DmaMapper for VfioContainerMapper {
             flags |= VFIO_DMA_MAP_FLAG_WRITE;
         }
         if let Err(source) = self.iommu.map_dma(iova, host, len, flags) {
-            self.budget.release(len);
+            self.budget.release(host, len);
             if source.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(DmaError::TooManyMappings { limit: table.len() });
             }
@@ -204,7 +205,7 @@ impl DmaMapper for VfioContainerMapper {
                 source,
             });
         }
-        table.insert(iova, len);
+        table.insert(iova, len, host);
         Ok(())
     }
 
@@ -245,14 +246,16 @@ impl Drop for VfioContainerMapper {
     fn drop(&mut self) {
         let table = self.table.get_mut().unwrap_or_else(|poison| poison.into_inner());
         let mut table = std::mem::take(table);
-        let live: Vec<(u64, u64)> = table.iter().collect();
-        for (iova, len) in live {
+        let live: Vec<(u64, u64, u64)> = table.iter().collect();
+        for (iova, len, _) in live {
             if let Err(e) = self.unmap_one(&mut table, iova, len) {
                 log::error!("vfio mapper {}: {e}", self.name);
             }
         }
         // What the kernel refused to unmap goes when the container closes.
-        self.budget.release(table.bytes());
+        for (_, len, host) in table.iter() {
+            self.budget.release(host, len);
+        }
     }
 }
 
@@ -486,14 +489,20 @@ mod tests {
     fn vfio_budget_is_charged_first_and_released_on_failure() {
         let (m, fake) = fake_mapper(Some(4 * MIB), default_info());
         m.map(0, HOST, 3 * MIB, Permissions::READ_WRITE).unwrap();
-        let e = m.map(3 * MIB, HOST, 2 * MIB, Permissions::READ_WRITE).unwrap_err();
+        // New memory over the limit is refused (the same memory again
+        // would cost nothing: the budget counts distinct bytes).
+        let e = m
+            .map(3 * MIB, HOST + 3 * MIB, 2 * MIB, Permissions::READ_WRITE)
+            .unwrap_err();
         assert!(
             matches!(e, DmaError::BudgetExceeded { budget, .. } if budget == 4 * MIB),
             "{e}"
         );
         assert_eq!(fake.state.lock().unwrap().mappings.len(), 1, "the kernel never saw it");
         fake.state.lock().unwrap().fail_map = Some(libc::EFAULT);
-        let e = m.map(3 * MIB, HOST, MIB, Permissions::READ_WRITE).unwrap_err();
+        let e = m
+            .map(3 * MIB, HOST + 3 * MIB, MIB, Permissions::READ_WRITE)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 
 use crate::mapper::DmaError;
 
-/// The live mappings of one container: IOVA → length. Pure bookkeeping,
+/// The live mappings of one container: IOVA → length and host address
+/// (what the pin budget releases). Pure bookkeeping,
 /// no system calls; ranges are handled as inclusive ends so the top of the
 /// address space is reachable without overflow.
 #[derive(Debug, Default)]
 pub(super) struct MappingTable {
-    mappings: BTreeMap<u64, u64>,
+    mappings: BTreeMap<u64, (u64, u64)>,
     bytes: u64,
 }
 
@@ -19,7 +20,7 @@ impl MappingTable {
     /// Refuses `[iova, last]` if it overlaps a live mapping.
     pub(super) fn check_free(&self, iova: u64, last: u64, len: u64) -> Result<(), DmaError> {
         match self.mappings.range(..=last).next_back() {
-            Some((&start, &mlen)) if start + (mlen - 1) >= iova => Err(DmaError::Overlap {
+            Some((&start, &(mlen, _))) if start + (mlen - 1) >= iova => Err(DmaError::Overlap {
                 iova,
                 len,
                 existing: start,
@@ -28,16 +29,17 @@ impl MappingTable {
         }
     }
 
-    pub(super) fn insert(&mut self, iova: u64, len: u64) {
-        let previous = self.mappings.insert(iova, len);
+    pub(super) fn insert(&mut self, iova: u64, len: u64, host: u64) {
+        let previous = self.mappings.insert(iova, (len, host));
         debug_assert!(previous.is_none(), "checked free before inserting");
         self.bytes += len;
     }
 
-    pub(super) fn remove(&mut self, iova: u64) -> Option<u64> {
-        let len = self.mappings.remove(&iova)?;
+    /// Removes the mapping at `iova`: its length and host address.
+    pub(super) fn remove(&mut self, iova: u64) -> Option<(u64, u64)> {
+        let (len, host) = self.mappings.remove(&iova)?;
         self.bytes -= len;
-        Some(len)
+        Some((len, host))
     }
 
     /// The mappings an unmap of `[iova, iova + len)` removes, in IOVA
@@ -53,17 +55,17 @@ impl MappingTable {
             start,
             mapping_len,
         };
-        if let Some((&start, &mlen)) = self.mappings.range(..iova).next_back()
+        if let Some((&start, &(mlen, _))) = self.mappings.range(..iova).next_back()
             && start + (mlen - 1) >= iova
         {
             return Err(split(start, mlen));
         }
-        if let Some((&start, &mlen)) = self.mappings.range(iova..=last).next_back()
+        if let Some((&start, &(mlen, _))) = self.mappings.range(iova..=last).next_back()
             && start + (mlen - 1) > last
         {
             return Err(split(start, mlen));
         }
-        Ok(self.mappings.range(iova..=last).map(|(&s, &l)| (s, l)).collect())
+        Ok(self.mappings.range(iova..=last).map(|(&s, &(l, _))| (s, l)).collect())
     }
 
     pub(super) fn len(&self) -> u64 {
@@ -75,9 +77,9 @@ impl MappingTable {
         self.bytes
     }
 
-    /// The live mappings as `(iova, len)`, in IOVA order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.mappings.iter().map(|(&s, &l)| (s, l))
+    /// The live mappings as `(iova, len, host)`, in IOVA order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.mappings.iter().map(|(&s, &(l, h))| (s, l, h))
     }
 }
 
@@ -89,8 +91,8 @@ mod tests {
     fn vfio_table_overlap_split_and_holes() {
         let mut t = MappingTable::default();
         t.check_free(0x2000, 0x3fff, 0x2000).unwrap();
-        t.insert(0x2000, 0x2000);
-        t.insert(0x8000, 0x1000);
+        t.insert(0x2000, 0x2000, 0x7f00_0000_0000 + 0x2000);
+        t.insert(0x8000, 0x1000, 0x7f00_0000_0000 + 0x8000);
         assert!(matches!(
             t.check_free(0x3000, 0x3fff, 0x1000),
             Err(DmaError::Overlap { existing: 0x2000, .. })
@@ -128,7 +130,7 @@ mod tests {
             vec![(0x2000, 0x2000), (0x8000, 0x1000)]
         );
         assert_eq!((t.len(), t.bytes), (2, 0x3000));
-        assert_eq!(t.remove(0x2000), Some(0x2000));
+        assert_eq!(t.remove(0x2000), Some((0x2000, 0x7f00_0000_2000)));
         assert_eq!(t.remove(0x2000), None);
         assert_eq!((t.len(), t.bytes), (1, 0x1000));
     }
@@ -138,7 +140,7 @@ mod tests {
         let mut t = MappingTable::default();
         let top = u64::MAX - 0xfff;
         t.check_free(top, u64::MAX, 0x1000).unwrap();
-        t.insert(top, 0x1000);
+        t.insert(top, 0x1000, 0x7f00_0000_0000);
         assert!(matches!(
             t.check_free(top, u64::MAX, 0x1000),
             Err(DmaError::Overlap { .. })
