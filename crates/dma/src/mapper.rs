@@ -289,16 +289,15 @@ pub trait DmaMapper: Send + Sync + 'static {
 /// unlimited budget only sums, which keeps the pinning path at one atomic
 /// add.
 pub struct PinBudget {
-    limit: Option<u64>,
     used: AtomicU64,
-    /// Pins by host address, for a limited budget.
-    distinct: Option<Mutex<RangeCounts>>,
+    /// For a limited budget: the limit, and the pins by host address.
+    limited: Option<(u64, Mutex<RangeCounts>)>,
 }
 
 impl fmt::Debug for PinBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PinBudget")
-            .field("limit", &self.limit)
+            .field("limit", &self.limit())
             .field("used", &self.used())
             .field("distinct", &self.distinct())
             .finish()
@@ -309,9 +308,8 @@ impl PinBudget {
     /// A budget of `limit` distinct bytes.
     pub fn limited(limit: u64) -> Self {
         Self {
-            limit: Some(limit),
             used: AtomicU64::new(0),
-            distinct: Some(Mutex::new(RangeCounts::default())),
+            limited: Some((limit, Mutex::new(RangeCounts::default()))),
         }
     }
 
@@ -319,15 +317,14 @@ impl PinBudget {
     /// whole RAM may be pinned.
     pub fn unlimited() -> Self {
         Self {
-            limit: None,
             used: AtomicU64::new(0),
-            distinct: None,
+            limited: None,
         }
     }
 
     /// The limit, if any.
     pub fn limit(&self) -> Option<u64> {
-        self.limit
+        self.limited.as_ref().map(|(limit, _)| *limit)
     }
 
     /// Bytes charged now, every pin counted (what the kernel accounts).
@@ -338,18 +335,20 @@ impl PinBudget {
     /// Bytes of memory pinned at least once, for a limited budget (`None`
     /// for an unlimited one, which does not track them).
     pub fn distinct(&self) -> Option<u64> {
-        self.distinct.as_ref().map(|d| lock(d).covered())
+        self.limited.as_ref().map(|(_, d)| lock(d).covered())
     }
 
     /// Charges `bytes` of host memory at `host` for the mapping at `iova`,
     /// or fails without charging anything if the distinct bytes would
     /// exceed the limit.
+    #[inline]
     pub fn charge(&self, iova: u64, host: u64, bytes: u64) -> Result<(), DmaError> {
-        let (Some(budget), Some(distinct)) = (self.limit, &self.distinct) else {
+        let Some((budget, distinct)) = &self.limited else {
             // Nothing to refuse: one atomic add.
             self.used.fetch_add(bytes, Ordering::AcqRel);
             return Ok(());
         };
+        let budget = *budget;
         let mut distinct = lock(distinct);
         let would = distinct.covered() + distinct.uncovered_in(host, bytes);
         if would > budget {
@@ -366,8 +365,9 @@ impl PinBudget {
     }
 
     /// Returns the `bytes` at `host` of one earlier charge to the budget.
+    #[inline]
     pub fn release(&self, host: u64, bytes: u64) {
-        if let Some(distinct) = &self.distinct {
+        if let Some((_, distinct)) = &self.limited {
             lock(distinct).remove(host, bytes);
         }
         let previous = self.used.fetch_sub(bytes, Ordering::AcqRel);

@@ -997,7 +997,12 @@ impl PinSession for UringSession {
             .get_mut(slot.ring as usize)
             .and_then(|table| table.pinned.get_mut(slot.index as usize));
         let host = match entry {
-            Some(entry) if len != 0 && (entry.iova, entry.len) == (iova, len) => std::mem::take(entry).host,
+            Some(entry) if len != 0 && (entry.iova, entry.len) == (iova, len) => {
+                // A length of 0 frees the entry (the rest is overwritten
+                // by the next pin).
+                entry.len = 0;
+                entry.host
+            }
             _ => return Ok(0),
         };
         self.slots.release_one(slot);
