@@ -51,8 +51,12 @@ pub struct RunArgs {
     /// The management API's Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// The most guest memory DMA may pin (e.g. 1G), each page counted once however many
+    /// devices pin it; no limit without it.
+    #[arg(long, value_parser = parse_size)]
+    pin_budget: Option<u64>,
     /// The whole configuration as JSON (the form `--print-config` prints); no other flag with it.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "vmem", "viommu", "disk", "device", "api_socket"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "vmem", "viommu", "disk", "device", "api_socket", "pin_budget"])]
     config: Option<PathBuf>,
     /// Print the configuration as JSON and exit.
     #[arg(long)]
@@ -168,6 +172,7 @@ impl RunArgs {
             vfio: self.device.clone(),
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone(),
+            pin_budget: self.pin_budget,
         })
     }
 }

@@ -712,6 +712,35 @@ fn a_zero_copy_disk_pins_like_an_assigned_device() {
         assert!(memory["host"]["pinned_bytes"].as_u64().unwrap() >= pinned, "{memory}");
         vmm.shutdown();
     }
+    // A pin budget: the zero-copy disk's 64 MiB of boot RAM fits in 128M...
+    let vmm = Vmm::start_with(&["--disk", disk.as_str(), "--pin-budget", "128M"]);
+    let dma = vmm.call("GET", "/api/v1/dma", None).json().unwrap();
+    assert_eq!(
+        (&dma["pin_budget"], &dma["distinct_pinned_bytes"]),
+        (&json!(128 * MIB), &json!(64 * MIB)),
+        "{dma}"
+    );
+    vmm.shutdown();
+    // ...but not in 32M: the VMM refuses to start, naming the budget.
+    let out = memvisor()
+        .arg("run")
+        .arg("--kernel")
+        .arg(idle_guest())
+        .args([
+            "--memory",
+            "64M",
+            "--serial",
+            "off",
+            "--disk",
+            disk.as_str(),
+            "--pin-budget",
+            "32M",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pin budget exceeded"), "{stderr}");
     std::fs::remove_file(&image).unwrap();
 }
 

@@ -150,6 +150,12 @@ pub struct VmmConfig {
     /// The management API's Unix socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// The most guest memory DMA may pin, each page counted once however
+    /// many devices pin it (`None`: no limit). A pin past it is refused: an
+    /// assigned device cannot attach, a zero-copy disk's or a vIOMMU
+    /// mapping fails, a plug is answered BUSY.
+    #[serde(default)]
+    pub pin_budget: Option<u64>,
 }
 
 fn default_cmdline() -> String {
@@ -304,7 +310,7 @@ impl VmmConfig {
             virtio_iommu,
             dma: DmaSpec {
                 devices: self.assigned_devices()?,
-                pin_budget: None,
+                pin_budget: self.pin_budget,
             },
         })
     }
@@ -390,6 +396,7 @@ mod tests {
             vfio: vec![],
             serial: SerialConfig::Stdio,
             api_socket: None,
+            pin_budget: None,
         }
     }
 
