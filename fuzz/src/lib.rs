@@ -168,9 +168,10 @@ pub fn config(path: Path) -> MachineConfig {
 /// The invariants of a machine of the fuzzers (boot RAM and one virtio-mem
 /// region); panics (a fuzzer crash) on a violation: no resident page in a
 /// discarded block; each assigned device pins nothing if detached, boot
-/// RAM and the plugged blocks on path 1, and on path 2 exactly its
-/// endpoint's live non-MMIO mappings, all in populated memory; `VmPin`
-/// equals the backends' count.
+/// RAM and the plugged blocks on path 1 (and on path 2 while its endpoint
+/// bypasses translation), and otherwise on path 2 exactly its endpoint's
+/// live non-MMIO mappings, all in populated memory; `VmPin` equals the
+/// backends' count.
 pub fn check_machine(machine: &Machine) {
     let boot: u64 = machine.config().ram.iter().map(|r| r.size).sum();
     let region = &machine.vmems()[0].region;
@@ -186,10 +187,17 @@ pub fn check_machine(machine: &Machine) {
         let (name, pinned) = (dev.name(), dev.pinned_bytes());
         match dev.path() {
             None => assert_eq!(pinned, 0, "{name}: detached but pins {pinned:#x}"),
+            // On path 1, or on path 2 with the endpoint in bypass (an
+            // identity domain, or unattached with `bypass` on).
             Some(DmaPath::Ram) => assert_eq!(
                 pinned,
                 boot + view.populated_bytes(),
                 "{name}: backend vs boot RAM + plugged"
+            ),
+            Some(DmaPath::Viommu { .. }) if dev.in_bypass() => assert_eq!(
+                pinned,
+                boot + view.populated_bytes(),
+                "{name}: in bypass, backend vs boot RAM + plugged"
             ),
             Some(DmaPath::Viommu { endpoint, .. }) => {
                 let ranges = dev.pinned_ranges().expect("a bridge");
