@@ -14,17 +14,24 @@ while [ -z "$dev" ] && [ $i -lt 120 ]; do
 done
 [ -n "$dev" ] || { echo "no disk (/dev/nvme0n1 or /dev/vda)"; exit 1; }
 obs disk "$dev"
-# The disk's PCI function: the first directory above its device that has a config space.
-pci=$(readlink -f "/sys/block/${dev#/dev/}/device")
+# The disk's PCI function: the first directory above its device that has a config space
+# (an NVMe namespace's block device is a virtual multipath node: start from the controller).
+case $dev in
+/dev/nvme*) pci=$(readlink -f /sys/class/nvme/nvme0/device) ;;
+*) pci=$(readlink -f "/sys/block/${dev#/dev/}/device") ;;
+esac
 while [ ! -e "$pci/config" ] && [ "$pci" != /sys ]; do pci=${pci%/*}; done
 obs disk_pci "${pci##*/}"
 obs iommu_groups "$(iommu_groups)"
 if [ -e "$pci/iommu_group" ]; then
 	group=$(readlink "$pci/iommu_group")
 	obs disk_iommu_group "${group##*/}"
+	# DMA (strict), DMA-FQ (lazy) or identity (bypass).
+	obs disk_iommu_domain "$(cat "$pci/iommu_group/type" 2>/dev/null)"
 fi
 obs memtotal_kb "$(memtotal_kb)"
-disk_check $dev 16
+# 64 MiB written and read back identical before anything else.
+disk_check $dev 64
 
 # Sequential throughput before any resize, timed in the guest with /proc/uptime (hundredths,
 # read by the shell itself around dd): 32 MiB written (`disk_write_s`), then read

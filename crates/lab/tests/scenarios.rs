@@ -32,6 +32,7 @@ fn every_shipped_scenario_parses_with_its_script() {
             "unplugged-access",
             "vfio-nvme",
             "vfio-nvme-viommu",
+            "vfio-nvme-viommu-strict",
             "viommu",
             "vmem-resize"
         ],
