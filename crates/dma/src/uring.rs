@@ -551,8 +551,11 @@ impl UringPinner {
     /// end of file is an error ([`std::io::ErrorKind::UnexpectedEof`]).
     pub fn transfer(&self, fd: RawFd, offset: u64, ranges: &[(u64, u64)], dir: Transfer) -> Result<(), FixedIoError> {
         let mut inner = self.lock();
-        // The pieces: (slot, host address, length), each inside one slot.
-        let mut pieces: SmallVec<[(Slot, u64, u64); 4]> = SmallVec::new();
+        // The work: (slot, host address, length, file offset), each piece
+        // inside one slot. Runs of pieces in one ring go in one submission
+        // of up to its size; a short transfer's rest goes back to the front.
+        let mut work: std::collections::VecDeque<(Slot, u64, u64, u64)> = std::collections::VecDeque::new();
+        let mut file_offset = offset;
         for &(iova, len) in ranges {
             let not_mapped = || FixedIoError::NotMapped { iova, len };
             let end = iova.checked_add(len).ok_or_else(not_mapped)?;
@@ -568,18 +571,9 @@ impl UringPinner {
                 let slot_index = (offset_in / MAX_SLOT_BYTES) as usize;
                 let slot_end = (slot_index as u64 + 1) * MAX_SLOT_BYTES;
                 let n = (end - at).min(m.len.min(slot_end) - offset_in);
-                pieces.push((m.slots[slot_index], m.host + offset_in, n));
-                at += n;
+                work.push_back((m.slots[slot_index], m.host + offset_in, n, file_offset));
+                (at, file_offset) = (at + n, file_offset + n);
             }
-        }
-        // The work: (slot, host address, length, file offset). Runs of
-        // pieces in one ring go in one submission of up to its size; a
-        // short transfer's rest goes back to the front.
-        let mut work: std::collections::VecDeque<(Slot, u64, u64, u64)> = std::collections::VecDeque::new();
-        let mut file_offset = offset;
-        for (slot, host, n) in pieces {
-            work.push_back((slot, host, n, file_offset));
-            file_offset += n;
         }
         let io_error = |offset, source| FixedIoError::Io { dir, offset, source };
         while let Some(&(first, ..)) = work.front() {
