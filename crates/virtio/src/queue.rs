@@ -933,10 +933,9 @@ mod tests {
         );
     }
 
-    /// A request and an answer buffer across the boundary of two adjacent
-    /// regions take the general path, piece by piece.
-    #[test]
-    fn buffers_across_two_regions_are_read_and_written() {
+    /// Two adjacent 1 MiB regions at 0, each its own memfd: the map and
+    /// its two blocks.
+    fn two_regions() -> (GuestMemoryMap, Arc<RamBlock>, Arc<RamBlock>) {
         const MIB: u64 = 1 << 20;
         let low = Arc::new(RamBlock::new("low", MIB, Backing::Memfd).unwrap());
         let high = Arc::new(RamBlock::new("high", MIB, Backing::Memfd).unwrap());
@@ -947,6 +946,15 @@ mod tests {
             .unwrap()
             .build()
             .unwrap();
+        (map, low, high)
+    }
+
+    /// A request and an answer buffer across the boundary of two adjacent
+    /// regions take the general path, piece by piece.
+    #[test]
+    fn buffers_across_two_regions_are_read_and_written() {
+        const MIB: u64 = 1 << 20;
+        let (map, low, high) = two_regions();
         let mut driver = DriverQueue::new(&map, GuestAddress(0), 16, 8192).unwrap();
         let mut queue = DeviceQueue::new(driver.device_queue(), &map).unwrap();
         let irq = EventFdInterrupt::new(1).unwrap();
@@ -982,15 +990,7 @@ mod tests {
         ring.read_chain(&read_with, head, 16, &mut chain).unwrap();
         // The buffer's region had index 0; in this map index 0 is `low`,
         // which does not hold it.
-        let low = Arc::new(RamBlock::new("low", MIB, Backing::Memfd).unwrap());
-        let high = Arc::new(RamBlock::new("high", MIB, Backing::Memfd).unwrap());
-        let other = GuestMemoryMap::builder()
-            .ram(0, low.clone())
-            .unwrap()
-            .ram(MIB, high.clone())
-            .unwrap()
-            .build()
-            .unwrap();
+        let (other, low, high) = two_regions();
         assert_eq!(write_response(&other, &chain, b"xy"), Ok(2));
         let mut answer = [0u8; 2];
         high.read(MIB / 2, &mut answer).unwrap();
