@@ -108,20 +108,26 @@ pub struct MemoryInfo {
     pub host: HostInfo,
 }
 
+/// The virtio-mem device `id` among `devices`, or an error naming it and
+/// the devices there are.
+fn find_device<'a, T>(devices: &'a [T], id: &str, id_of: impl Fn(&T) -> &str) -> Result<&'a T> {
+    devices.iter().find(|d| id_of(d) == id).ok_or_else(|| {
+        let ids: Vec<&str> = devices.iter().map(&id_of).collect();
+        Error::Vmm(format!(
+            "memvisor has no virtio-mem device `{id}` (it has: {})",
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.join(", ")
+            }
+        ))
+    })
+}
+
 impl MemoryInfo {
     /// The device `id`, or an error naming it and the devices there are.
     pub fn device(&self, id: &str) -> Result<&DeviceInfo> {
-        self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
-            let ids: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
-            Error::Vmm(format!(
-                "memvisor has no virtio-mem device `{id}` (it has: {})",
-                if ids.is_empty() {
-                    "none".to_string()
-                } else {
-                    ids.join(", ")
-                }
-            ))
-        })
+        find_device(&self.devices, id, |d| &d.id)
     }
 }
 
@@ -168,17 +174,7 @@ pub struct DeviceUnassigned {
 impl UnassignedInfo {
     /// The counts of the device `id`, or an error naming it and the devices there are.
     pub fn counts(&self, id: &str) -> Result<AccessCounts> {
-        let d = self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
-            let ids: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
-            Error::Vmm(format!(
-                "memvisor has no virtio-mem device `{id}` (it has: {})",
-                if ids.is_empty() {
-                    "none".to_string()
-                } else {
-                    ids.join(", ")
-                }
-            ))
-        })?;
+        let d = find_device(&self.devices, id, |d| &d.id)?;
         Ok(AccessCounts {
             reads: d.unassigned_reads,
             writes: d.unassigned_writes,
