@@ -162,6 +162,19 @@ pub struct MappedBarRange {
     pub mapping: RegionMapping,
 }
 
+/// The device's conventional configuration space (256 bytes), as VFIO
+/// reads it.
+fn read_conventional(io: &dyn VfioDeviceIo) -> Result<[u8; CONVENTIONAL], VfioPciError> {
+    let mut cfg = [0u8; CONVENTIONAL];
+    io.region_read(CONFIG_REGION_INDEX, 0, &mut cfg)
+        .map_err(|source| VfioPciError::ConfigRead {
+            offset: 0,
+            len: CONVENTIONAL,
+            source,
+        })?;
+    Ok(cfg)
+}
+
 /// A PCI function bound to vfio-pci on the host, presented to the guest:
 /// see the [crate documentation](crate).
 pub struct VfioPciDevice {
@@ -246,13 +259,7 @@ impl VfioPciDevice {
         if region.size < CONVENTIONAL as u64 {
             return Err(VfioPciError::ConfigRegionTooSmall { size: region.size });
         }
-        let mut cfg = [0u8; CONVENTIONAL];
-        io.region_read(CONFIG_REGION_INDEX, 0, &mut cfg)
-            .map_err(|source| VfioPciError::ConfigRead {
-                offset: 0,
-                len: CONVENTIONAL,
-                source,
-            })?;
+        let cfg = read_conventional(&*io)?;
         let vendor_id = read_u16(&cfg, 0);
         if vendor_id == 0xffff || vendor_id == 0 {
             return Err(VfioPciError::DeviceAbsent { vendor_id });
@@ -320,13 +327,7 @@ impl VfioPciDevice {
     /// create the irqfds [`new`](Self::new) takes: open the device with
     /// [`VfioDeviceFd::open`], ask, then build.
     pub fn msix_vectors_of(io: &dyn VfioDeviceIo) -> Result<u16, VfioPciError> {
-        let mut cfg = [0u8; CONVENTIONAL];
-        io.region_read(CONFIG_REGION_INDEX, 0, &mut cfg)
-            .map_err(|source| VfioPciError::ConfigRead {
-                offset: 0,
-                len: CONVENTIONAL,
-                source,
-            })?;
+        let cfg = read_conventional(io)?;
         Ok(Layout::new(&cfg)
             .msix
             .map_or(0, |cap| (read_u16(&cfg, usize::from(cap) + 2) & 0x7ff) + 1))
