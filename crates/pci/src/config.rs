@@ -20,7 +20,10 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::PciError;
+use crate::error::TransportStateError;
 
 /// Offset of the vendor ID (16 bits).
 pub const VENDOR_ID: u16 = 0x00;
@@ -108,6 +111,38 @@ impl BarInfo {
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.addr && addr - self.addr < self.size
     }
+}
+
+/// One memory BAR of a [`ConfigSpaceState`]: its definition (checked
+/// against the destination's) and the address programmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarState {
+    /// BAR index.
+    pub index: u8,
+    /// Size in bytes.
+    pub size: u64,
+    /// A 64-bit BAR.
+    pub is_64bit: bool,
+    /// A prefetchable BAR.
+    pub prefetchable: bool,
+    /// The address programmed (0 while unassigned).
+    pub addr: u64,
+}
+
+/// The saved state of a [`ConfigSpace`]: what a guest reads, and where
+/// the BARs are. Taken by [`ConfigSpace::state`], restored by
+/// [`ConfigSpace::restore`] into a configuration space built the same
+/// way (same header, BARs and capabilities).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSpaceState {
+    /// The conventional space (256 bytes) as a guest reads it: command
+    /// register, cache line size, latency timer, interrupt line, the
+    /// device-writable capability bytes, and every read-only byte (checked
+    /// against the destination's on restore). The BAR registers in it are
+    /// informative: [`bars`](Self::bars) is what is restored.
+    pub regs: Vec<u8>,
+    /// The defined memory BARs, in index order.
+    pub bars: Vec<BarState>,
 }
 
 /// A PCI function as the root bus sees it. Every method must absorb any
@@ -382,6 +417,127 @@ impl ConfigSpace {
         self.bars().into_iter().find(|b| b.index == index)
     }
 
+    /// The state to save: see [`ConfigSpaceState`].
+    pub fn state(&self) -> ConfigSpaceState {
+        let mut regs = vec![0u8; CONVENTIONAL_SPACE_SIZE];
+        self.read(0, &mut regs);
+        let bars = self
+            .bars()
+            .into_iter()
+            .map(|b| BarState {
+                index: b.index,
+                size: b.size,
+                is_64bit: b.is_64bit,
+                prefetchable: b.prefetchable,
+                addr: b.addr,
+            })
+            .collect();
+        ConfigSpaceState { regs, bars }
+    }
+
+    /// Restores `state` (from a configuration space built the same way):
+    /// the guest-writable bits of every register and every BAR address. A
+    /// restore has no side effects; the owner applies those of the
+    /// registers it owns (memory decoding, MSI-X control) afterwards.
+    ///
+    /// # Errors
+    ///
+    /// Refuses, changing nothing, a state of another length, a read-only
+    /// bit that differs from this space's (another device, header or
+    /// capability list), BARs defined differently, or a BAR address that
+    /// is not aligned to its size or does not fit a 32-bit BAR.
+    pub fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), TransportStateError> {
+        self.check_state(state)?;
+        let bar_bytes = Self::bar_bytes();
+        for (at, &saved) in state.regs.iter().enumerate() {
+            if !bar_bytes.contains(&at) {
+                let mask = self.wmask[at];
+                self.regs[at] = (self.regs[at] & !mask) | (saved & mask);
+            }
+        }
+        for bar in &state.bars {
+            if let BarSlot::Memory { addr, .. } = &mut self.bars[usize::from(bar.index)] {
+                *addr = bar.addr;
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks of [`restore`](Self::restore), without restoring.
+    pub(crate) fn check_state(&self, state: &ConfigSpaceState) -> Result<(), TransportStateError> {
+        if state.regs.len() != CONVENTIONAL_SPACE_SIZE {
+            return Err(TransportStateError::Mismatch {
+                field: "configuration space length".into(),
+                saved: state.regs.len() as u64,
+                local: CONVENTIONAL_SPACE_SIZE as u64,
+            });
+        }
+        let bar_bytes = Self::bar_bytes();
+        for (at, &saved) in state.regs.iter().enumerate() {
+            if bar_bytes.contains(&at) {
+                continue;
+            }
+            let read_only = !self.wmask[at];
+            let local = (self.dword(at / 4) >> (8 * (at % 4))) as u8;
+            if saved & read_only != local & read_only {
+                return Err(TransportStateError::Mismatch {
+                    field: format!("read-only configuration byte {at:#x}"),
+                    saved: u64::from(saved),
+                    local: u64::from(local),
+                });
+            }
+        }
+        let local = self.bars();
+        if state.bars.len() != local.len() {
+            return Err(TransportStateError::Mismatch {
+                field: "number of BARs".into(),
+                saved: state.bars.len() as u64,
+                local: local.len() as u64,
+            });
+        }
+        for (saved, here) in state.bars.iter().zip(&local) {
+            let name = |what: &str| format!("BAR {} {what}", here.index);
+            for (what, s, l) in [
+                ("index", u64::from(saved.index), u64::from(here.index)),
+                ("size", saved.size, here.size),
+                ("64-bit flag", u64::from(saved.is_64bit), u64::from(here.is_64bit)),
+                (
+                    "prefetchable flag",
+                    u64::from(saved.prefetchable),
+                    u64::from(here.prefetchable),
+                ),
+            ] {
+                if s != l {
+                    return Err(TransportStateError::Mismatch {
+                        field: name(what),
+                        saved: s,
+                        local: l,
+                    });
+                }
+            }
+            if saved.addr & (saved.size - 1) != 0 {
+                return Err(TransportStateError::Invalid {
+                    field: name("address"),
+                    value: saved.addr,
+                    reason: format!("not aligned to the BAR size {:#x}", saved.size),
+                });
+            }
+            if !saved.is_64bit && saved.addr > u64::from(u32::MAX) {
+                return Err(TransportStateError::Invalid {
+                    field: name("address"),
+                    value: saved.addr,
+                    reason: "above 4 GiB for a 32-bit BAR".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The byte offsets of the BAR registers.
+    fn bar_bytes() -> std::ops::Range<usize> {
+        usize::from(BAR0)..usize::from(BAR0) + 4 * NUM_BARS
+    }
+
     fn dword(&self, index: usize) -> u32 {
         let bar_dwords = usize::from(BAR0) / 4..usize::from(BAR0) / 4 + NUM_BARS;
         if bar_dwords.contains(&index) {
@@ -611,6 +767,77 @@ mod tests {
         assert!(matches!(
             s.add_capability(0x09, &[0; 250]),
             Err(PciError::CapabilitySpace { .. })
+        ));
+    }
+
+    #[test]
+    fn state_round_trip_and_refusals() {
+        let build = || {
+            let mut s = space();
+            s.add_bar(0, 0x8000, true, false).unwrap();
+            s.add_bar(2, 0x1000, false, false).unwrap();
+            s.add_capability(0x09, &[0; 6]).unwrap();
+            s.set_write_mask(0x44, &[0xff]);
+            s
+        };
+        let mut src = build();
+        src.write(0x10, &0x2_0000_8000u64.to_le_bytes());
+        src.write(0x18, &0xc000_1000u32.to_le_bytes());
+        src.write(COMMAND, &0x0006u16.to_le_bytes());
+        src.write(INTERRUPT_LINE, &[11]);
+        src.write(0x44, &[0x5a]);
+        let state = src.state();
+        assert_eq!(state.regs.len(), CONVENTIONAL_SPACE_SIZE);
+        assert_eq!(state.bars.len(), 2);
+
+        let mut dst = build();
+        dst.restore(&state).unwrap();
+        assert_eq!(dst.state(), state);
+        assert_eq!(dst.bars(), src.bars());
+        let (mut a, mut b) = ([0u8; 256], [0u8; 256]);
+        src.read(0, &mut a);
+        dst.read(0, &mut b);
+        assert_eq!(a, b);
+        assert!(dst.memory_enabled());
+
+        // Refusals change nothing.
+        let fresh = build();
+        let refuse = |state: &ConfigSpaceState| {
+            let mut dst = build();
+            let err = dst.restore(state).unwrap_err();
+            assert_eq!(dst.state(), fresh.state(), "{err}");
+            err
+        };
+        let mut bad = state.clone();
+        bad.regs[DEVICE_ID as usize] ^= 1;
+        assert!(
+            matches!(refuse(&bad), TransportStateError::Mismatch { field, saved: 0x59, local: 0x58 }
+            if field == "read-only configuration byte 0x2")
+        );
+        let mut bad = state.clone();
+        bad.bars[1].addr = 0xc000_1800;
+        assert!(matches!(refuse(&bad), TransportStateError::Invalid { field, .. } if field == "BAR 2 address"));
+        let mut bad = state.clone();
+        bad.bars[1].addr = 0x1_0000_0000;
+        assert!(matches!(refuse(&bad), TransportStateError::Invalid { field, .. } if field == "BAR 2 address"));
+        let mut bad = state.clone();
+        bad.bars[0].is_64bit = false;
+        assert!(matches!(refuse(&bad), TransportStateError::Mismatch { field, .. } if field == "BAR 0 64-bit flag"));
+        let mut bad = state.clone();
+        bad.bars.pop();
+        assert!(
+            matches!(refuse(&bad), TransportStateError::Mismatch { field, saved: 1, local: 2 }
+            if field == "number of BARs")
+        );
+        let mut bad = state;
+        bad.regs.push(0);
+        assert!(matches!(
+            refuse(&bad),
+            TransportStateError::Mismatch {
+                saved: 257,
+                local: 256,
+                ..
+            }
         ));
     }
 }

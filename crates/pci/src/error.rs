@@ -90,3 +90,60 @@ pub enum PciError {
     #[error("queue notification eventfd: {0}")]
     EventFd(#[source] std::io::Error),
 }
+
+/// Why a saved transport state (a [`VirtioPciState`], or the
+/// [`ConfigSpaceState`] or [`MsixState`] in it) cannot be restored here.
+/// A refused restore changes nothing, except
+/// [`Activation`](Self::Activation), which comes last.
+///
+/// [`VirtioPciState`]: crate::virtio_pci::persist::VirtioPciState
+/// [`ConfigSpaceState`]: crate::config::ConfigSpaceState
+/// [`MsixState`]: crate::msix::MsixState
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportStateError {
+    /// A value of the saved state differs from the destination's own: the
+    /// destination was not built with the same device in the same shape.
+    #[error("transport state: {field} is {saved:#x} in the state but {local:#x} here")]
+    Mismatch {
+        /// What differs, e.g. "device type" or "queue 1 maximum size".
+        field: String,
+        /// The saved (source's) value.
+        saved: u64,
+        /// The destination's value.
+        local: u64,
+    },
+    /// A value of the saved state is invalid in itself (a garbled state).
+    #[error("transport state: {field} {value:#x} is invalid: {reason}")]
+    Invalid {
+        /// Which value, e.g. "queue 0 size".
+        field: String,
+        /// The value.
+        value: u64,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The destination transport was already used by a driver; a state is
+    /// restored into a freshly built one.
+    #[error("transport state: the transport is in use (device status {status:#x}); restore into a freshly built one")]
+    InUse {
+        /// The transport's device status now.
+        status: u8,
+    },
+    /// The device did not take the features the state says it accepted.
+    #[error("transport state: the device kept features {kept:#x} of {wanted:#x}")]
+    Features {
+        /// The features given to the device.
+        wanted: u64,
+        /// What it kept.
+        kept: u64,
+    },
+    /// The device was active on the source but could not be activated
+    /// here. The registers are restored and the status reads
+    /// DEVICE_NEEDS_RESET, as after a failed activation; the restore (the
+    /// migration) must fail.
+    #[error("transport state: activating the device with the restored queues failed: {0}")]
+    Activation(String),
+    /// The device behind the transport could not be reached.
+    #[error("transport state: the virtio device is not reachable through its DeviceAccess")]
+    DeviceUnavailable,
+}

@@ -64,6 +64,13 @@
 //!    [`PciRoot::pio_write`], other MMIO to [`PciRoot::mmio_read`] /
 //!    [`PciRoot::mmio_write`] (false: nothing decodes the address). The
 //!    root takes the device's transport lock for each access.
+//! 5. Snapshot and migration: with the vCPUs stopped and the event loop
+//!    quiet, [`VirtioPciDevice::state`] on the source. On the destination,
+//!    built alike (same devices, options, slots), restore guest memory and
+//!    the devices' own state first, then [`VirtioPciDevice::restore`] —
+//!    MSI-X routes, ioeventfds, device activation at the saved queue
+//!    indices — and [`PciRoot::refresh_bars`]; kick every queue once when
+//!    the guest resumes.
 //!
 //! Locks, outermost first: the transport lock (root accesses), the
 //! device's own lock (its [`DeviceAccess`]), the MSI-X leaf lock (taken by
@@ -84,7 +91,9 @@ pub mod virtio_pci;
 
 pub use bar::BarAllocator;
 pub use bus::{BarListener, PciBdf, PciRoot};
-pub use config::{BarInfo, ConfigSpace, PciDevice, PciHeader};
-pub use error::PciError;
-pub use msix::{MsiMessage, MsiSink, MsixConfig, MsixDelivery};
-pub use virtio_pci::{DeviceAccess, IoEventSink, QueueNotifier, VirtioPciDevice, VirtioPciOptions};
+pub use config::{BarInfo, BarState, ConfigSpace, ConfigSpaceState, PciDevice, PciHeader};
+pub use error::{PciError, TransportStateError};
+pub use msix::{MsiMessage, MsiSink, MsixConfig, MsixDelivery, MsixEntryState, MsixState};
+pub use virtio_pci::{
+    DeviceAccess, IoEventSink, QueueNotifier, QueueState, VirtioPciDevice, VirtioPciOptions, VirtioPciState,
+};

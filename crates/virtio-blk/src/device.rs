@@ -711,6 +711,10 @@ impl VirtioDevice for VirtioBlk {
         }
     }
 
+    fn queue_indices(&self) -> Vec<memvisor_virtio::QueueIndices> {
+        self.common.queue_indices()
+    }
+
     fn reset(&mut self) {
         self.common.reset();
         self.rings.clear();

@@ -191,6 +191,10 @@ impl VirtioDevice for VirtioIommu {
         }
     }
 
+    fn queue_indices(&self) -> Vec<memvisor_virtio::QueueIndices> {
+        self.handle.lock().common.queue_indices()
+    }
+
     fn reset(&mut self) {
         let mut shared = self.handle.lock();
         // "When the device is reset, endpoints are not attached to any

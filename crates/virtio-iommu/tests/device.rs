@@ -1043,3 +1043,82 @@ fn an_unplug_waits_for_the_map_notification_that_checked_the_memory() {
     // The unplug happened after the notification.
     assert!(!f.memory.region().is_populated(range(HOT_BASE, BLOCK)));
 }
+
+/// A migrated device: its model restored first (domains, mappings), then
+/// activated by the transport with queues at the source's indices. The
+/// activation keeps the model, processes nothing, interrupts no one, and
+/// the next request is answered at the next used index.
+#[test]
+fn a_restored_device_activates_at_the_saved_indices_keeping_its_domains() {
+    use memvisor_virtio::QueueIndices;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let mut f = Fixture::new(config());
+    assert_eq!(f.attach(1, EP_A), Status::Ok);
+    assert_eq!(f.map(1, 0x300000, 0x300fff, 0x300000, READ), Status::Ok);
+    f.add_event_buffers(2);
+    let indices = f.dev.queue_indices();
+    assert_eq!(
+        indices,
+        [
+            QueueIndices {
+                next_avail: 2,
+                next_used: 2,
+                event_idx: false
+            },
+            QueueIndices::default()
+        ]
+    );
+    let state = f.handle.save_state();
+
+    let mut dev = VirtioIommu::new(config(), Some(f.memory.map.clone())).unwrap();
+    dev.handle().load_state(&state).unwrap();
+    dev.ack_features(f.dev.acked_features());
+    let mut queues = vec![f.requests.device_queue(), f.events.device_queue()];
+    for (queue, at) in queues.iter_mut().zip(&indices) {
+        at.apply(queue);
+    }
+    let irq = Arc::new(memvisor_virtio::EventFdInterrupt::new(2).unwrap());
+    dev.activate(f.memory.map.clone(), irq.clone(), queues).unwrap();
+    assert_eq!(dev.queue_indices(), indices);
+    assert_eq!(dev.handle().save_state(), state, "activation kept the domains");
+    assert_eq!(dev.handle().endpoint_domain(EP_A), Some(1));
+    assert_eq!(irq.take(InterruptKind::Config), 0);
+    assert_eq!(irq.take(InterruptKind::Queue(0)), 0);
+
+    // The used elements of the source's requests are never written again
+    // (poisoned here to see it); the next one lands at used index 2.
+    let used = f.requests.device_queue().used_ring();
+    let mem = f.memory.map.memory();
+    mem.write_slice(&[0xff; 16], GuestAddress(used + 4)).unwrap();
+    let request = Request::Map(memvisor_virtio_iommu::request::Map {
+        domain: 1,
+        virt_start: 0x400000,
+        virt_end: 0x400fff,
+        phys_start: 0x400000,
+        flags: READ,
+    });
+    f.requests.add(&[Buf::In(&request.to_bytes()), Buf::Out(4)]).unwrap();
+    dev.queue_notify(wire::REQUEST_QUEUE);
+    let answer = f.requests.pop_used().unwrap();
+    assert_eq!(Status::from_u8(answer.data[0]), Some(Status::Ok));
+    let mut poisoned = [0u8; 16];
+    mem.read_slice(&mut poisoned, GuestAddress(used + 4)).unwrap();
+    assert_eq!(poisoned, [0xff; 16]);
+    assert_eq!(dev.queue_indices()[0].next_used, 3);
+    assert_eq!(irq.take(InterruptKind::Queue(0)), 1);
+    assert_eq!(ranges_of(&dev, 1), [(0x300000, 0x300fff), (0x400000, 0x400fff)]);
+}
+
+fn ranges_of(dev: &VirtioIommu, domain: u32) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<_> = dev
+        .handle()
+        .mappings(domain)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| (m.virt_start, m.virt_end))
+        .collect();
+    ranges.sort_unstable();
+    ranges
+}

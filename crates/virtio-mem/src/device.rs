@@ -302,6 +302,10 @@ impl VirtioDevice for VirtioMem {
         }
     }
 
+    fn queue_indices(&self) -> Vec<memvisor_virtio::QueueIndices> {
+        self.common.queue_indices()
+    }
+
     fn reset(&mut self) {
         // A device reset changes no block state (virtio specification,
         // "Device Initialization"): only the transport-facing state goes.

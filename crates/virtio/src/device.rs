@@ -6,7 +6,7 @@ use memvisor_memory::map::GuestMemoryMap;
 use virtio_queue::Queue;
 
 use crate::interrupt::{InterruptKind, VirtioInterrupt};
-use crate::queue::DeviceQueue;
+use crate::queue::{DeviceQueue, QueueIndices};
 
 /// `VIRTIO_F_VERSION_1`: the device follows virtio 1.x; every memvisor
 /// device offers it and refuses a driver that does not accept it.
@@ -96,6 +96,14 @@ pub trait VirtioDevice: Send {
 
     /// Starts the device with the driver's queues. Fails, leaving the
     /// device inactive, if the queues or accepted features are unusable.
+    ///
+    /// The queues' indices ([`QueueIndices`]) are taken as given: a
+    /// transport restoring a migrated device passes queues whose indices
+    /// are the source's, so activation must not reset them, must not
+    /// process a queue (requests are processed on
+    /// [`queue_notify`](Self::queue_notify) only), must not interrupt the
+    /// driver, and must not reset the device's own model state (which
+    /// may have been restored before).
     fn activate(
         &mut self,
         mem: GuestMemoryMap,
@@ -105,6 +113,13 @@ pub trait VirtioDevice: Send {
 
     /// The driver kicked queue `index`: process what it made available.
     fn queue_notify(&mut self, index: u16);
+
+    /// Where the device is in each of its queues, in queue order, while it
+    /// is active (also in NEEDS_RESET); empty while inactive. A transport
+    /// saves them for migration, and the destination's transport sets them
+    /// on the queues it passes to [`activate`](Self::activate). A device
+    /// embedding [`VirtioCommon`] returns [`VirtioCommon::queue_indices`].
+    fn queue_indices(&self) -> Vec<QueueIndices>;
 
     /// Device reset (status 0): forget the queues, features and NEEDS_RESET.
     fn reset(&mut self);
@@ -268,6 +283,14 @@ impl VirtioCommon {
         self.active.as_ref()
     }
 
+    /// See [`VirtioDevice::queue_indices`]: the indices of the active
+    /// queues (also in NEEDS_RESET), none while inactive.
+    pub fn queue_indices(&self) -> Vec<QueueIndices> {
+        self.active.as_ref().map_or_else(Vec::new, |active| {
+            active.queues.iter().map(DeviceQueue::indices).collect()
+        })
+    }
+
     /// True while active.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
@@ -312,5 +335,51 @@ impl VirtioCommon {
         self.active = None;
         self.acked_features = 0;
         self.needs_reset = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::EventFdInterrupt;
+    use memvisor_guest::DriverQueue;
+    use memvisor_memory::{Backing, RamBlock};
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn queue_indices_are_the_active_queues() {
+        let block = Arc::new(RamBlock::new("ram", 1 << 20, Backing::Memfd).unwrap());
+        let map = GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap();
+        let a = DriverQueue::new(&map, GuestAddress(0), 8, 4096).unwrap();
+        let b = DriverQueue::new(&map, GuestAddress(0x10000), 4, 4096).unwrap();
+        let mut common = VirtioCommon::new("test", 0, vec![8, 4]);
+        assert!(common.queue_indices().is_empty(), "none while inactive");
+        common.ack_features(VIRTIO_F_VERSION_1);
+        // A restored device: queues handed over at the source's indices.
+        let (mut qa, mut qb) = (a.device_queue(), b.device_queue());
+        let at = [
+            QueueIndices {
+                next_avail: 7,
+                next_used: 5,
+                event_idx: true,
+            },
+            QueueIndices {
+                next_avail: 0xffff,
+                next_used: 0xfffe,
+                event_idx: false,
+            },
+        ];
+        at[0].apply(&mut qa);
+        at[1].apply(&mut qb);
+        let irq = Arc::new(EventFdInterrupt::new(2).unwrap());
+        common.activate(map, irq.clone(), vec![qa, qb]).unwrap();
+        assert_eq!(common.queue_indices(), at, "activation keeps them");
+        assert_eq!(irq.take(InterruptKind::Config), 0);
+        assert_eq!(irq.take(InterruptKind::Queue(0)), 0);
+        // Still reported in NEEDS_RESET, gone after a reset.
+        common.set_needs_reset(&"test");
+        assert_eq!(common.queue_indices(), at);
+        common.reset();
+        assert!(common.queue_indices().is_empty());
     }
 }

@@ -37,3 +37,4 @@ pub mod queue;
 
 pub use device::{ActivateError, NeedsResetObserver, VirtioCommon, VirtioDevice};
 pub use interrupt::{EventFdInterrupt, InterruptKind, VirtioInterrupt};
+pub use queue::QueueIndices;

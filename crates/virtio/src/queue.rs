@@ -328,6 +328,49 @@ impl DeviceQueue {
     pub fn queue(&self) -> &Queue {
         &self.queue
     }
+
+    /// Where the device is in the queue: see [`QueueIndices`].
+    pub fn indices(&self) -> QueueIndices {
+        QueueIndices::of(&self.queue)
+    }
+}
+
+/// Where a device is in one of its queues: the next avail-ring entry it
+/// will take, the next used-ring entry it will fill, and whether
+/// `VIRTIO_RING_F_EVENT_IDX` is in force. This is all of a split
+/// virtqueue's state that lives only in the device (the rings, their
+/// indices and flags are guest memory; size and ring addresses are the
+/// transport's registers), so it is what a transport saves for migration
+/// ([`VirtioDevice::queue_indices`](crate::VirtioDevice::queue_indices))
+/// and sets again ([`apply`](Self::apply)) on the queues it hands the
+/// destination's device at activation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct QueueIndices {
+    /// The next avail-ring entry the device takes (`Queue::next_avail`).
+    pub next_avail: u16,
+    /// The next used-ring entry the device fills (`Queue::next_used`); the
+    /// used ring's `idx` in guest memory equals it between requests.
+    pub next_used: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` is in force.
+    pub event_idx: bool,
+}
+
+impl QueueIndices {
+    /// The indices `queue` is at.
+    pub fn of(queue: &Queue) -> Self {
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+            event_idx: queue.event_idx_enabled(),
+        }
+    }
+
+    /// Sets the indices on `queue` (before it is given to `activate`).
+    pub fn apply(&self, queue: &mut Queue) {
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
+        queue.set_event_idx(self.event_idx);
+    }
 }
 
 /// The device side of one [`DeviceQueue`] during one drain: takes
@@ -809,6 +852,46 @@ mod tests {
         assert_eq!(drain(&mut f).unwrap(), 1);
         assert_eq!(f.irq.take(InterruptKind::Queue(0)), 0);
         assert_eq!(&f.driver.pop_used().unwrap().data[..], b"zz");
+    }
+
+    /// A device queue built anew on the same rings (a migrated device)
+    /// and set to the old one's indices takes only what is new.
+    #[test]
+    fn indices_carry_a_queue_over_to_a_new_device_queue() {
+        let mut f = fixture();
+        assert_eq!(f.queue.indices(), QueueIndices::default());
+        for _ in 0..3 {
+            f.driver.add(&[Buf::In(b"ab"), Buf::Out(2)]).unwrap();
+        }
+        assert_eq!(drain(&mut f).unwrap(), 3);
+        for _ in 0..3 {
+            f.driver.pop_used().unwrap();
+        }
+        // One more made available before the move, one after.
+        f.driver.add(&[Buf::In(b"cd"), Buf::Out(2)]).unwrap();
+        let at = f.queue.indices();
+        assert_eq!(
+            at,
+            QueueIndices {
+                next_avail: 3,
+                next_used: 3,
+                event_idx: false
+            }
+        );
+        let mut queue = f.driver.device_queue();
+        at.apply(&mut queue);
+        assert_eq!(QueueIndices::of(&queue), at);
+        f.queue = DeviceQueue::new(queue, &f.map).unwrap();
+        f.driver.add(&[Buf::In(b"ef"), Buf::Out(2)]).unwrap();
+        assert_eq!(drain(&mut f).unwrap(), 2, "only the two new requests");
+        assert_eq!(&f.driver.pop_used().unwrap().data[..], b"cd");
+        assert_eq!(&f.driver.pop_used().unwrap().data[..], b"ef");
+        assert!(f.driver.pop_used().is_none());
+        assert_eq!((f.queue.indices().next_avail, f.queue.indices().next_used), (5, 5));
+        // The event-index setting travels too.
+        let mut queue = f.driver.device_queue();
+        QueueIndices { event_idx: true, ..at }.apply(&mut queue);
+        assert!(queue.event_idx_enabled());
     }
 
     #[test]

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use memvisor_virtio::VirtioInterrupt;
 use memvisor_virtio::device::VIRTIO_F_VERSION_1;
+use memvisor_virtio::{QueueIndices, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
@@ -37,7 +37,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 /// platform's IOMMU.
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 /// `VIRTIO_RING_F_EVENT_IDX`: the used/avail event index fields.
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub(super) const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Bytes of the common configuration structure (virtio 1.2, up to
 /// `admin_queue_num`).
@@ -144,16 +144,16 @@ impl QueueRegs {
 /// the shared interrupt state).
 #[derive(Debug, Clone)]
 pub(super) struct CommonConfig {
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
+    pub(super) device_feature_select: u32,
+    pub(super) driver_feature_select: u32,
+    pub(super) driver_features: u64,
     /// What the driver wrote (FEATURES_OK only if negotiation succeeded).
-    status: u8,
-    features_ok: bool,
-    driver_ok: bool,
+    pub(super) status: u8,
+    pub(super) features_ok: bool,
+    pub(super) driver_ok: bool,
     /// Activation failed: the status reads DEVICE_NEEDS_RESET.
-    failed: bool,
-    queue_select: u16,
+    pub(super) failed: bool,
+    pub(super) queue_select: u16,
     pub(super) queues: Vec<QueueRegs>,
 }
 
@@ -404,33 +404,58 @@ impl VirtioPciDevice {
     fn activate(&mut self) {
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(PciInterrupt::new(self.shared.clone()));
         let result = if self.common.features_ok {
-            self.build_queues().and_then(|queues| {
-                let mem = self.mem.clone();
-                let irq = interrupt.clone();
-                match self.with_device(move |d| d.activate(mem, irq, queues)) {
-                    Some(Ok(())) => Ok(()),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("the device is not reachable".to_string()),
-                }
-            })
+            self.activate_device(interrupt.clone(), None)
         } else {
             Err("DRIVER_OK without FEATURES_OK".to_string())
         };
-        match result {
-            Ok(()) => self.shared.active.store(true, Ordering::SeqCst),
-            Err(reason) => {
-                log::warn!("{}: activation failed, device needs reset: {reason}", self.name());
-                self.common.failed = true;
-                if let Err(e) = interrupt.trigger(memvisor_virtio::InterruptKind::Config) {
-                    log::warn!("{}: NEEDS_RESET interrupt failed: {e}", self.name());
-                }
+        if let Err(reason) = result {
+            log::warn!("{}: activation failed, device needs reset: {reason}", self.name());
+            self.common.failed = true;
+            if let Err(e) = interrupt.trigger(memvisor_virtio::InterruptKind::Config) {
+                log::warn!("{}: NEEDS_RESET interrupt failed: {e}", self.name());
             }
         }
     }
 
-    /// One [`Queue`] per queue, as the driver set it up.
-    fn build_queues(&self) -> Result<Vec<Queue>, String> {
+    /// Builds the queues from the registers — with `indices`, each queue
+    /// at the given indices (a restored device), else at 0 with the
+    /// negotiated event-index setting — and activates the device with
+    /// `interrupt`. On success the transport is active; on failure its
+    /// status reads DEVICE_NEEDS_RESET (the caller tells the driver, or
+    /// not). Neither processes a queue nor interrupts the driver.
+    pub(super) fn activate_device(
+        &mut self,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        indices: Option<&[QueueIndices]>,
+    ) -> Result<(), String> {
+        let result = self.build_queues(indices).and_then(|queues| {
+            let mem = self.mem.clone();
+            match self.with_device(move |d| d.activate(mem, interrupt, queues)) {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("the device is not reachable".to_string()),
+            }
+        });
+        match &result {
+            Ok(()) => self.shared.active.store(true, Ordering::SeqCst),
+            Err(_) => self.common.failed = true,
+        }
+        result
+    }
+
+    /// One [`Queue`] per queue, as the driver set it up; at `indices` if
+    /// given (one per queue).
+    fn build_queues(&self, indices: Option<&[QueueIndices]>) -> Result<Vec<Queue>, String> {
         let event_idx = self.with_device(|d| d.acked_features()).unwrap_or(0) & VIRTIO_RING_F_EVENT_IDX != 0;
+        if let Some(indices) = indices
+            && indices.len() != self.common.queues.len()
+        {
+            return Err(format!(
+                "{} queue indices for {} queues",
+                indices.len(),
+                self.common.queues.len()
+            ));
+        }
         self.common
             .queues
             .iter()
@@ -452,6 +477,9 @@ impl VirtioPciDevice {
                     queue.set_ready(true);
                 }
                 queue.set_event_idx(event_idx);
+                if let Some(at) = indices.and_then(|indices| indices.get(index)) {
+                    at.apply(&mut queue);
+                }
                 Ok(queue)
             })
             .collect()

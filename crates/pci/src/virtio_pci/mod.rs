@@ -21,6 +21,12 @@
 //! NOTIFY_CFG, PCI_CFG (the configuration-space window onto BAR 0) and
 //! MSI-X. There is no INTx (interrupt pin 0) and no I/O BAR.
 //!
+//! # Snapshot and migration
+//!
+//! [`VirtioPciDevice::state`] and [`VirtioPciDevice::restore`] carry the
+//! transport's state, with the device's queue indices, to a destination
+//! built alike; see [`persist`].
+//!
 //! # Threads and locks
 //!
 //! The VMM holds a [`VirtioPciDevice`] as `Arc<Mutex<dyn PciDevice>>` (the
@@ -37,6 +43,7 @@
 
 mod common;
 mod interrupt;
+pub mod persist;
 
 use std::fmt;
 use std::io;
@@ -52,6 +59,7 @@ pub use common::{
     STATUS_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM,
 };
 pub use interrupt::{ISR_CONFIG, ISR_QUEUE, VIRTIO_MSI_NO_VECTOR};
+pub use persist::{QueueState, TransportStateError, VirtioPciState};
 
 use self::common::CommonConfig;
 use self::interrupt::Shared;

@@ -18,7 +18,7 @@ use memvisor_pci::{
 use memvisor_virtio::queue::{Malformed, drain_queue};
 use memvisor_virtio::{ActivateError, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The test device's virtio type (device ID 0x1040 + 42 = 0x106a).
@@ -104,6 +104,9 @@ impl VirtioDevice for Echo {
         if let Err(e) = result {
             self.common.set_needs_reset(&e);
         }
+    }
+    fn queue_indices(&self) -> Vec<memvisor_virtio::QueueIndices> {
+        self.common.queue_indices()
     }
     fn reset(&mut self) {
         self.common.reset();
@@ -202,6 +205,104 @@ pub fn guest_memory() -> GuestMemoryMap {
     GuestMemoryMap::builder().ram(0, block).unwrap().build().unwrap()
 }
 
+/// A copy of the RAM regions of `map`, in new memfds at the same guest
+/// addresses: the guest memory a migration destination restores.
+pub fn copy_memory(map: &GuestMemoryMap) -> GuestMemoryMap {
+    let mut builder = GuestMemoryMap::builder();
+    for region in map.regions() {
+        let range = region.range();
+        let mut bytes = vec![0u8; range.len() as usize];
+        region.slice(0, range.len()).unwrap().copy_to(&mut bytes[..]);
+        let block = Arc::new(RamBlock::new("copy", range.len(), Backing::Memfd).unwrap());
+        block.write(0, &bytes).unwrap();
+        builder = builder.ram(range.start(), block).unwrap();
+    }
+    builder.build().unwrap()
+}
+
+/// A split virtqueue already laid out in guest memory, driven by hand:
+/// the driver of a migrated guest going on with the ring it set up on the
+/// source, in the destination's copy of memory.
+pub struct RawRing {
+    pub map: GuestMemoryMap,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+impl RawRing {
+    /// Queue `index` where the transport's registers say it is (read
+    /// through BAR 0, as the driver would).
+    pub fn from_registers(rig: &Rig, index: u16) -> Self {
+        rig.w16(Q_SELECT, index);
+        Self {
+            map: rig.map.clone(),
+            size: rig.r16(Q_SIZE),
+            desc: rig.r64(Q_DESCLO),
+            avail: rig.r64(Q_AVAILLO),
+            used: rig.r64(Q_USEDLO),
+        }
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.map.memory().read_slice(&mut out, GuestAddress(addr)).unwrap();
+        out
+    }
+
+    pub fn write(&self, addr: u64, bytes: &[u8]) {
+        self.map.memory().write_slice(bytes, GuestAddress(addr)).unwrap();
+    }
+
+    fn u16_at(&self, addr: u64) -> u16 {
+        let b = self.read(addr, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    /// The avail ring's `idx`.
+    pub fn avail_idx(&self) -> u16 {
+        self.u16_at(self.avail + 2)
+    }
+
+    /// The used ring's `idx`.
+    pub fn used_idx(&self) -> u16 {
+        self.u16_at(self.used + 2)
+    }
+
+    /// Used element number `n` (taken modulo the size): (id, len).
+    pub fn used_elem(&self, n: u16) -> (u32, u32) {
+        let b = self.read(self.used + 4 + 8 * u64::from(n % self.size), 8);
+        (
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        )
+    }
+
+    /// Makes a request available: descriptors `head` (device-readable,
+    /// `request` at `buf`) and `head + 1` (device-writable, `out_len`
+    /// bytes right after it). Returns the address of the writable buffer.
+    pub fn add(&self, head: u16, buf: u64, request: &[u8], out_len: u32) -> u64 {
+        let out = buf + request.len() as u64;
+        self.write(buf, request);
+        let descriptor = |addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = Vec::with_capacity(16);
+            d.extend_from_slice(&addr.to_le_bytes());
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            d
+        };
+        let d = self.desc + 16 * u64::from(head);
+        self.write(d, &descriptor(buf, request.len() as u32, 1, head + 1));
+        self.write(d + 16, &descriptor(out, out_len, 2, 0));
+        let idx = self.avail_idx();
+        self.write(self.avail + 4 + 2 * u64::from(idx % self.size), &head.to_le_bytes());
+        self.write(self.avail + 2, &idx.wrapping_add(1).to_le_bytes());
+        out
+    }
+}
+
 /// The 32-bit and 64-bit BAR windows of the rig.
 pub const MMIO32: std::ops::Range<u64> = 0xc000_0000..0xd000_0000;
 pub const MMIO64: std::ops::Range<u64> = 0x40_0000_0000..0x40_1000_0000;
@@ -234,7 +335,12 @@ impl Rig {
 
     /// A rig for any device.
     pub fn for_device(device: Arc<dyn DeviceAccess>, options: VirtioPciOptions) -> Self {
-        let map = guest_memory();
+        Self::for_device_on(device, options, guest_memory())
+    }
+
+    /// A rig for any device on the guest memory `map` (e.g. a copy of
+    /// another rig's, as a migration destination has).
+    pub fn for_device_on(device: Arc<dyn DeviceAccess>, options: VirtioPciOptions, map: GuestMemoryMap) -> Self {
         let msi = Arc::new(RecordingMsi::default());
         let io = Arc::new(RecordingIo::default());
         let pci = Arc::new(Mutex::new(
