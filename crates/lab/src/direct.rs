@@ -159,8 +159,12 @@ impl Host for Direct {
     }
 
     fn start_vmm(&mut self, argv: &[String]) -> Result<UnixStream> {
-        if self.vmm.is_some() {
-            return Err(Error::Vmm("the VMM runs already".into()));
+        // A VMM that has exited (saved and stopped before a restore) makes room.
+        if let Some(running) = &mut self.vmm {
+            match running.child.0.try_wait() {
+                Ok(Some(_)) => self.vmm = None,
+                _ => return Err(Error::Vmm("the VMM runs already".into())),
+            }
         }
         let (program, args) = argv
             .split_first()

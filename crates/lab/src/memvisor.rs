@@ -39,6 +39,10 @@ pub mod path {
     pub const MEMORY: &str = "/api/v1/memory";
     /// Stops the VMM (`PUT`).
     pub const SHUTDOWN: &str = "/api/v1/vmm/shutdown";
+    /// Pauses the vCPUs (`PUT`).
+    pub const PAUSE: &str = "/api/v1/vm/pause";
+    /// Saves the paused VM (`PUT` `{"path": FILE}`).
+    pub const SNAPSHOT: &str = "/api/v1/vm/snapshot";
 
     /// One virtio-mem device (`PUT` `{"requested_size":BYTES}`).
     pub fn memory_device(id: &str) -> String {
@@ -333,6 +337,8 @@ impl Vmm for Memvisor {
     }
 
     fn attach(&mut self, control: UnixStream) -> Result<()> {
+        // A new VMM process (a restore) numbers its events from the start again.
+        self.event_seq = 0;
         let api = self.api.insert(Client::over(control)?);
         let r = api.call("GET", path::VM, None)?;
         let vm: VmInfo = serde_json::from_slice(&r.body)
@@ -381,6 +387,17 @@ impl Vmm for Memvisor {
             ))
         })?;
         info.counts(id).map(Some)
+    }
+
+    fn save_snapshot(&mut self, file: &str) -> Result<String> {
+        let api = self.api()?;
+        api.call("PUT", path::PAUSE, None)?;
+        let r = api.call("PUT", path::SNAPSHOT, Some(&json!({ "path": file })))?;
+        Ok(r.text())
+    }
+
+    fn restore_args(&self, file: &str) -> Vec<String> {
+        vec!["--restore".into(), file.into()]
     }
 
     fn shutdown(&mut self) -> Result<()> {

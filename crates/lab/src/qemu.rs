@@ -2,6 +2,7 @@
 //! `requested-size`).
 
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -168,8 +169,72 @@ impl Vmm for Qemu {
         parse_ramblocks(text)
     }
 
+    fn save_snapshot(&mut self, file: &str) -> Result<String> {
+        let qmp = self.qmp()?;
+        let step = |what: &'static str| move |e: Error| Error::Vmm(format!("{what}: {e}"));
+        qmp.execute("stop", None).map_err(step("stop"))?;
+        qmp.execute("migrate", Some(json!({ "uri": format!("exec:cat > {file}") })))
+            .map_err(step("migrate"))?;
+        let status = wait_migration(qmp, "saving the VM")?;
+        Ok(status.to_string())
+    }
+
+    fn restore_args(&self, file: &str) -> Vec<String> {
+        vec!["-incoming".into(), format!("exec:cat {file}")]
+    }
+
+    fn resume_restored(&mut self) -> Result<String> {
+        let qmp = self.qmp()?;
+        // The incoming side reports the migration as it loads; the VM is then paused, as
+        // it was saved.
+        let deadline = std::time::Instant::now() + Duration::from_secs(MIGRATION_TIMEOUT_S);
+        loop {
+            let status = qmp.execute("query-status", None)?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("inmigrate") | Some("restore-vm") => {}
+                Some("running") => return Ok(status.to_string()),
+                Some(_) => {
+                    qmp.execute("cont", None)?;
+                    return Ok(status.to_string());
+                }
+                None => return Err(Error::Vmm(format!("query-status: {status}"))),
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Vmm(format!(
+                    "the incoming migration did not finish within {MIGRATION_TIMEOUT_S} s: {status}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         self.qmp()?.execute("quit", None).map(|_| ())
+    }
+}
+
+/// How long a save or a restore of the VM may take.
+const MIGRATION_TIMEOUT_S: u64 = 300;
+
+/// Polls `query-migrate` until the migration completed (its answer) or failed (an error
+/// naming `what`).
+fn wait_migration(qmp: &mut Qmp<UnixStream>, what: &str) -> Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(MIGRATION_TIMEOUT_S);
+    loop {
+        let info = qmp
+            .execute("query-migrate", None)
+            .map_err(|e| Error::Vmm(format!("{what}: query-migrate: {e}")))?;
+        match info.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(info),
+            Some("failed") | Some("cancelled") => return Err(Error::Vmm(format!("{what}: {info}"))),
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Vmm(format!(
+                "{what}: not done within {MIGRATION_TIMEOUT_S} s: {info}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -188,6 +188,8 @@ struct Run<'a> {
     start: Instant,
     /// When the VMM was started (set by `l2-boot`).
     vmm_started: Option<Instant>,
+    /// What the VMM was started with (set by `l2-boot`), to start it again for a restore.
+    launch: Option<Launch>,
     tails: Vec<String>,
 }
 
@@ -245,6 +247,7 @@ impl<'a> Run<'a> {
             report,
             start: Instant::now(),
             vmm_started: None,
+            launch: None,
             tails: Vec::new(),
         }
     }
@@ -367,8 +370,8 @@ impl<'a> Run<'a> {
                 launch.vfio.insert(d.id.clone(), bdf);
             }
         }
-        let filter = std::env::var(VMM_LOG_ENV).ok();
-        let argv = with_log_filter(vmm.kind(), vmm.command_line(&s.vm, &launch)?, filter.as_deref());
+        let argv = self.vmm_argv(vmm, &launch)?;
+        self.launch = Some(launch.clone());
         let started = Instant::now();
         self.vmm_started = Some(started);
         let control = match host.start_vmm(&argv) {
@@ -531,8 +534,9 @@ impl<'a> Run<'a> {
                 }),
                 ["resize", id, size] => self.resize(host, vmm, id, size, &mut step),
                 ["unassigned", id] => self.unassigned(host, vmm, id, &mut step),
+                ["restore"] => self.save_and_restore(host, vmm),
                 _ => Err(Error::Vmm(format!(
-                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID)"
+                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID, restore)"
                 ))),
             }
         };
@@ -542,6 +546,59 @@ impl<'a> Run<'a> {
             Err(e) => step.detail = e.to_string().replace('\n', " "),
         }
         step
+    }
+
+    /// The VMM's command line for `launch`, with the log filter of [`VMM_LOG_ENV`].
+    fn vmm_argv(&self, vmm: &dyn Vmm, launch: &Launch) -> Result<Vec<String>> {
+        let filter = std::env::var(VMM_LOG_ENV).ok();
+        Ok(with_log_filter(
+            vmm.kind(),
+            vmm.command_line(&self.scenario.vm, launch)?,
+            filter.as_deref(),
+        ))
+    }
+
+    /// The host step `restore`: saves the paused VM to a file, stops the VMM, and starts a
+    /// new one with the same command line that continues the VM from that file. The guest
+    /// that asked gets the answer from the new VMM's console.
+    fn save_and_restore(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<String> {
+        let launch = self
+            .launch
+            .clone()
+            .ok_or_else(|| Error::Vmm("the VMM was not started".into()))?;
+        let file = format!("{}/vm.snapshot", launch.placement.disk_dir);
+        let t0 = Instant::now();
+        let saved = vmm.save_snapshot(&file)?;
+        let save_s = t0.elapsed().as_secs_f64();
+        vmm.shutdown()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = host.vmm_exit_status()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Vmm("the VMM did not exit within 60 s of its shutdown".into()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if status != 0 {
+            return Err(Error::Vmm(format!("the saved VMM exited with status {status}")));
+        }
+        let t1 = Instant::now();
+        let mut argv = self.vmm_argv(vmm, &launch)?;
+        argv.extend(vmm.restore_args(&file));
+        let control = host.start_vmm(&argv)?;
+        control
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .ctx(|| "control socket timeout".into())?;
+        vmm.attach(control)?;
+        let resumed = vmm.resume_restored()?;
+        let restore_s = t1.elapsed().as_secs_f64();
+        Ok(format!(
+            "save_s={save_s:.2} restore_s={restore_s:.2} saved={} resumed={}",
+            saved.trim(),
+            resumed.trim()
+        ))
     }
 
     fn resize(

@@ -432,7 +432,7 @@ impl Scenario {
 }
 
 /// Host steps a guest may ask for.
-pub const HOST_STEPS: &[&str] = &["resize", "stats", "unassigned"];
+pub const HOST_STEPS: &[&str] = &["resize", "stats", "unassigned", "restore"];
 
 #[cfg(test)]
 mod tests {

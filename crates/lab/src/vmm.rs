@@ -258,6 +258,19 @@ pub trait Vmm {
     fn unassigned_accesses(&mut self, _id: &str) -> Result<Option<AccessCounts>> {
         Ok(None)
     }
+    /// Pauses the guest and saves the whole VM to `path` on the VMM's host (memvisor: `PUT
+    /// /api/v1/vm/pause`, then `PUT /api/v1/vm/snapshot`; QEMU: `stop`, then a migration to
+    /// `exec:cat > PATH`). Returns a summary for the report; the VMM stays up, paused.
+    fn save_snapshot(&mut self, path: &str) -> Result<String>;
+    /// What to add to [`Vmm::command_line`] so that the VMM continues the VM saved at `path`
+    /// instead of booting it (memvisor: `--restore PATH`; QEMU: `-incoming exec:cat PATH`).
+    fn restore_args(&self, path: &str) -> Vec<String>;
+    /// Once a VMM started with [`Vmm::restore_args`] is attached: lets the guest run (QEMU
+    /// waits for the incoming migration and continues the VM, paused as it was saved;
+    /// memvisor runs it by itself). Returns what the VMM reports.
+    fn resume_restored(&mut self) -> Result<String> {
+        Ok(String::new())
+    }
     /// Asks the VMM to stop (it is killed by the runner anyway).
     fn shutdown(&mut self) -> Result<()>;
 }

@@ -29,6 +29,7 @@ fn every_shipped_scenario_parses_with_its_script() {
             "bypass",
             "poweroff",
             "reboot",
+            "snapshot-restore",
             "unplugged-access",
             "vfio-nvme",
             "vfio-nvme-viommu",

@@ -32,6 +32,7 @@ mod path {
     pub const RESUME: &str = "/api/v1/vm/resume";
     pub const REBOOT: &str = "/api/v1/vm/reboot";
     pub const POWER_OFF: &str = "/api/v1/vm/power-off";
+    pub const SNAPSHOT: &str = "/api/v1/vm/snapshot";
     pub const SHUTDOWN: &str = "/api/v1/vmm/shutdown";
     pub const MEMORY: &str = "/api/v1/memory";
     pub const DMA: &str = "/api/v1/dma";
@@ -75,6 +76,12 @@ enum ApiCommand {
         /// Seconds the guest has, 1 to 600 (the VMM's default: 30).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
         timeout: Option<u64>,
+    },
+    /// Save the paused VM to a new file (PUT /api/v1/vm/snapshot); `memvisor run ...
+    /// --restore FILE` continues it. Pause it first.
+    Snapshot {
+        /// The file to create (made absolute against the current folder).
+        file: PathBuf,
     },
     /// Stop the VMM (PUT /api/v1/vmm/shutdown).
     Shutdown,
@@ -433,6 +440,19 @@ fn request(args: &ApiArgs) -> Result<String, Failure> {
                 }
                 None => "the power button is pressed\n".into(),
             };
+            Ok(text(&resp, human))
+        }
+        ApiCommand::Snapshot { file } => {
+            let file = std::path::absolute(file).map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
+            let resp = call(s, "PUT", path::SNAPSHOT, Some(&json!({ "path": file })))?;
+            let summary = resp.json().unwrap_or_default();
+            let human = format!(
+                "saved to {} ({} in {} sections, {} ms); the VM stays paused\n",
+                file.display(),
+                human(summary["bytes"].as_u64().unwrap_or(0)),
+                summary["sections"].as_u64().unwrap_or(0),
+                summary["ms"].as_u64().unwrap_or(0)
+            );
             Ok(text(&resp, human))
         }
         ApiCommand::Shutdown => {

@@ -61,6 +61,12 @@ pub struct RunArgs {
     /// Print the configuration as JSON and exit.
     #[arg(long)]
     print_config: bool,
+    /// Continue the VM saved in this snapshot (`memvisor api snapshot PATH` of a paused
+    /// VMM) instead of booting the kernel. The machine's shape (vCPUs, memory, virtio-mem
+    /// devices, vIOMMU, disks, serial) must be the snapshot's; the kernel is loaded only
+    /// when the restored guest reboots. Disk images are used as they are now.
+    #[arg(long)]
+    restore: Option<PathBuf>,
 }
 
 /// `key=value,...` pairs, each key at most once and from `allowed`.
@@ -193,7 +199,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match runner::run(config) {
+    match runner::run(config, args.restore.clone()) {
         Ok(RunEnd::PowerOff) => {
             log::info!("the guest powered off");
             ExitCode::SUCCESS

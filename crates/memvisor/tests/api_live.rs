@@ -781,3 +781,83 @@ fn a_long_poll_resumes_after_a_sequence_number_and_keeps_the_connection() {
     vmm.expect("GET", "/api/v1/events?after=x", None, 400, "after=x");
     vmm.shutdown();
 }
+
+#[test]
+fn a_snapshot_of_the_paused_guest_continues_in_a_new_vmm_without_booting_again() {
+    let vmm = Vmm::start();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vmm.banners() == 0 {
+        assert!(Instant::now() < deadline, "the guest wrote nothing on COM1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = std::env::temp_dir().join(format!("memvisor-snapshot-{}.vmstate", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let body = json!({ "path": file }).to_string();
+    vmm.expect("PUT", "/api/v1/vm/snapshot", Some(&body), 409, "paused");
+    vmm.expect(
+        "PUT",
+        "/api/v1/vm/snapshot",
+        Some(r#"{"path":"relative.snap"}"#),
+        400,
+        "absolute",
+    );
+    vmm.expect(
+        "PUT",
+        "/api/v1/vm/snapshot",
+        Some(r#"{"path":"/nonexistent-folder/x"}"#),
+        400,
+        "folder",
+    );
+    vmm.expect("PUT", "/api/v1/vm/pause", None, 204, "");
+    let r = vmm.call("PUT", "/api/v1/vm/snapshot", Some(&body));
+    assert_eq!(r.status, 200, "{}: {}", r.text(), vmm.log());
+    let summary = r.json().unwrap();
+    let bytes = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(summary["bytes"].as_u64(), Some(bytes), "{summary}");
+    // 64 MiB of boot RAM that the guest never touched but for its code: zero pages are
+    // not written out.
+    assert!(bytes < MIB, "{bytes} bytes");
+    vmm.expect("PUT", "/api/v1/vm/snapshot", Some(&body), 409, "exists");
+    assert_eq!(vmm.get("/api/v1/vm")["state"], "paused");
+    vmm.shutdown();
+
+    // Another shape is refused, naming the difference, before anything runs.
+    let out = memvisor()
+        .arg("run")
+        .arg("--kernel")
+        .arg(idle_guest())
+        .args([
+            "--memory",
+            "64M",
+            "--vmem",
+            "id=vmem0,size=256M,block=2M",
+            "--cpus",
+            "2",
+            "--serial",
+            "off",
+        ])
+        .arg("--restore")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vCPU count is 1 but this VM's is 2"), "{err}");
+
+    // The same shape continues the guest: it runs, halted where it was, and does not
+    // boot again (a boot writes the banner).
+    let restored = Vmm::start_with(&["--restore", file.to_str().unwrap()]);
+    let vm = restored.assert_alive();
+    assert_eq!((vm["state"].as_str(), vm["boots"].as_u64()), (Some("running"), Some(1)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(restored.banners(), 0, "the restored guest booted again");
+    // It still reboots into the kernel when asked.
+    restored.expect("PUT", "/api/v1/vm/reboot", None, 204, "");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while restored.banners() == 0 {
+        assert!(Instant::now() < deadline, "no boot after the restored guest's reboot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    restored.shutdown();
+    let _ = std::fs::remove_file(&file);
+}

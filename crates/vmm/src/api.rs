@@ -14,6 +14,7 @@
 //! | PUT | `/api/v1/vm/pause`, `/api/v1/vm/resume` | 204; 409 when already in that state |
 //! | PUT | `/api/v1/vm/reboot` | 204: the machine resets and boots again |
 //! | PUT | `/api/v1/vm/power-off` | 202: the ACPI power button, then a forced stop after `timeout_s` |
+//! | PUT | `/api/v1/vm/snapshot` | body `{"path": FILE}` (absolute, new): the paused VM saved there; 200 with its size |
 //! | PUT | `/api/v1/vmm/shutdown` | 204, then the VMM stops |
 //! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host and DMA figures |
 //! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
@@ -58,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm/resume"),
     ("PUT", "/api/v1/vm/reboot"),
     ("PUT", "/api/v1/vm/power-off"),
+    ("PUT", "/api/v1/vm/snapshot"),
     ("PUT", "/api/v1/vmm/shutdown"),
     ("GET", "/api/v1/memory"),
     ("PUT", "/api/v1/memory/{id}"),
@@ -334,6 +336,7 @@ pub fn handle(ctx: &ApiContext, method: &Method, url: &str, body: &[u8]) -> Answ
             Answer::no_content()
         }
         (Method::Put, ["api", "v1", "vm", "power-off"]) => power_off(ctx, body),
+        (Method::Put, ["api", "v1", "vm", "snapshot"]) => snapshot(ctx, body),
         (Method::Put, ["api", "v1", "vmm", "shutdown"]) => {
             ctx.control.shutdown();
             Answer::no_content()
@@ -413,6 +416,36 @@ fn power_off(ctx: &ApiContext, body: &[u8]) -> Answer {
             status: 202,
             ..Answer::ok(json!({ "timeout_s": timeout }))
         },
+        Err(e) => Answer::error(409, e.to_string()),
+    }
+}
+
+/// `PUT /api/v1/vm/snapshot`: the file must be a new one (an existing
+/// file is never overwritten) at an absolute path in an existing folder.
+fn snapshot(ctx: &ApiContext, body: &[u8]) -> Answer {
+    let obj = match object(body, &["path"]) {
+        Ok(o) => o,
+        Err(answer) => return answer,
+    };
+    let path = match obj.get("path") {
+        Some(Value::String(p)) => PathBuf::from(p),
+        Some(other) => return Answer::error(400, format!("path {other}: a file name (string)")),
+        None => return Answer::error(400, "missing field path"),
+    };
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Answer::error(400, format!("path {}: an absolute file path", path.display()));
+    }
+    if path.parent().is_some_and(|d| !d.is_dir()) {
+        return Answer::error(400, format!("path {}: its folder does not exist", path.display()));
+    }
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return Answer::error(
+            409,
+            format!("path {}: exists; a snapshot never overwrites a file", path.display()),
+        );
+    }
+    match ctx.control.snapshot(path) {
+        Ok(summary) => Answer::ok(summary),
         Err(e) => Answer::error(409, e.to_string()),
     }
 }

@@ -3,8 +3,9 @@
 //! the event bus. The runner updates it at every boot; the API only reads
 //! it and asks.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::json;
@@ -27,11 +28,48 @@ pub enum ControlError {
     /// The power button could not be pressed.
     #[error("pressing the ACPI power button: {0}")]
     Button(std::io::Error),
+    /// A snapshot needs the vCPUs paused.
+    #[error("the VM must be paused for a snapshot (PUT /api/v1/vm/pause first)")]
+    NotPaused,
+    /// The event loop did not take or answer the request.
+    #[error("the VMM's event loop: {0}")]
+    Loop(String),
+    /// The snapshot failed; the VM is unchanged and still paused.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
+
+/// Work that must run on the event loop's thread, where the devices'
+/// queues are served, so that it sees the devices between requests.
+#[derive(Debug)]
+pub enum LoopRequest {
+    /// Save the paused VM to `path`; the reply is the summary or why not.
+    Snapshot {
+        /// The file to write.
+        path: PathBuf,
+        /// Where the answer goes.
+        reply: mpsc::Sender<Result<serde_json::Value, String>>,
+    },
+}
+
+/// The sending end of the event loop's requests: a channel and the
+/// eventfd that wakes the loop.
+#[derive(Debug)]
+pub struct LoopRequests {
+    /// The channel.
+    pub tx: mpsc::Sender<LoopRequest>,
+    /// Written after each request.
+    pub wake: EventFd,
+}
+
+/// How long a snapshot may take before the API gives up waiting (the
+/// snapshot itself still completes).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Boot {
     vcpus: Arc<VcpuControl>,
     power_button: EventFd,
+    requests: LoopRequests,
 }
 
 /// What the API may do to the running VM; see the [module documentation](self).
@@ -86,9 +124,14 @@ impl VmControl {
         &self.events
     }
 
-    /// A boot started with these vCPUs and this power-button irqfd.
-    pub fn booted(&self, vcpus: Arc<VcpuControl>, power_button: EventFd) {
-        *lock(&self.boot) = Some(Boot { vcpus, power_button });
+    /// A boot started with these vCPUs, this power-button irqfd, and its
+    /// event loop taking `requests`.
+    pub fn booted(&self, vcpus: Arc<VcpuControl>, power_button: EventFd, requests: LoopRequests) {
+        *lock(&self.boot) = Some(Boot {
+            vcpus,
+            power_button,
+            requests,
+        });
         let n = self.boots.fetch_add(1, Ordering::SeqCst) + 1;
         self.events.publish("boot", json!({ "boot": n }));
     }
@@ -138,6 +181,33 @@ impl VmControl {
         self.vcpus()?.resume()?;
         self.events.publish("resumed", json!({}));
         Ok(())
+    }
+
+    /// Saves the paused VM to `path` (run by the event loop) and returns
+    /// the summary; the VM stays paused.
+    pub fn snapshot(&self, path: PathBuf) -> Result<serde_json::Value, ControlError> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let boot = lock(&self.boot);
+            let b = boot.as_ref().ok_or(ControlError::NotRunning)?;
+            if !b.vcpus.is_paused() {
+                return Err(ControlError::NotPaused);
+            }
+            b.requests
+                .tx
+                .send(LoopRequest::Snapshot { path, reply: tx })
+                .map_err(|_| ControlError::Loop("it has stopped".into()))?;
+            b.requests
+                .wake
+                .write(1)
+                .map_err(|e| ControlError::Loop(e.to_string()))?;
+        }
+        let summary = rx
+            .recv_timeout(SNAPSHOT_TIMEOUT)
+            .map_err(|e| ControlError::Loop(format!("no answer: {e}")))?
+            .map_err(ControlError::Snapshot)?;
+        self.events.publish("snapshot", summary.clone());
+        Ok(summary)
     }
 
     /// Resets the machine; it boots again.

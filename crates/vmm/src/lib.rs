@@ -69,6 +69,7 @@ pub mod probe;
 #[cfg(target_arch = "x86_64")]
 pub mod runner;
 pub mod slot_table;
+pub mod snapshot;
 pub mod unassigned;
 #[cfg(target_arch = "x86_64")]
 pub mod vcpu;

@@ -12,7 +12,8 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use memvisor_machine::Machine;
@@ -28,13 +29,14 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::api::{ApiContext, ApiServer, RamBlockInfo};
 use crate::bus::{Bus, BusDevice, lock};
 use crate::config::{ConfigError, SerialConfig, VmmConfig};
-use crate::control::VmControl;
+use crate::control::{LoopRequest, LoopRequests, VmControl};
 use crate::devices::legacy::{I8042, PmBlock};
 use crate::devices::serial::Serial;
 use crate::devmem::DeviceMemory;
 use crate::events::EventBus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::irq::{GsiRouter, KvmIoEvents, KvmMsiVectors};
+use crate::snapshot::BootParts;
 use crate::unassigned::UnassignedMemory;
 use crate::vcpu::{VcpuIo, VcpuThreads};
 use crate::vm::{Vm, VmError};
@@ -182,11 +184,21 @@ struct Process {
 
 /// Boots `config` and runs the guest until it powers off or the VMM is
 /// asked to stop; a guest reboot resets the machine and boots again.
-pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
+///
+/// With `restore`, the first boot is not a boot: the VM continues from
+/// that snapshot (written by `PUT /api/v1/vm/snapshot` of a VMM with the
+/// same machine shape) instead of starting the kernel.
+pub fn run(config: VmmConfig, restore: Option<PathBuf>) -> Result<RunEnd, RunError> {
     config.validate()?;
     check_host_memory(config.memory)?;
     let machine_config = config.machine_config()?;
-    let machine = Machine::new(&machine_config)?;
+    // A restored machine starts with nothing attached or pinned: the
+    // snapshot's DMA sections attach once the state they depend on is back.
+    let machine = if restore.is_some() {
+        Machine::incoming(&machine_config)?
+    } else {
+        Machine::new(&machine_config)?
+    };
     let iommu = machine.iommu().map(|i| i.handle.clone());
     let disks = config
         .disks
@@ -240,8 +252,9 @@ pub fn run(config: VmmConfig) -> Result<RunEnd, RunError> {
     };
     let _raw = RawTerminal::new(&process.config.serial);
     let started = Instant::now();
+    let mut restore = restore;
     let end = loop {
-        let reason = run_boot(&process)?;
+        let reason = run_boot(&process, restore.take().as_deref())?;
         process.control.ended(&reason);
         match reason {
             ExitReason::Reset => {
@@ -433,11 +446,13 @@ fn serial_output(config: &SerialConfig) -> Result<Option<Box<dyn Write + Send>>,
 /// Event-loop tokens.
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
-const TOKEN_QUEUE: u64 = 2;
+const TOKEN_REQUEST: u64 = 2;
+const TOKEN_QUEUE: u64 = 3;
 
-/// One boot: builds the VM on the process's machine, runs it until a stop
-/// is raised, and returns why.
-fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
+/// One boot: builds the VM on the process's machine — loading the kernel,
+/// or with `restore` the snapshot at that path — runs it until a stop is
+/// raised, and returns why.
+fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError> {
     let config = &p.config;
     let machine = lock(&p.machine);
     let vm = Vm::with_unassigned(machine.memory(), p.unassigned.clone())?;
@@ -477,6 +492,7 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     root.set_bar_listener(device_memory.clone());
     // Each queue's notification eventfd and who to tell.
     let mut queue_events: Vec<(QueueNotifier, u16, EventFd)> = Vec::new();
+    let mut transports: Vec<(u8, Arc<Mutex<VirtioPciDevice>>)> = Vec::new();
     let mut add =
         |device: Arc<dyn DeviceAccess>, slot: u8, queues: u16, access_platform: bool| -> Result<(), RunError> {
             let vectors = queues + 1;
@@ -492,9 +508,11 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
             for (queue, fd) in transport.queue_events().map_err(setup("queue eventfds"))? {
                 queue_events.push((notifier.clone(), queue, fd));
             }
-            let shared: SharedDevice = Arc::new(Mutex::new(transport));
+            let transport = Arc::new(Mutex::new(transport));
+            let shared: SharedDevice = transport.clone();
             root.add_device_at(slot, shared)
                 .map_err(setup(format!("PCI slot {slot}")))?;
+            transports.push((slot, transport));
             Ok(())
         };
     if let Some(slot) = slots.iommu {
@@ -562,26 +580,16 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     )
     .map_err(bus_err("PCI ECAM"))?;
 
-    // ACPI tables, then the kernel.
-    let acpi = crate::platform::acpi_config(config, &slots, (mmio64_start, mmio64_size));
-    let tables = memvisor_acpi::build(&acpi, layout::ACPI_START, layout::ACPI_SIZE)
-        .map_err(setup("building the ACPI tables"))?;
-    for (addr, blob) in &tables.blobs {
-        crate::platform::write_guest(&memory, *addr, blob).map_err(setup("writing the ACPI tables"))?;
-    }
-    let entry = crate::platform::load_kernel(config, &memory, tables.rsdp_addr)?;
-    crate::platform::write_reset_stub(&memory).map_err(setup("writing the reset vector"))?;
-
-    // vCPUs.
-    let cpuid = cpu::supported_cpuid(vm.kvm()).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut vcpus = Vec::new();
-    for id in 0..config.cpus {
-        let vcpu = vm.create_bare_vcpu(u64::from(id))?;
-        let boot_entry = (id == 0).then_some(&entry);
-        cpu::configure_vcpu(vcpu.fd(), &cpuid, id, config.cpus, boot_entry)
-            .map_err(setup(format!("configuring vCPU {id}")))?;
-        vcpus.push(vcpu);
-    }
+    let parts = BootParts {
+        config,
+        machine: &p.machine,
+        transports: &transports,
+        serial: p.serial.as_ref(),
+    };
+    let vcpus = match restore {
+        None => boot_kernel(config, &vm, &memory, &slots, (mmio64_start, mmio64_size))?,
+        Some(path) => restore_snapshot(&parts, &vm, &pci, path)?,
+    };
 
     // The event loop's sources.
     let epoll = Epoll::new().map_err(setup("epoll"))?;
@@ -595,8 +603,18 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     let stdin_input = p.serial.is_some()
         && matches!(config.serial, SerialConfig::Stdio)
         && watch(io::stdin().as_raw_fd(), TOKEN_STDIN).is_ok();
+    let (requests_tx, requests) = mpsc::channel();
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(setup("the request eventfd"))?;
+    watch(wake.as_raw_fd(), TOKEN_REQUEST)?;
     for (i, (_, _, fd)) in queue_events.iter().enumerate() {
         watch(fd.as_raw_fd(), TOKEN_QUEUE + i as u64)?;
+    }
+    if restore.is_some() {
+        // Requests the guest made available before the snapshot and that
+        // were not yet served: serve them now (an inactive queue ignores it).
+        for (notifier, queue, _) in &queue_events {
+            notifier.notify(*queue);
+        }
     }
 
     let platform = Arc::new(Platform {
@@ -606,7 +624,14 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         unassigned: vm.unassigned().clone(),
     });
     let mut threads = VcpuThreads::start(vcpus, platform, p.exit.clone()).map_err(setup("starting vCPU threads"))?;
-    p.control.booted(threads.control().clone(), power_button);
+    p.control.booted(
+        threads.control().clone(),
+        power_button,
+        LoopRequests {
+            tx: requests_tx,
+            wake: wake.try_clone().map_err(setup("the request eventfd"))?,
+        },
+    );
     let mut events = vec![EpollEvent::default(); 16];
     let mut stdin_open = stdin_input;
     let reason = loop {
@@ -619,6 +644,20 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
         for event in &events[..n] {
             match event.data() {
                 TOKEN_EXIT => stop = p.exit.take(),
+                TOKEN_REQUEST => {
+                    let _ = wake.read();
+                    while let Ok(request) = requests.try_recv() {
+                        match request {
+                            LoopRequest::Snapshot { path, reply } => {
+                                let result = crate::snapshot::save(&parts, &vm, threads.control(), &path);
+                                if let Err(e) = &result {
+                                    log::warn!("snapshot to {}: {e}", path.display());
+                                }
+                                let _ = reply.send(result.map_err(|e| e.to_string()));
+                            }
+                        }
+                    }
+                }
                 TOKEN_STDIN => {
                     let mut buf = [0u8; 256];
                     match io::stdin().lock().read(&mut buf) {
@@ -649,6 +688,68 @@ fn run_boot(p: &Process) -> Result<ExitReason, RunError> {
     };
     threads.stop();
     Ok(reason)
+}
+
+/// Writes the ACPI tables, the kernel and the reset stub into guest memory
+/// and creates the vCPUs, vCPU 0 at the kernel's entry.
+fn boot_kernel(
+    config: &VmmConfig,
+    vm: &Vm,
+    memory: &memvisor_memory::map::GuestMemoryMap,
+    slots: &crate::config::PciSlots,
+    mmio64: (u64, u64),
+) -> Result<Vec<crate::vm::Vcpu>, RunError> {
+    let acpi = crate::platform::acpi_config(config, slots, mmio64);
+    let tables = memvisor_acpi::build(&acpi, layout::ACPI_START, layout::ACPI_SIZE)
+        .map_err(setup("building the ACPI tables"))?;
+    for (addr, blob) in &tables.blobs {
+        crate::platform::write_guest(memory, *addr, blob).map_err(setup("writing the ACPI tables"))?;
+    }
+    let entry = crate::platform::load_kernel(config, memory, tables.rsdp_addr)?;
+    crate::platform::write_reset_stub(memory).map_err(setup("writing the reset vector"))?;
+    let cpuid = cpu::supported_cpuid(vm.kvm()).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let vcpu = vm.create_bare_vcpu(u64::from(id))?;
+        let boot_entry = (id == 0).then_some(&entry);
+        cpu::configure_vcpu(vcpu.fd(), &cpuid, id, config.cpus, boot_entry)
+            .map_err(setup(format!("configuring vCPU {id}")))?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Loads the snapshot at `path` into this boot (see [`crate::snapshot`]),
+/// then applies what must come last, in this order: the PCI root's view
+/// of the restored BARs, the platform's interrupt controllers and timers,
+/// each vCPU, and the clock.
+fn restore_snapshot(
+    parts: &BootParts<'_>,
+    vm: &Vm,
+    pci: &PciRoot,
+    path: &Path,
+) -> Result<Vec<crate::vm::Vcpu>, RunError> {
+    let what = || format!("restoring {}", path.display());
+    let started = Instant::now();
+    let restored = crate::snapshot::load(parts, path).map_err(setup(what()))?;
+    // The transports' BARs and command registers changed behind the root.
+    pci.refresh_bars();
+    vm.restore_platform(&restored.platform).map_err(setup(what()))?;
+    let mut vcpus = Vec::new();
+    for (id, state) in (0..).zip(&restored.vcpus) {
+        let vcpu = vm.create_bare_vcpu(id)?;
+        vcpu.restore_state(state)
+            .map_err(setup(format!("restoring vCPU {id}")))?;
+        vcpus.push(vcpu);
+    }
+    vm.set_clock(&restored.platform).map_err(setup(what()))?;
+    log::info!(
+        "restored {} ({} bytes) in {:?}",
+        path.display(),
+        restored.bytes,
+        started.elapsed()
+    );
+    Ok(vcpus)
 }
 
 /// Opens the assigned function `host` through its VFIO container's group,

@@ -7,7 +7,21 @@
 //! parked); the flags are checked before every entry, so a signal that
 //! lands just before the entry is caught by the next check and a repeated
 //! kick.
+//!
+//! A vCPU parks only with no port or MMIO access half done: KVM finishes
+//! the instruction of an I/O exit (an `in`'s value into RAX, RIP past it)
+//! on the next `KVM_RUN`, and the `KVM_GET_*` calls do not see that
+//! pending state, so a snapshot taken in between would lose the access.
+//! While a pause is asked for, every `KVM_RUN` is made with
+//! `immediate_exit` set: KVM then completes the pending access and
+//! returns `EINTR` without entering the guest (or, for a string or split
+//! access that needs another exit, that exit, which is handled as usual),
+//! and the thread parks on that `EINTR`.
+//!
+//! Parked vCPU threads run jobs for [`VcpuControl::with_parked`] on their
+//! own [`Vcpu`], such as saving its state.
 
+use std::any::Any;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -50,6 +64,15 @@ pub enum PauseError {
     /// The vCPUs are not paused.
     #[error("the VM is not paused")]
     NotPaused,
+    /// The vCPUs were stopped, or a vCPU thread ended, before a
+    /// [`VcpuControl::with_parked`] job ran on every vCPU.
+    #[error("the vCPUs stopped before the job ran on all of them ({done} of {total})")]
+    Stopped {
+        /// vCPUs that ran the job.
+        done: usize,
+        /// vCPUs in all.
+        total: usize,
+    },
     /// A vCPU did not leave `KVM_RUN` in time.
     #[error("{parked} of {total} vCPUs paused within {waited:?}")]
     Timeout {
@@ -62,10 +85,28 @@ pub enum PauseError {
     },
 }
 
+/// A [`VcpuControl::with_parked`] job, type-erased.
+type JobFn = Arc<dyn Fn(&mut Vcpu) -> Box<dyn Any + Send> + Send + Sync>;
+
+/// The job parked threads are to run, once each, and their results.
+struct Job {
+    /// Which job this is: a thread runs a job whose generation is newer
+    /// than the last it ran.
+    generation: u64,
+    run: JobFn,
+    /// (vCPU id, result).
+    results: Vec<(u64, Box<dyn Any + Send>)>,
+}
+
 #[derive(Default)]
 struct Parking {
     paused: bool,
     parked: usize,
+    /// vCPU threads that have ended.
+    gone: usize,
+    /// The generation of the last job posted.
+    generation: u64,
+    job: Option<Job>,
 }
 
 /// The shared run state of one boot's vCPU threads: stop, pause, resume.
@@ -154,19 +195,108 @@ impl VcpuControl {
         Ok(())
     }
 
-    /// Parks the calling vCPU thread while paused; false once stopping.
-    fn park_if_paused(&self) -> bool {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Runs `job` on every vCPU, each in its own parked thread, once, and
+    /// returns the results in vCPU id order. The vCPUs must be paused (a
+    /// vCPU still on its way to park runs the job once parked); one job
+    /// runs at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`PauseError::NotPaused`], or [`PauseError::Stopped`] if the vCPUs
+    /// are stopped (or a vCPU thread ends) before every vCPU ran the job.
+    pub fn with_parked<T: Send + 'static>(
+        &self,
+        job: impl Fn(&mut Vcpu) -> T + Send + Sync + 'static,
+    ) -> Result<Vec<T>, PauseError> {
+        let total = lock(&self.threads).len();
+        let p = lock(&self.parking);
+        let mut p = self
+            .changed
+            .wait_while(p, |p| p.job.is_some())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !p.paused {
+            return Err(PauseError::NotPaused);
+        }
+        if self.stopping() {
+            return Err(PauseError::Stopped { done: 0, total });
+        }
+        p.generation += 1;
+        p.job = Some(Job {
+            generation: p.generation,
+            run: Arc::new(move |vcpu| Box::new(job(vcpu))),
+            results: Vec::new(),
+        });
+        self.changed.notify_all();
+        let mut p = self
+            .changed
+            .wait_while(p, |p| {
+                let done = p.job.as_ref().map_or(0, |j| j.results.len());
+                !self.stopping() && done + p.gone < total
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut results = p.job.take().expect("only with_parked takes its job").results;
+        // Another with_parked may be waiting for the slot.
+        self.changed.notify_all();
+        drop(p);
+        if results.len() < total {
+            return Err(PauseError::Stopped {
+                done: results.len(),
+                total,
+            });
+        }
+        results.sort_by_key(|&(id, _)| id);
+        Ok(results
+            .into_iter()
+            .map(|(_, r)| *r.downcast::<T>().expect("the job returns a T"))
+            .collect())
+    }
+
+    /// Parks the calling vCPU thread while paused, running each new
+    /// [`with_parked`](Self::with_parked) job on `vcpu` (`seen`: the
+    /// generation of the last job it ran); false once stopping.
+    fn park(&self, vcpu: &mut Vcpu, seen: &mut u64) -> bool {
         let mut p = lock(&self.parking);
-        if p.paused {
-            p.parked += 1;
-            self.changed.notify_all();
+        p.parked += 1;
+        self.changed.notify_all();
+        loop {
             p = self
                 .changed
-                .wait_while(p, |p| p.paused && !self.stop.load(Ordering::SeqCst))
+                .wait_while(p, |p| {
+                    let new_job = p.job.as_ref().is_some_and(|j| j.generation > *seen);
+                    p.paused && !self.stopping() && !new_job
+                })
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            p.parked -= 1;
+            let job = match &p.job {
+                Some(job) if job.generation > *seen && !self.stopping() => job,
+                _ => break,
+            };
+            let (generation, run) = (job.generation, job.run.clone());
+            *seen = generation;
+            drop(p);
+            let result = run(vcpu);
+            p = lock(&self.parking);
+            if let Some(job) = p.job.as_mut().filter(|j| j.generation == generation) {
+                job.results.push((vcpu.id(), result));
+            }
+            self.changed.notify_all();
         }
-        !self.stop.load(Ordering::SeqCst)
+        p.parked -= 1;
+        !self.stopping()
+    }
+}
+
+/// Counts its vCPU thread as gone when dropped (the thread ended, or
+/// panicked), so [`VcpuControl::with_parked`] does not wait for it.
+struct Gone(Arc<VcpuControl>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        lock(&self.0.parking).gone += 1;
+        self.0.changed.notify_all();
     }
 }
 
@@ -197,6 +327,7 @@ impl VcpuThreads {
             let (io, exit, control) = (io.clone(), exit.clone(), this.control.clone());
             let name = format!("vcpu{}", vcpu.id());
             let thread = std::thread::Builder::new().name(name).spawn(move || {
+                let _gone = Gone(control.clone());
                 if let Some(reason) = run(&mut vcpu, io.as_ref(), &control) {
                     exit.raise(reason);
                 }
@@ -243,12 +374,25 @@ impl Drop for VcpuThreads {
 /// Runs `vcpu` until the run ends (a reason) or a stop (`None`).
 fn run(vcpu: &mut Vcpu, io: &dyn VcpuIo, control: &VcpuControl) -> Option<ExitReason> {
     let id = vcpu.id();
+    let mut jobs_seen = 0;
     loop {
-        if !control.park_if_paused() {
+        if control.stopping() {
             return None;
         }
+        // While a pause is asked for, enter with immediate_exit: KVM
+        // completes a pending port or MMIO access and returns EINTR (see
+        // the module documentation); only then does the thread park.
+        let pausing = control.is_paused();
+        vcpu.fd_mut().set_kvm_immediate_exit(u8::from(pausing));
         let exit = match vcpu.fd_mut().run() {
             Ok(exit) => exit,
+            Err(e) if pausing && e.errno() == libc::EINTR => {
+                vcpu.fd_mut().set_kvm_immediate_exit(0);
+                if !control.park(vcpu, &mut jobs_seen) {
+                    return None;
+                }
+                continue;
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => {
                 return Some(ExitReason::Error(format!(

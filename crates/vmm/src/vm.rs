@@ -19,7 +19,10 @@
 use std::io;
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, kvm_segment, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memvisor_machine::Machine;
 use memvisor_memory::GuestRange;
@@ -27,6 +30,7 @@ use memvisor_memory::map::GuestMemoryMap;
 
 use crate::memslots::{MemslotError, Memslots, SlotBackend, SlotIoError};
 use crate::unassigned::UnassignedMemory;
+use crate::x86::state::{PlatformState, StateError, VcpuState, from_bytes, to_bytes};
 
 /// The KVM API version this crate speaks.
 const KVM_API_VERSION: i32 = 12;
@@ -51,6 +55,9 @@ pub enum VmError {
     /// The memory slots could not be set up.
     #[error(transparent)]
     Memslots(#[from] MemslotError),
+    /// Saved platform state could not be decoded.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// `KVM_RUN` failed.
     #[error("KVM_RUN of vCPU {vcpu} failed (rip {rip:#x}): {source}")]
     Run {
@@ -307,6 +314,101 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))
     }
 
+    /// Saves the in-kernel platform's state: `KVM_GET_PIT2`,
+    /// `KVM_GET_IRQCHIP` of the master and slave 8259 and the IOAPIC, and
+    /// `KVM_GET_CLOCK`. The vCPUs should be paused.
+    ///
+    /// # Errors
+    ///
+    /// A KVM call failing (no [`create_platform`](Self::create_platform)).
+    pub fn save_platform(&self) -> Result<PlatformState, VmError> {
+        let fd = &self.handle.fd;
+        let pit = fd.get_pit2().map_err(kvm_error("KVM_GET_PIT2"))?;
+        let chip = |chip_id: u32, name: &str| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut chip)
+                .map_err(kvm_error(format!("KVM_GET_IRQCHIP({name})")))?;
+            Ok::<_, VmError>(to_bytes(&chip))
+        };
+        let pic_master = chip(KVM_IRQCHIP_PIC_MASTER, "PIC master")?;
+        let pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE, "PIC slave")?;
+        let ioapic = chip(KVM_IRQCHIP_IOAPIC, "IOAPIC")?;
+        let clock = fd.get_clock().map_err(kvm_error("KVM_GET_CLOCK"))?;
+        Ok(PlatformState {
+            pit: to_bytes(&pit),
+            pic_master,
+            pic_slave,
+            ioapic,
+            clock: to_bytes(&clock),
+        })
+    }
+
+    /// Restores the PIT (`KVM_SET_PIT2`), then the master and slave 8259
+    /// and the IOAPIC (`KVM_SET_IRQCHIP`), after
+    /// [`create_platform`](Self::create_platform) and before the vCPUs
+    /// are restored. Not the clock: [`set_clock`](Self::set_clock) sets
+    /// it just before the vCPUs run again, so the time the restore takes
+    /// does not show in the guest's clock.
+    ///
+    /// # Errors
+    ///
+    /// A field of the wrong size or holding another chip (nothing is set
+    /// then), a KVM call
+    /// failing.
+    pub fn restore_platform(&self, state: &PlatformState) -> Result<(), VmError> {
+        let pit: kvm_pit_state2 = from_bytes("pit", &state.pit)?;
+        let chips: [(&'static str, &[u8], u32); 3] = [
+            ("pic_master", &state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            ("pic_slave", &state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            ("ioapic", &state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ];
+        let mut decoded = Vec::with_capacity(chips.len());
+        for (field, bytes, chip_id) in chips {
+            let chip: kvm_irqchip = from_bytes(field, bytes)?;
+            if chip.chip_id != chip_id {
+                return Err(StateError::Invalid {
+                    field,
+                    why: format!("it is the state of irqchip {}, not {chip_id}", chip.chip_id),
+                }
+                .into());
+            }
+            decoded.push((field, chip));
+        }
+        let fd = &self.handle.fd;
+        fd.set_pit2(&pit).map_err(kvm_error("KVM_SET_PIT2"))?;
+        for (field, chip) in &decoded {
+            fd.set_irqchip(chip)
+                .map_err(kvm_error(format!("KVM_SET_IRQCHIP({field})")))?;
+        }
+        Ok(())
+    }
+
+    /// Sets kvmclock to the saved `state.clock` (`KVM_SET_CLOCK`). Where
+    /// the saved clock has `KVM_CLOCK_REALTIME`, it goes with its
+    /// `realtime` stamp and KVM adds the wall-clock time since the save;
+    /// otherwise the clock resumes at the saved value (flags 0).
+    ///
+    /// # Errors
+    ///
+    /// A clock of the wrong size, the KVM call failing.
+    pub fn set_clock(&self, state: &PlatformState) -> Result<(), VmError> {
+        let saved: kvm_clock_data = from_bytes("clock", &state.clock)?;
+        let realtime = saved.flags & KVM_CLOCK_REALTIME != 0;
+        let clock = kvm_clock_data {
+            clock: saved.clock,
+            flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
+            realtime: if realtime { saved.realtime } else { 0 },
+            ..Default::default()
+        };
+        self.handle.fd.set_clock(&clock).map_err(kvm_error(format!(
+            "KVM_SET_CLOCK({:#x}, flags {:#x})",
+            clock.clock, clock.flags
+        )))
+    }
+
     /// Creates vCPU `id` as KVM makes it, for the caller to configure
     /// (CPUID, MSRs, registers): see [`crate::x86::cpu`].
     pub fn create_bare_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
@@ -438,6 +540,27 @@ impl Vcpu {
     /// The vCPU fd, to run it.
     pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// Saves this vCPU's state ([`save_vcpu`](crate::x86::state::save_vcpu)
+    /// with the MSRs `msrs`), its id included. The vCPU must not be
+    /// running.
+    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, StateError> {
+        let mut state = crate::x86::state::save_vcpu(&self.fd, msrs)?;
+        state.id = self.id;
+        Ok(state)
+    }
+
+    /// Restores `state`, which must be this vCPU id's
+    /// ([`restore_vcpu`](crate::x86::state::restore_vcpu)).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), StateError> {
+        if state.id != self.id {
+            return Err(StateError::WrongVcpu {
+                state: state.id,
+                vcpu: self.id,
+            });
+        }
+        crate::x86::state::restore_vcpu(&self.fd, state)
     }
 
     /// The guest's instruction pointer now (0 if it cannot be read).

@@ -24,6 +24,9 @@ pub enum Phase {
 pub struct Priority(pub i32);
 
 impl Priority {
+    /// The machine's shape (a fingerprint of its configuration): checked
+    /// before anything else is restored.
+    pub const MACHINE: Priority = Priority(400);
     /// Memory devices (virtio-mem): their discard managers must be
     /// restored before anything maps their memory.
     pub const MEMORY_DEVICE: Priority = Priority(300);
@@ -34,6 +37,15 @@ impl Priority {
     pub const DMA: Priority = Priority(100);
     /// Every other device.
     pub const DEVICE: Priority = Priority(100);
+    /// Transports (virtio-pci): they activate their devices with the
+    /// restored queues, so every device model is restored first.
+    pub const TRANSPORT: Priority = Priority(50);
+    /// The VM-wide interrupt controllers and timers, once every device
+    /// that may raise an interrupt is back.
+    pub const PLATFORM: Priority = Priority(20);
+    /// vCPUs, last: their local APICs and pending events refer to the
+    /// platform.
+    pub const VCPU: Priority = Priority(10);
     /// RAM (alone in its phase).
     pub const RAM: Priority = Priority(0);
 }

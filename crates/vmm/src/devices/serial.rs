@@ -13,6 +13,9 @@ use crate::bus::BusDevice;
 /// dropped (and logged).
 const MAX_PENDING_INPUT: usize = 64 << 10;
 
+/// The 16550's receive FIFO (vm-superio's, not exported).
+const UART_FIFO: usize = 64;
+
 /// The interrupt line: an eventfd registered as the GSI's irqfd.
 #[derive(Debug)]
 pub struct IrqLine(EventFd);
@@ -64,6 +67,82 @@ impl Serial {
         self.refill();
     }
 
+    /// The UART's registers and FIFO plus the input not yet in the FIFO,
+    /// for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let u = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                u.baud_divisor_low,
+                u.baud_divisor_high,
+                u.interrupt_enable,
+                u.interrupt_identification,
+                u.line_control,
+                u.line_status,
+                u.modem_control,
+                u.modem_status,
+                u.scratch,
+            ],
+            fifo: u.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        }
+    }
+
+    /// Takes the registers and input of `state`, keeping this UART's
+    /// interrupt line and output. Refuses a FIFO longer than the UART's or
+    /// more pending input than [`MAX_PENDING_INPUT`] (nothing changes then).
+    pub fn restore(&mut self, state: &SerialSnapshot) -> Result<(), String> {
+        if state.fifo.len() > UART_FIFO {
+            return Err(format!(
+                "a receive FIFO of {} bytes; the UART holds {UART_FIFO}",
+                state.fifo.len()
+            ));
+        }
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(format!(
+                "{} bytes of pending console input; at most {MAX_PENDING_INPUT}",
+                state.pending.len()
+            ));
+        }
+        let [
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+        ] = state.registers;
+        let registers = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.fifo.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("the serial irqfd: {e}"))?;
+        let spare = irq.try_clone().map_err(|e| format!("the serial irqfd: {e}"))?;
+        let out = std::mem::replace(&mut self.uart, Uart::new(IrqLine(spare), Box::new(io::sink()))).into_writer();
+        // `from_state` fails only on a FIFO longer than the UART's (checked
+        // above) or an irqfd that cannot be written; the output is lost then.
+        self.uart = Uart::from_state(&registers, IrqLine(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("the UART state: {e:?}"))?;
+        self.pending = state.pending.iter().copied().collect();
+        Ok(())
+    }
+
     fn refill(&mut self) {
         let space = self.uart.fifo_capacity();
         if space == 0 || self.pending.is_empty() {
@@ -77,6 +156,19 @@ impl Serial {
             Err(e) => log::warn!("serial: queueing console input: {e:?}"),
         }
     }
+}
+
+/// [`Serial`]'s migratable state: the 16550's nine registers (divisor
+/// low and high, IER, IIR, LCR, LSR, MCR, MSR, scratch), its receive FIFO
+/// and the console input waiting for room in it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// The receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Input not yet in the FIFO.
+    pub pending: Vec<u8>,
 }
 
 impl BusDevice for Serial {
@@ -145,5 +237,56 @@ mod tests {
         let mut lsr = [0];
         s.read(5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_registers_fifo_and_pending_input() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut a = Serial::new(irq.try_clone().unwrap(), Box::new(Shared::default()));
+        a.write(3, &[0x80]); // DLAB on
+        a.write(0, &[3]); // divisor 3
+        a.write(3, &[0x03]); // 8N1, DLAB off
+        a.write(1, &[1]); // data-ready interrupt
+        a.write(7, &[0x5a]); // scratch
+        let typed: Vec<u8> = (0..100u8).collect();
+        a.input(&typed);
+        let saved = a.state();
+        assert_eq!(saved.fifo.len(), UART_FIFO);
+        assert_eq!(saved.pending.len(), 100 - UART_FIFO);
+
+        let out = Shared::default();
+        let irq_b = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut b = Serial::new(irq_b.try_clone().unwrap(), Box::new(out.clone()));
+        b.restore(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        // The pending data-ready interrupt is raised again on the new line.
+        assert!(irq_b.read().unwrap() >= 1);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            let mut byte = [0];
+            b.read(0, &mut byte);
+            got.push(byte[0]);
+        }
+        assert_eq!(got, typed);
+        let mut scratch = [0];
+        b.read(7, &mut scratch);
+        assert_eq!(scratch[0], 0x5a);
+        // Output still goes to the new UART's writer.
+        b.write(0, b"x");
+        assert_eq!(&out.0.lock().unwrap()[..], b"x");
+    }
+
+    #[test]
+    fn oversized_state_is_refused_and_changes_nothing() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq, Box::new(Shared::default()));
+        let before = s.state();
+        let mut bad = before.clone();
+        bad.fifo = vec![0; UART_FIFO + 1];
+        assert!(s.restore(&bad).unwrap_err().contains("FIFO"));
+        let mut bad = before.clone();
+        bad.pending = vec![0; MAX_PENDING_INPUT + 1];
+        assert!(s.restore(&bad).unwrap_err().contains("pending"));
+        assert_eq!(s.state(), before);
     }
 }
