@@ -8,13 +8,13 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use memvisor_memory::GuestRange;
 use memvisor_memory::map::{GuestMemoryMap, Region};
+use memvisor_memory::{GuestRange, GuestSlice};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_ring;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, VolatileMemory};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
@@ -112,7 +112,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn area(&self) -> VolatileSlice<'_> {
+    fn area(&self) -> GuestSlice<'_> {
         self.region
             .slice(self.offset, self.len)
             .expect("layout checked in DriverQueue::new")
@@ -291,7 +291,7 @@ impl DriverQueue {
         (addr.0 - self.desc.0) as usize
     }
 
-    fn store_descriptor(area: &VolatileSlice<'_>, size: u16, index: u16, desc: Descriptor) {
+    fn store_descriptor(area: &GuestSlice<'_>, size: u16, index: u16, desc: Descriptor) {
         area.get_ref::<Descriptor>(16 * usize::from(index % size))
             .expect("descriptor table checked in new")
             .store(desc);

@@ -149,6 +149,23 @@ impl BlockBitmap {
         });
     }
 
+    /// ORs `words` into the bitmap from word `at` on; words and bits past
+    /// the end are dropped, so no phantom bit appears.
+    pub(crate) fn or_words(&mut self, at: usize, words: &[u64]) {
+        let Some(dst) = self.words.get_mut(at..) else {
+            return;
+        };
+        for (d, s) in dst.iter_mut().zip(words) {
+            *d |= s;
+        }
+        let tail = self.len % WORD_BITS;
+        if tail != 0
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= mask(0, tail);
+        }
+    }
+
     /// Clears every bit.
     pub fn clear_all(&mut self) {
         self.words.fill(0);

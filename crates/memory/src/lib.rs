@@ -11,6 +11,8 @@
 //!   between memory devices and DMA mappers, implemented once by
 //!   [`discard::BlockDiscardManager`] over the [`block_state`] core.
 //! * [`policy::DiscardPolicy`] — who may discard at all, with RAII guards.
+//! * [`dirty`] — the pages the VMM itself wrote ([`map::Region::take_dirty`]),
+//!   for live migration.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -44,11 +46,13 @@
 #![deny(missing_docs)]
 
 pub mod block_state;
+pub mod dirty;
 pub mod discard;
 pub mod map;
 pub mod policy;
 pub mod ram_block;
 pub mod range;
 
+pub use dirty::{DirtyBitmap, GuestSlice, PageSet};
 pub use ram_block::{Backing, RamBlock, RamBlockError};
 pub use range::GuestRange;

@@ -2,21 +2,31 @@
 //! of a [`RamBlock`], on top of `vm-memory`'s [`GuestMemoryMmap`] so that
 //! `virtio-queue` reads and writes rings in it directly.
 //!
+//! Every region's mapping tracks the pages the VMM writes through it
+//! ([`Region::take_dirty`], see [`crate::dirty`]).
+//!
 //! A region may carry a [`RamDiscardManager`] (a virtio-mem device's
 //! region does); consumers that must not touch discarded memory look it up
 //! with [`GuestMemoryMap::lookup`] and ask it.
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
-};
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, MemoryRegionAddress};
 
+use crate::dirty::{DIRTY_PAGE_SIZE, DirtyBitmap, GuestSlice, PageSet};
 use crate::discard::RamDiscardManager;
 use crate::ram_block::RamBlock;
 use crate::range::GuestRange;
+
+/// `vm-memory`'s view of the map: its regions mark the VMM's writes in
+/// their [`DirtyBitmap`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyBitmap>;
 
 /// One RAM region of the map.
 #[derive(Clone)]
@@ -73,7 +83,7 @@ impl Region {
     /// access; `None` if they are not all inside the region (or the region
     /// does not belong to a built map).
     #[inline]
-    pub fn slice(&self, offset: u64, len: u64) -> Option<VolatileSlice<'_>> {
+    pub fn slice(&self, offset: u64, len: u64) -> Option<GuestSlice<'_>> {
         let end = offset.checked_add(len)?;
         if end > self.range.len() {
             return None;
@@ -82,6 +92,54 @@ impl Region {
             .as_ref()?
             .get_slice(MemoryRegionAddress(offset), usize::try_from(len).ok()?)
             .ok()
+    }
+
+    /// The mapping's dirty bitmap (page 0 is the region's first page).
+    #[inline]
+    fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
+        self.vm.as_deref().map(|vm| {
+            let mmap: &MmapRegion<DirtyBitmap> = vm;
+            mmap.bitmap()
+        })
+    }
+
+    /// Marks the pages of bytes `[offset, offset + len)` of the region
+    /// dirty, for a write the VMM made without `vm-memory` (through a host
+    /// pointer, or by the kernel on its behalf). Bytes past the region's
+    /// end are ignored.
+    #[inline]
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(bitmap) = self.dirty_bitmap() {
+            // Pages by shift, not by `DirtyBitmap::mark_dirty`'s division
+            // by its page size: rings are written through here on every
+            // request.
+            let first = offset / DIRTY_PAGE_SIZE;
+            let last = (offset.saturating_add(len - 1) / DIRTY_PAGE_SIZE).min((bitmap.len() as u64).saturating_sub(1));
+            for page in first..=last {
+                bitmap.set_bit(page as usize);
+            }
+        }
+    }
+
+    /// The pages of the region the VMM wrote since the last call, through
+    /// `vm-memory` or [`mark_dirty`](Self::mark_dirty), and clears them
+    /// (word by word, atomically: a page written concurrently is in this
+    /// set or in the next one). Page `i` is the 4 KiB page at byte offset
+    /// `i * 4096` of the region. Guest (vCPU) writes are not in it: KVM
+    /// logs those.
+    ///
+    /// A region that maps a *slice* of its block ([`GuestMemoryMapBuilder::ram_slice`])
+    /// has a mapping, and so a bitmap, of its own: writes through the
+    /// block's mapping ([`RamBlock::write`]) are not seen there.
+    pub fn take_dirty(&self) -> PageSet {
+        let pages = self.range.len().div_ceil(DIRTY_PAGE_SIZE);
+        match self.dirty_bitmap() {
+            Some(bitmap) => PageSet::from_words(&bitmap.get_and_reset(), pages),
+            None => PageSet::new(pages),
+        }
     }
 }
 
@@ -100,7 +158,7 @@ pub struct HostRange<'a> {
 
 impl HostRange<'_> {
     /// The range's memory, for volatile access without any further lookup.
-    pub fn slice(&self) -> VolatileSlice<'_> {
+    pub fn slice(&self) -> GuestSlice<'_> {
         let offset = self.guest.start() - self.region.range.start();
         self.region
             .slice(offset, self.guest.len())
@@ -278,7 +336,9 @@ impl GuestMemoryMapBuilder {
                     len: region.range.len(),
                 })?;
                 let file = file.try_clone().map_err(|e| vm_err(e.to_string()))?;
-                let mmap = MmapRegionBuilder::new(region.range.len() as usize)
+                let len = region.range.len() as usize;
+                let page = NonZeroUsize::new(DIRTY_PAGE_SIZE as usize).expect("4 KiB is not zero");
+                let mmap = MmapRegionBuilder::new_with_bitmap(len, DirtyBitmap::new(len, page))
                     .with_file_offset(FileOffset::new(file, region.block_offset))
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                     .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -476,6 +536,73 @@ mod tests {
         let v = unsafe { std::ptr::read_volatile((b.host_address() + 2 * MIB) as *const u16) };
         assert_eq!(v, 0x1234);
         assert_eq!(map.memory().num_regions(), 2);
+    }
+
+    #[test]
+    fn vmm_writes_mark_exactly_their_pages_until_taken() {
+        let boot = block("boot", 2 * MIB, Backing::Memfd);
+        let hot = block("hot", 4 * MIB, Backing::Memfd);
+        let map = GuestMemoryMap::builder()
+            .ram(0, boot.clone())
+            .unwrap()
+            .ram(0x1_0000_0000, hot.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let runs = |region: &Region| region.take_dirty().runs().collect::<Vec<_>>();
+        let (low, high) = (&map.regions()[0], &map.regions()[1]);
+        assert!(low.take_dirty().is_empty() && high.take_dirty().is_empty());
+        assert_eq!(high.take_dirty().pages(), 1024);
+
+        // `Bytes` writes through the map: write_obj, and a write_slice
+        // across a page boundary.
+        map.memory().write_obj(7u64, GuestAddress(0x3008)).unwrap();
+        map.memory()
+            .write_slice(&[1; 16], GuestAddress(0x1_0000_0000 + 5 * 4096 - 8))
+            .unwrap();
+        assert_eq!(runs(low), vec![(3, 1)]);
+        assert_eq!(runs(high), vec![(5 - 1, 2)]);
+        assert!(low.take_dirty().is_empty() && high.take_dirty().is_empty());
+
+        // Reads mark nothing.
+        let _: u64 = map.memory().read_obj(GuestAddress(0x3008)).unwrap();
+        let mut buf = [0u8; 4096];
+        map.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(low.take_dirty().is_empty());
+
+        // Slices: a copy, an atomic store; the block's own write.
+        let slice = high.slice(MIB, 3 * 4096).unwrap();
+        slice.copy_from(&[2u8; 4097]);
+        slice
+            .store(1u16, 3 * 4096 - 2, std::sync::atomic::Ordering::Relaxed)
+            .unwrap();
+        hot.write(3 * MIB, b"x").unwrap();
+        assert_eq!(runs(high), vec![(256, 3), (768, 1)]);
+        // A write outside the map's accessors, marked by hand (clipped to
+        // the region).
+        high.mark_dirty(4 * MIB - 1, 100);
+        high.mark_dirty(0, 0);
+        low.mark_dirty(4096, 2 * 4096 + 1);
+        assert_eq!(runs(high), vec![(1023, 1)]);
+        assert_eq!(runs(low), vec![(1, 3)]);
+        assert!(low.take_dirty().is_empty() && high.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_slice_region_tracks_its_own_mapping() {
+        let b = block("b", 8 * MIB, Backing::Memfd);
+        let map = GuestMemoryMap::builder()
+            .ram_slice(0, b.clone(), 2 * MIB, 4 * MIB)
+            .unwrap()
+            .build()
+            .unwrap();
+        let region = &map.regions()[0];
+        map.memory().write_obj(1u8, GuestAddress(4096)).unwrap();
+        let taken = region.take_dirty();
+        assert_eq!((taken.pages(), taken.iter().collect::<Vec<_>>()), (1024, vec![1]));
+        // The block's own mapping has a bitmap of its own.
+        b.write(2 * MIB + 4096, b"y").unwrap();
+        assert!(region.take_dirty().is_empty());
     }
 
     #[test]

@@ -42,9 +42,13 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use std::num::NonZeroUsize;
+
 use vm_memory::FileOffset;
 use vm_memory::VolatileMemory;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+
+use crate::dirty::{DIRTY_PAGE_SIZE, DirtyBitmap, GuestSlice};
 
 /// `madvise` advice that populates (prefaults writable) page tables, Linux 5.14+.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -196,7 +200,7 @@ pub enum RamBlockError {
 
 /// A host mapping of guest RAM.
 ///
-/// The mapping is an `Arc<MmapRegion>` that the guest memory map shares
+/// The mapping is an `Arc<MmapRegion<DirtyBitmap>>` that the guest memory map shares
 /// (`GuestRegionMmap::with_arc`). Dropping the block drops its reference:
 /// `MmapRegion` unmaps once the last reference is gone, and the memfd
 /// (if any) is closed once neither the block nor the mapping holds it.
@@ -210,7 +214,7 @@ pub struct RamBlock {
     backing: Backing,
     page_size: u64,
     file: Option<Arc<File>>,
-    mmap: Arc<MmapRegion>,
+    mmap: Arc<MmapRegion<DirtyBitmap>>,
 }
 
 /// The base page size of the host.
@@ -335,7 +339,8 @@ impl RamBlock {
             }
         };
 
-        let mut builder = MmapRegionBuilder::new(map_len)
+        let page = NonZeroUsize::new(DIRTY_PAGE_SIZE as usize).expect("4 KiB is not zero");
+        let mut builder = MmapRegionBuilder::new_with_bitmap(map_len, DirtyBitmap::new(map_len, page))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .with_hugetlbfs(matches!(backing, Backing::Hugetlb { .. }));
@@ -418,8 +423,10 @@ impl RamBlock {
         self.mmap.as_ptr() as u64
     }
 
-    /// The mapping, shared with the guest memory map.
-    pub fn mmap(&self) -> &Arc<MmapRegion> {
+    /// The mapping, shared with the guest memory map. Its
+    /// [`bitmap`](MmapRegion::bitmap) marks the pages written through it
+    /// (see [`crate::dirty`]).
+    pub fn mmap(&self) -> &Arc<MmapRegion<DirtyBitmap>> {
         &self.mmap
     }
 
@@ -707,8 +714,9 @@ impl RamBlock {
         Ok(())
     }
 
-    /// Copies `data` into the block at `offset` (with volatile accesses).
-    /// Any offset and length are accepted.
+    /// Copies `data` into the block at `offset` (with volatile accesses),
+    /// marking the pages written dirty in the mapping's bitmap. Any offset
+    /// and length are accepted.
     ///
     /// On a [`Backing::Hugetlb`] block only write populated ranges: writing an
     /// unpopulated page the host cannot supply raises `SIGBUS`.
@@ -724,12 +732,7 @@ impl RamBlock {
 
     /// A volatile slice of `len` bytes at `offset`, for [`Self::read`] and
     /// [`Self::write`].
-    fn byte_range(
-        &self,
-        op: &'static str,
-        offset: u64,
-        len: usize,
-    ) -> Result<vm_memory::VolatileSlice<'_, ()>, RamBlockError> {
+    fn byte_range(&self, op: &'static str, offset: u64, len: usize) -> Result<GuestSlice<'_>, RamBlockError> {
         let out_of_range = || RamBlockError::OutOfRange {
             op,
             name: self.name.clone(),

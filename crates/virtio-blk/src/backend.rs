@@ -10,8 +10,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use memvisor_memory::GuestSlice;
 use smallvec::SmallVec;
-use vm_memory::VolatileSlice;
+use vm_memory::bitmap::Bitmap;
 
 use crate::wire::SECTOR_SIZE;
 
@@ -23,12 +24,13 @@ pub(crate) trait Backend: Send {
     /// Size of the image in bytes (a multiple of 512).
     fn size(&self) -> u64;
 
-    /// Fills `bufs`, in order, from the image at `offset`. Fails if the
-    /// image ends before they are full.
-    fn read_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()>;
+    /// Fills `bufs`, in order, from the image at `offset`, and marks them
+    /// dirty (also on failure, which may have filled part of them). Fails
+    /// if the image ends before they are full.
+    fn read_vectored_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()>;
 
     /// Writes `bufs`, in order, to the image at `offset`.
-    fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()>;
+    fn write_vectored_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()>;
 
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
@@ -36,6 +38,12 @@ pub(crate) trait Backend: Send {
     /// The image's descriptor, for I/O the device submits itself (the
     /// zero-copy path's fixed-buffer reads and writes).
     fn raw_fd(&self) -> RawFd;
+
+    /// Takes (`true`) or drops the image's advisory lock; see
+    /// [`RawFile::open`]. Backends without a lock do nothing.
+    fn set_lock(&self, _locked: bool) -> Result<(), ImageError> {
+        Ok(())
+    }
 }
 
 /// Why an image cannot back a device.
@@ -76,14 +84,18 @@ pub enum ImageError {
 pub(crate) struct RawFile {
     file: File,
     size: u64,
+    path: PathBuf,
+    read_only: bool,
 }
 
 impl RawFile {
     /// Opens the image at `path`, for reading only if `read_only`, and
     /// takes an advisory lock on it (shared for a read-only disk, exclusive
     /// otherwise), so that two writers — or a writer and readers — never
-    /// share an image by mistake.
-    pub(crate) fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+    /// share an image by mistake. Without `lock` the lock is left for
+    /// [`Backend::set_lock`] (a migration's destination, while the source
+    /// still holds it).
+    pub(crate) fn open(path: &Path, read_only: bool, lock: bool) -> Result<Self, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),
             source,
@@ -93,14 +105,6 @@ impl RawFile {
             .write(!read_only)
             .open(path)
             .map_err(open_err)?;
-        let lock = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor `file` owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            return Err(ImageError::Locked {
-                path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
         // Seeking to the end gives the size of block devices too.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         if size % SECTOR_SIZE != 0 {
@@ -109,12 +113,36 @@ impl RawFile {
                 size,
             });
         }
-        Ok(Self { file, size })
+        let this = Self {
+            file,
+            size,
+            path: path.to_path_buf(),
+            read_only,
+        };
+        if lock {
+            this.set_lock(true)?;
+        }
+        Ok(this)
     }
 
-    /// Transfers `bufs` at `offset` with `preadv` or `pwritev`, batch by
-    /// batch, resuming after short transfers and `EINTR`.
-    fn transfer(&self, mut offset: u64, bufs: &[VolatileSlice<'_>], write: bool) -> io::Result<()> {
+    /// Transfers `bufs` at `offset` with `preadv` or `pwritev`. The kernel
+    /// writes a read's buffers through raw pointers, which `vm-memory`
+    /// does not see (`ptr_guard_mut` marks nothing), so every buffer of a
+    /// read is marked dirty once it returns — also after a failure, which
+    /// may have filled part of them.
+    fn transfer(&self, offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
+        let result = self.transfer_unmarked(offset, bufs, write);
+        if !write {
+            for buf in bufs {
+                buf.bitmap().mark_dirty(0, buf.len());
+            }
+        }
+        result
+    }
+
+    /// [`transfer`](Self::transfer) without the marking: batch by batch,
+    /// resuming after short transfers and `EINTR`.
+    fn transfer_unmarked(&self, mut offset: u64, bufs: &[GuestSlice<'_>], write: bool) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         // The next byte to transfer: buffer `index`, `skip` bytes in.
         let (mut index, mut skip) = (0usize, 0usize);
@@ -130,7 +158,7 @@ impl RawFile {
             let guards: SmallVec<[_; IOV_BATCH]> = bufs[index..]
                 .iter()
                 .take(IOV_BATCH)
-                .map(VolatileSlice::ptr_guard_mut)
+                .map(GuestSlice::ptr_guard_mut)
                 .collect();
             let mut iov: SmallVec<[libc::iovec; IOV_BATCH]> = SmallVec::new();
             for (i, guard) in guards.iter().enumerate() {
@@ -198,11 +226,11 @@ impl Backend for RawFile {
         self.size
     }
 
-    fn read_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+    fn read_vectored_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.transfer(offset, bufs, false)
     }
 
-    fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+    fn write_vectored_at(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.transfer(offset, bufs, true)
     }
 
@@ -212,6 +240,22 @@ impl Backend for RawFile {
 
     fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    fn set_lock(&self, locked: bool) -> Result<(), ImageError> {
+        let op = match (locked, self.read_only) {
+            (false, _) => libc::LOCK_UN,
+            (true, true) => libc::LOCK_SH | libc::LOCK_NB,
+            (true, false) => libc::LOCK_EX | libc::LOCK_NB,
+        };
+        // SAFETY: flock on a descriptor `self.file` owns; no memory is involved.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op) } != 0 {
+            return Err(ImageError::Locked {
+                path: self.path.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -226,14 +270,20 @@ mod tests {
     }
 
     #[test]
-    fn vectored_transfers_cover_every_buffer() {
+    fn vectored_transfers_cover_every_buffer_and_reads_mark_them_dirty() {
+        use memvisor_memory::{Backing, RamBlock};
+        use vm_memory::VolatileMemory;
+
         let image: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         let path = temp("vectored", &image);
-        let file = RawFile::open(&path, false).unwrap();
+        let file = RawFile::open(&path, false, true).unwrap();
         assert_eq!(file.size(), 8192);
-        // More buffers than one batch, of odd sizes, some empty.
-        let mut mem = vec![0u8; 8192];
-        let vs = VolatileSlice::from(&mut mem[..]);
+        // Guest memory, whose dirty bitmap the reads must mark.
+        let mem = RamBlock::new("mem", 1 << 20, Backing::Memfd).unwrap();
+        let dirty = || mem.mmap().bitmap().get_and_reset()[0];
+        // More buffers than one batch, of odd sizes, some empty, from byte
+        // 4000 on (pages 0 and 1).
+        let vs = mem.mmap().get_slice(4000, 8192).unwrap();
         let sizes = (0..100).map(|i| [0usize, 1, 7, 64, 3][i % 5]).collect::<Vec<_>>();
         let mut at = 0;
         let bufs: Vec<_> = sizes
@@ -244,22 +294,30 @@ mod tests {
                 s
             })
             .collect();
+        assert_eq!(dirty(), 0);
         file.read_vectored_at(1000, &bufs).unwrap();
-        assert_eq!(&mem[..at], &image[1000..1000 + at]);
+        assert_eq!(dirty(), 0b11, "the read marks exactly the pages of its buffers");
+        let mut got = vec![0u8; at];
+        mem.read(4000, &mut got).unwrap();
+        assert_eq!(got, &image[1000..1000 + at]);
 
         let ones = vec![0xeeu8; 4096];
-        let mut src = ones.clone();
-        let vs = VolatileSlice::from(&mut src[..]);
+        mem.write(8 * 4096, &ones).unwrap();
+        assert_eq!(dirty(), 1 << 8);
+        let vs = mem.mmap().get_slice(8 * 4096, 4096).unwrap();
         let halves = [vs.subslice(0, 1000).unwrap(), vs.subslice(1000, 3096).unwrap()];
         file.write_vectored_at(4096, &halves).unwrap();
+        assert_eq!(dirty(), 0, "a write only reads guest memory");
         file.flush().unwrap();
         let back = std::fs::read(&path).unwrap();
         assert_eq!(&back[..4096], &image[..4096]);
         assert_eq!(&back[4096..], &ones[..]);
 
-        // Reading past the end fails.
+        // Reading past the end fails, and marks the buffer all the same
+        // (part of it was filled).
         let err = file.read_vectored_at(8192 - 512, &[vs.subslice(0, 1024).unwrap()]);
         assert_eq!(err.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(dirty(), 1 << 8);
         drop(file);
         std::fs::remove_file(&path).unwrap();
     }
@@ -267,20 +325,43 @@ mod tests {
     #[test]
     fn open_checks_size_and_locks() {
         let path = temp("odd", &[0u8; 513]);
-        let err = RawFile::open(&path, false).unwrap_err();
+        let err = RawFile::open(&path, false, true).unwrap_err();
         assert!(matches!(err, ImageError::Size { size: 513, .. }), "{err}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         std::fs::write(&path, [0u8; 1024]).unwrap();
-        let writer = RawFile::open(&path, false).unwrap();
-        assert!(matches!(RawFile::open(&path, true), Err(ImageError::Locked { .. })));
+        let writer = RawFile::open(&path, false, true).unwrap();
+        assert!(matches!(
+            RawFile::open(&path, true, true),
+            Err(ImageError::Locked { .. })
+        ));
         drop(writer);
-        let r1 = RawFile::open(&path, true).unwrap();
-        let r2 = RawFile::open(&path, true).unwrap();
-        assert!(matches!(RawFile::open(&path, false), Err(ImageError::Locked { .. })));
+        let r1 = RawFile::open(&path, true, true).unwrap();
+        let r2 = RawFile::open(&path, true, true).unwrap();
+        assert!(matches!(
+            RawFile::open(&path, false, true),
+            Err(ImageError::Locked { .. })
+        ));
         drop((r1, r2));
         std::fs::remove_file(&path).unwrap();
-        let err = RawFile::open(&path, true).unwrap_err();
+        let err = RawFile::open(&path, true, true).unwrap_err();
         assert!(matches!(err, ImageError::Open { .. }));
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+    }
+
+    #[test]
+    fn a_deferred_lock_is_handed_over_between_two_writers() {
+        let path = temp("handover", &[0u8; 1024]);
+        let source = RawFile::open(&path, false, true).unwrap();
+        // A migration's destination opens the image while the source holds it.
+        let destination = RawFile::open(&path, false, false).unwrap();
+        assert!(matches!(destination.set_lock(true), Err(ImageError::Locked { .. })));
+        source.set_lock(false).unwrap();
+        destination.set_lock(true).unwrap();
+        // The source cannot take it back while the destination runs.
+        assert!(matches!(source.set_lock(true), Err(ImageError::Locked { .. })));
+        destination.set_lock(false).unwrap();
+        source.set_lock(true).unwrap();
+        drop((source, destination));
+        std::fs::remove_file(&path).unwrap();
     }
 }

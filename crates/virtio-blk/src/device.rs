@@ -36,6 +36,7 @@ use memvisor_virtio_iommu::{Access, IommuHandle};
 use smallvec::SmallVec;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
+use vm_memory::bitmap::Bitmap;
 
 use crate::backend::{Backend, ImageError, RawFile};
 use crate::chain::{self, Desc};
@@ -351,14 +352,23 @@ impl Engine {
     /// Moves the data of `self.pieces` from (`Read`) or to the image at
     /// `offset`, with every managed region involved held populated: through
     /// the zero-copy pinner's registered buffers if the disk has one, with
-    /// `preadv`/`pwritev` otherwise.
+    /// `preadv`/`pwritev` otherwise. Either way the kernel writes a read's
+    /// buffers behind `vm-memory`'s back, so they are marked dirty here
+    /// (zero-copy) or by the backend (`preadv`) once it is done — also
+    /// after a failure, which may have filled part of them.
     fn transfer(&self, map: &GuestMemoryMap, offset: u64, dir: Transfer) -> Result<(), Failure> {
         let backend = &self.backend;
         let pieces = &self.pieces;
         match &self.zero_copy {
-            Some(pinner) => dma::with_slices(map, pieces, |_| {
+            Some(pinner) => dma::with_slices(map, pieces, |slices| {
                 let ranges: SmallVec<[(u64, u64); 16]> = pieces.iter().map(|p| (p.iova, p.len)).collect();
-                pinner.transfer(backend.raw_fd(), offset, &ranges, dir)
+                let result = pinner.transfer(backend.raw_fd(), offset, &ranges, dir);
+                if matches!(dir, Transfer::Read) {
+                    for slice in slices {
+                        slice.bitmap().mark_dirty(0, slice.len());
+                    }
+                }
+                result
             })
             .map_err(Failure::Dma)?
             .map_err(Failure::ZeroCopy),
@@ -521,8 +531,31 @@ impl fmt::Debug for VirtioBlk {
 }
 
 impl VirtioBlk {
-    /// Opens the image and makes the device; errors name the image's path.
+    /// Opens the image, locks it (see [`lock_image`](Self::lock_image))
+    /// and makes the device; errors name the image's path.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        Self::open(config, true)
+    }
+
+    /// [`new`](Self::new) without taking the image's lock: a migration's
+    /// destination, whose source holds it until the switch-over, then
+    /// [`lock_image`](Self::lock_image)s.
+    pub fn new_unlocked(config: BlockConfig) -> Result<Self, BlockError> {
+        Self::open(config, false)
+    }
+
+    /// Takes the image's advisory lock (exclusive, shared for a read-only
+    /// disk), failing at once if another process holds a conflicting one.
+    pub fn lock_image(&self) -> Result<(), BlockError> {
+        Ok(self.engine.backend.set_lock(true)?)
+    }
+
+    /// Drops the image's lock (a migration's source, at the switch-over).
+    pub fn release_image(&self) -> Result<(), BlockError> {
+        Ok(self.engine.backend.set_lock(false)?)
+    }
+
+    fn open(config: BlockConfig, lock: bool) -> Result<Self, BlockError> {
         if config.id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong { id: config.id });
         }
@@ -530,7 +563,7 @@ impl VirtioBlk {
         if !size.is_power_of_two() || !(4..=32768).contains(&size) {
             return Err(BlockError::QueueSize(size));
         }
-        let backend = RawFile::open(&config.path, config.read_only)?;
+        let backend = RawFile::open(&config.path, config.read_only, lock)?;
         Ok(Self::with_backend(config, Box::new(backend)))
     }
 

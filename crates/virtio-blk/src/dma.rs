@@ -22,12 +22,11 @@
 //! never called with the IOMMU lock held, nor does it call the IOMMU: the
 //! lock order is *IOMMU → discard manager*.
 
-use memvisor_memory::GuestRange;
 use memvisor_memory::discard::PopulatedView;
 use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::{GuestRange, GuestSlice};
 use memvisor_virtio_iommu::{Access, Fault, IommuHandle};
 use smallvec::SmallVec;
-use vm_memory::VolatileSlice;
 
 /// Most pieces one request's data may resolve to (a 128 MiB transfer
 /// mapped page by page needs 32768): a bound on what a request can make
@@ -216,7 +215,7 @@ impl Dma {
 pub(crate) fn with_slices<R>(
     map: &GuestMemoryMap,
     pieces: &[Piece],
-    f: impl FnOnce(&[VolatileSlice<'_>]) -> R,
+    f: impl FnOnce(&[GuestSlice<'_>]) -> R,
 ) -> Result<R, DmaError> {
     // The managed regions involved, by start address, each once.
     let mut managed: SmallVec<[u64; 4]> = SmallVec::new();
@@ -237,7 +236,7 @@ pub(crate) fn with_slices<R>(
             views.push((start, manager.populated()));
         }
     }
-    let mut slices: SmallVec<[VolatileSlice<'_>; 16]> = SmallVec::with_capacity(pieces.len());
+    let mut slices: SmallVec<[GuestSlice<'_>; 16]> = SmallVec::with_capacity(pieces.len());
     for p in pieces {
         let not_ram = DmaError::NotRam {
             addr: p.gpa,

@@ -67,6 +67,28 @@ fn written_sectors_read_back() {
     assert!(!f.dev.needs_reset());
 }
 
+/// The device marks dirty exactly the guest pages it writes: an IN's data
+/// buffers (filled by `preadv`, behind `vm-memory`'s back), the status
+/// byte and the used ring; an OUT only the status byte and the used ring.
+#[test]
+fn an_in_marks_its_buffers_the_status_and_the_used_ring_dirty() {
+    let mut f = Fixture::new();
+    let (hdr_at, status, data) = (BUFS, BUFS + 0x100, BUFS + 0x2800);
+    // The used ring of the fixture's queue is in guest page 1.
+    let (used_page, bufs_page) = (1, BUFS / 4096);
+    put(&f.mem, hdr_at, &hdr(T_IN, 3));
+    let (used, dirty) = f.submit_raw_dirty(&[(hdr_at, 16, 0), (data, 4096, W), (status, 1, W)]);
+    assert_eq!(used.map(|u| u.len), Some(4097));
+    assert_eq!(get(&f.mem, data, 4096), pattern(3 * 512, 4096));
+    assert_eq!(dirty, vec![used_page, bufs_page, bufs_page + 2, bufs_page + 3]);
+    assert_eq!(dirty_pages(&f.mem), Vec::<u64>::new(), "a second take is empty");
+
+    put(&f.mem, hdr_at, &hdr(T_OUT, 3));
+    let (used, dirty) = f.submit_raw_dirty(&[(hdr_at, 16, 0), (data, 4096, 0), (status, 1, W)]);
+    assert_eq!(used.map(|u| u.len), Some(1));
+    assert_eq!(dirty, vec![used_page, bufs_page]);
+}
+
 #[test]
 fn requests_without_framing_are_understood() {
     let mut f = Fixture::new();

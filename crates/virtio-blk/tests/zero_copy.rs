@@ -105,3 +105,28 @@ fn a_buffer_the_pinner_does_not_hold_fails_untouched() {
     assert_eq!(get(&f.mem, DATA[1], 4096), pattern(4 * 512 + 4096, 4096));
     assert_eq!(f.dev.stats().errors, 2);
 }
+
+/// The kernel fills a zero-copy IN's buffers through the pins, behind
+/// `vm-memory`'s back: the device marks exactly their pages dirty (with
+/// the status byte's and the used ring's), and a second take is empty.
+#[test]
+fn a_zero_copy_in_marks_its_buffers_dirty() {
+    let (mut f, _pinner) = rig();
+    put(&f.mem, HDR, &hdr(T_IN, 6));
+    let (used, dirty) = f.submit_raw_dirty(&[
+        (HDR, 16, 0),
+        (DATA[0], 4096, W),
+        (DATA[1] + 0x800, 4096, W),
+        (STATUS, 1, W),
+    ]);
+    assert_eq!((used.map(|u| u.len), get(&f.mem, STATUS, 1)[0]), (Some(8193), S_OK));
+    assert_eq!(get(&f.mem, DATA[1] + 0x800, 4096), pattern(6 * 512 + 4096, 4096));
+    let page = |gpa: u64| gpa / 4096;
+    // Used ring (page 1), header and status, the first buffer, the two
+    // pages the second one straddles.
+    assert_eq!(
+        dirty,
+        vec![1, page(HDR), page(DATA[0]), page(DATA[1]), page(DATA[1]) + 1]
+    );
+    assert!(dirty_pages(&f.mem).is_empty());
+}

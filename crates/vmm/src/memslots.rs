@@ -16,6 +16,21 @@
 //! * [`SlotBackend`] makes the calls: `KVM_SET_USER_MEMORY_REGION` in a
 //!   VM ([`crate::vm`]), or a recorder in tests.
 //!
+//! # Dirty logging
+//!
+//! For precopy live migration (`docs/live-migration.md` §3.1, §3.2),
+//! [`Memslots::set_dirty_logging`] switches `KVM_MEM_LOG_DIRTY_PAGES` on
+//! or off for every slot of the map — each plain region's and each plugged
+//! block's — by issuing the same slot again with only its flags changed,
+//! and a slot added while logging is on (a block plugged meanwhile) gets
+//! the flag from the start. [`Memslots::take_dirty`] then gives the pages
+//! the guest wrote in a range, slot by slot (`KVM_GET_DIRTY_LOG`, which
+//! also write-protects them again), as a [`PageSet`] indexed like the one
+//! of [`Region::take_dirty`](memvisor_memory::map::Region::take_dirty)
+//! (the VMM's own writes) for the same range, so the two are OR-ed.
+//! Slots are re-issued and their logs taken under their listener's table
+//! lock, so that no slot is removed (or its number reused) in between.
+//!
 //! # Slot granularity and its bound
 //!
 //! One slot per populated block, never changed once added (see
@@ -35,12 +50,13 @@
 //! allocator*.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use memvisor_memory::GuestRange;
+use memvisor_memory::dirty::DIRTY_PAGE_SIZE;
 use memvisor_memory::discard::{ListenerId, RamDiscardListener, RamDiscardManager, Refusal, RegisterError};
 use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::{GuestRange, PageSet};
 
 use crate::slot_table::{SlotAllocator, SlotOp, SlotTable, SlotTableError};
 
@@ -67,7 +83,7 @@ pub enum SlotIoError {
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("KVM_SET_USER_MEMORY_REGION {what} slot {slot} for {range} (host address {host:#x}): {source}")]
     Ioctl {
-        /// `"adding"` or `"removing"`.
+        /// `"adding"`, `"removing"`, or switching dirty logging.
         what: &'static str,
         /// The slot number.
         slot: u32,
@@ -78,24 +94,71 @@ pub enum SlotIoError {
         /// The error KVM returned.
         source: std::io::Error,
     },
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("KVM_GET_DIRTY_LOG of slot {slot} for {range}: {source}")]
+    DirtyLog {
+        /// The slot number.
+        slot: u32,
+        /// The guest-physical range.
+        range: GuestRange,
+        /// The error KVM returned.
+        source: std::io::Error,
+    },
 }
 
 /// Makes the slot calls a [`SlotTable`] decides on.
 pub trait SlotBackend: Send + Sync {
-    /// Adds slot `slot` mapping `range` to the host memory behind it.
-    fn add(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError>;
+    /// Adds slot `slot` mapping `range` to the host memory behind it, with
+    /// `KVM_MEM_LOG_DIRTY_PAGES` if `log_dirty`.
+    fn add(&self, slot: u32, range: GuestRange, log_dirty: bool) -> Result<(), SlotIoError>;
 
     /// Removes slot `slot`, which maps `range`. Once this returns, no vCPU
     /// can reach the memory through it.
     fn remove(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError>;
 
-    /// Makes `op`.
-    fn apply(&self, op: SlotOp) -> Result<(), SlotIoError> {
+    /// Issues live slot `slot`, which maps `range`, again with the same
+    /// address, size and host memory, with `KVM_MEM_LOG_DIRTY_PAGES` set
+    /// (`on`) or cleared.
+    fn set_dirty_logging(&self, slot: u32, range: GuestRange, on: bool) -> Result<(), SlotIoError>;
+
+    /// The pages of live slot `slot` (which maps `range` and logs dirty
+    /// pages) the guest wrote since the last call or since logging went
+    /// on, one per 4 KiB page of `range`; they are write-protected again,
+    /// so the next call reports only what is written after this one.
+    fn take_dirty_log(&self, slot: u32, range: GuestRange) -> Result<PageSet, SlotIoError>;
+
+    /// Makes `op`; an added slot logs dirty pages if `log_dirty`.
+    fn apply(&self, op: SlotOp, log_dirty: bool) -> Result<(), SlotIoError> {
         match op {
-            SlotOp::Add { slot, range } => self.add(slot, range),
+            SlotOp::Add { slot, range } => self.add(slot, range, log_dirty),
             SlotOp::Remove { slot, range } => self.remove(slot, range),
         }
     }
+}
+
+/// Why [`Memslots::take_dirty`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// Dirty logging is off ([`Memslots::set_dirty_logging`]).
+    #[error("KVM dirty log of {0}: dirty logging is off")]
+    Off(GuestRange),
+    /// A slot lies partly inside the range: its log cannot be taken
+    /// without losing the part outside.
+    #[error("KVM dirty log of {range}: slot {slot} for {slot_range} lies partly outside it")]
+    SlotOutside {
+        /// The range asked for.
+        range: GuestRange,
+        /// The slot number.
+        slot: u32,
+        /// The slot's range.
+        slot_range: GuestRange,
+    },
+    /// The range does not start on a 4 KiB page.
+    #[error("KVM dirty log of {0}: the range does not start on a 4 KiB page")]
+    Unaligned(GuestRange),
+    /// KVM refused to give a slot's log.
+    #[error(transparent)]
+    Slot(#[from] SlotIoError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,6 +173,9 @@ pub struct MemslotListener {
     allocator: Arc<Mutex<SlotAllocator>>,
     backend: Arc<dyn SlotBackend>,
     failed_removals: AtomicU64,
+    /// Slots are added with dirty logging while set (the VM's flag, see
+    /// [`Memslots::set_dirty_logging`]), read under the table lock.
+    log_dirty: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for MemslotListener {
@@ -140,7 +206,15 @@ impl MemslotListener {
             allocator,
             backend,
             failed_removals: AtomicU64::new(0),
+            log_dirty: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Adds slots with dirty logging while `flag` is set (the flag of the
+    /// [`Memslots`] it belongs to).
+    fn logging_with(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.log_dirty = flag;
+        self
     }
 
     /// The managed region.
@@ -193,14 +267,17 @@ impl RamDiscardListener for MemslotListener {
         let ops = table
             .populate(range, &mut allocator)
             .map_err(|e| Refusal(format!("KVM memory slots for {range}: {e}")))?;
+        // Read under the table lock: a `set_dirty_logging` that changes it
+        // meanwhile re-issues these slots after this returns.
+        let log_dirty = self.log_dirty.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
         for (i, op) in ops.iter().enumerate() {
-            if let Err(e) = self.backend.apply(*op) {
+            if let Err(e) = self.backend.apply(*op, log_dirty) {
                 // The table forgets the range and its numbers go back to the
                 // pool; then the slots already added are removed again.
                 let _ = table.discard(range, &mut allocator);
                 for done in ops[..i].iter().rev() {
-                    if let Err(undo) = self.backend.apply(done.undo()) {
+                    if let Err(undo) = self.backend.apply(done.undo(), log_dirty) {
                         self.retire(done.slot(), &mut allocator, &undo);
                     }
                 }
@@ -225,7 +302,7 @@ impl RamDiscardListener for MemslotListener {
             Ok(ops) => {
                 let started = std::time::Instant::now();
                 for op in &ops {
-                    if let Err(e) = self.backend.apply(*op) {
+                    if let Err(e) = self.backend.apply(*op, false) {
                         self.retire(op.slot(), &mut allocator, &e);
                     }
                 }
@@ -310,6 +387,11 @@ pub struct Memslots {
     backend: Arc<dyn SlotBackend>,
     limit: usize,
     worst_case: usize,
+    /// Dirty logging is on: shared with the listeners, which add slots
+    /// with it.
+    log_dirty: Arc<AtomicBool>,
+    /// Serialises [`set_dirty_logging`](Self::set_dirty_logging) calls.
+    logging: Mutex<()>,
 }
 
 impl fmt::Debug for Memslots {
@@ -317,6 +399,7 @@ impl fmt::Debug for Memslots {
         f.debug_struct("Memslots")
             .field("limit", &self.limit)
             .field("worst_case", &self.worst_case)
+            .field("log_dirty", &self.dirty_logging())
             .field("in_use", &self.in_use())
             .field("plain", &self.plain)
             .field("managed", &self.managed.iter().map(|m| &m.listener).collect::<Vec<_>>())
@@ -383,6 +466,8 @@ impl Memslots {
             backend,
             limit,
             worst_case: needed,
+            log_dirty: Arc::new(AtomicBool::new(false)),
+            logging: Mutex::new(()),
         };
         // On error, dropping `this` undoes what was done so far.
         for region in map.regions().iter().filter(|r| r.manager().is_none()) {
@@ -393,7 +478,7 @@ impl Memslots {
             let slot = lock(&this.allocator)
                 .alloc()
                 .expect("the worst case was checked against the limit");
-            if let Err(e) = this.backend.add(slot, range) {
+            if let Err(e) = this.backend.add(slot, range, false) {
                 lock(&this.allocator).free(slot);
                 return Err(MemslotError::Plain(e));
             }
@@ -409,7 +494,7 @@ impl Memslots {
                 this.allocator.clone(),
                 this.backend.clone(),
             )
-            .map(Arc::new)
+            .map(|listener| Arc::new(listener.logging_with(this.log_dirty.clone())))
             .map_err(|source| MemslotError::Table { region: range, source })?;
             let id = manager
                 .register_listener(listener.clone(), range)
@@ -479,6 +564,139 @@ impl Memslots {
             .into_iter()
             .find(|s| s.range.start() <= addr && addr < s.range.end())
     }
+
+    /// True while dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.log_dirty.load(Ordering::SeqCst)
+    }
+
+    /// Switches dirty logging (`KVM_MEM_LOG_DIRTY_PAGES`) on or off for
+    /// every slot — each plain region's and each plugged block's — by
+    /// issuing it again with the same slot number, address, size and host
+    /// memory (KVM allows changing a live slot's flags, not its size), and
+    /// for the slots added from now on. Turning it on again, or off again,
+    /// issues every slot again all the same.
+    ///
+    /// # Errors
+    ///
+    /// The first slot KVM refuses. Turning on is then undone: every slot is
+    /// issued without the flag again (failures logged) and logging is off.
+    /// Turning off goes on with the other slots and logging is off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), SlotIoError> {
+        let _serial = lock(&self.logging);
+        // Set before the slots are re-issued: a slot added meanwhile either
+        // sees it, or is in its listener's table by the time the table
+        // lock is taken below and is re-issued.
+        self.log_dirty.store(on, Ordering::SeqCst);
+        let mut first_error = None;
+        self.for_each_slot(|slot, range| match self.backend.set_dirty_logging(slot, range, on) {
+            Ok(()) => true,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                // Turning off goes on; turning on stops and is undone.
+                !on
+            }
+        });
+        let Some(error) = first_error else {
+            return Ok(());
+        };
+        if on {
+            self.log_dirty.store(false, Ordering::SeqCst);
+            self.for_each_slot(|slot, range| {
+                if let Err(e) = self.backend.set_dirty_logging(slot, range, false) {
+                    log::error!("undoing dirty logging: {e}");
+                }
+                true
+            });
+        }
+        Err(error)
+    }
+
+    /// The pages the guest wrote in `range` (which starts on a 4 KiB
+    /// page) since the last call or since logging went on, one per 4 KiB
+    /// page from `range.start()` — the indexing of
+    /// [`Region::take_dirty`](memvisor_memory::map::Region::take_dirty) for
+    /// the region `range` is — gathered from the log of every slot inside
+    /// it (`KVM_GET_DIRTY_LOG`, which write-protects the pages again).
+    /// Pages of `range` no slot covers (unplugged blocks) are never in it.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyLogError::Off`] while logging is off;
+    /// [`DirtyLogError::SlotOutside`] if a slot lies partly outside
+    /// `range` (nothing is taken then); [`DirtyLogError::Slot`] for the
+    /// first slot whose log KVM refuses — the logs taken before it are
+    /// lost, so the caller can no longer tell which pages changed (a
+    /// migration then fails, or resends the range whole).
+    pub fn take_dirty(&self, range: GuestRange) -> Result<PageSet, DirtyLogError> {
+        if !self.dirty_logging() {
+            return Err(DirtyLogError::Off(range));
+        }
+        if range.start() % DIRTY_PAGE_SIZE != 0 {
+            return Err(DirtyLogError::Unaligned(range));
+        }
+        // Checked first, so that nothing is taken and lost.
+        if let Some(s) = self
+            .slots()
+            .into_iter()
+            .find(|s| s.range.overlaps(&range) && !range.contains(&s.range))
+        {
+            return Err(DirtyLogError::SlotOutside {
+                range,
+                slot: s.slot,
+                slot_range: s.range,
+            });
+        }
+        let mut pages = PageSet::for_bytes(range.len());
+        let mut error = None;
+        self.for_each_slot(|slot, slot_range| {
+            if !slot_range.overlaps(&range) {
+                return true;
+            }
+            if !range.contains(&slot_range) {
+                // Plugged since the check above.
+                error = Some(DirtyLogError::SlotOutside {
+                    range,
+                    slot,
+                    slot_range,
+                });
+                return false;
+            }
+            match self.backend.take_dirty_log(slot, slot_range) {
+                Ok(log) => {
+                    pages.union_at((slot_range.start() - range.start()) / DIRTY_PAGE_SIZE, &log);
+                    true
+                }
+                Err(e) => {
+                    error = Some(e.into());
+                    false
+                }
+            }
+        });
+        match error {
+            None => Ok(pages),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Calls `f(slot, range)` for every slot — the plain ones, then each
+    /// managed region's under its table lock, so that none is removed
+    /// meanwhile — until it returns false.
+    fn for_each_slot(&self, mut f: impl FnMut(u32, GuestRange) -> bool) {
+        for &(slot, range) in &self.plain {
+            if !f(slot, range) {
+                return;
+            }
+        }
+        for m in &self.managed {
+            let table = lock(&m.listener.table);
+            for (slot, range) in table.slots() {
+                if !f(slot, range) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Memslots {
@@ -509,22 +727,43 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const HOT: u64 = 1 << 32;
 
-    /// A backend that keeps the slots KVM would have, checks every call is
-    /// one KVM accepts, and fails on demand.
+    /// A backend that keeps the slots KVM would have (with their dirty
+    /// logging flag), checks every call is one KVM accepts, and fails on
+    /// demand.
     #[derive(Default)]
     struct FakeKvm {
-        slots: Mutex<BTreeMap<u32, GuestRange>>,
+        slots: Mutex<BTreeMap<u32, (GuestRange, bool)>>,
         log: Mutex<Vec<SlotOp>>,
+        /// Every `set_dirty_logging` call: (slot, range, on).
+        flag_log: Mutex<Vec<(u32, GuestRange, bool)>>,
+        /// Pages "the guest wrote", by slot: what `take_dirty_log` returns
+        /// (and clears).
+        written: Mutex<BTreeMap<u32, Vec<u64>>>,
         fail_add_at: Mutex<Option<u64>>,
         fail_remove_of: Mutex<Option<u32>>,
+        fail_flags_of: Mutex<Option<u32>>,
     }
 
     impl FakeKvm {
         fn slots(&self) -> BTreeMap<u32, GuestRange> {
-            lock(&self.slots).clone()
+            lock(&self.slots)
+                .iter()
+                .map(|(&slot, &(range, _))| (slot, range))
+                .collect()
+        }
+        /// The slots logging dirty pages.
+        fn logging(&self) -> Vec<u32> {
+            lock(&self.slots)
+                .iter()
+                .filter(|(_, (_, on))| *on)
+                .map(|(&slot, _)| slot)
+                .collect()
+        }
+        fn take_flag_log(&self) -> Vec<(u32, GuestRange, bool)> {
+            std::mem::take(&mut lock(&self.flag_log))
         }
         fn covers(&self, range: GuestRange) -> bool {
-            lock(&self.slots).values().any(|r| r.overlaps(&range))
+            lock(&self.slots).values().any(|(r, _)| r.overlaps(&range))
         }
         fn take_log(&self) -> Vec<SlotOp> {
             std::mem::take(&mut lock(&self.log))
@@ -541,16 +780,16 @@ mod tests {
     }
 
     impl SlotBackend for FakeKvm {
-        fn add(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError> {
+        fn add(&self, slot: u32, range: GuestRange, log_dirty: bool) -> Result<(), SlotIoError> {
             if *lock(&self.fail_add_at) == Some(range.start()) {
                 return Err(Self::error("adding", slot, range, ENOMEM));
             }
             let mut slots = lock(&self.slots);
             // KVM refuses a live number or an overlap with EEXIST.
-            if slots.contains_key(&slot) || slots.values().any(|r| r.overlaps(&range)) {
+            if slots.contains_key(&slot) || slots.values().any(|(r, _)| r.overlaps(&range)) {
                 return Err(Self::error("adding", slot, range, EEXIST));
             }
-            slots.insert(slot, range);
+            slots.insert(slot, (range, log_dirty));
             lock(&self.log).push(SlotOp::Add { slot, range });
             Ok(())
         }
@@ -558,14 +797,47 @@ mod tests {
             if *lock(&self.fail_remove_of) == Some(slot) {
                 return Err(Self::error("removing", slot, range, ENOMEM));
             }
-            assert_eq!(lock(&self.slots).remove(&slot), Some(range));
+            assert_eq!(lock(&self.slots).remove(&slot).map(|(r, _)| r), Some(range));
+            lock(&self.written).remove(&slot);
             lock(&self.log).push(SlotOp::Remove { slot, range });
             Ok(())
         }
+        fn set_dirty_logging(&self, slot: u32, range: GuestRange, on: bool) -> Result<(), SlotIoError> {
+            lock(&self.flag_log).push((slot, range, on));
+            if *lock(&self.fail_flags_of) == Some(slot) {
+                return Err(Self::error("switching dirty logging for", slot, range, EINVAL));
+            }
+            // KVM changes the flags of a live slot with the same address
+            // and size only (anything else would be a move or a resize).
+            let mut slots = lock(&self.slots);
+            let live = slots.get_mut(&slot).filter(|(r, _)| *r == range);
+            let Some((_, flag)) = live else {
+                return Err(Self::error("switching dirty logging for", slot, range, EINVAL));
+            };
+            *flag = on;
+            Ok(())
+        }
+        fn take_dirty_log(&self, slot: u32, range: GuestRange) -> Result<PageSet, SlotIoError> {
+            // KVM answers ENOENT for a slot without a dirty bitmap.
+            if lock(&self.slots).get(&slot) != Some(&(range, true)) {
+                return Err(SlotIoError::DirtyLog {
+                    slot,
+                    range,
+                    source: std::io::Error::from_raw_os_error(ENOENT),
+                });
+            }
+            let mut set = PageSet::for_bytes(range.len());
+            for page in lock(&self.written).remove(&slot).unwrap_or_default() {
+                set.insert(page, 1);
+            }
+            Ok(set)
+        }
     }
 
+    const ENOENT: i32 = 2;
     const ENOMEM: i32 = 12;
     const EEXIST: i32 = 17;
+    const EINVAL: i32 = 22;
 
     fn r(mib: u64, len_mib: u64) -> GuestRange {
         GuestRange::new(HOT + mib * MIB, len_mib * MIB).unwrap()
@@ -680,6 +952,124 @@ mod tests {
             }]
         );
         assert_eq!(slots.listeners().next().unwrap().slot_count(), 2);
+    }
+
+    #[test]
+    fn dirty_logging_reissues_every_slot_and_follows_new_ones() {
+        let (map, manager) = map();
+        let boot = GuestRange::new(0, 4 * MIB).unwrap();
+        plug(&manager, r(4, 4)).unwrap();
+        let kvm = Arc::new(FakeKvm::default());
+        let slots = Memslots::attach(&map, kvm.clone(), 32764).unwrap();
+        assert!(!slots.dirty_logging());
+        assert!(kvm.logging().is_empty(), "slots start without logging");
+        kvm.take_log();
+
+        slots.set_dirty_logging(true).unwrap();
+        assert!(slots.dirty_logging());
+        // The same slots, issued again with the flag: no add, no remove.
+        assert_eq!(
+            kvm.take_flag_log(),
+            vec![(0, boot, true), (1, r(4, 2), true), (2, r(6, 2), true)]
+        );
+        assert!(kvm.take_log().is_empty());
+        assert_eq!(kvm.logging(), vec![0, 1, 2]);
+        // A block plugged while logging is on gets its slot with the flag.
+        plug(&manager, r(10, 2)).unwrap();
+        assert_eq!(
+            kvm.take_log(),
+            vec![SlotOp::Add {
+                slot: 3,
+                range: r(10, 2)
+            }]
+        );
+        assert_eq!(kvm.logging(), vec![0, 1, 2, 3]);
+        assert!(kvm.take_flag_log().is_empty());
+
+        slots.set_dirty_logging(false).unwrap();
+        assert_eq!(
+            kvm.take_flag_log(),
+            vec![
+                (0, boot, false),
+                (1, r(4, 2), false),
+                (2, r(6, 2), false),
+                (3, r(10, 2), false)
+            ]
+        );
+        assert!(kvm.logging().is_empty());
+        plug(&manager, r(12, 2)).unwrap();
+        assert!(kvm.logging().is_empty(), "and is added without it once logging is off");
+        assert_eq!(kvm.slots().len(), 5);
+    }
+
+    #[test]
+    fn a_refused_flag_change_turns_logging_off_again() {
+        let (map, manager) = map();
+        plug(&manager, r(0, 4)).unwrap();
+        let kvm = Arc::new(FakeKvm::default());
+        let slots = Memslots::attach(&map, kvm.clone(), 32764).unwrap();
+        *lock(&kvm.fail_flags_of) = Some(1);
+        let err = slots.set_dirty_logging(true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("switching dirty logging for slot 1 for [0x100000000, 0x100200000)"),
+            "{err}"
+        );
+        assert!(!slots.dirty_logging());
+        assert!(kvm.logging().is_empty(), "slot 0 was switched back");
+        let calls: Vec<(u32, bool)> = kvm.take_flag_log().iter().map(|&(s, _, on)| (s, on)).collect();
+        assert_eq!(calls, vec![(0, true), (1, true), (0, false), (1, false), (2, false)]);
+        // Off goes on past a refusal.
+        *lock(&kvm.fail_flags_of) = None;
+        slots.set_dirty_logging(true).unwrap();
+        *lock(&kvm.fail_flags_of) = Some(0);
+        assert!(slots.set_dirty_logging(false).is_err());
+        assert_eq!(kvm.logging(), vec![0]);
+        assert!(!slots.dirty_logging());
+    }
+
+    #[test]
+    fn take_dirty_places_each_slots_log_at_its_offset_in_the_range() {
+        let (map, manager) = map();
+        let boot = GuestRange::new(0, 4 * MIB).unwrap();
+        let region = r(0, 16);
+        plug(&manager, r(4, 4)).unwrap();
+        let kvm = Arc::new(FakeKvm::default());
+        let slots = Memslots::attach(&map, kvm.clone(), 32764).unwrap();
+        assert!(matches!(slots.take_dirty(region), Err(DirtyLogError::Off(_))));
+        slots.set_dirty_logging(true).unwrap();
+        lock(&kvm.written).extend([(0, vec![5]), (1, vec![]), (2, vec![0, 511])]);
+        let hot = slots.take_dirty(region).unwrap();
+        // Slot 2 maps the block at 6 MiB: its pages from 1536 on.
+        assert_eq!(hot.pages(), 4096);
+        assert_eq!(hot.iter().collect::<Vec<_>>(), vec![1536, 2047]);
+        assert_eq!(slots.take_dirty(boot).unwrap().iter().collect::<Vec<_>>(), vec![5]);
+        assert!(slots.take_dirty(region).unwrap().is_empty(), "a second take is empty");
+        assert!(slots.take_dirty(boot).unwrap().is_empty());
+        // It ORs with the VMM's own writes to the same region.
+        let mut vmm = map.regions()[1].take_dirty();
+        lock(&kvm.written).insert(1, vec![3]);
+        vmm.union(&slots.take_dirty(region).unwrap());
+        assert_eq!(vmm.iter().collect::<Vec<_>>(), vec![1024 + 3]);
+        // A range that cuts a slot is refused before anything is taken.
+        lock(&kvm.written).insert(1, vec![7]);
+        let err = slots.take_dirty(r(5, 11)).unwrap_err();
+        assert!(matches!(err, DirtyLogError::SlotOutside { slot: 1, .. }), "{err}");
+        assert_eq!(slots.take_dirty(r(4, 2)).unwrap().iter().collect::<Vec<_>>(), vec![7]);
+        // A slot whose log KVM refuses (here: it does not log).
+        *lock(&kvm.fail_flags_of) = Some(2);
+        assert!(slots.set_dirty_logging(false).is_err());
+        slots.log_dirty.store(true, Ordering::SeqCst);
+        let err = slots.take_dirty(region).unwrap_err();
+        assert!(
+            matches!(err, DirtyLogError::Slot(SlotIoError::DirtyLog { slot: 1, .. })),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("KVM_GET_DIRTY_LOG of slot 1 for [0x100400000, 0x100600000): "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -40,10 +40,13 @@ const GIB_SHIFT: u32 = 30;
 const PML4_SHIFT: u32 = 39;
 /// 4-level paging maps the lower half of a 48-bit space.
 const ADDRESS_LIMIT: u64 = 1 << 47;
-/// Present, writable.
-const TABLE: u64 = 0x3;
-/// Present, writable, 2 MiB page.
-const LARGE_PAGE: u64 = 0x83;
+/// Present, writable, accessed. The accessed (and, for pages, dirty) bits
+/// are set up front so that the processor's page walks write nothing: the
+/// guest writes exactly what its operations write (dirty-logging tests
+/// count the pages).
+const TABLE: u64 = 0x23;
+/// Present, writable, accessed, dirty, 2 MiB page.
+const LARGE_PAGE: u64 = 0xe3;
 
 /// One memory access of a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, kvm_segment, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, kvm_clock_data, kvm_irqchip, kvm_pit_state2, kvm_segment, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memvisor_machine::Machine;
-use memvisor_memory::GuestRange;
 use memvisor_memory::map::GuestMemoryMap;
+use memvisor_memory::{GuestRange, PageSet};
 
 use crate::memslots::{MemslotError, Memslots, SlotBackend, SlotIoError};
 use crate::unassigned::UnassignedMemory;
@@ -124,8 +124,9 @@ impl VmHandle {
     }
 }
 
-/// [`SlotBackend`] of a KVM VM: `KVM_SET_USER_MEMORY_REGION`, with host
-/// addresses resolved through the VM's own memory map.
+/// [`SlotBackend`] of a KVM VM: `KVM_SET_USER_MEMORY_REGION` and
+/// `KVM_GET_DIRTY_LOG`, with host addresses resolved through the VM's own
+/// memory map.
 struct KvmSlots {
     vm: Arc<VmHandle>,
 }
@@ -143,11 +144,18 @@ impl KvmSlots {
             })
     }
 
-    fn set(&self, what: &'static str, slot: u32, range: GuestRange, size: u64) -> Result<(), SlotIoError> {
+    fn set(
+        &self,
+        what: &'static str,
+        slot: u32,
+        range: GuestRange,
+        size: u64,
+        log_dirty: bool,
+    ) -> Result<(), SlotIoError> {
         let host = self.host_address(slot, range)?;
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: range.start(),
             memory_size: size,
             userspace_addr: host,
@@ -159,7 +167,8 @@ impl KvmSlots {
         // memory, and every vCPU holds the `VmHandle` (see the module
         // documentation). Overlaps are refused by KVM itself (EEXIST), and
         // the slot tables never ask for one. Removing a slot (size 0) makes
-        // no memory reachable.
+        // no memory reachable; issuing a live slot again with other flags
+        // (dirty logging) maps the same memory.
         unsafe { self.vm.fd.set_user_memory_region(region) }.map_err(|e| SlotIoError::Ioctl {
             what,
             slot,
@@ -171,12 +180,28 @@ impl KvmSlots {
 }
 
 impl SlotBackend for KvmSlots {
-    fn add(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError> {
-        self.set("adding", slot, range, range.len())
+    fn add(&self, slot: u32, range: GuestRange, log_dirty: bool) -> Result<(), SlotIoError> {
+        self.set("adding", slot, range, range.len(), log_dirty)
     }
 
     fn remove(&self, slot: u32, range: GuestRange) -> Result<(), SlotIoError> {
-        self.set("removing", slot, range, 0)
+        self.set("removing", slot, range, 0, false)
+    }
+
+    fn set_dirty_logging(&self, slot: u32, range: GuestRange, on: bool) -> Result<(), SlotIoError> {
+        let what = if on {
+            "switching dirty logging on for"
+        } else {
+            "switching dirty logging off for"
+        };
+        self.set(what, slot, range, range.len(), on)
+    }
+
+    fn take_dirty_log(&self, slot: u32, range: GuestRange) -> Result<PageSet, SlotIoError> {
+        let error = |source: io::Error| SlotIoError::DirtyLog { slot, range, source };
+        let size = usize::try_from(range.len()).map_err(|_| error(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        let words = self.vm.fd.get_dirty_log(slot, size).map_err(|e| error(e.into()))?;
+        Ok(PageSet::from_words(&words, range.len() / crate::memslots::PAGE_SIZE))
     }
 }
 

@@ -82,6 +82,18 @@ pub fn put(mem: &GuestMemoryMap, gpa: u64, data: &[u8]) {
     mem.memory().write_slice(data, GuestAddress(gpa)).unwrap();
 }
 
+/// The guest-physical page numbers written by the VMM since the last
+/// call, over every region, in order.
+pub fn dirty_pages(mem: &GuestMemoryMap) -> Vec<u64> {
+    mem.regions()
+        .iter()
+        .flat_map(|r| {
+            let first = r.range().start() / 4096;
+            r.take_dirty().iter().map(move |page| first + page).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 pub fn get(mem: &GuestMemoryMap, gpa: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     mem.memory().read_slice(&mut v, GuestAddress(gpa)).unwrap();
@@ -168,6 +180,17 @@ impl Fixture {
             .expect("answered");
         assert_eq!(used.len, 1);
         used.data[0]
+    }
+
+    /// Publishes raw descriptors, forgets the pages written so far (the
+    /// driver's), kicks the device, and returns the completion with the
+    /// guest pages the device marked dirty while it ran, in order.
+    pub fn submit_raw_dirty(&mut self, descs: &[(u64, u32, u16)]) -> (Option<Used>, Vec<u64>) {
+        self.driver.add_raw(descs).unwrap();
+        let _ = dirty_pages(&self.mem);
+        self.dev.queue_notify(0);
+        let dirty = dirty_pages(&self.mem);
+        (self.driver.pop_used(), dirty)
     }
 
     pub fn queue_interrupts(&self) -> u64 {

@@ -77,8 +77,8 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use memvisor_memory::map::GuestMemoryMap;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use memvisor_memory::map::{GuestMemoryMap, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::layout;
 
