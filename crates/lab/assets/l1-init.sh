@@ -29,58 +29,101 @@ L2CON=$(port lab.l2con)
 RELAY=$(port lab.relay)
 echo "@@l1 ports ctl=$CTL l2con=$L2CON relay=$RELAY"
 
-# relay CONTROL: connects stdin/stdout to the VMM's control socket: QEMU's QMP on TCP 4444
-# on loopback (busybox nc), or `unix:PATH`, memvisor's API socket, through memvisor's own
-# relay (busybox nc cannot reach a Unix socket; it waits for the socket to appear).
+# relay CONTROL: connects stdin/stdout to the VMM's control socket: QEMU's QMP on a TCP port
+# on loopback (`tcp:PORT`, busybox nc), or `unix:PATH`, memvisor's API socket, through
+# memvisor's own relay (busybox nc cannot reach a Unix socket; it waits for the socket to
+# appear).
 relay() {
 	case "$1" in
 	unix:*) /lab/memvisor/memvisor api --socket "${1#unix:}" pipe 2>>/tmp/relay.log ;;
-	*) nc 127.0.0.1 4444 2>/dev/null ;;
+	tcp:*) nc 127.0.0.1 "${1#tcp:}" 2>/dev/null ;;
 	esac
 }
 
-# start_vmm [--control unix:PATH] CMD...: starts the L2 VMM with its serial console on
-# `lab.l2con`, relays its control socket (TCP 4444 on loopback unless --control names a
-# Unix socket) to `lab.relay`, prints its pid. A watcher waits for the VMM and writes its
-# exit status to /run/vmm.rc (its pid is the VMM's own, in /run/vmm.pid).
-start_vmm() {
-	control=tcp:4444
-	if [ "$1" = --control ]; then
-		control=$2
-		shift 2
-	fi
-	rm -f /run/vmm.pid /run/vmm.rc /run/vmm.rc.tmp
-	(
-		"$@" <>"$L2CON" >&0 2>/tmp/vmm.log &
-		echo $! >/run/vmm.pid
-		wait $!
-		echo $? >/run/vmm.rc.tmp
-		mv /run/vmm.rc.tmp /run/vmm.rc
-	) </dev/null >/dev/null 2>&1 &
-	i=0
-	while [ ! -s /run/vmm.pid ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+# start_relay CONTROL: relays CONTROL to `lab.relay` in the background, trying again until
+# it connects (for up to a minute).
+start_relay() {
 	(
 		i=0
 		while [ $i -lt 600 ]; do
-			relay "$control" <>"$RELAY" >&0 && break
+			relay "$1" <>"$RELAY" >&0 && break
 			sleep 0.1
 			i=$((i + 1))
 		done
 	) </dev/null >/dev/null 2>&1 &
-	echo "pid $(cat /run/vmm.pid)"
+}
+
+# cur: the name of the VMM the host controls: `vmm`, or `vmm2` once a migration's
+# destination took over (adopt_vmm). Its pid is in /run/NAME.pid, its exit status in
+# /run/NAME.rc once it has exited, its stderr in /tmp/NAME.log.
+cur() { cat /run/vmm.current 2>/dev/null || echo vmm; }
+
+# start_vmm [--control unix:PATH|tcp:PORT] [--second] CMD...: starts an L2 VMM and prints
+# its pid; a watcher waits for it and writes its exit status. The first VMM (`vmm`) has its
+# serial console on `lab.l2con` and its control socket (TCP 4444 unless --control names
+# another) relayed to `lab.relay`. A --second one (`vmm2`, a migration's destination) runs
+# beside it: a virtio port opens only once, so its console is a pair of FIFOs until
+# adopt_vmm connects them to `lab.l2con`, and its control socket is not relayed until then.
+start_vmm() {
+	control=tcp:4444
+	name=vmm
+	while :; do
+		case "$1" in
+		--control) control=$2; shift 2 ;;
+		--second) name=vmm2; shift ;;
+		*) break ;;
+		esac
+	done
+	rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp
+	[ $name = vmm ] || { rm -f /run/vmm2.in /run/vmm2.out; mkfifo /run/vmm2.in /run/vmm2.out; }
+	(
+		# `exec` in a subshell: $! is the VMM's own pid.
+		if [ $name = vmm ]; then
+			(exec "$@" <>"$L2CON" >&0 2>/tmp/vmm.log) &
+		else
+			(exec "$@" <>/run/vmm2.in 1<>/run/vmm2.out 2>/tmp/vmm2.log) &
+		fi
+		echo $! >/run/$name.pid
+		wait $!
+		echo $? >/run/$name.rc.tmp
+		mv /run/$name.rc.tmp /run/$name.rc
+	) </dev/null >/dev/null 2>&1 &
+	i=0
+	while [ ! -s /run/$name.pid ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+	if [ $name = vmm ]; then
+		echo vmm >/run/vmm.current
+		start_relay "$control"
+	fi
+	echo "pid $(cat /run/$name.pid)"
+}
+
+# adopt_vmm CONTROL: once the first VMM has exited, the second becomes the one the host
+# controls: its console FIFOs are joined to `lab.l2con`, its control socket CONTROL is
+# relayed to `lab.relay`.
+adopt_vmm() {
+	[ -e /run/vmm.rc ] || { echo "the first VMM still runs"; return 1; }
+	(
+		exec 3<>"$L2CON"
+		cat /run/vmm2.out >&3 &
+		cat <&3 >/run/vmm2.in
+	) </dev/null >/dev/null 2>>/tmp/bridge.log &
+	echo vmm2 >/run/vmm.current
+	start_relay "$1"
+	echo "adopted $(cat /run/vmm2.pid)"
 }
 
 # vmm_status: the VMM's memory counters (kB) from /proc/<pid>/status.
 vmm_status() {
-	grep -E '^(VmRSS|VmHWM|VmLck|VmPin):' "/proc/$(cat /run/vmm.pid)/status"
+	grep -E '^(VmRSS|VmHWM|VmLck|VmPin):' "/proc/$(cat /run/$(cur).pid)/status"
 }
 
 # vmm_log: the VMM's stderr (and the relay's, if it said anything) and whether it still runs;
 # if it does, each of its threads: name, state, user and system time (ticks), wait channel.
 vmm_log() {
-	tail -n 20 /tmp/vmm.log
+	tail -n 20 /tmp/$(cur).log
 	[ -s /tmp/relay.log ] && sed 's/^/relay: /' /tmp/relay.log | tail -n 5
-	pid=$(cat /run/vmm.pid)
+	[ -s /tmp/bridge.log ] && sed 's/^/console bridge: /' /tmp/bridge.log | tail -n 5
+	pid=$(cat /run/$(cur).pid)
 	if kill -0 "$pid" 2>/dev/null; then
 		echo "(running)"
 		for t in /proc/"$pid"/task/*; do

@@ -216,6 +216,18 @@ impl Host for Direct {
         }
     }
 
+    fn start_second_vmm(&mut self, _argv: &[String], _listens: &str) -> Result<()> {
+        Err(Error::Vmm(
+            "two VMMs at once (a migration) run in nested mode only: the console is one process's stdio here".into(),
+        ))
+    }
+
+    fn adopt_second_vmm(&mut self, _control: &Control) -> Result<UnixStream> {
+        Err(Error::Vmm(
+            "two VMMs at once (a migration) run in nested mode only".into(),
+        ))
+    }
+
     fn console(&mut self) -> Result<&Lines> {
         Ok(&self.running()?.console)
     }

@@ -22,6 +22,14 @@ pub trait Host {
     /// Starts the VMM with `argv` (program first), its serial console on [`Host::console`];
     /// returns a stream on its control interface.
     fn start_vmm(&mut self, argv: &[String]) -> Result<UnixStream>;
+    /// Starts a second VMM with `argv` beside the running one (a migration's destination),
+    /// its serial console on the same [`Host::console`], its control interface not relayed
+    /// yet; returns once it listens on the Unix socket `listens`.
+    fn start_second_vmm(&mut self, argv: &[String], listens: &str) -> Result<()>;
+    /// Once the first VMM has exited: the second becomes the VMM (the one
+    /// [`Host::vmm_running`] and the others ask about), its control interface at `control`
+    /// relayed; returns a stream on it.
+    fn adopt_second_vmm(&mut self, control: &crate::vmm::Control) -> Result<UnixStream>;
     /// L2's serial console (lines from the guest).
     fn console(&mut self) -> Result<&Lines>;
     /// Writes `text` to L2's serial console (answers to the guest).

@@ -29,7 +29,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::http::Client;
 use crate::scenario::{DiskKind, VmSpec};
-use crate::vmm::{Accel, AccessCounts, Control, Launch, RamBlock, SizeWatch, Vmm, VmmKind};
+use crate::vmm::{Accel, AccessCounts, Control, Launch, MigrationFigures, RamBlock, SizeWatch, Vmm, VmmKind};
 
 /// The API's paths.
 pub mod path {
@@ -43,6 +43,8 @@ pub mod path {
     pub const PAUSE: &str = "/api/v1/vm/pause";
     /// Saves the paused VM (`PUT` `{"path": FILE}`).
     pub const SNAPSHOT: &str = "/api/v1/vm/snapshot";
+    /// Moves the guest to another VMM (`PUT` `{"destination": "unix:PATH"}`).
+    pub const MIGRATE: &str = "/api/v1/vm/migrate";
 
     /// One virtio-mem device (`PUT` `{"requested_size":BYTES}`).
     pub fn memory_device(id: &str) -> String {
@@ -398,6 +400,52 @@ impl Vmm for Memvisor {
 
     fn restore_args(&self, file: &str) -> Vec<String> {
         vec!["--restore".into(), file.into()]
+    }
+
+    fn resume_restored(&mut self) -> Result<String> {
+        // The API answers while the state loads (state `stopped`); the guest runs once the
+        // load is done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let r = self.api()?.call("GET", path::VM, None)?;
+            let vm: VmInfo = serde_json::from_slice(&r.body)
+                .map_err(|e| Error::Vmm(format!("GET {}: unexpected answer ({e}): {:.300}", path::VM, r.text())))?;
+            if vm.state == "running" {
+                return Ok(vm.state);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Vmm(format!(
+                    "the restored VM is still `{}` after 300 s",
+                    vm.state
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn incoming_args(&self, socket: &str) -> Vec<String> {
+        vec!["--incoming".into(), format!("unix:{socket}")]
+    }
+
+    fn migrate(&mut self, socket: &str) -> Result<MigrationFigures> {
+        let body = json!({ "destination": format!("unix:{socket}") });
+        let r = self.api()?.call("PUT", path::MIGRATE, Some(&body))?;
+        let m: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| {
+            Error::Vmm(format!(
+                "PUT {}: unexpected answer ({e}): {:.300}",
+                path::MIGRATE,
+                r.text()
+            ))
+        })?;
+        let ms = |key: &str| m[key].as_u64().map(|v| v as f64 / 1000.0);
+        match (ms("total_ms"), ms("downtime_ms"), m["bytes"].as_u64()) {
+            (Some(total_s), Some(downtime_s), Some(bytes)) => Ok(MigrationFigures {
+                total_s,
+                downtime_s,
+                bytes,
+            }),
+            _ => Err(Error::Vmm(format!("PUT {}: no figures in {m}", path::MIGRATE))),
+        }
     }
 
     fn shutdown(&mut self) -> Result<()> {

@@ -202,12 +202,20 @@ impl Nested {
 /// Unix socket (memvisor's API, relayed by `memvisor api --socket PATH pipe`).
 pub fn start_vmm_line(control: &Control, argv: &[String]) -> String {
     let mut words = vec!["start_vmm".to_string()];
-    if let Control::Unix(path) = control {
+    if let Control::Unix(_) = control {
         words.push("--control".into());
-        words.push(shell_quote(&format!("unix:{}", path.display())));
+        words.push(shell_quote(&control_arg(control)));
     }
     words.extend(argv.iter().map(|a| shell_quote(a)));
     words.join(" ")
+}
+
+/// `control` as L1's `relay` takes it: `unix:PATH` or `tcp:PORT`.
+pub fn control_arg(control: &Control) -> String {
+    match control {
+        Control::Unix(path) => format!("unix:{}", path.display()),
+        Control::Tcp(port) => format!("tcp:{port}"),
+    }
 }
 
 impl Host for Nested {
@@ -249,6 +257,39 @@ impl Host for Nested {
         self.relay.try_clone().ctx(|| "cloning the relay".into())
     }
 
+    fn start_second_vmm(&mut self, argv: &[String], listens: &str) -> Result<()> {
+        let mut words = vec!["start_vmm".to_string(), "--second".into()];
+        words.extend(argv.iter().map(|a| shell_quote(a)));
+        let out = self.exec_ok(&words.join(" "), Duration::from_secs(30), "starting a second VMM in L1")?;
+        if !out.iter().any(|l| l.starts_with("pid ")) {
+            return Err(Error::Vmm(format!("starting a second VMM in L1: {}", out.join(" | "))));
+        }
+        let wait = format!(
+            "i=0; while [ ! -S {0} ] && [ $i -lt 300 ] && kill -0 \"$(cat /run/vmm2.pid)\"; do sleep 0.1; i=$((i + 1)); done; [ -S {0} ]",
+            shell_quote(listens)
+        );
+        if self.exec(&wait, Duration::from_secs(40))?.0 != 0 {
+            let log = self
+                .exec("tail -n 20 /tmp/vmm2.log", Duration::from_secs(20))
+                .map(|(_, o)| o.join(" | "));
+            return Err(Error::Vmm(format!(
+                "the second VMM does not listen on {listens}: {}",
+                log.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    fn adopt_second_vmm(&mut self, control: &Control) -> Result<UnixStream> {
+        let line = format!("adopt_vmm {}", shell_quote(&control_arg(control)));
+        self.exec_ok(
+            &line,
+            Duration::from_secs(30),
+            "handing the control relay to the second VMM",
+        )?;
+        self.relay.try_clone().ctx(|| "cloning the relay".into())
+    }
+
     fn console(&mut self) -> Result<&Lines> {
         Ok(&self.l2con)
     }
@@ -260,12 +301,15 @@ impl Host for Nested {
     }
 
     fn vmm_running(&mut self) -> Result<bool> {
-        Ok(self.exec("kill -0 \"$(cat /run/vmm.pid)\"", Duration::from_secs(20))?.0 == 0)
+        Ok(self
+            .exec("kill -0 \"$(cat /run/$(cur).pid)\"", Duration::from_secs(20))?
+            .0
+            == 0)
     }
 
     fn vmm_exit_status(&mut self) -> Result<Option<i32>> {
         // start_vmm's watcher writes the status once the VMM has exited.
-        let (rc, out) = self.exec("cat /run/vmm.rc 2>/dev/null", Duration::from_secs(20))?;
+        let (rc, out) = self.exec("cat /run/$(cur).rc 2>/dev/null", Duration::from_secs(20))?;
         if rc != 0 {
             return Ok(None);
         }
@@ -273,7 +317,7 @@ impl Host for Nested {
         text.trim()
             .parse()
             .map(Some)
-            .map_err(|_| Error::Vmm(format!("L1's /run/vmm.rc holds {text:?}, not an exit status")))
+            .map_err(|_| Error::Vmm(format!("L1's VMM exit status file holds {text:?}, not an exit status")))
     }
 
     fn vmm_status(&mut self) -> Result<String> {
@@ -282,7 +326,7 @@ impl Host for Nested {
     }
 
     fn vmm_smaps(&mut self) -> Result<String> {
-        let cmd = "cat \"/proc/$(cat /run/vmm.pid)/smaps\"";
+        let cmd = "cat \"/proc/$(cat /run/$(cur).pid)/smaps\"";
         let out = self.exec_ok(cmd, Duration::from_secs(30), "reading the VMM's smaps")?;
         Ok(out.join("\n"))
     }
@@ -305,7 +349,7 @@ impl Host for Nested {
 
     fn shutdown(&mut self) -> Result<()> {
         // The VMM's stderr (its last 2000 lines) beside the consoles in the work folder.
-        if let Ok((_, lines)) = self.exec("tail -n 2000 /tmp/vmm.log 2>/dev/null", Duration::from_secs(60)) {
+        if let Ok((_, lines)) = self.exec("tail -n 2000 /tmp/$(cur).log 2>/dev/null", Duration::from_secs(60)) {
             let mut text = lines.join("\n");
             text.push('\n');
             let _ = fs::write(self.work.join("vmm-stderr.log"), text);
@@ -346,8 +390,9 @@ mod tests {
     fn l1_init_relays_unix_sockets_with_memvisor_and_tcp_with_nc() {
         let init = crate::image::L1_INIT;
         assert!(init.contains("unix:*) /lab/memvisor/memvisor api --socket \"${1#unix:}\" pipe"));
-        assert!(init.contains("*) nc 127.0.0.1 4444 2>/dev/null ;;"));
-        assert!(init.contains("if [ \"$1\" = --control ]; then"));
+        assert!(init.contains("tcp:*) nc 127.0.0.1 \"${1#tcp:}\" 2>/dev/null ;;"));
+        assert!(init.contains("--control) control=$2; shift 2 ;;"));
+        assert!(init.contains("control=tcp:4444"));
         assert!(init.contains(&format!("unix:*) {} api", l1::MEMVISOR)));
     }
 
@@ -355,10 +400,13 @@ mod tests {
     fn l1_init_records_the_vmm_pid_and_its_exit_status() {
         let init = crate::image::L1_INIT;
         // The pid is the VMM's own (for /proc/<pid>/status), the watcher writes its status.
-        assert!(
-            init.contains("\t\t\"$@\" <>\"$L2CON\" >&0 2>/tmp/vmm.log &\n\t\techo $! >/run/vmm.pid\n\t\twait $!\n")
-        );
-        assert!(init.contains("echo $? >/run/vmm.rc.tmp\n\t\tmv /run/vmm.rc.tmp /run/vmm.rc"));
-        assert!(init.contains("rm -f /run/vmm.pid /run/vmm.rc /run/vmm.rc.tmp"));
+        assert!(init.contains("\t\t\t(exec \"$@\" <>\"$L2CON\" >&0 2>/tmp/vmm.log) &\n"));
+        assert!(init.contains("\t\tfi\n\t\techo $! >/run/$name.pid\n\t\twait $!\n"));
+        assert!(init.contains("(exec \"$@\" <>/run/vmm2.in 1<>/run/vmm2.out 2>/tmp/vmm2.log) &"));
+        assert!(init.contains("echo $? >/run/$name.rc.tmp\n\t\tmv /run/$name.rc.tmp /run/$name.rc"));
+        assert!(init.contains("rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp"));
+        // The host reads the files of the VMM it controls now.
+        assert!(init.contains("cur() { cat /run/vmm.current 2>/dev/null || echo vmm; }"));
+        assert!(init.contains("--second) name=vmm2; shift ;;"));
     }
 }

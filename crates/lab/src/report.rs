@@ -82,12 +82,23 @@ pub struct Figures {
     pub disk_write_s: Option<f64>,
     /// The same 32 MiB read back with O_DIRECT: the guest's observation `disk_read_s`.
     pub disk_read_s: Option<f64>,
+    /// A `restore` step: from pausing the guest to its whole state being in a file.
+    pub snapshot_save_s: Option<f64>,
+    /// A `restore` step: from starting a VMM on the saved file to the guest running in it.
+    pub snapshot_restore_s: Option<f64>,
+    /// A `migrate` step: from the request to the guest running at the destination (the
+    /// source VMM's own figure).
+    pub migrate_total_s: Option<f64>,
+    /// A `migrate` step: how long the guest was paused (the source VMM's own figure).
+    pub migrate_downtime_s: Option<f64>,
 }
 
 impl Figures {
     /// The figures of a run's `host_steps` and `guest` report.
     pub fn of(host_steps: &[HostStep], guest: &GuestReport) -> Figures {
         let gib = 1u64 << 30;
+        let save_restore = host_steps.iter().find_map(|s| s.save_restore_s);
+        let migration = host_steps.iter().find_map(|s| s.migration);
         let observed = |key: &str| -> Option<f64> {
             guest
                 .observations
@@ -104,6 +115,10 @@ impl Figures {
                 .and_then(|s| s.returned_s),
             disk_write_s: observed("disk_write_s"),
             disk_read_s: observed("disk_read_s"),
+            snapshot_save_s: save_restore.map(|(save, _)| save),
+            snapshot_restore_s: save_restore.map(|(_, restore)| restore),
+            migrate_total_s: migration.map(|m| m.total_s),
+            migrate_downtime_s: migration.map(|m| m.downtime_s),
         }
     }
 
@@ -116,18 +131,26 @@ impl Figures {
             "unplug_1g_returned_s" => "1G back on host",
             "disk_write_s" => "32M O_DIRECT write",
             "disk_read_s" => "32M O_DIRECT read",
+            "snapshot_save_s" => "save paused VM to file",
+            "snapshot_restore_s" => "new VMM to guest running",
+            "migrate_total_s" => "migration, in all",
+            "migrate_downtime_s" => "migration downtime",
             _ => "",
         }
     }
 
     /// Every figure by its name (the field's), in the order of the side-by-side table.
-    pub fn named(&self) -> [(&'static str, Option<f64>); 5] {
+    pub fn named(&self) -> [(&'static str, Option<f64>); 9] {
         [
             ("agent_s", self.agent_s),
             ("plug_1g_usable_s", self.plug_1g_usable_s),
             ("unplug_1g_returned_s", self.unplug_1g_returned_s),
             ("disk_write_s", self.disk_write_s),
             ("disk_read_s", self.disk_read_s),
+            ("snapshot_save_s", self.snapshot_save_s),
+            ("snapshot_restore_s", self.snapshot_restore_s),
+            ("migrate_total_s", self.migrate_total_s),
+            ("migrate_downtime_s", self.migrate_downtime_s),
         ]
     }
 }
@@ -248,6 +271,13 @@ pub struct HostStep {
     /// polled the plugged size instead).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size_events: Option<u64>,
+    /// A `restore` step: seconds to save the paused VM to a file, and from starting the new
+    /// VMM to the guest running again in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_restore_s: Option<(f64, f64)>,
+    /// A `migrate` step: what the source VMM reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::vmm::MigrationFigures>,
 }
 
 /// The guest's side.
@@ -826,6 +856,8 @@ mod tests {
             returned_s: None,
             unassigned: None,
             size_events: None,
+            save_restore_s: None,
+            migration: None,
         }
     }
 
@@ -1089,7 +1121,24 @@ mod tests {
         partial.returned_s = Some(1.0);
         let mut whole = step("resize vmem0 0", g, 0, (0, 0), 0);
         whole.returned_s = Some(3.5);
-        let f = Figures::of(&[step("resize vmem0 1G", 0, g, (0, 0), 0), partial, whole], &guest);
+        let mut restore = step("restore", 0, 0, (0, 0), 0);
+        restore.resize = None;
+        restore.save_restore_s = Some((3.8, 0.9));
+        let mut migrate = step("migrate", 0, 0, (0, 0), 0);
+        migrate.resize = None;
+        migrate.migration = Some(crate::vmm::MigrationFigures {
+            total_s: 4.5,
+            downtime_s: 4.25,
+            bytes: 1 << 28,
+        });
+        let steps = [
+            step("resize vmem0 1G", 0, g, (0, 0), 0),
+            partial,
+            whole,
+            restore,
+            migrate,
+        ];
+        let f = Figures::of(&steps, &guest);
         assert_eq!(
             f,
             Figures {
@@ -1098,6 +1147,10 @@ mod tests {
                 unplug_1g_returned_s: Some(3.5),
                 disk_write_s: Some(0.37),
                 disk_read_s: Some(0.21),
+                snapshot_save_s: Some(3.8),
+                snapshot_restore_s: Some(0.9),
+                migrate_total_s: Some(4.5),
+                migrate_downtime_s: Some(4.25),
             }
         );
         assert_eq!(
@@ -1107,7 +1160,11 @@ mod tests {
                 "plug_1g_usable_s",
                 "unplug_1g_returned_s",
                 "disk_write_s",
-                "disk_read_s"
+                "disk_read_s",
+                "snapshot_save_s",
+                "snapshot_restore_s",
+                "migrate_total_s",
+                "migrate_downtime_s"
             ]
         );
         assert_eq!(f.named()[3], ("disk_write_s", Some(0.37)));

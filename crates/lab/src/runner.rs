@@ -517,6 +517,8 @@ impl<'a> Run<'a> {
             returned_s: None,
             unassigned: None,
             size_events: None,
+            save_restore_s: None,
+            migration: None,
         };
         let words: Vec<&str> = request.split_whitespace().collect();
         let allowed = words
@@ -534,9 +536,10 @@ impl<'a> Run<'a> {
                 }),
                 ["resize", id, size] => self.resize(host, vmm, id, size, &mut step),
                 ["unassigned", id] => self.unassigned(host, vmm, id, &mut step),
-                ["restore"] => self.save_and_restore(host, vmm),
+                ["restore"] => self.save_and_restore(host, vmm, &mut step),
+                ["migrate"] => self.migrate(host, vmm, &mut step),
                 _ => Err(Error::Vmm(format!(
-                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID, restore)"
+                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID, restore, migrate)"
                 ))),
             }
         };
@@ -561,7 +564,7 @@ impl<'a> Run<'a> {
     /// The host step `restore`: saves the paused VM to a file, stops the VMM, and starts a
     /// new one with the same command line that continues the VM from that file. The guest
     /// that asked gets the answer from the new VMM's console.
-    fn save_and_restore(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<String> {
+    fn save_and_restore(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, step: &mut HostStep) -> Result<String> {
         let launch = self
             .launch
             .clone()
@@ -594,9 +597,60 @@ impl<'a> Run<'a> {
         vmm.attach(control)?;
         let resumed = vmm.resume_restored()?;
         let restore_s = t1.elapsed().as_secs_f64();
+        let round = |s: f64| (s * 100.0).round() / 100.0;
+        step.save_restore_s = Some((round(save_s), round(restore_s)));
         Ok(format!(
             "save_s={save_s:.2} restore_s={restore_s:.2} saved={} resumed={}",
             saved.trim(),
+            resumed.trim()
+        ))
+    }
+
+    /// The host step `migrate`: starts a second VMM beside the first, with the same command
+    /// line but its own control interface and waiting for a migration on a Unix socket,
+    /// migrates the guest to it, waits for the first VMM to exit 0, and controls the second
+    /// from then on. The guest that asked gets the answer from the second VMM's console.
+    fn migrate(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, step: &mut HostStep) -> Result<String> {
+        let mut launch = self
+            .launch
+            .clone()
+            .ok_or_else(|| Error::Vmm("the VMM was not started".into()))?;
+        let control = launch.placement.second_control();
+        launch.placement.control = control.clone();
+        let socket = "/run/migrate.sock";
+        let mut argv = self.vmm_argv(vmm, &launch)?;
+        argv.extend(vmm.incoming_args(socket));
+        host.start_second_vmm(&argv, socket)?;
+        let t0 = Instant::now();
+        let figures = vmm.migrate(socket)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = host.vmm_exit_status()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Vmm(
+                    "the source VMM did not exit within 60 s of the migration".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if status != 0 {
+            return Err(Error::Vmm(format!("the source VMM exited with status {status}")));
+        }
+        let control = host.adopt_second_vmm(&control)?;
+        control
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .ctx(|| "control socket timeout".into())?;
+        vmm.attach(control)?;
+        let resumed = vmm.resume_restored()?;
+        step.migration = Some(figures);
+        Ok(format!(
+            "total_s={:.2} downtime_s={:.3} bytes={} wall_s={:.2} resumed={}",
+            figures.total_s,
+            figures.downtime_s,
+            figures.bytes,
+            t0.elapsed().as_secs_f64(),
             resumed.trim()
         ))
     }

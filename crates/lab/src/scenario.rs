@@ -432,7 +432,7 @@ impl Scenario {
 }
 
 /// Host steps a guest may ask for.
-pub const HOST_STEPS: &[&str] = &["resize", "stats", "unassigned", "restore"];
+pub const HOST_STEPS: &[&str] = &["resize", "stats", "unassigned", "restore", "migrate"];
 
 #[cfg(test)]
 mod tests {

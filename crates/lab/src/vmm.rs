@@ -164,6 +164,23 @@ impl Placement {
         }
     }
 
+    /// Where a second VMM (a migration's destination, beside this one) has its control
+    /// interface: the next TCP port, or the socket path with `-dst`.
+    pub fn second_control(&self) -> Control {
+        match &self.control {
+            Control::Tcp(port) => Control::Tcp(port + 1),
+            Control::Unix(path) => {
+                let mut name = path.file_stem().unwrap_or_default().to_os_string();
+                name.push("-dst");
+                if let Some(ext) = path.extension() {
+                    name.push(".");
+                    name.push(ext);
+                }
+                Control::Unix(path.with_file_name(name))
+            }
+        }
+    }
+
     /// The image file of the disk `id`.
     pub fn disk(&self, id: &str) -> String {
         format!("{}/disk-{id}.img", self.disk_dir)
@@ -271,8 +288,25 @@ pub trait Vmm {
     fn resume_restored(&mut self) -> Result<String> {
         Ok(String::new())
     }
+    /// What to add to [`Vmm::command_line`] so that the VMM waits for a migration on the Unix
+    /// socket `path` (memvisor: `--incoming unix:PATH`; QEMU: `-incoming unix:PATH`).
+    fn incoming_args(&self, path: &str) -> Vec<String>;
+    /// Migrates the running guest to the VMM listening on the Unix socket `path` and waits
+    /// until it runs there; the source VMM is then asked to quit (memvisor exits by itself).
+    fn migrate(&mut self, path: &str) -> Result<MigrationFigures>;
     /// Asks the VMM to stop (it is killed by the runner anyway).
     fn shutdown(&mut self) -> Result<()>;
+}
+
+/// What a VMM reports about a completed migration.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+pub struct MigrationFigures {
+    /// From the request to the guest running at the destination, as the VMM counts it.
+    pub total_s: f64,
+    /// How long the guest was paused.
+    pub downtime_s: f64,
+    /// Bytes sent.
+    pub bytes: u64,
 }
 
 /// The driver for `kind`.
@@ -322,6 +356,15 @@ mod tests {
         assert_eq!(
             (m.kernel, m.initrd, m.disk_dir, m.accel),
             (q.kernel, q.initrd, q.disk_dir, q.accel)
+        );
+    }
+
+    #[test]
+    fn a_second_vmm_controls_on_the_next_port_or_a_socket_of_its_own() {
+        assert_eq!(Placement::in_l1_for(VmmKind::Qemu).second_control(), Control::Tcp(4445));
+        assert_eq!(
+            Placement::in_l1_for(VmmKind::Memvisor).second_control(),
+            Control::Unix("/run/memvisor-dst.sock".into())
         );
     }
 }

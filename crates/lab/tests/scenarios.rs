@@ -27,6 +27,7 @@ fn every_shipped_scenario_parses_with_its_script() {
             "blk-zero-copy-viommu",
             "boot",
             "bypass",
+            "live-migrate",
             "poweroff",
             "reboot",
             "snapshot-restore",

@@ -33,6 +33,7 @@ mod path {
     pub const REBOOT: &str = "/api/v1/vm/reboot";
     pub const POWER_OFF: &str = "/api/v1/vm/power-off";
     pub const SNAPSHOT: &str = "/api/v1/vm/snapshot";
+    pub const MIGRATE: &str = "/api/v1/vm/migrate";
     pub const SHUTDOWN: &str = "/api/v1/vmm/shutdown";
     pub const MEMORY: &str = "/api/v1/memory";
     pub const DMA: &str = "/api/v1/dma";
@@ -82,6 +83,12 @@ enum ApiCommand {
     Snapshot {
         /// The file to create (made absolute against the current folder).
         file: PathBuf,
+    },
+    /// Move the guest to the VMM listening at DESTINATION (`memvisor run ... --incoming
+    /// DESTINATION` with the same machine) (PUT /api/v1/vm/migrate); this VMM then exits.
+    Migrate {
+        /// `unix:PATH` or `tcp:HOST:PORT`.
+        destination: String,
     },
     /// Stop the VMM (PUT /api/v1/vmm/shutdown).
     Shutdown,
@@ -452,6 +459,17 @@ fn request(args: &ApiArgs) -> Result<String, Failure> {
                 human(summary["bytes"].as_u64().unwrap_or(0)),
                 summary["sections"].as_u64().unwrap_or(0),
                 summary["ms"].as_u64().unwrap_or(0)
+            );
+            Ok(text(&resp, human))
+        }
+        ApiCommand::Migrate { destination } => {
+            let resp = call(s, "PUT", path::MIGRATE, Some(&json!({ "destination": destination })))?;
+            let m = resp.json().unwrap_or_default();
+            let human = format!(
+                "migrated to {destination}: {} sent, guest paused {} ms, {} ms in all; this VMM exits\n",
+                human(m["bytes"].as_u64().unwrap_or(0)),
+                m["downtime_ms"].as_u64().unwrap_or(0),
+                m["total_ms"].as_u64().unwrap_or(0)
             );
             Ok(text(&resp, human))
         }

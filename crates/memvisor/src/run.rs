@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memvisor_vmm::config::{DiskConfig, SerialConfig, VfioConfig, VmemConfig, VmmConfig};
-use memvisor_vmm::runner::{self, RunEnd};
+use memvisor_vmm::migration::Endpoint;
+use memvisor_vmm::runner::{self, RunEnd, Start};
 
 use crate::size::{parse_block_size, parse_size};
 
@@ -65,8 +66,18 @@ pub struct RunArgs {
     /// VMM) instead of booting the kernel. The machine's shape (vCPUs, memory, virtio-mem
     /// devices, vIOMMU, disks, serial) must be the snapshot's; the kernel is loaded only
     /// when the restored guest reboots. Disk images are used as they are now.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "incoming")]
     restore: Option<PathBuf>,
+    /// Wait for a VM migrated from another memvisor (`memvisor api migrate unix:PATH` there)
+    /// on `unix:PATH` or `tcp:HOST:PORT` instead of booting the kernel. The flags must give
+    /// the same machine shape as the source's; disk images are the same files (the source
+    /// hands their locks over).
+    #[arg(long, value_parser = parse_endpoint)]
+    incoming: Option<Endpoint>,
+}
+
+fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
+    s.parse()
 }
 
 /// `key=value,...` pairs, each key at most once and from `allowed`.
@@ -199,13 +210,22 @@ pub fn run(args: &RunArgs) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match runner::run(config, args.restore.clone()) {
+    let start = match (&args.restore, &args.incoming) {
+        (Some(path), _) => Start::Restore(path.clone()),
+        (None, Some(endpoint)) => Start::Incoming(endpoint.clone()),
+        (None, None) => Start::Boot,
+    };
+    match runner::run(config, start) {
         Ok(RunEnd::PowerOff) => {
             log::info!("the guest powered off");
             ExitCode::SUCCESS
         }
         Ok(RunEnd::Shutdown) => {
             log::info!("the VMM was asked to stop");
+            ExitCode::SUCCESS
+        }
+        Ok(RunEnd::Migrated) => {
+            log::info!("the guest migrated to another VMM, which runs it now");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -45,6 +45,32 @@ impl Vmm {
 
     /// [`Vmm::start`] with more `memvisor run` arguments.
     fn start_with(extra: &[&str]) -> Self {
+        let mut vmm = Self::spawn(extra);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The API answers before the first boot has started its vCPUs
+            // (state "stopped"); the tests start from a running guest.
+            let running = vmm
+                .try_call("GET", "/api/v1/vm", None)
+                .is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|vm| vm["state"] == "running"));
+            if running {
+                break;
+            }
+            if let Some(status) = vmm.child.try_wait().unwrap() {
+                panic!("the VMM ended with {status} before answering: {}", vmm.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the VMM did not answer within 10 s: {}",
+                vmm.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        vmm
+    }
+
+    /// Starts `memvisor run` with more arguments, without waiting for anything.
+    fn spawn(extra: &[&str]) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "memvisor-api-live-{}-{}",
@@ -68,33 +94,12 @@ impl Vmm {
             .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
             .spawn()
             .unwrap();
-        let mut vmm = Vmm {
+        Vmm {
             child,
             dir,
             sock,
             serial,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // The API answers before the first boot has started its vCPUs
-            // (state "stopped"); the tests start from a running guest.
-            let running = vmm
-                .try_call("GET", "/api/v1/vm", None)
-                .is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|vm| vm["state"] == "running"));
-            if running {
-                break;
-            }
-            if let Some(status) = vmm.child.try_wait().unwrap() {
-                panic!("the VMM ended with {status} before answering: {}", vmm.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the VMM did not answer within 10 s: {}",
-                vmm.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        vmm
     }
 
     fn log(&self) -> String {
@@ -497,6 +502,11 @@ fn power_off_stops_a_guest_that_ignores_the_button_after_the_timeout() {
 
 /// Reads the event stream's head, then up to `n` events or `limit`.
 fn events(s: &UnixStream, n: usize, limit: Duration) -> (Response, Vec<Value>) {
+    events_until(s, n, None, limit)
+}
+
+/// [`events`], ending early after an event of kind `last`.
+fn events_until(s: &UnixStream, n: usize, last: Option<&str>, limit: Duration) -> (Response, Vec<Value>) {
     s.set_read_timeout(Some(limit)).unwrap();
     let mut r = BufReader::new(s);
     let mut head = String::new();
@@ -538,8 +548,11 @@ fn events(s: &UnixStream, n: usize, limit: Duration) -> (Response, Vec<Value>) {
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             if line.len() > 1 {
-                seen.push(serde_json::from_slice(&line).unwrap());
+                seen.push(serde_json::from_slice::<Value>(&line).unwrap());
             }
+        }
+        if last.is_some_and(|kind| seen.iter().any(|e| e["event"] == kind)) {
+            break;
         }
     }
     (resp, seen)
@@ -549,9 +562,9 @@ fn events(s: &UnixStream, n: usize, limit: Duration) -> (Response, Vec<Value>) {
 fn events_come_as_they_happen() {
     let vmm = Vmm::start();
     let s = vmm.connect();
-    (&s).write_all(&format_request("GET", "/api/v1/events", None)).unwrap();
-    // Let the subscription land before the events.
-    std::thread::sleep(Duration::from_millis(200));
+    // From the first event kept, so that none is missed however late the subscription lands.
+    (&s).write_all(&format_request("GET", "/api/v1/events?after=0", None))
+        .unwrap();
     vmm.expect(
         "PUT",
         "/api/v1/memory/vmem0",
@@ -561,7 +574,7 @@ fn events_come_as_they_happen() {
     );
     vmm.expect("PUT", "/api/v1/vm/pause", None, 204, "");
     vmm.expect("PUT", "/api/v1/vm/resume", None, 204, "");
-    let (head, seen) = events(&s, 4, Duration::from_secs(5));
+    let (head, seen) = events_until(&s, 64, Some("resumed"), Duration::from_secs(5));
     assert_eq!(head.status, 200);
     assert_eq!(head.header("Content-Type"), Some("application/x-ndjson"));
     assert_eq!(head.header("Transfer-Encoding"), Some("chunked"));
@@ -860,4 +873,185 @@ fn a_snapshot_of_the_paused_guest_continues_in_a_new_vmm_without_booting_again()
     }
     restored.shutdown();
     let _ = std::fs::remove_file(&file);
+}
+
+/// A destination VMM: the same machine as [`Vmm::start`] (plus `extra`), waiting for a
+/// migration on a socket in its folder; returns it and the endpoint.
+fn destination(extra: &[&str]) -> (Vmm, String) {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let listen = std::env::temp_dir().join(format!(
+        "memvisor-migrate-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let endpoint = format!("unix:{}", listen.display());
+    let mut args = vec!["--incoming", endpoint.as_str()];
+    args.extend_from_slice(extra);
+    let vmm = Vmm::spawn(&args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listen.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination does not listen: {}",
+            vmm.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (vmm, endpoint)
+}
+
+fn wait_banner(vmm: &Vmm) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vmm.banners() == 0 {
+        assert!(Instant::now() < deadline, "the guest wrote nothing on COM1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_running_guest_migrates_to_another_vmm_and_the_source_exits() {
+    let mut source = Vmm::start();
+    wait_banner(&source);
+    let (dst, endpoint) = destination(&[]);
+    assert_eq!(dst.get("/api/v1/vm")["state"], "stopped", "waiting for the source");
+    source.expect(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(r#"{"destination":"ftp:x"}"#),
+        400,
+        "unix:PATH",
+    );
+    let r = source.call(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": endpoint }).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}: {}", r.text(), dst.log());
+    let m = r.json().unwrap();
+    assert!(m["bytes"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["destination_report"]["bytes"], m["bytes"], "{m}");
+    assert!(
+        m["downtime_ms"].as_u64().unwrap() <= m["total_ms"].as_u64().unwrap(),
+        "{m}"
+    );
+    let status = source.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", source.log());
+    // The guest runs at the destination, where it did not boot (a boot writes the banner).
+    let vm = dst.assert_alive();
+    assert_eq!((vm["state"].as_str(), vm["boots"].as_u64()), (Some("running"), Some(1)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dst.banners(), 0, "the migrated guest booted again");
+    dst.shutdown();
+}
+
+#[test]
+fn a_failed_migration_leaves_the_guest_running_at_the_source() {
+    let source = Vmm::start();
+    wait_banner(&source);
+    // Nobody listens.
+    let nowhere = format!("unix:{}/nobody.sock", source.dir.display());
+    source.expect(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": nowhere }).to_string()),
+        409,
+        "connecting",
+    );
+    assert_eq!(source.get("/api/v1/vm")["state"], "running");
+
+    // A destination of another shape refuses before anything runs there, naming why.
+    let (mut dst, endpoint) = destination(&["--cpus", "2"]);
+    source.expect(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": endpoint }).to_string()),
+        409,
+        "vCPU count is 1 but this VM's is 2",
+    );
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    assert!(dst.log().contains("vCPU count"), "{}", dst.log());
+    assert_eq!(source.get("/api/v1/vm")["state"], "running");
+
+    // A byte flipped on the way: the destination finds it, refuses, and pins nothing.
+    for (what, fault) in [("flipped", Fault::Flip(20_000)), ("cut", Fault::Cut(20_000))] {
+        let (mut dst, endpoint) = destination(&[]);
+        let proxy = Proxy::start(&endpoint, fault);
+        let r = source.call(
+            "PUT",
+            "/api/v1/vm/migrate",
+            Some(&json!({ "destination": proxy.endpoint }).to_string()),
+        );
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        assert_eq!(dst.wait_exit(Duration::from_secs(10)).code(), Some(1), "{what}");
+        if what == "flipped" {
+            assert!(dst.log().contains("checksum"), "{what}: {}", dst.log());
+        }
+        // The source took its guest back: it runs, and a second try works.
+        assert_eq!(source.get("/api/v1/vm")["state"], "running", "{what}");
+    }
+    let (dst, endpoint) = destination(&[]);
+    let r = source.call(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": endpoint }).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    dst.shutdown();
+}
+
+/// What a [`Proxy`] does to the source's stream.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Flips one bit of the byte at this offset.
+    Flip(usize),
+    /// Closes both connections after this many bytes.
+    Cut(usize),
+}
+
+/// A relay between a migration's source and its destination that breaks the stream.
+struct Proxy {
+    endpoint: String,
+}
+
+impl Proxy {
+    fn start(destination: &str, fault: Fault) -> Self {
+        let path = PathBuf::from(format!("{}.proxy", destination.trim_start_matches("unix:")));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let target = PathBuf::from(destination.trim_start_matches("unix:"));
+        std::thread::spawn(move || {
+            let (from_source, _) = listener.accept().unwrap();
+            let to_destination = UnixStream::connect(&target).unwrap();
+            // The destination's frames go back untouched.
+            let (mut back_in, mut back_out) = (to_destination.try_clone().unwrap(), from_source.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut back_in, &mut back_out));
+            let (mut input, mut output) = (from_source, to_destination);
+            let mut offset = 0usize;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &mut buf[..n];
+                match fault {
+                    Fault::Flip(at) if (offset..offset + n).contains(&at) => chunk[at - offset] ^= 0x10,
+                    Fault::Cut(at) if offset + n >= at => {
+                        let _ = output.write_all(&chunk[..at - offset]);
+                        let _ = output.shutdown(std::net::Shutdown::Both);
+                        let _ = input.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                    _ => {}
+                }
+                if output.write_all(chunk).is_err() {
+                    break;
+                }
+                offset += n;
+            }
+        });
+        Proxy {
+            endpoint: format!("unix:{}", path.display()),
+        }
+    }
 }

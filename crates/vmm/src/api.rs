@@ -15,6 +15,7 @@
 //! | PUT | `/api/v1/vm/reboot` | 204: the machine resets and boots again |
 //! | PUT | `/api/v1/vm/power-off` | 202: the ACPI power button, then a forced stop after `timeout_s` |
 //! | PUT | `/api/v1/vm/snapshot` | body `{"path": FILE}` (absolute, new): the paused VM saved there; 200 with its size |
+//! | PUT | `/api/v1/vm/migrate` | body `{"destination": "unix:PATH" or "tcp:HOST:PORT"}`: the guest moves to the VMM listening there (`--incoming`); 200 with the figures, then this VMM exits |
 //! | PUT | `/api/v1/vmm/shutdown` | 204, then the VMM stops |
 //! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host and DMA figures |
 //! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
@@ -60,6 +61,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm/reboot"),
     ("PUT", "/api/v1/vm/power-off"),
     ("PUT", "/api/v1/vm/snapshot"),
+    ("PUT", "/api/v1/vm/migrate"),
     ("PUT", "/api/v1/vmm/shutdown"),
     ("GET", "/api/v1/memory"),
     ("PUT", "/api/v1/memory/{id}"),
@@ -337,6 +339,7 @@ pub fn handle(ctx: &ApiContext, method: &Method, url: &str, body: &[u8]) -> Answ
         }
         (Method::Put, ["api", "v1", "vm", "power-off"]) => power_off(ctx, body),
         (Method::Put, ["api", "v1", "vm", "snapshot"]) => snapshot(ctx, body),
+        (Method::Put, ["api", "v1", "vm", "migrate"]) => migrate(ctx, body),
         (Method::Put, ["api", "v1", "vmm", "shutdown"]) => {
             ctx.control.shutdown();
             Answer::no_content()
@@ -445,6 +448,26 @@ fn snapshot(ctx: &ApiContext, body: &[u8]) -> Answer {
         );
     }
     match ctx.control.snapshot(path) {
+        Ok(summary) => Answer::ok(summary),
+        Err(e) => Answer::error(409, e.to_string()),
+    }
+}
+
+/// `PUT /api/v1/vm/migrate`.
+fn migrate(ctx: &ApiContext, body: &[u8]) -> Answer {
+    let obj = match object(body, &["destination"]) {
+        Ok(o) => o,
+        Err(answer) => return answer,
+    };
+    let destination = match obj.get("destination") {
+        Some(Value::String(d)) => match d.parse::<crate::migration::Endpoint>() {
+            Ok(e) => e,
+            Err(e) => return Answer::error(400, format!("destination {e}")),
+        },
+        Some(other) => return Answer::error(400, format!("destination {other}: unix:PATH or tcp:HOST:PORT")),
+        None => return Answer::error(400, "missing field destination"),
+    };
+    match ctx.control.migrate(destination) {
         Ok(summary) => Answer::ok(summary),
         Err(e) => Answer::error(409, e.to_string()),
     }

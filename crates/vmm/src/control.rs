@@ -37,6 +37,9 @@ pub enum ControlError {
     /// The snapshot failed; the VM is unchanged and still paused.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// The migration failed; the guest runs here again.
+    #[error("migration: {0}")]
+    Migration(String),
 }
 
 /// Work that must run on the event loop's thread, where the devices'
@@ -47,6 +50,14 @@ pub enum LoopRequest {
     Snapshot {
         /// The file to write.
         path: PathBuf,
+        /// Where the answer goes.
+        reply: mpsc::Sender<Result<serde_json::Value, String>>,
+    },
+    /// Migrate the VM to `destination`; the reply is the summary (then the
+    /// VMM exits) or why not (then the guest runs here again).
+    Migrate {
+        /// Where the destination VMM listens.
+        destination: crate::migration::Endpoint,
         /// Where the answer goes.
         reply: mpsc::Sender<Result<serde_json::Value, String>>,
     },
@@ -62,9 +73,9 @@ pub struct LoopRequests {
     pub wake: EventFd,
 }
 
-/// How long a snapshot may take before the API gives up waiting (the
-/// snapshot itself still completes).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a snapshot or migration may take before the API gives up
+/// waiting (the work itself still completes).
+const LOOP_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Boot {
     vcpus: Arc<VcpuControl>,
@@ -143,6 +154,7 @@ impl VmControl {
             ExitReason::PowerOff => ("power-off", json!({})),
             ExitReason::Reset => ("reset", json!({})),
             ExitReason::Shutdown => ("shutdown", json!({})),
+            ExitReason::Migrated => ("migrated", json!({})),
             ExitReason::Error(why) => ("error", json!({ "message": why })),
         };
         self.events.publish(event, detail);
@@ -183,31 +195,63 @@ impl VmControl {
         Ok(())
     }
 
-    /// Saves the paused VM to `path` (run by the event loop) and returns
-    /// the summary; the VM stays paused.
-    pub fn snapshot(&self, path: PathBuf) -> Result<serde_json::Value, ControlError> {
+    /// Hands `request` (built around its reply channel) to the event loop
+    /// and waits for the answer; `paused` requires the vCPUs paused.
+    fn ask_loop(
+        &self,
+        paused: bool,
+        request: impl FnOnce(mpsc::Sender<Result<serde_json::Value, String>>) -> LoopRequest,
+    ) -> Result<Result<serde_json::Value, String>, ControlError> {
         let (tx, rx) = mpsc::channel();
         {
             let boot = lock(&self.boot);
             let b = boot.as_ref().ok_or(ControlError::NotRunning)?;
-            if !b.vcpus.is_paused() {
+            if paused && !b.vcpus.is_paused() {
                 return Err(ControlError::NotPaused);
             }
             b.requests
                 .tx
-                .send(LoopRequest::Snapshot { path, reply: tx })
+                .send(request(tx))
                 .map_err(|_| ControlError::Loop("it has stopped".into()))?;
             b.requests
                 .wake
                 .write(1)
                 .map_err(|e| ControlError::Loop(e.to_string()))?;
         }
-        let summary = rx
-            .recv_timeout(SNAPSHOT_TIMEOUT)
-            .map_err(|e| ControlError::Loop(format!("no answer: {e}")))?
+        rx.recv_timeout(LOOP_TIMEOUT)
+            .map_err(|e| ControlError::Loop(format!("no answer: {e}")))
+    }
+
+    /// Saves the paused VM to `path` (run by the event loop) and returns
+    /// the summary; the VM stays paused.
+    pub fn snapshot(&self, path: PathBuf) -> Result<serde_json::Value, ControlError> {
+        let summary = self
+            .ask_loop(true, |reply| LoopRequest::Snapshot { path, reply })?
             .map_err(ControlError::Snapshot)?;
         self.events.publish("snapshot", summary.clone());
         Ok(summary)
+    }
+
+    /// Migrates the VM to the VMM listening at `destination` (run by the
+    /// event loop: the guest is paused for the transfer). On success the
+    /// guest runs there and this VMM stops; on failure it runs here again.
+    pub fn migrate(&self, destination: crate::migration::Endpoint) -> Result<serde_json::Value, ControlError> {
+        self.events
+            .publish("migration-started", json!({ "destination": destination.to_string() }));
+        let answer = self.ask_loop(false, |reply| LoopRequest::Migrate { destination, reply })?;
+        match answer {
+            Ok(summary) => {
+                self.events.publish("migration-completed", summary.clone());
+                Ok(summary)
+            }
+            Err(why) => {
+                self.events.publish(
+                    "migration-failed",
+                    json!({ "error": why, "state": self.state().name() }),
+                );
+                Err(ControlError::Migration(why))
+            }
+        }
     }
 
     /// Resets the machine; it boots again.

@@ -17,6 +17,9 @@ pub enum ExitReason {
     Reset,
     /// The VMM was asked to stop (the API's shutdown, a signal).
     Shutdown,
+    /// The guest migrated to another VMM, which runs it now: this one
+    /// exits with status 0.
+    Migrated,
     /// A vCPU or device failed: the VMM exits non-zero with this message.
     Error(String),
 }

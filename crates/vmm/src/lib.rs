@@ -62,6 +62,7 @@ pub mod exit;
 #[cfg(target_arch = "x86_64")]
 pub mod irq;
 pub mod memslots;
+pub mod migration;
 #[cfg(target_arch = "x86_64")]
 pub mod platform;
 #[cfg(target_arch = "x86_64")]

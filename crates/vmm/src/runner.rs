@@ -82,6 +82,25 @@ pub enum RunEnd {
     PowerOff,
     /// The VMM was asked to stop.
     Shutdown,
+    /// The guest migrated to another VMM.
+    Migrated,
+}
+
+/// How the first boot starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Boot the kernel.
+    Boot,
+    /// Continue the VM saved in this snapshot file.
+    Restore(PathBuf),
+    /// Listen here and continue the VM a source VMM migrates in.
+    Incoming(crate::migration::Endpoint),
+}
+
+/// Where the first boot's state comes from.
+enum Source<'a> {
+    Snapshot(&'a Path),
+    Migration(&'a crate::migration::Listener),
 }
 
 /// A device owned by the [`Machine`], reached under its lock.
@@ -185,19 +204,27 @@ struct Process {
 /// Boots `config` and runs the guest until it powers off or the VMM is
 /// asked to stop; a guest reboot resets the machine and boots again.
 ///
-/// With `restore`, the first boot is not a boot: the VM continues from
-/// that snapshot (written by `PUT /api/v1/vm/snapshot` of a VMM with the
-/// same machine shape) instead of starting the kernel.
-pub fn run(config: VmmConfig, restore: Option<PathBuf>) -> Result<RunEnd, RunError> {
+/// With [`Start::Restore`] or [`Start::Incoming`] the first boot is not
+/// a boot: the VM continues from a snapshot (written by `PUT
+/// /api/v1/vm/snapshot` of a VMM with the same machine shape) or from the
+/// stream a source VMM migrates in, instead of starting the kernel.
+pub fn run(config: VmmConfig, start: Start) -> Result<RunEnd, RunError> {
     config.validate()?;
     check_host_memory(config.memory)?;
     let machine_config = config.machine_config()?;
+    // Listen first, so that a source may connect as soon as this process runs.
+    let listener = match &start {
+        Start::Incoming(endpoint) => {
+            Some(crate::migration::Listener::bind(endpoint).map_err(setup(format!("listening on {endpoint}")))?)
+        }
+        _ => None,
+    };
     // A restored machine starts with nothing attached or pinned: the
-    // snapshot's DMA sections attach once the state they depend on is back.
-    let machine = if restore.is_some() {
-        Machine::incoming(&machine_config)?
-    } else {
+    // stream's DMA sections attach once the state they depend on is back.
+    let machine = if start == Start::Boot {
         Machine::new(&machine_config)?
+    } else {
+        Machine::incoming(&machine_config)?
     };
     let iommu = machine.iommu().map(|i| i.handle.clone());
     let disks = config
@@ -206,14 +233,20 @@ pub fn run(config: VmmConfig, restore: Option<PathBuf>) -> Result<RunEnd, RunErr
         .enumerate()
         .map(|(i, d)| {
             let iommu = config.disk_endpoint(i).and_then(|ep| iommu.clone().map(|h| (h, ep)));
-            VirtioBlk::new(BlockConfig {
+            let config = BlockConfig {
                 id: d.id.clone(),
                 path: d.path.clone(),
                 read_only: d.read_only,
                 queue_size: 256,
                 iommu,
                 zero_copy: machine.uring_io_pinner(&d.id).cloned(),
-            })
+            };
+            // A migration's source holds the image until it hands the guest over.
+            if listener.is_some() {
+                VirtioBlk::new_unlocked(config)
+            } else {
+                VirtioBlk::new(config)
+            }
             .map(|b| Arc::new(Mutex::new(b)))
             .map_err(setup(format!("disk `{}`", d.id)))
         })
@@ -252,9 +285,13 @@ pub fn run(config: VmmConfig, restore: Option<PathBuf>) -> Result<RunEnd, RunErr
     };
     let _raw = RawTerminal::new(&process.config.serial);
     let started = Instant::now();
-    let mut restore = restore;
+    let mut first = match (&start, &listener) {
+        (Start::Restore(path), _) => Some(Source::Snapshot(path)),
+        (_, Some(listener)) => Some(Source::Migration(listener)),
+        _ => None,
+    };
     let end = loop {
-        let reason = run_boot(&process, restore.take().as_deref())?;
+        let reason = run_boot(&process, first.take())?;
         process.control.ended(&reason);
         match reason {
             ExitReason::Reset => {
@@ -269,6 +306,11 @@ pub fn run(config: VmmConfig, restore: Option<PathBuf>) -> Result<RunEnd, RunErr
             }
             ExitReason::PowerOff => break RunEnd::PowerOff,
             ExitReason::Shutdown => break RunEnd::Shutdown,
+            ExitReason::Migrated => {
+                // The client that asked reads its answer before the socket goes.
+                std::thread::sleep(MIGRATED_LINGER);
+                break RunEnd::Migrated;
+            }
             ExitReason::Error(why) => {
                 process.control.events().close();
                 return Err(RunError::Guest(why));
@@ -443,6 +485,9 @@ fn serial_output(config: &SerialConfig) -> Result<Option<Box<dyn Write + Send>>,
     })
 }
 
+/// How long a VMM whose guest migrated away keeps serving its API.
+const MIGRATED_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Event-loop tokens.
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
@@ -450,9 +495,9 @@ const TOKEN_REQUEST: u64 = 2;
 const TOKEN_QUEUE: u64 = 3;
 
 /// One boot: builds the VM on the process's machine — loading the kernel,
-/// or with `restore` the snapshot at that path — runs it until a stop is
-/// raised, and returns why.
-fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError> {
+/// or the state from `source` — runs it until a stop is raised, and
+/// returns why.
+fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunError> {
     let config = &p.config;
     let machine = lock(&p.machine);
     let vm = Vm::with_unassigned(machine.memory(), p.unassigned.clone())?;
@@ -586,9 +631,44 @@ fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError>
         transports: &transports,
         serial: p.serial.as_ref(),
     };
-    let vcpus = match restore {
+    let disks: Vec<(String, Arc<Mutex<VirtioBlk>>)> = config
+        .disks
+        .iter()
+        .map(|d| d.id.clone())
+        .zip(p.disks.iter().cloned())
+        .collect();
+    let restored = source.is_some();
+    let vcpus = match source {
         None => boot_kernel(config, &vm, &memory, &slots, (mmio64_start, mmio64_size))?,
-        Some(path) => restore_snapshot(&parts, &vm, &pci, path)?,
+        Some(Source::Snapshot(path)) => {
+            let file = File::open(path).map_err(setup(format!("opening {}", path.display())))?;
+            restore_state(
+                &parts,
+                &vm,
+                &pci,
+                &path.display().to_string(),
+                io::BufReader::with_capacity(1 << 20, file),
+                |_| Ok(()),
+            )?
+        }
+        Some(Source::Migration(listener)) => {
+            log::info!("waiting for the migration's source");
+            let mut conn = listener.accept().map_err(setup("accepting the migration's source"))?;
+            let input = conn.try_clone().map_err(setup("the migration connection"))?;
+            restore_state(
+                &parts,
+                &vm,
+                &pci,
+                "the incoming migration",
+                io::BufReader::with_capacity(1 << 20, input),
+                |loaded| crate::migration::switch_over(&mut conn, &disks, loaded).map_err(setup("switching over")),
+            )
+            .inspect_err(|e| crate::migration::refuse(&mut conn, &e.to_string()))
+            .and_then(|vcpus| {
+                crate::migration::running(&mut conn).map_err(setup("telling the source the guest runs"))?;
+                Ok(vcpus)
+            })?
+        }
     };
 
     // The event loop's sources.
@@ -609,7 +689,7 @@ fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError>
     for (i, (_, _, fd)) in queue_events.iter().enumerate() {
         watch(fd.as_raw_fd(), TOKEN_QUEUE + i as u64)?;
     }
-    if restore.is_some() {
+    if restored {
         // Requests the guest made available before the snapshot and that
         // were not yet served: serve them now (an inactive queue ignores it).
         for (notifier, queue, _) in &queue_events {
@@ -634,6 +714,7 @@ fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError>
     );
     let mut events = vec![EpollEvent::default(); 16];
     let mut stdin_open = stdin_input;
+    let mut console_buf = [0u8; 4096];
     let reason = loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -648,6 +729,14 @@ fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError>
                     let _ = wake.read();
                     while let Ok(request) = requests.try_recv() {
                         match request {
+                            LoopRequest::Migrate { destination, reply } => {
+                                let result =
+                                    crate::migration::send(&parts, &vm, threads.control(), &disks, &destination);
+                                if result.is_ok() {
+                                    stop = Some(ExitReason::Migrated);
+                                }
+                                let _ = reply.send(result.map_err(|e| e.to_string()));
+                            }
                             LoopRequest::Snapshot { path, reply } => {
                                 let result = crate::snapshot::save(&parts, &vm, threads.control(), &path);
                                 if let Err(e) = &result {
@@ -658,22 +747,20 @@ fn run_boot(p: &Process, restore: Option<&Path>) -> Result<ExitReason, RunError>
                         }
                     }
                 }
-                TOKEN_STDIN => {
-                    let mut buf = [0u8; 256];
-                    match io::stdin().lock().read(&mut buf) {
-                        Ok(0) | Err(_) if stdin_open => {
-                            // End of input: the guest keeps running without a keyboard.
-                            let _ = epoll.ctl(ControlOperation::Delete, io::stdin().as_raw_fd(), EpollEvent::default());
-                            stdin_open = false;
+                TOKEN_STDIN => match read_stdin(&mut console_buf) {
+                    Ok(n) if n > 0 => {
+                        if let Some(s) = &p.serial {
+                            lock(s).input(&console_buf[..n]);
                         }
-                        Ok(n) => {
-                            if let Some(s) = &p.serial {
-                                lock(s).input(&buf[..n]);
-                            }
-                        }
-                        Err(_) => {}
                     }
-                }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+                    _ if stdin_open => {
+                        // End of input: the guest keeps running without a keyboard.
+                        let _ = epoll.ctl(ControlOperation::Delete, io::stdin().as_raw_fd(), EpollEvent::default());
+                        stdin_open = false;
+                    }
+                    _ => {}
+                },
                 token => {
                     if let Some((notifier, queue, fd)) = queue_events.get((token - TOKEN_QUEUE) as usize) {
                         let _ = fd.read();
@@ -719,22 +806,25 @@ fn boot_kernel(
     Ok(vcpus)
 }
 
-/// Loads the snapshot at `path` into this boot (see [`crate::snapshot`]),
-/// then applies what must come last, in this order: the PCI root's view
-/// of the restored BARs, the platform's interrupt controllers and timers,
-/// each vCPU, and the clock.
-fn restore_snapshot(
+/// Loads a saved or migrated VM from `input` into this boot (see
+/// [`crate::snapshot`]), then applies what must come last, in this order:
+/// the PCI root's view of the restored BARs, the platform's interrupt
+/// controllers and timers, and each vCPU. Then `before_run` (a
+/// migration's switch-over, given the bytes loaded), and the clock.
+fn restore_state(
     parts: &BootParts<'_>,
     vm: &Vm,
     pci: &PciRoot,
-    path: &Path,
+    what: &str,
+    input: impl Read,
+    before_run: impl FnOnce(u64) -> Result<(), RunError>,
 ) -> Result<Vec<crate::vm::Vcpu>, RunError> {
-    let what = || format!("restoring {}", path.display());
     let started = Instant::now();
-    let restored = crate::snapshot::load(parts, path).map_err(setup(what()))?;
+    let restored = crate::snapshot::load_stream(parts, input).map_err(setup(format!("restoring {what}")))?;
     // The transports' BARs and command registers changed behind the root.
     pci.refresh_bars();
-    vm.restore_platform(&restored.platform).map_err(setup(what()))?;
+    vm.restore_platform(&restored.platform)
+        .map_err(setup(format!("restoring {what}")))?;
     let mut vcpus = Vec::new();
     for (id, state) in (0..).zip(&restored.vcpus) {
         let vcpu = vm.create_bare_vcpu(id)?;
@@ -742,14 +832,23 @@ fn restore_snapshot(
             .map_err(setup(format!("restoring vCPU {id}")))?;
         vcpus.push(vcpu);
     }
-    vm.set_clock(&restored.platform).map_err(setup(what()))?;
-    log::info!(
-        "restored {} ({} bytes) in {:?}",
-        path.display(),
-        restored.bytes,
-        started.elapsed()
-    );
+    before_run(restored.bytes)?;
+    vm.set_clock(&restored.platform)
+        .map_err(setup(format!("restoring {what}")))?;
+    log::info!("restored {what} ({} bytes) in {:?}", restored.bytes, started.elapsed());
     Ok(vcpus)
+}
+
+/// One `read(2)` of the VMM's stdin (fd 0), straight into `buf`: `std`'s
+/// `Stdin` buffers, and what it keeps would wait for the next epoll event,
+/// which never comes for input that already arrived.
+fn read_stdin(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes of writes; fd 0 stays open.
+    let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Opens the assigned function `host` through its VFIO container's group,

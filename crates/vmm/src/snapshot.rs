@@ -334,17 +334,27 @@ fn registry(
     Ok(registry)
 }
 
-/// Writes a snapshot of the paused VM to `path`: each parked vCPU saves
-/// its own state, then the platform, then every section. Returns the
-/// summary the API answers with. The VM stays paused.
-pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &Path) -> Result<Value, SnapshotError> {
-    if let Some(v) = parts.config.vfio.first() {
-        return Err(SnapshotError::Unsupported(format!(
-            "VFIO device {} cannot be snapshotted: memvisor does not save an assigned device's state",
+/// Refuses a machine whose state cannot all be saved: an assigned (VFIO)
+/// device's state is not.
+pub(crate) fn check_saveable(config: &VmmConfig) -> Result<(), SnapshotError> {
+    match config.vfio.first() {
+        Some(v) => Err(SnapshotError::Unsupported(format!(
+            "VFIO device {} cannot be saved or migrated: memvisor does not save an assigned device's state",
             v.host
-        )));
+        ))),
+        None => Ok(()),
     }
-    let started = Instant::now();
+}
+
+/// Writes the paused VM to `out` as one vmstate stream: each parked vCPU
+/// saves its own state, then the platform, then every section.
+pub(crate) fn save_stream(
+    parts: &BootParts<'_>,
+    vm: &Vm,
+    vcpus: &VcpuControl,
+    out: &mut dyn Write,
+) -> Result<memvisor_vmstate::Summary, SnapshotError> {
+    check_saveable(parts.config)?;
     let captured = vcpus
         .with_parked(|vcpu| {
             let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
@@ -367,6 +377,15 @@ pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &P
     })?;
     let unused = (Arc::default(), Arc::default());
     let mut registry = registry(parts, Some(platform), captured, &unused.0, &unused.1)?;
+    Ok(registry.save(out)?)
+}
+
+/// Writes a snapshot of the paused VM to the new file `path` (an existing
+/// file is refused; a failed save removes what it wrote). Returns the
+/// summary the API answers with. The VM stays paused.
+pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &Path) -> Result<Value, SnapshotError> {
+    check_saveable(parts.config)?;
+    let started = Instant::now();
     let file_error = |source| SnapshotError::File {
         path: path.to_path_buf(),
         source,
@@ -378,9 +397,7 @@ pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &P
         .create_new(true)
         .open(path)
         .map_err(file_error)?;
-    let written = registry
-        .save(&mut file)
-        .map_err(SnapshotError::from)
+    let written = save_stream(parts, vm, vcpus, &mut file)
         .and_then(|summary| file.sync_all().map(|()| summary).map_err(file_error));
     let summary = match written {
         Ok(summary) => summary,
@@ -398,17 +415,17 @@ pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &P
     }))
 }
 
-/// Loads the snapshot at `path` into a boot built as for a fresh start
-/// but without kernel, ACPI tables or vCPU setup: the machine's sections
+/// Loads a stream from `input` into a boot built as for a fresh start but
+/// without kernel, ACPI tables or vCPU setup: the machine's sections
 /// restore memory, virtio-mem, virtio-iommu and the DMA pins, the
 /// transports reactivate their devices. Returns the platform and vCPU
 /// states for the runner to apply last. On error the machine's sections
-/// undo their pins; the process should exit.
-pub(crate) fn load(parts: &BootParts<'_>, path: &Path) -> Result<Restored, SnapshotError> {
+/// undo their pins; the process should exit. `input` should be buffered.
+pub(crate) fn load_stream(parts: &BootParts<'_>, input: impl Read) -> Result<Restored, SnapshotError> {
     let platform = Arc::new(Mutex::new(None));
     let vcpus = Arc::new(Mutex::new(vec![None; usize::from(parts.config.cpus)]));
     let mut registry = registry(parts, None, Vec::new(), &platform, &vcpus)?;
-    let summary = memvisor_vmstate::transport::load_from_file(&mut registry, path)?;
+    let summary = registry.load(input)?;
     let platform = lock(&platform).take();
     let vcpus: Option<Vec<VcpuState>> = std::mem::take(&mut *lock(&vcpus)).into_iter().collect();
     match (platform, vcpus) {
@@ -418,9 +435,8 @@ pub(crate) fn load(parts: &BootParts<'_>, path: &Path) -> Result<Restored, Snaps
             bytes: summary.total_bytes,
         }),
         // The registry refuses a stream without a required section.
-        _ => Err(SnapshotError::Unsupported(format!(
-            "{}: the platform or a vCPU section is missing",
-            path.display()
-        ))),
+        _ => Err(SnapshotError::Unsupported(
+            "the stream has no platform or vCPU section".into(),
+        )),
     }
 }
