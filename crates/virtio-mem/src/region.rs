@@ -135,6 +135,17 @@ pub enum VirtioMemError {
         /// Bytes plugged.
         plugged: u64,
     },
+    /// A migration (or snapshot) is saving the device, so its requested
+    /// size cannot change now.
+    #[error(
+        "virtio-mem: a migration or snapshot is saving the device; requested size {requested:#x} refused, it stays {current:#x}"
+    )]
+    ResizeWhileMigrating {
+        /// The size asked for.
+        requested: u64,
+        /// The requested size that stays.
+        current: u64,
+    },
     /// Discarding the whole block at construction failed.
     #[error("virtio-mem: cannot discard the region's memory: {0}")]
     Discard(#[source] RamBlockError),
@@ -395,6 +406,13 @@ impl VirtioMemRegion {
         }
         let changed = {
             let mut sizes = self.lock_sizes();
+            // Under the sizes lock: a save reads them under it after setting the flag.
+            if self.migration_running() && sizes.requested != bytes {
+                return Err(VirtioMemError::ResizeWhileMigrating {
+                    requested: bytes,
+                    current: sizes.requested,
+                });
+            }
             if sizes.requested == bytes {
                 false
             } else {
@@ -668,5 +686,21 @@ mod tests {
         region.set_requested_size(64 * MIB).unwrap();
         assert_eq!(region.requested_size(), 64 * MIB);
         assert_eq!(region.usable_region_size(), 64 * MIB);
+    }
+
+    #[test]
+    fn the_requested_size_stays_while_a_migration_saves_the_device() {
+        let region = build(64 * MIB, VirtioMemOptions::new(0x1_0000_0000)).unwrap();
+        region.set_requested_size(32 * MIB).unwrap();
+        region.set_migration_running(true);
+        assert_eq!(
+            region.set_requested_size(16 * MIB).unwrap_err().to_string(),
+            "virtio-mem: a migration or snapshot is saving the device; requested size 0x1000000 refused, it stays 0x2000000"
+        );
+        // Asking for what is already requested changes nothing and is not refused.
+        region.set_requested_size(32 * MIB).unwrap();
+        region.set_migration_running(false);
+        region.set_requested_size(16 * MIB).unwrap();
+        assert_eq!(region.requested_size(), 16 * MIB);
     }
 }

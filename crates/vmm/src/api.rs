@@ -552,6 +552,9 @@ fn resize(ctx: &ApiContext, id: &str, body: &[u8]) -> Answer {
                 .publish("size-requested", json!({ "id": id, "requested_size": bytes }));
             Answer::no_content()
         }
+        Err(e @ memvisor_virtio_mem::VirtioMemError::ResizeWhileMigrating { .. }) => {
+            Answer::error(409, format!("virtio-mem `{id}`: {e}"))
+        }
         Err(e) => Answer::error(400, format!("virtio-mem `{id}`: {e}")),
     }
 }

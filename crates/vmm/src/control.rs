@@ -53,11 +53,15 @@ pub enum LoopRequest {
         /// Where the answer goes.
         reply: mpsc::Sender<Result<serde_json::Value, String>>,
     },
-    /// Migrate the VM to `destination`; the reply is the summary (then the
-    /// VMM exits) or why not (then the guest runs here again).
+    /// Migrate the VM to `destination`, over `connection`; the reply is the
+    /// summary (then the VMM exits) or why not (then the guest runs here
+    /// again).
     Migrate {
         /// Where the destination VMM listens.
         destination: crate::migration::Endpoint,
+        /// Connected to it (by the API's thread, so that a slow connect
+        /// never holds up the event loop).
+        connection: crate::migration::Connection,
         /// Where the answer goes.
         reply: mpsc::Sender<Result<serde_json::Value, String>>,
     },
@@ -236,9 +240,18 @@ impl VmControl {
     /// event loop: the guest is paused for the transfer). On success the
     /// guest runs there and this VMM stops; on failure it runs here again.
     pub fn migrate(&self, destination: crate::migration::Endpoint) -> Result<serde_json::Value, ControlError> {
+        if self.state() == VmState::Stopped {
+            return Err(ControlError::NotRunning);
+        }
+        let connection = crate::migration::Connection::connect(&destination)
+            .map_err(|e| ControlError::Migration(format!("connecting to {destination}: {e}")))?;
         self.events
             .publish("migration-started", json!({ "destination": destination.to_string() }));
-        let answer = self.ask_loop(false, |reply| LoopRequest::Migrate { destination, reply })?;
+        let answer = self.ask_loop(false, |reply| LoopRequest::Migrate {
+            destination,
+            connection,
+            reply,
+        })?;
         match answer {
             Ok(summary) => {
                 self.events.publish("migration-completed", summary.clone());

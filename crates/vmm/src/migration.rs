@@ -43,6 +43,9 @@ use crate::vm::Vm;
 /// The longest control frame payload.
 pub const MAX_FRAME: u32 = 64 << 10;
 
+/// How long connecting to one address of the destination may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long either side waits for the other's next frame.
 pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -94,14 +97,23 @@ pub enum Connection {
 }
 
 impl Connection {
-    /// Connects to `endpoint`.
+    /// Connects to `endpoint`, trying each address of a TCP host for at
+    /// most [`CONNECT_TIMEOUT`].
     pub fn connect(endpoint: &Endpoint) -> io::Result<Self> {
         match endpoint {
             Endpoint::Unix(p) => UnixStream::connect(p).map(Connection::Unix),
             Endpoint::Tcp(a) => {
-                let s = TcpStream::connect(a)?;
-                s.set_nodelay(true)?;
-                Ok(Connection::Tcp(s))
+                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{a}: no address"));
+                for addr in std::net::ToSocketAddrs::to_socket_addrs(a.as_str())? {
+                    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Connection::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
             }
         }
     }
@@ -295,14 +307,6 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    /// The destination could not be reached.
-    #[error("connecting to {endpoint}: {source}")]
-    Connect {
-        /// Where.
-        endpoint: Endpoint,
-        /// Why.
-        source: io::Error,
-    },
     /// Saving or loading the state failed.
     #[error(transparent)]
     State(#[from] SnapshotError),
@@ -356,23 +360,20 @@ fn expect(conn: &mut Connection, want: &Frame) -> Result<Frame, MigrationError> 
     }
 }
 
-/// Sends the VM to `endpoint` (source side; run by the event loop, so no
-/// queue is served meanwhile): pauses the vCPUs, streams the state, and
-/// hands over. On success the guest runs at the destination and this VMM
-/// should exit; on failure the guest runs here again (or stays paused, if
-/// it was), with its image locks.
+/// Sends the VM over `conn`, connected to `endpoint` (source side; run by
+/// the event loop, so no queue is served meanwhile): pauses the vCPUs,
+/// streams the state, and hands over. On success the guest runs at the
+/// destination and this VMM should exit; on failure the guest runs here
+/// again (or stays paused, if it was), with its image locks.
 pub(crate) fn send(
     parts: &BootParts<'_>,
     vm: &Vm,
     vcpus: &VcpuControl,
     disks: Disks<'_>,
     endpoint: &Endpoint,
+    mut conn: Connection,
 ) -> Result<Value, MigrationError> {
     snapshot::check_saveable(parts.config)?;
-    let mut conn = Connection::connect(endpoint).map_err(|source| MigrationError::Connect {
-        endpoint: endpoint.clone(),
-        source,
-    })?;
     let started = Instant::now();
     let was_paused = vcpus.is_paused();
     if !was_paused {

@@ -729,9 +729,19 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                     let _ = wake.read();
                     while let Ok(request) = requests.try_recv() {
                         match request {
-                            LoopRequest::Migrate { destination, reply } => {
-                                let result =
-                                    crate::migration::send(&parts, &vm, threads.control(), &disks, &destination);
+                            LoopRequest::Migrate {
+                                destination,
+                                connection,
+                                reply,
+                            } => {
+                                let result = crate::migration::send(
+                                    &parts,
+                                    &vm,
+                                    threads.control(),
+                                    &disks,
+                                    &destination,
+                                    connection,
+                                );
                                 if result.is_ok() {
                                     stop = Some(ExitReason::Migrated);
                                 }
