@@ -29,6 +29,22 @@ fn idle_guest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vmm/tests/data/idle-pvh.elf")
 }
 
+/// `memvisor run` of the idle guest with 64 MiB, no serial and `extra`, expected to refuse
+/// to start: its stderr, once it exited 1.
+fn refused_run(extra: &[&str]) -> String {
+    let out = memvisor()
+        .arg("run")
+        .arg("--kernel")
+        .arg(idle_guest())
+        .args(["--memory", "64M", "--serial", "off"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 /// A `memvisor run` of the idle guest with 64 MiB of boot RAM and `vmem0` (256 MiB of 2 MiB
 /// blocks), its serial console in a file and its API on a socket, in a folder of its own.
 struct Vmm {
@@ -735,24 +751,7 @@ fn a_zero_copy_disk_pins_like_an_assigned_device() {
     );
     vmm.shutdown();
     // ...but not in 32M: the VMM refuses to start, naming the budget.
-    let out = memvisor()
-        .arg("run")
-        .arg("--kernel")
-        .arg(idle_guest())
-        .args([
-            "--memory",
-            "64M",
-            "--serial",
-            "off",
-            "--disk",
-            disk.as_str(),
-            "--pin-budget",
-            "32M",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_run(&["--disk", disk.as_str(), "--pin-budget", "32M"]);
     assert!(stderr.contains("pin budget exceeded"), "{stderr}");
     std::fs::remove_file(&image).unwrap();
 }
@@ -835,26 +834,14 @@ fn a_snapshot_of_the_paused_guest_continues_in_a_new_vmm_without_booting_again()
     vmm.shutdown();
 
     // Another shape is refused, naming the difference, before anything runs.
-    let out = memvisor()
-        .arg("run")
-        .arg("--kernel")
-        .arg(idle_guest())
-        .args([
-            "--memory",
-            "64M",
-            "--vmem",
-            "id=vmem0,size=256M,block=2M",
-            "--cpus",
-            "2",
-            "--serial",
-            "off",
-        ])
-        .arg("--restore")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_run(&[
+        "--vmem",
+        "id=vmem0,size=256M,block=2M",
+        "--cpus",
+        "2",
+        "--restore",
+        file.to_str().unwrap(),
+    ]);
     assert!(err.contains("vCPU count is 1 but this VM's is 2"), "{err}");
 
     // The same shape continues the guest: it runs, halted where it was, and does not
@@ -1054,4 +1041,33 @@ impl Proxy {
             endpoint: format!("unix:{}", path.display()),
         }
     }
+}
+
+#[test]
+fn a_guest_migrates_over_tcp_too() {
+    let mut source = Vmm::start();
+    wait_banner(&source);
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let endpoint = format!("tcp:127.0.0.1:{port}");
+    let dst = Vmm::spawn(&["--incoming", endpoint.as_str()]);
+    // Until the destination listens, a migration is refused (connection refused) and the
+    // guest keeps running here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = source.call(
+            "PUT",
+            "/api/v1/vm/migrate",
+            Some(&json!({ "destination": endpoint }).to_string()),
+        );
+        if r.status == 200 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(r.status, 200, "{}: {}", r.text(), dst.log());
+    assert_eq!(source.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let vm = dst.assert_alive();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(dst.banners(), 0, "the migrated guest booted again");
+    dst.shutdown();
 }

@@ -327,6 +327,12 @@ pub enum MigrationError {
         /// Why.
         why: String,
     },
+    /// GO went out over TCP but RUNNING never came: the destination may run
+    /// the guest, so it stays paused here, its image locks released.
+    #[error(
+        "no RUNNING after GO ({0}): the destination may run the guest, so it stays paused here; resume it only if the destination does not"
+    )]
+    OutcomeUnknown(String),
     /// The vCPUs could not be paused.
     #[error("pausing the vCPUs: {0}")]
     Pause(#[from] crate::vcpu::PauseError),
@@ -381,6 +387,7 @@ pub(crate) fn send(
     }
     let paused = Instant::now();
     let mut released = false;
+    let mut go_sent = false;
     let result: Result<Value, MigrationError> = (|| {
         let summary = {
             let mut out = BufWriter::with_capacity(1 << 20, &mut conn);
@@ -394,6 +401,7 @@ pub(crate) fn send(
         released = true;
         set_locks(disks, false)?;
         write_frame(&mut conn, &Frame::Go).map_err(MigrationError::Control)?;
+        go_sent = true;
         expect(&mut conn, &Frame::Running)?;
         Ok(json!({
             "destination": endpoint.to_string(),
@@ -404,6 +412,15 @@ pub(crate) fn send(
             "destination_report": match ready { Frame::Ready(v) => v, _ => Value::Null },
         }))
     })();
+    // Over TCP a RUNNING that does not come may still have been sent: the
+    // destination may run the guest, so this side must not.
+    if let Err(e) = &result
+        && go_sent
+        && matches!(endpoint, Endpoint::Tcp(_))
+    {
+        log::error!("migration to {endpoint}: no RUNNING after GO ({e}); the guest stays paused here");
+        return Err(MigrationError::OutcomeUnknown(e.to_string()));
+    }
     if let Err(e) = &result {
         log::warn!("migration to {endpoint} failed, the guest stays here: {e}");
         let _ = write_frame(&mut conn, &Frame::Failed(e.to_string()));
@@ -428,9 +445,13 @@ pub(crate) fn switch_over(conn: &mut Connection, disks: Disks<'_>, loaded_bytes:
     set_locks(disks, true)
 }
 
-/// Tells the source the guest runs here.
-pub(crate) fn running(conn: &mut Connection) -> Result<(), MigrationError> {
-    write_frame(conn, &Frame::Running).map_err(MigrationError::Control)
+/// Tells the source the guest runs here. The source released the guest
+/// with GO, so a source that is gone by now changes nothing: the guest runs
+/// here anyway.
+pub(crate) fn running(conn: &mut Connection) {
+    if let Err(e) = write_frame(conn, &Frame::Running) {
+        log::warn!("telling the source the guest runs here: {e} (it sent GO, so the guest runs here)");
+    }
 }
 
 /// Tells the source why the destination gives up (best effort).

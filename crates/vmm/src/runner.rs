@@ -655,7 +655,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
             log::info!("waiting for the migration's source");
             let mut conn = listener.accept().map_err(setup("accepting the migration's source"))?;
             let input = conn.try_clone().map_err(setup("the migration connection"))?;
-            restore_state(
+            let vcpus = restore_state(
                 &parts,
                 &vm,
                 &pci,
@@ -663,11 +663,9 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                 io::BufReader::with_capacity(1 << 20, input),
                 |loaded| crate::migration::switch_over(&mut conn, &disks, loaded).map_err(setup("switching over")),
             )
-            .inspect_err(|e| crate::migration::refuse(&mut conn, &e.to_string()))
-            .and_then(|vcpus| {
-                crate::migration::running(&mut conn).map_err(setup("telling the source the guest runs"))?;
-                Ok(vcpus)
-            })?
+            .inspect_err(|e| crate::migration::refuse(&mut conn, &e.to_string()))?;
+            crate::migration::running(&mut conn);
+            vcpus
         }
     };
 
