@@ -415,8 +415,15 @@ impl Machine {
     /// mappings, and each assigned device's path (configuration only: pins
     /// are re-derived on load).
     pub fn registry(&self) -> Result<Registry, MachineError> {
+        self.registry_with(|_| ram::RamMode::Full)
+    }
+
+    /// [`registry`](Self::registry) with the RAM section of region `i` in
+    /// `ram(i)`: a live migration's last RAM is a delta
+    /// ([`ram::RamMode`]).
+    pub fn registry_with(&self, ram: impl Fn(usize) -> ram::RamMode) -> Result<Registry, MachineError> {
         let mut registry = Registry::with_memory(self.map.clone());
-        ram::register_ram(&mut registry, &self.map)?;
+        ram::register_ram_with(&mut registry, &self.map, ram)?;
         for (instance, v) in (0..).zip(&self.vmems) {
             registry.register(VirtioMemSection::new(instance, v.region.clone()))?;
         }

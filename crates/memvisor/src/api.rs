@@ -466,8 +466,10 @@ fn request(args: &ApiArgs) -> Result<String, Failure> {
             let resp = call(s, "PUT", path::MIGRATE, Some(&json!({ "destination": destination })))?;
             let m = resp.json().unwrap_or_default();
             let human = format!(
-                "migrated to {destination}: {} sent, guest paused {} ms, {} ms in all; this VMM exits\n",
+                "migrated to {destination}: {} sent in {} pass{}, guest paused {} ms, {} ms in all; this VMM exits\n",
                 human(m["bytes"].as_u64().unwrap_or(0)),
+                m["passes"].as_u64().unwrap_or(0),
+                if m["passes"].as_u64() == Some(1) { "" } else { "es" },
                 m["downtime_ms"].as_u64().unwrap_or(0),
                 m["total_ms"].as_u64().unwrap_or(0)
             );

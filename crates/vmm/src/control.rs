@@ -65,6 +65,20 @@ pub enum LoopRequest {
         /// Where the answer goes.
         reply: mpsc::Sender<Result<serde_json::Value, String>>,
     },
+    /// The migration's own thread finished the precopy: pause the guest and
+    /// send the rest (a [`LoopRequest::Migrate`]'s second half).
+    StopAndCopy {
+        /// Where the destination VMM listens.
+        destination: crate::migration::Endpoint,
+        /// The connection to it.
+        connection: crate::migration::Connection,
+        /// What the precopy worked on.
+        live: Box<crate::migration::Live>,
+        /// Where it left off.
+        precopy: Box<crate::migration::Precopy>,
+        /// Where the answer goes.
+        reply: mpsc::Sender<Result<serde_json::Value, String>>,
+    },
 }
 
 /// The sending end of the event loop's requests: a channel and the

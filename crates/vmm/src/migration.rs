@@ -34,8 +34,17 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
+use memvisor_machine::Machine;
+use memvisor_memory::map::{GuestMemoryMap, Region};
+use memvisor_memory::{GuestRange, PageSet};
+use memvisor_vmstate::ram::RamMode;
 use serde_json::{Value, json};
 
+use crate::bus::lock;
+use crate::config::VmmConfig;
+use crate::memslots::Memslots;
 use crate::snapshot::{self, BootParts, SnapshotError};
 use crate::vcpu::VcpuControl;
 use crate::vm::Vm;
@@ -218,6 +227,19 @@ pub enum Frame {
     Running,
     /// Either side: the migration failed, and why.
     Failed(String),
+    /// Source, precopy: guest memory of region `region` (its index in the
+    /// memory map) at `offset`, at most [`MAX_PAGES`] bytes.
+    Pages {
+        /// The region's index.
+        region: u32,
+        /// Offset into the region (page-aligned).
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Source: the precopy ended after this many passes; the last stream
+    /// follows.
+    PrecopyEnd(u32),
 }
 
 impl Frame {
@@ -227,6 +249,8 @@ impl Frame {
             Frame::Go => 2,
             Frame::Running => 3,
             Frame::Failed(_) => 4,
+            Frame::Pages { .. } => 5,
+            Frame::PrecopyEnd(_) => 6,
         }
     }
 
@@ -236,8 +260,18 @@ impl Frame {
             Frame::Go => "GO",
             Frame::Running => "RUNNING",
             Frame::Failed(_) => "FAILED",
+            Frame::Pages { .. } => "PAGES",
+            Frame::PrecopyEnd(_) => "PRECOPY-END",
         }
     }
+}
+
+/// The most guest memory one PAGES frame carries.
+pub const MAX_PAGES: u32 = 1 << 20;
+
+/// The longest payload of a frame of `kind`.
+fn frame_limit(kind: u8) -> u32 {
+    if kind == 5 { MAX_PAGES + 12 } else { MAX_FRAME }
 }
 
 /// Writes `frame` (a FAILED reason longer than [`MAX_FRAME`] is cut).
@@ -246,8 +280,16 @@ pub fn write_frame(w: &mut dyn Write, frame: &Frame) -> io::Result<()> {
         Frame::Ready(v) => v.to_string().into_bytes(),
         Frame::Failed(why) => why.as_bytes().to_vec(),
         Frame::Go | Frame::Running => Vec::new(),
+        Frame::Pages { region, offset, data } => {
+            let mut p = Vec::with_capacity(12 + data.len());
+            p.extend_from_slice(&region.to_le_bytes());
+            p.extend_from_slice(&offset.to_le_bytes());
+            p.extend_from_slice(data);
+            p
+        }
+        Frame::PrecopyEnd(passes) => passes.to_le_bytes().to_vec(),
     };
-    payload.truncate(MAX_FRAME as usize);
+    payload.truncate(frame_limit(frame.kind()) as usize);
     let mut out = vec![b'M', frame.kind()];
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -268,9 +310,11 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
         )));
     }
     let len = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
-    if len > MAX_FRAME {
+    let limit = frame_limit(head[1]);
+    if len > limit {
         return Err(MigrationError::Protocol(format!(
-            "a control frame of {len} bytes; at most {MAX_FRAME}"
+            "a control frame of kind {} and {len} bytes; at most {limit}",
+            head[1]
         )));
     }
     let mut payload = vec![0u8; len as usize + 4];
@@ -298,6 +342,14 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
         2 if len == 0 => Ok(Frame::Go),
         3 if len == 0 => Ok(Frame::Running),
         4 => Ok(Frame::Failed(text())),
+        5 if len > 12 => Ok(Frame::Pages {
+            region: u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")),
+            offset: u64::from_le_bytes(payload[4..12].try_into().expect("8 bytes")),
+            data: payload[12..].to_vec(),
+        }),
+        6 if len == 4 => Ok(Frame::PrecopyEnd(u32::from_le_bytes(
+            payload[..4].try_into().expect("4 bytes"),
+        ))),
         kind => Err(MigrationError::Protocol(format!(
             "a control frame of kind {kind} and {len} bytes"
         ))),
@@ -333,6 +385,9 @@ pub enum MigrationError {
         "no RUNNING after GO ({0}): the destination may run the guest, so it stays paused here; resume it only if the destination does not"
     )]
     OutcomeUnknown(String),
+    /// Dirty logging could not be switched or read.
+    #[error("dirty logging: {0}")]
+    DirtyLog(String),
     /// The vCPUs could not be paused.
     #[error("pausing the vCPUs: {0}")]
     Pause(#[from] crate::vcpu::PauseError),
@@ -366,11 +421,404 @@ fn expect(conn: &mut Connection, want: &Frame) -> Result<Frame, MigrationError> 
     }
 }
 
+/// What a precopy works on, owned by the migration's thread: the running
+/// boot's memory and slots, and the machine and configuration for the
+/// first stream.
+#[derive(Debug)]
+pub struct Live {
+    /// The configuration (its fingerprint goes first).
+    pub(crate) config: VmmConfig,
+    /// The machine (its virtio-mem devices go first).
+    pub(crate) machine: Arc<Mutex<Machine>>,
+    /// Guest memory.
+    pub(crate) memory: GuestMemoryMap,
+    /// The boot's memory slots, whose dirty log KVM keeps.
+    pub(crate) memslots: Arc<Memslots>,
+}
+
+/// Where a precopy left off.
+#[derive(Debug)]
+pub struct Precopy {
+    /// Per region, the pages written since their last pass: the stop-and-copy
+    /// sends them (and whatever is written until the pause).
+    pub(crate) pending: Vec<PageSet>,
+    /// Passes sent (pass 0: every populated page).
+    pub(crate) passes: u32,
+    /// Bytes sent so far (the first stream and the PAGES frames).
+    pub(crate) bytes: u64,
+    /// Guest memory bytes in those frames.
+    pub(crate) page_bytes: u64,
+    /// Populated guest memory when the precopy began (boot RAM and plugged
+    /// blocks).
+    pub(crate) populated_bytes: u64,
+    /// When the migration began.
+    pub(crate) started: Instant,
+}
+
+/// The most passes after the first (all populated memory).
+pub const MAX_DIRTY_PASSES: u32 = 8;
+
+/// Precopy stops once the pages left would take at most this long to send
+/// at the bandwidth of the last pass.
+pub const DOWNTIME_TARGET: Duration = Duration::from_millis(300);
+
+const PAGE: u64 = memvisor_memory::dirty::DIRTY_PAGE_SIZE;
+
+/// The populated pages of `region`: all of a plain region, the plugged
+/// blocks of a managed one.
+fn populated(region: &Region) -> Result<PageSet, MigrationError> {
+    let range = region.range();
+    let mut pages = PageSet::for_bytes(range.len());
+    match region.manager() {
+        None => pages.insert(0, pages.pages()),
+        Some(m) => m
+            .replay_populated(range, &mut |r| {
+                pages.insert_bytes(r.start() - range.start(), r.len());
+                Ok(())
+            })
+            .map_err(|e| MigrationError::Protocol(format!("the populated memory of {range}: {e}")))?,
+    }
+    Ok(pages)
+}
+
+/// The populated pages of `region` that may hold data: without the holes
+/// of its memfd, which are never read (reading would allocate them).
+fn with_data(region: &Region, populated: &PageSet) -> Result<PageSet, MigrationError> {
+    let base = region.block_offset();
+    let mut data = PageSet::new(populated.pages());
+    for (first, count) in populated.runs() {
+        let (start, len) = (first * PAGE, (count * PAGE).min(region.range().len() - first * PAGE));
+        region
+            .block()
+            .data_extents(base + start, len, |s, e| data.insert_bytes(s - base, e - s))
+            .map_err(|e| MigrationError::Protocol(format!("the data of {}: {e}", region.range())))?;
+    }
+    Ok(data)
+}
+
+/// The pages of region `i` written since the last call, by the guest (the
+/// KVM dirty log of its slots) or by the VMM (the memory's own bitmap).
+fn take_dirty(live: &Live, i: usize) -> Result<PageSet, MigrationError> {
+    let region = &live.memory.regions()[i];
+    let mut dirty = live
+        .memslots
+        .take_dirty(region.range())
+        .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+    dirty.union(&region.take_dirty());
+    Ok(dirty)
+}
+
+/// Sends `pages` of region `i` as PAGES frames, copying guest memory
+/// (which the guest may be writing) through a bounce buffer: a page that
+/// changes after it is copied is dirty again and goes in a later pass.
+/// With `skip_zero` (the first pass: the destination's memory starts
+/// zeroed) pages that read as zero are not sent.
+fn send_pages(
+    out: &mut dyn Write,
+    live: &Live,
+    i: usize,
+    pages: &PageSet,
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
+    let region = &live.memory.regions()[i];
+    let mut sent = 0;
+    for (first, count) in pages.runs() {
+        let (mut offset, end) = (first * PAGE, ((first + count) * PAGE).min(region.range().len()));
+        while offset < end {
+            let len = (end - offset).min(u64::from(MAX_PAGES));
+            let slice = region
+                .slice(offset, len)
+                .ok_or_else(|| MigrationError::Protocol(format!("region {i} has no [{offset:#x}, +{len:#x})")))?;
+            let mut data = vec![0u8; len as usize];
+            slice.copy_to(&mut data[..]);
+            for (from, to) in non_zero_runs(&data, skip_zero) {
+                write_frame(
+                    out,
+                    &Frame::Pages {
+                        region: i as u32,
+                        offset: offset + from as u64,
+                        data: data[from..to].to_vec(),
+                    },
+                )
+                .map_err(MigrationError::Control)?;
+                sent += (to - from) as u64;
+            }
+            offset += len;
+        }
+    }
+    Ok(sent)
+}
+
+/// The runs of `data` to send, as byte ranges: all of it, or with
+/// `skip_zero` its runs of pages that are not all zero.
+fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(usize, usize)> {
+    if !skip_zero {
+        return vec![(0, data.len())];
+    }
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (n, page) in data.chunks(PAGE as usize).enumerate() {
+        if page.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (from, to) = (n * PAGE as usize, n * PAGE as usize + page.len());
+        match runs.last_mut() {
+            Some((_, end)) if *end == from => *end = to,
+            _ => runs.push((from, to)),
+        }
+    }
+    runs
+}
+
+fn set_frozen(live: &Live, frozen: bool) {
+    for v in lock(&live.machine).vmems() {
+        v.region.set_migration_running(frozen);
+    }
+}
+
+/// Undoes a precopy that will not finish: dirty logging off, virtio-mem
+/// answering PLUG and UNPLUG again.
+pub(crate) fn abandon(live: &Live) {
+    if let Err(e) = live.memslots.set_dirty_logging(false) {
+        log::error!("turning dirty logging off after the migration: {e}");
+    }
+    set_frozen(live, false);
+}
+
+/// The source's precopy, on the migration's own thread while the guest
+/// runs and the event loop serves its devices: the first stream (the
+/// fingerprint and virtio-mem: the destination then knows the plugged
+/// blocks), then every populated page, then the pages written meanwhile,
+/// pass after pass, until what is left would take [`DOWNTIME_TARGET`] at
+/// the last pass's bandwidth, nothing is left, or [`MAX_DIRTY_PASSES`]
+/// passes went. virtio-mem answers PLUG and UNPLUG BUSY from here on.
+/// On failure it [`abandon`]s.
+pub(crate) fn precopy(live: &Live, conn: &mut Connection) -> Result<Precopy, MigrationError> {
+    let started = Instant::now();
+    let result = precopy_passes(live, conn, started);
+    if result.is_err() {
+        abandon(live);
+    }
+    result
+}
+
+fn precopy_passes(live: &Live, conn: &mut Connection, started: Instant) -> Result<Precopy, MigrationError> {
+    let mut out = Counting::new(BufWriter::with_capacity(1 << 20, conn));
+    let mut setup = snapshot::setup_registry(&live.config, &lock(&live.machine))?;
+    setup.save(&mut out).map_err(SnapshotError::from)?;
+    // The virtio-mem sections let go of the freeze when saved: keep it.
+    set_frozen(live, true);
+    live.memslots
+        .set_dirty_logging(true)
+        .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+    let regions = live.memory.regions().len();
+    for region in live.memory.regions() {
+        // What the VMM wrote before counts as sent by pass 0.
+        let _ = region.take_dirty();
+    }
+    let mut page_bytes = 0;
+    let mut populated_bytes = 0;
+    let t = Instant::now();
+    for i in 0..regions {
+        let region = &live.memory.regions()[i];
+        let pages = populated(region)?;
+        populated_bytes += pages.len() * PAGE;
+        page_bytes += send_pages(&mut out, live, i, &with_data(region, &pages)?, true)?;
+    }
+    out.flush().map_err(MigrationError::Control)?;
+    let mut last = (page_bytes, t.elapsed());
+    let mut passes = 1;
+    let pending = loop {
+        let dirty = (0..regions)
+            .map(|i| take_dirty(live, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let left: u64 = dirty.iter().map(|d| d.len() * PAGE).sum();
+        let bandwidth = last.0 as f64 / last.1.as_secs_f64().max(1e-6);
+        let estimate = Duration::from_secs_f64(left as f64 / bandwidth.max(1.0));
+        log::info!(
+            "migration pass {passes}: {} bytes left, {:.0} MB/s, about {estimate:?} to send paused",
+            left,
+            bandwidth / 1e6
+        );
+        if left == 0 || estimate <= DOWNTIME_TARGET || passes > MAX_DIRTY_PASSES {
+            break dirty;
+        }
+        let t = Instant::now();
+        let mut sent = 0;
+        for (i, pages) in dirty.iter().enumerate() {
+            sent += send_pages(&mut out, live, i, pages, false)?;
+        }
+        out.flush().map_err(MigrationError::Control)?;
+        page_bytes += sent;
+        last = (sent, t.elapsed());
+        passes += 1;
+    };
+    write_frame(&mut out, &Frame::PrecopyEnd(passes)).map_err(MigrationError::Control)?;
+    out.flush().map_err(MigrationError::Control)?;
+    Ok(Precopy {
+        pending,
+        passes,
+        bytes: out.count,
+        page_bytes,
+        populated_bytes,
+        started,
+    })
+}
+
+/// The migration thread: runs the [`precopy`], then hands the connection
+/// back to the event loop (`back`: its request channel and wake-up
+/// eventfd) for the stop-and-copy, which answers `reply`. A failed precopy
+/// answers `reply` itself; the guest never stopped.
+pub(crate) fn precopy_then_return(
+    live: Live,
+    destination: Endpoint,
+    mut connection: Connection,
+    reply: std::sync::mpsc::Sender<Result<Value, String>>,
+    back: (
+        std::sync::mpsc::Sender<crate::control::LoopRequest>,
+        io::Result<vmm_sys_util::eventfd::EventFd>,
+    ),
+) {
+    let precopy = match precopy(&live, &mut connection) {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("migration to {destination}: precopy failed, the guest runs on here: {e}");
+            let _ = reply.send(Err(with_reason(e, &mut connection).to_string()));
+            return;
+        }
+    };
+    let (tx, wake) = back;
+    let request = crate::control::LoopRequest::StopAndCopy {
+        destination,
+        connection,
+        live: Box::new(live),
+        precopy: Box::new(precopy),
+        reply,
+    };
+    match (tx.send(request), wake) {
+        (Ok(()), Ok(wake)) => {
+            if let Err(e) = wake.write(1) {
+                log::error!("waking the event loop for the stop-and-copy: {e}");
+            }
+        }
+        (Err(std::sync::mpsc::SendError(request)), _) => {
+            // The boot ended meanwhile (a reset, a stop).
+            if let crate::control::LoopRequest::StopAndCopy { live, reply, .. } = request {
+                abandon(&live);
+                let _ = reply.send(Err("the VM stopped or reset during the migration".into()));
+            }
+        }
+        (Ok(()), Err(e)) => log::error!("no eventfd to wake the event loop for the stop-and-copy: {e}"),
+    }
+}
+
+/// `e`, or the reason the destination gave if it refused and closed the
+/// connection (a write then fails with a broken pipe, its FAILED frame
+/// still waiting to be read). Waits at most a second for it.
+fn with_reason(e: MigrationError, conn: &mut Connection) -> MigrationError {
+    if matches!(e, MigrationError::Refused(_)) {
+        return e;
+    }
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    // Whatever else the destination sent comes first: skip to a FAILED.
+    for _ in 0..4 {
+        match read_frame(conn) {
+            Ok(Frame::Failed(why)) => return MigrationError::Refused(why),
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    e
+}
+
+/// A writer that counts what goes through.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W> Counting<W> {
+    fn new(inner: W) -> Self {
+        Self { inner, count: 0 }
+    }
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The destination's precopy: loads the first stream (fingerprint and
+/// virtio-mem: the plugged blocks get their slots), then writes each PAGES
+/// frame into guest memory — only where the restored state says memory is
+/// populated — until PRECOPY-END. `input` goes on with the last stream.
+pub(crate) fn receive_precopy(
+    config: &VmmConfig,
+    machine: &Arc<Mutex<Machine>>,
+    input: &mut dyn Read,
+) -> Result<u64, MigrationError> {
+    let mut setup = snapshot::setup_registry(config, &lock(machine))?;
+    setup.load(&mut *input).map_err(SnapshotError::from)?;
+    let memory = lock(machine).memory().clone();
+    let mut received = 0;
+    loop {
+        match read_frame(input)? {
+            Frame::Pages { region, offset, data } => {
+                write_pages(&memory, region, offset, &data)?;
+                received += data.len() as u64;
+            }
+            Frame::PrecopyEnd(_) => return Ok(received),
+            Frame::Failed(why) => return Err(MigrationError::Refused(why)),
+            other => {
+                return Err(MigrationError::Protocol(format!("{} during the precopy", other.name())));
+            }
+        }
+    }
+}
+
+/// Writes a PAGES frame's bytes, refusing anything outside the region,
+/// unaligned, or on memory that is not populated (an unplugged block).
+fn write_pages(memory: &GuestMemoryMap, region: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+    let bad = |why: String| MigrationError::Protocol(format!("PAGES of region {region} at {offset:#x}: {why}"));
+    let r = memory
+        .regions()
+        .get(region as usize)
+        .ok_or_else(|| bad(format!("there are {} regions", memory.regions().len())))?;
+    let len = data.len() as u64;
+    let range = r.range();
+    let fits = offset % PAGE == 0
+        && offset
+            .checked_add(len)
+            .is_some_and(|end| end <= range.len() && (len % PAGE == 0 || end == range.len()));
+    if !fits {
+        return Err(bad(format!(
+            "{len} bytes do not fit the region's {:#x} in whole pages",
+            range.len()
+        )));
+    }
+    let guest = GuestRange::new(range.start() + offset, len).ok_or_else(|| bad("an empty or wrapping range".into()))?;
+    if let Some(m) = r.manager()
+        && !m.is_populated(guest)
+    {
+        return Err(bad(format!("{guest} is not populated (an unplugged block)")));
+    }
+    r.slice(offset, len)
+        .ok_or_else(|| bad("not mapped".into()))?
+        .copy_from(data);
+    Ok(())
+}
+
 /// Sends the VM over `conn`, connected to `endpoint` (source side; run by
 /// the event loop, so no queue is served meanwhile): pauses the vCPUs,
 /// streams the state, and hands over. On success the guest runs at the
 /// destination and this VMM should exit; on failure the guest runs here
 /// again (or stays paused, if it was), with its image locks.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn send(
     parts: &BootParts<'_>,
     vm: &Vm,
@@ -378,9 +826,11 @@ pub(crate) fn send(
     disks: Disks<'_>,
     endpoint: &Endpoint,
     mut conn: Connection,
+    live: &Live,
+    precopy: Precopy,
 ) -> Result<Value, MigrationError> {
     snapshot::check_saveable(parts.config)?;
-    let started = Instant::now();
+    let started = precopy.started;
     let was_paused = vcpus.is_paused();
     if !was_paused {
         vcpus.pause()?;
@@ -389,9 +839,15 @@ pub(crate) fn send(
     let mut released = false;
     let mut go_sent = false;
     let result: Result<Value, MigrationError> = (|| {
+        let mut last = precopy.pending;
+        for (i, pages) in last.iter_mut().enumerate() {
+            pages.union(&take_dirty(live, i)?);
+        }
+        let dirtied: u64 = last.iter().map(|p| p.len() * PAGE).sum();
+        let ram = |i: usize| RamMode::SendDelta(last[i].clone());
         let summary = {
             let mut out = BufWriter::with_capacity(1 << 20, &mut conn);
-            let summary = snapshot::save_stream(parts, vm, vcpus, &mut out)?;
+            let summary = snapshot::save_stream(parts, vm, vcpus, &ram, &mut out)?;
             out.flush().map_err(MigrationError::Control)?;
             summary
         };
@@ -405,13 +861,19 @@ pub(crate) fn send(
         expect(&mut conn, &Frame::Running)?;
         Ok(json!({
             "destination": endpoint.to_string(),
-            "bytes": summary.total_bytes,
+            "bytes": precopy.bytes + summary.total_bytes,
+            "passes": precopy.passes,
+            "precopy_bytes": precopy.page_bytes,
+            "last_stream_bytes": summary.total_bytes,
+            "dirtied_bytes": dirtied,
+            "populated_bytes": precopy.populated_bytes,
             "sections": summary.sections.len(),
             "downtime_ms": paused.elapsed().as_millis() as u64,
             "total_ms": started.elapsed().as_millis() as u64,
             "destination_report": match ready { Frame::Ready(v) => v, _ => Value::Null },
         }))
     })();
+    let result = result.map_err(|e| with_reason(e, &mut conn));
     // Over TCP a RUNNING that does not come may still have been sent: the
     // destination may run the guest, so this side must not.
     if let Err(e) = &result
@@ -420,6 +882,9 @@ pub(crate) fn send(
     {
         log::error!("migration to {endpoint}: no RUNNING after GO ({e}); the guest stays paused here");
         return Err(MigrationError::OutcomeUnknown(e.to_string()));
+    }
+    if result.is_err() {
+        abandon(live);
     }
     if let Err(e) = &result {
         log::warn!("migration to {endpoint} failed, the guest stays here: {e}");
@@ -476,12 +941,30 @@ mod tests {
     }
 
     #[test]
+    fn only_pages_that_are_not_zero_are_sent_in_the_first_pass() {
+        let page = PAGE as usize;
+        let mut data = vec![0u8; 5 * page];
+        data[page + 7] = 1;
+        data[2 * page] = 2;
+        data[4 * page + page - 1] = 3;
+        assert_eq!(non_zero_runs(&data, true), [(page, 3 * page), (4 * page, 5 * page)]);
+        assert_eq!(non_zero_runs(&data, false), [(0, 5 * page)]);
+        assert!(non_zero_runs(&vec![0u8; 3 * page], true).is_empty());
+    }
+
+    #[test]
     fn frames_round_trip() {
         for frame in [
             Frame::Ready(json!({"bytes": 7})),
             Frame::Go,
             Frame::Running,
             Frame::Failed("no".into()),
+            Frame::Pages {
+                region: 1,
+                offset: 0x2000,
+                data: vec![7; 4096],
+            },
+            Frame::PrecopyEnd(3),
         ] {
             let mut buf = Vec::new();
             write_frame(&mut buf, &frame).unwrap();

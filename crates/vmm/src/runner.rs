@@ -647,6 +647,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                 &vm,
                 &pci,
                 &path.display().to_string(),
+                false,
                 io::BufReader::with_capacity(1 << 20, file),
                 |_| Ok(()),
             )?
@@ -655,12 +656,24 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
             log::info!("waiting for the migration's source");
             let mut conn = listener.accept().map_err(setup("accepting the migration's source"))?;
             let input = conn.try_clone().map_err(setup("the migration connection"))?;
+            // One buffered reader for the whole stream: the first stream, the
+            // precopy's frames and the last stream follow each other.
+            let mut input = io::BufReader::with_capacity(1 << 20, input);
+            let started = Instant::now();
+            let precopied = crate::migration::receive_precopy(config, &p.machine, &mut input)
+                .map_err(setup("receiving the precopy"))
+                .inspect_err(|e| crate::migration::refuse(&mut conn, &e.to_string()))?;
+            log::info!(
+                "precopy received: {precopied} bytes of guest memory in {:?}",
+                started.elapsed()
+            );
             let vcpus = restore_state(
                 &parts,
                 &vm,
                 &pci,
                 "the incoming migration",
-                io::BufReader::with_capacity(1 << 20, input),
+                true,
+                &mut input,
                 |loaded| crate::migration::switch_over(&mut conn, &disks, loaded).map_err(setup("switching over")),
             )
             .inspect_err(|e| crate::migration::refuse(&mut conn, &e.to_string()))?;
@@ -682,6 +695,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
         && matches!(config.serial, SerialConfig::Stdio)
         && watch(io::stdin().as_raw_fd(), TOKEN_STDIN).is_ok();
     let (requests_tx, requests) = mpsc::channel();
+    let loop_tx = requests_tx.clone();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(setup("the request eventfd"))?;
     watch(wake.as_raw_fd(), TOKEN_REQUEST)?;
     for (i, (_, _, fd)) in queue_events.iter().enumerate() {
@@ -732,6 +746,29 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                                 connection,
                                 reply,
                             } => {
+                                // The precopy runs on a thread of its own while this loop
+                                // serves the devices; it hands the rest back as StopAndCopy.
+                                let live = crate::migration::Live {
+                                    config: config.clone(),
+                                    machine: p.machine.clone(),
+                                    memory: memory.clone(),
+                                    memslots: vm.memslots_shared(),
+                                };
+                                let back = (loop_tx.clone(), wake.try_clone());
+                                let spawned = std::thread::Builder::new().name("migrate".into()).spawn(move || {
+                                    crate::migration::precopy_then_return(live, destination, connection, reply, back)
+                                });
+                                if let Err(e) = spawned {
+                                    log::error!("no migration thread: {e}");
+                                }
+                            }
+                            LoopRequest::StopAndCopy {
+                                destination,
+                                connection,
+                                live,
+                                precopy,
+                                reply,
+                            } => {
                                 let result = crate::migration::send(
                                     &parts,
                                     &vm,
@@ -739,6 +776,8 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                                     &disks,
                                     &destination,
                                     connection,
+                                    &live,
+                                    *precopy,
                                 );
                                 if result.is_ok() {
                                     stop = Some(ExitReason::Migrated);
@@ -824,11 +863,12 @@ fn restore_state(
     vm: &Vm,
     pci: &PciRoot,
     what: &str,
+    live: bool,
     input: impl Read,
     before_run: impl FnOnce(u64) -> Result<(), RunError>,
 ) -> Result<Vec<crate::vm::Vcpu>, RunError> {
     let started = Instant::now();
-    let restored = crate::snapshot::load_stream(parts, input).map_err(setup(format!("restoring {what}")))?;
+    let restored = crate::snapshot::load_stream(parts, live, input).map_err(setup(format!("restoring {what}")))?;
     // The transports' BARs and command registers changed behind the root.
     pci.refresh_bars();
     vm.restore_platform(&restored.platform)

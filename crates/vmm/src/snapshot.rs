@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use memvisor_machine::Machine;
 use memvisor_pci::VirtioPciDevice;
+use memvisor_vmstate::ram::RamMode;
 use memvisor_vmstate::{LoadContext, Phase, Priority, Section, SectionError, decode, encode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -254,29 +255,53 @@ fn never<T>() -> Result<T, String> {
     Err("this section is only loaded here".into())
 }
 
+/// The `vmm/0` section: the machine's [`Fingerprint`], checked as soon as
+/// it is read.
+fn fingerprint_section(config: &VmmConfig) -> StateSection<Fingerprint> {
+    let here = Fingerprint::of(config);
+    let saved = here.clone();
+    StateSection::new(
+        "vmm",
+        0,
+        (Phase::Setup, Priority::MACHINE),
+        move || Ok(saved.clone()),
+        move |snap: Fingerprint| snap.mismatch(&here).map_or(Ok(()), Err),
+    )
+    .applied_on_load()
+}
+
+/// The registry of a live migration's first stream: the fingerprint and
+/// every virtio-mem device, so that the destination knows the plugged
+/// blocks (and has their slots) before any RAM comes. The last stream
+/// carries them again, and restoring the same blocks keeps their contents.
+pub(crate) fn setup_registry(
+    config: &VmmConfig,
+    machine: &Machine,
+) -> Result<memvisor_vmstate::Registry, SnapshotError> {
+    let mut registry = memvisor_vmstate::Registry::with_memory(machine.memory().clone());
+    registry.register(fingerprint_section(config))?;
+    for (instance, v) in (0..).zip(machine.vmems()) {
+        registry.register(memvisor_virtio_mem::persist::VirtioMemSection::new(
+            instance,
+            v.region.clone(),
+        ))?;
+    }
+    Ok(registry)
+}
+
 /// The registry of a snapshot of `parts`: the machine's sections plus the
 /// boot's. `vcpus` and `platform` are what save writes (empty on load);
 /// on load the decoded platform and vCPU states land in `restored_*`.
 fn registry(
     parts: &BootParts<'_>,
+    ram: &dyn Fn(usize) -> RamMode,
     platform: Option<PlatformState>,
     vcpus: Vec<VcpuState>,
     restored_platform: &Arc<Mutex<Option<PlatformState>>>,
     restored_vcpus: &Arc<Mutex<Vec<Option<VcpuState>>>>,
 ) -> Result<memvisor_vmstate::Registry, SnapshotError> {
-    let mut registry = lock(parts.machine).registry()?;
-    let here = Fingerprint::of(parts.config);
-    let saved = here.clone();
-    registry.register(
-        StateSection::new(
-            "vmm",
-            0,
-            (Phase::Setup, Priority::MACHINE),
-            move || Ok(saved.clone()),
-            move |snap: Fingerprint| snap.mismatch(&here).map_or(Ok(()), Err),
-        )
-        .applied_on_load(),
-    )?;
+    let mut registry = lock(parts.machine).registry_with(ram)?;
+    registry.register(fingerprint_section(parts.config))?;
     if let Some(serial) = parts.serial {
         let (s, r) = (serial.clone(), serial.clone());
         registry.register(StateSection::new(
@@ -352,6 +377,7 @@ pub(crate) fn save_stream(
     parts: &BootParts<'_>,
     vm: &Vm,
     vcpus: &VcpuControl,
+    ram: &dyn Fn(usize) -> RamMode,
     out: &mut dyn Write,
 ) -> Result<memvisor_vmstate::Summary, SnapshotError> {
     check_saveable(parts.config)?;
@@ -376,7 +402,7 @@ pub(crate) fn save_stream(
         why: e.to_string(),
     })?;
     let unused = (Arc::default(), Arc::default());
-    let mut registry = registry(parts, Some(platform), captured, &unused.0, &unused.1)?;
+    let mut registry = registry(parts, ram, Some(platform), captured, &unused.0, &unused.1)?;
     Ok(registry.save(out)?)
 }
 
@@ -397,7 +423,7 @@ pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &P
         .create_new(true)
         .open(path)
         .map_err(file_error)?;
-    let written = save_stream(parts, vm, vcpus, &mut file)
+    let written = save_stream(parts, vm, vcpus, &|_| RamMode::Full, &mut file)
         .and_then(|summary| file.sync_all().map(|()| summary).map_err(file_error));
     let summary = match written {
         Ok(summary) => summary,
@@ -421,10 +447,13 @@ pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &P
 /// transports reactivate their devices. Returns the platform and vCPU
 /// states for the runner to apply last. On error the machine's sections
 /// undo their pins; the process should exit. `input` should be buffered.
-pub(crate) fn load_stream(parts: &BootParts<'_>, input: impl Read) -> Result<Restored, SnapshotError> {
+/// A live migration's destination also takes RAM deltas (`live`): its
+/// memory already holds what the precopy sent.
+pub(crate) fn load_stream(parts: &BootParts<'_>, live: bool, input: impl Read) -> Result<Restored, SnapshotError> {
     let platform = Arc::new(Mutex::new(None));
     let vcpus = Arc::new(Mutex::new(vec![None; usize::from(parts.config.cpus)]));
-    let mut registry = registry(parts, None, Vec::new(), &platform, &vcpus)?;
+    let ram = move |_: usize| if live { RamMode::AcceptDelta } else { RamMode::Full };
+    let mut registry = registry(parts, &ram, None, Vec::new(), &platform, &vcpus)?;
     let summary = registry.load(input)?;
     let platform = lock(&platform).take();
     let vcpus: Option<Vec<VcpuState>> = std::mem::take(&mut *lock(&vcpus)).into_iter().collect();

@@ -228,7 +228,7 @@ fn zap_only_deleted_slots(fd: &VmFd) -> Result<(), VmError> {
 /// A KVM VM over a guest memory map; see the [module documentation](self).
 pub struct Vm {
     // Dropped first: unregisters the listeners and removes every slot.
-    memslots: Memslots,
+    memslots: Arc<Memslots>,
     unassigned: Arc<UnassignedMemory>,
     handle: Arc<VmHandle>,
     kvm: Kvm,
@@ -282,7 +282,7 @@ impl Vm {
         let backend = Arc::new(KvmSlots { vm: handle.clone() });
         let memslots = Memslots::attach(memory, backend, nr_memslots)?;
         Ok(Self {
-            memslots,
+            memslots: Arc::new(memslots),
             unassigned,
             handle,
             kvm,
@@ -299,6 +299,12 @@ impl Vm {
     /// The VM's memory slots.
     pub fn memslots(&self) -> &Memslots {
         &self.memslots
+    }
+
+    /// The memory slots, shared (a migration's precopy reads their dirty
+    /// log from a thread of its own).
+    pub fn memslots_shared(&self) -> Arc<Memslots> {
+        self.memslots.clone()
     }
 
     /// The handler of accesses outside every slot, with its counters.

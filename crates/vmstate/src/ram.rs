@@ -27,7 +27,7 @@
 use std::io::{Read, Write};
 
 use memvisor_memory::map::{GuestMemoryMap, Region};
-use memvisor_memory::{Backing, GuestRange};
+use memvisor_memory::{Backing, GuestRange, PageSet};
 
 use crate::context::LoadContext;
 use crate::context::Restores;
@@ -37,10 +37,34 @@ use crate::section::{Phase, Priority, Section};
 
 /// Name of the RAM sections.
 pub const RAM_SECTION: &str = "ram";
-/// Version of the RAM payload layout.
-pub const RAM_VERSION: u16 = 1;
+/// Version of the RAM payload layout: 2 adds a mode byte after the header
+/// (0 full, 1 delta); version 1 payloads (no mode byte, full) still load.
+pub const RAM_VERSION: u16 = 2;
 /// Unit of zero detection and of record alignment.
 pub const RAM_PAGE: u64 = 4096;
+
+const MODE_FULL: u8 = 0;
+const MODE_DELTA: u8 = 1;
+
+/// What a [`RamSection`] saves and what its load accepts.
+///
+/// A live migration sends RAM while the guest runs and then, with the
+/// guest paused, only the pages written since: a *delta* payload, which
+/// the destination applies over what it already holds. Anything else (a
+/// snapshot file, a stop-and-copy stream) is *full*: the destination clears
+/// what the payload does not mention. A delta is accepted only where asked
+/// for, so a delta can never pass for a whole machine.
+#[derive(Debug, Clone, Default)]
+pub enum RamMode {
+    /// Save everything populated; load only full payloads.
+    #[default]
+    Full,
+    /// Save only these pages (of the region, one bit per [`RAM_PAGE`]), as
+    /// far as they are populated.
+    SendDelta(PageSet),
+    /// Load full or delta payloads.
+    AcceptDelta,
+}
 
 const KIND_END: u8 = 0;
 const KIND_DATA: u8 = 1;
@@ -58,6 +82,7 @@ pub struct RamSection {
     instance: u32,
     memory: GuestMemoryMap,
     plan: Option<Plan>,
+    mode: RamMode,
 }
 
 impl std::fmt::Debug for RamSection {
@@ -165,16 +190,46 @@ pub fn ram_sections(memory: &GuestMemoryMap) -> Vec<RamSection> {
             instance: i as u32,
             memory: memory.clone(),
             plan: None,
+            mode: RamMode::Full,
         })
         .collect()
 }
 
 /// Registers [`ram_sections`] of `memory` in `registry`.
 pub fn register_ram(registry: &mut Registry, memory: &GuestMemoryMap) -> Result<(), VmStateError> {
-    for section in ram_sections(memory) {
+    register_ram_with(registry, memory, |_| RamMode::Full)
+}
+
+/// Registers [`ram_sections`] of `memory` in `registry`, region `i` in
+/// `mode(i)`.
+pub fn register_ram_with(
+    registry: &mut Registry,
+    memory: &GuestMemoryMap,
+    mode: impl Fn(usize) -> RamMode,
+) -> Result<(), VmStateError> {
+    for (i, mut section) in ram_sections(memory).into_iter().enumerate() {
+        section.mode = mode(i);
         registry.register(section)?;
     }
     Ok(())
+}
+
+/// The parts of `runs` (sorted, disjoint region offsets) on `pages`.
+fn intersect(runs: &[(u64, u64)], pages: &PageSet) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (first, count) in pages.runs() {
+        let (ps, pe) = (first * RAM_PAGE, (first + count) * RAM_PAGE);
+        for &(s, e) in runs {
+            let (a, b) = (s.max(ps), e.min(pe));
+            if a < b {
+                match out.last_mut() {
+                    Some((_, end)) if *end == a => *end = b,
+                    _ => out.push((a, b)),
+                }
+            }
+        }
+    }
+    out
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -197,7 +252,8 @@ impl RamSection {
         let len = self.region().range().len();
         let mut stats = RamStats {
             populated: plan.runs.iter().map(|(s, e)| e - s).sum(),
-            payload: PAYLOAD_HEADER + 1,
+            // The header, the mode byte and the end record.
+            payload: PAYLOAD_HEADER + 2,
             ..RamStats::default()
         };
         plan.records::<()>(len, |kind, _, n| {
@@ -264,7 +320,10 @@ impl RamSection {
         if let Some(plan) = self.plan.take() {
             return Ok(plan);
         }
-        let runs = self.populated_runs()?;
+        let mut runs = self.populated_runs()?;
+        if let RamMode::SendDelta(pages) = &self.mode {
+            runs = intersect(&runs, pages);
+        }
         let region = self.region();
         let len = region.range().len();
         let host = region.host_address();
@@ -358,6 +417,10 @@ impl Section for RamSection {
         RAM_VERSION
     }
 
+    fn min_version(&self) -> u16 {
+        1
+    }
+
     fn priority(&self) -> Priority {
         Priority::RAM
     }
@@ -368,7 +431,7 @@ impl Section for RamSection {
 
     fn max_payload(&self) -> u64 {
         let len = self.region().range().len();
-        PAYLOAD_HEADER + 1 + len + (len.div_ceil(RAM_PAGE) + 1) * RECORD_HEADER
+        PAYLOAD_HEADER + 2 + len + (len.div_ceil(RAM_PAGE) + 1) * RECORD_HEADER
     }
 
     fn restores(&self) -> Vec<Restores> {
@@ -393,6 +456,11 @@ impl Section for RamSection {
         header[8..16].copy_from_slice(&range.len().to_le_bytes());
         header[16..].copy_from_slice(&(RAM_PAGE as u32).to_le_bytes());
         out.write_all(&header)?;
+        let mode = match self.mode {
+            RamMode::SendDelta(_) => MODE_DELTA,
+            RamMode::Full | RamMode::AcceptDelta => MODE_FULL,
+        };
+        out.write_all(&[mode])?;
         plan.records(range.len(), |kind, offset, len| -> Result<(), SectionError> {
             let mut rec = [0u8; RECORD_HEADER as usize];
             rec[0] = kind;
@@ -412,7 +480,7 @@ impl Section for RamSection {
         Ok(())
     }
 
-    fn load(&mut self, ctx: &LoadContext, _version: u16, payload: &mut dyn Read) -> Result<(), SectionError> {
+    fn load(&mut self, ctx: &LoadContext, version: u16, payload: &mut dyn Read) -> Result<(), SectionError> {
         let id = self.id();
         let range = self.region().range();
         let manager = self.region().manager().cloned();
@@ -429,6 +497,24 @@ impl Section for RamSection {
                 "the stream carries RAM region [{start:#x}, +{len:#x}) in {page:#x}-byte pages, but this region is {range} in {RAM_PAGE:#x}-byte pages"
             )));
         }
+        let delta = if version >= 2 {
+            let mut mode = [0u8; 1];
+            payload.read_exact(&mut mode)?;
+            match (mode[0], &self.mode) {
+                (MODE_FULL, _) => false,
+                (MODE_DELTA, RamMode::AcceptDelta) => true,
+                (MODE_DELTA, _) => {
+                    return Err(SectionError::Invalid(format!(
+                        "RAM region {range} comes as a delta (only the pages written since a live migration's precopy), which only a live migration's destination accepts"
+                    )));
+                }
+                (other, _) => return Err(SectionError::Invalid(format!("unknown RAM payload mode {other}"))),
+            }
+        } else {
+            false
+        };
+        // A delta leaves what it does not mention alone; a full payload clears it.
+        let clear = |this: &Self, from: u64, to: u64| if delta { Ok(()) } else { this.clear(from, to) };
         let mut cursor = 0u64;
         loop {
             let mut kind = [0u8; 1];
@@ -453,7 +539,7 @@ impl Section for RamSection {
                     "RAM record [{offset:#x}, +{n:#x}) is empty, unaligned, out of order (after {cursor:#x}) or outside the region of {len:#x} bytes"
                 )));
             };
-            self.clear(cursor, offset)?;
+            clear(self, cursor, offset)?;
             if kind == KIND_DATA {
                 let guest = GuestRange::new(start + offset, n).expect("inside the region");
                 if let Some(m) = &manager
@@ -469,7 +555,7 @@ impl Section for RamSection {
             }
             cursor = end;
         }
-        self.clear(cursor, len)
+        clear(self, cursor, len)
     }
 }
 
@@ -569,19 +655,84 @@ mod tests {
         // Every truncation and every byte change of the headers is refused
         // or harmless, and nothing panics.
         for cut in 0..payload.len() - 1 {
-            assert!(s.load(&ctx, 1, &mut &payload[..cut]).is_err(), "cut at {cut}");
+            assert!(s.load(&ctx, RAM_VERSION, &mut &payload[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = payload.clone();
-        bad[20 + 9..20 + 17].copy_from_slice(&u64::MAX.to_le_bytes());
-        let err = s.load(&ctx, 1, &mut &bad[..]).unwrap_err().to_string();
+        bad[21 + 9..21 + 17].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = s.load(&ctx, RAM_VERSION, &mut &bad[..]).unwrap_err().to_string();
         assert!(err.contains("outside the region"), "{err}");
         let mut bad = payload.clone();
-        bad[20] = 7;
+        bad[21] = 7;
         assert!(
-            s.load(&ctx, 1, &mut &bad[..])
+            s.load(&ctx, RAM_VERSION, &mut &bad[..])
                 .unwrap_err()
                 .to_string()
                 .contains("kind 0x07")
         );
+        let mut bad = payload.clone();
+        bad[20] = 9;
+        let err = s.load(&ctx, RAM_VERSION, &mut &bad[..]).unwrap_err().to_string();
+        assert!(err.contains("mode 9"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_payload_has_no_mode_byte_and_loads_as_full() {
+        let (m, block) = map(Backing::Memfd);
+        block.write(0, &[1; 4096]).unwrap();
+        let mut s = ram_sections(&m).pop().unwrap();
+        let mut payload = Vec::new();
+        s.save(&mut payload).unwrap();
+        assert_eq!(payload[20], MODE_FULL);
+        payload.remove(20);
+        let (dst_map, dst) = map(Backing::Memfd);
+        dst.write(MIB, &[9; 4096]).unwrap();
+        let mut target = ram_sections(&dst_map).pop().unwrap();
+        let ctx = LoadContext::new(Some(dst_map.clone()), vec![]);
+        target.load(&ctx, 1, &mut &payload[..]).unwrap();
+        let mut b = vec![0u8; 4096];
+        dst.read(0, &mut b).unwrap();
+        assert_eq!(b, [1; 4096]);
+        dst.read(MIB, &mut b).unwrap();
+        assert_eq!(b, [0; 4096], "a full payload clears what it does not mention");
+    }
+
+    #[test]
+    fn a_delta_carries_only_its_pages_and_only_a_live_destination_takes_it() {
+        let (m, src) = map(Backing::Memfd);
+        src.write(0, &[1; 4096]).unwrap();
+        src.write(MIB, &[2; 4096]).unwrap();
+        src.write(2 * MIB, &[3; 4096]).unwrap();
+        // The destination holds an older copy: pages 0 and 2 MiB current, 1 MiB stale,
+        // and page 3 MiB written since and zeroed on the source again.
+        let (dst_map, dst) = map(Backing::Memfd);
+        dst.write(0, &[1; 4096]).unwrap();
+        dst.write(MIB, &[7; 4096]).unwrap();
+        dst.write(2 * MIB, &[3; 4096]).unwrap();
+        dst.write(3 * MIB, &[5; 4096]).unwrap();
+        let pages = 4 * MIB / RAM_PAGE;
+        let mut dirty = PageSet::new(pages);
+        dirty.insert(MIB / RAM_PAGE, 1);
+        dirty.insert(3 * MIB / RAM_PAGE, 1);
+        let mut s = ram_sections(&m).pop().unwrap();
+        s.mode = RamMode::SendDelta(dirty);
+        let stats = s.stats().unwrap();
+        assert_eq!((stats.data, stats.records), (RAM_PAGE, 2), "{stats:?}");
+        let len = s.save_len().unwrap();
+        let mut payload = Vec::new();
+        s.save(&mut payload).unwrap();
+        assert_eq!(payload.len() as u64, len);
+        assert_eq!(payload[20], MODE_DELTA);
+        let ctx = LoadContext::new(Some(dst_map.clone()), vec![]);
+        // A snapshot restore (full only) refuses it: it would leave memory as it was.
+        let mut full = ram_sections(&dst_map).pop().unwrap();
+        let err = full.load(&ctx, RAM_VERSION, &mut &payload[..]).unwrap_err().to_string();
+        assert!(err.contains("delta"), "{err}");
+        let mut live = ram_sections(&dst_map).pop().unwrap();
+        live.mode = RamMode::AcceptDelta;
+        live.load(&ctx, RAM_VERSION, &mut &payload[..]).unwrap();
+        let (mut a, mut b) = (vec![0u8; 4 * MIB as usize], vec![0u8; 4 * MIB as usize]);
+        src.read(0, &mut a).unwrap();
+        dst.read(0, &mut b).unwrap();
+        assert!(a == b, "the delta brought the destination up to date");
     }
 }
