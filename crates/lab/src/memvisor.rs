@@ -443,6 +443,7 @@ impl Vmm for Memvisor {
                 total_s,
                 downtime_s,
                 bytes,
+                passes: m["passes"].as_u64().unwrap_or(0),
             }),
             _ => Err(Error::Vmm(format!("PUT {}: no figures in {m}", path::MIGRATE))),
         }

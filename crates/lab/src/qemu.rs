@@ -226,6 +226,7 @@ impl Vmm for Qemu {
                 total_s,
                 downtime_s,
                 bytes,
+                passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
             },
             _ => return Err(Error::Vmm(format!("query-migrate: no figures in {info}"))),
         };

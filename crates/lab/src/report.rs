@@ -1130,6 +1130,7 @@ mod tests {
             total_s: 4.5,
             downtime_s: 4.25,
             bytes: 1 << 28,
+            passes: 3,
         });
         let steps = [
             step("resize vmem0 1G", 0, g, (0, 0), 0),

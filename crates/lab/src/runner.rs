@@ -646,10 +646,11 @@ impl<'a> Run<'a> {
         let resumed = vmm.resume_restored()?;
         step.migration = Some(figures);
         Ok(format!(
-            "total_s={:.2} downtime_s={:.3} bytes={} wall_s={:.2} resumed={}",
+            "total_s={:.2} downtime_s={:.3} bytes={} passes={} wall_s={:.2} resumed={}",
             figures.total_s,
             figures.downtime_s,
             figures.bytes,
+            figures.passes,
             t0.elapsed().as_secs_f64(),
             resumed.trim()
         ))

@@ -307,6 +307,8 @@ pub struct MigrationFigures {
     pub downtime_s: f64,
     /// Bytes sent.
     pub bytes: u64,
+    /// Passes over guest memory (memvisor's `passes`, QEMU's `dirty-sync-count`).
+    pub passes: u64,
 }
 
 /// The driver for `kind`.

@@ -1074,3 +1074,35 @@ fn a_guest_migrates_over_tcp_too() {
     assert_eq!(dst.banners(), 0, "the migrated guest booted again");
     dst.shutdown();
 }
+
+#[test]
+fn a_zero_copy_disk_migrates_its_image_lock_and_pins() {
+    let image = std::env::temp_dir().join(format!("memvisor-api-live-zc-mig-{}.img", std::process::id()));
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("id=disk0,path={},zero-copy=on", image.display());
+    let mut source = Vmm::start_with(&["--disk", disk.as_str()]);
+    wait_banner(&source);
+    assert_eq!(source.get("/api/v1/dma")["pinned_bytes"], 64 * MIB);
+    // The destination opens the image the source holds locked: it waits for the handover.
+    let (dst, endpoint) = destination(&["--disk", disk.as_str()]);
+    let r = source.call(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": endpoint }).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}: {}", r.text(), dst.log());
+    assert_eq!(source.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    // The destination re-pinned what the restored state allows (all boot RAM, the disk
+    // being outside any vIOMMU), from its own state: pins never travel.
+    let dma = dst.get("/api/v1/dma");
+    assert_eq!(
+        (&dma["pinned_bytes"], &dma["devices"][0]["path"]),
+        (&json!(64 * MIB), &json!("ram")),
+        "{dma}"
+    );
+    // It holds the image now: a third user is refused.
+    let err = refused_run(&["--disk", disk.as_str()]);
+    assert!(err.contains("locked by another user"), "{err}");
+    dst.shutdown();
+    std::fs::remove_file(&image).unwrap();
+}

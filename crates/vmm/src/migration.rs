@@ -266,6 +266,34 @@ impl Frame {
     }
 }
 
+/// The rest of a PAGES frame after its 6-byte head: the region and offset,
+/// then the bytes read straight into the frame's buffer.
+fn read_pages_frame(r: &mut dyn Read, head: &[u8; 6], len: u32) -> Result<Frame, MigrationError> {
+    if len <= 12 {
+        return Err(MigrationError::Protocol(format!("a PAGES frame of {len} bytes")));
+    }
+    let mut sub = [0u8; 12];
+    r.read_exact(&mut sub).map_err(MigrationError::Control)?;
+    let mut data = vec![0u8; len as usize - 12];
+    r.read_exact(&mut data).map_err(MigrationError::Control)?;
+    let mut crc = [0u8; 4];
+    r.read_exact(&mut crc).map_err(MigrationError::Control)?;
+    let crc = u32::from_le_bytes(crc);
+    let expected = [&head[1..], &sub[..], &data[..]]
+        .iter()
+        .fold(0, |c, p| memvisor_vmstate::format::crc32c_append(c, p));
+    if crc != expected {
+        return Err(MigrationError::Protocol(format!(
+            "a PAGES frame's checksum is {crc:#010x}, its bytes give {expected:#010x}"
+        )));
+    }
+    Ok(Frame::Pages {
+        region: u32::from_le_bytes(sub[..4].try_into().expect("4 bytes")),
+        offset: u64::from_le_bytes(sub[4..].try_into().expect("8 bytes")),
+        data,
+    })
+}
+
 /// The most guest memory one PAGES frame carries.
 pub const MAX_PAGES: u32 = 1 << 20;
 
@@ -276,27 +304,50 @@ fn frame_limit(kind: u8) -> u32 {
 
 /// Writes `frame` (a FAILED reason longer than [`MAX_FRAME`] is cut).
 pub fn write_frame(w: &mut dyn Write, frame: &Frame) -> io::Result<()> {
-    let mut payload = match frame {
-        Frame::Ready(v) => v.to_string().into_bytes(),
-        Frame::Failed(why) => why.as_bytes().to_vec(),
-        Frame::Go | Frame::Running => Vec::new(),
-        Frame::Pages { region, offset, data } => {
-            let mut p = Vec::with_capacity(12 + data.len());
-            p.extend_from_slice(&region.to_le_bytes());
-            p.extend_from_slice(&offset.to_le_bytes());
-            p.extend_from_slice(data);
-            p
+    let owned;
+    let payload: &[u8] = match frame {
+        Frame::Ready(v) => {
+            owned = v.to_string().into_bytes();
+            &owned
         }
-        Frame::PrecopyEnd(passes) => passes.to_le_bytes().to_vec(),
+        Frame::Failed(why) => why.as_bytes(),
+        Frame::Go | Frame::Running => &[],
+        Frame::Pages { region, offset, data } => return write_pages_frame(w, *region, *offset, data),
+        Frame::PrecopyEnd(passes) => {
+            owned = passes.to_le_bytes().to_vec();
+            &owned
+        }
     };
-    payload.truncate(frame_limit(frame.kind()) as usize);
-    let mut out = vec![b'M', frame.kind()];
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&payload);
-    let crc = memvisor_vmstate::format::crc32c_append(0, &out[1..]);
-    out.extend_from_slice(&crc.to_le_bytes());
-    w.write_all(&out)?;
+    let payload = &payload[..payload.len().min(MAX_FRAME as usize)];
+    write_parts(w, frame.kind(), &[payload])?;
     w.flush()
+}
+
+/// Writes a PAGES frame straight from `data` (no copy, no flush: the
+/// precopy's writer is buffered and flushed after each pass).
+fn write_pages_frame(w: &mut dyn Write, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+    let mut sub = [0u8; 12];
+    sub[..4].copy_from_slice(&region.to_le_bytes());
+    sub[4..].copy_from_slice(&offset.to_le_bytes());
+    write_parts(w, 5, &[&sub, &data[..data.len().min(MAX_PAGES as usize)]])
+}
+
+/// `M`, `kind`, the parts' length, the parts, and the CRC-32C of all but
+/// the marker.
+fn write_parts(w: &mut dyn Write, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut head = [b'M', kind, 0, 0, 0, 0];
+    head[2..].copy_from_slice(&(len as u32).to_le_bytes());
+    let crc = parts
+        .iter()
+        .fold(memvisor_vmstate::format::crc32c_append(0, &head[1..]), |crc, p| {
+            memvisor_vmstate::format::crc32c_append(crc, p)
+        });
+    w.write_all(&head)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.write_all(&crc.to_le_bytes())
 }
 
 /// Reads one frame; a bad marker, kind, length or checksum is an error.
@@ -316,6 +367,9 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
             "a control frame of kind {} and {len} bytes; at most {limit}",
             head[1]
         )));
+    }
+    if head[1] == 5 {
+        return read_pages_frame(r, &head, len);
     }
     let mut payload = vec![0u8; len as usize + 4];
     r.read_exact(&mut payload).map_err(MigrationError::Control)?;
@@ -342,11 +396,6 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
         2 if len == 0 => Ok(Frame::Go),
         3 if len == 0 => Ok(Frame::Running),
         4 => Ok(Frame::Failed(text())),
-        5 if len > 12 => Ok(Frame::Pages {
-            region: u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")),
-            offset: u64::from_le_bytes(payload[4..12].try_into().expect("8 bytes")),
-            data: payload[12..].to_vec(),
-        }),
         6 if len == 4 => Ok(Frame::PrecopyEnd(u32::from_le_bytes(
             payload[..4].try_into().expect("4 bytes"),
         ))),
@@ -522,6 +571,7 @@ fn send_pages(
 ) -> Result<u64, MigrationError> {
     let region = &live.memory.regions()[i];
     let mut sent = 0;
+    let mut bounce = vec![0u8; MAX_PAGES as usize];
     for (first, count) in pages.runs() {
         let (mut offset, end) = (first * PAGE, ((first + count) * PAGE).min(region.range().len()));
         while offset < end {
@@ -529,18 +579,11 @@ fn send_pages(
             let slice = region
                 .slice(offset, len)
                 .ok_or_else(|| MigrationError::Protocol(format!("region {i} has no [{offset:#x}, +{len:#x})")))?;
-            let mut data = vec![0u8; len as usize];
+            let data = &mut bounce[..len as usize];
             slice.copy_to(&mut data[..]);
-            for (from, to) in non_zero_runs(&data, skip_zero) {
-                write_frame(
-                    out,
-                    &Frame::Pages {
-                        region: i as u32,
-                        offset: offset + from as u64,
-                        data: data[from..to].to_vec(),
-                    },
-                )
-                .map_err(MigrationError::Control)?;
+            for (from, to) in non_zero_runs(data, skip_zero) {
+                write_pages_frame(out, i as u32, offset + from as u64, &data[from..to])
+                    .map_err(MigrationError::Control)?;
                 sent += (to - from) as u64;
             }
             offset += len;
@@ -557,7 +600,7 @@ fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(usize, usize)> {
     }
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (n, page) in data.chunks(PAGE as usize).enumerate() {
-        if page.iter().all(|&b| b == 0) {
+        if is_zero(page) {
             continue;
         }
         let (from, to) = (n * PAGE as usize, n * PAGE as usize + page.len());
@@ -567,6 +610,13 @@ fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(usize, usize)> {
         }
     }
     runs
+}
+
+/// True if every byte of `bytes` is zero, 16 at a time.
+fn is_zero(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 fn set_frozen(live: &Live, frozen: bool) {
@@ -974,16 +1024,23 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_and_every_truncation_of_a_frame_is_refused() {
-        let mut buf = Vec::new();
-        write_frame(&mut buf, &Frame::Ready(json!({"bytes": 7}))).unwrap();
-        for cut in 0..buf.len() {
-            assert!(read_frame(&mut &buf[..cut]).is_err(), "cut at {cut}");
-        }
-        for byte in 0..buf.len() {
-            for bit in 0..8 {
-                let mut bad = buf.clone();
-                bad[byte] ^= 1 << bit;
-                assert!(read_frame(&mut &bad[..]).is_err(), "bit {bit} of byte {byte}");
+        let pages = Frame::Pages {
+            region: 0,
+            offset: 0x1000,
+            data: vec![0x5a; 16],
+        };
+        for frame in [Frame::Ready(json!({"bytes": 7})), pages] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &frame).unwrap();
+            for cut in 0..buf.len() {
+                assert!(read_frame(&mut &buf[..cut]).is_err(), "cut at {cut}");
+            }
+            for byte in 0..buf.len() {
+                for bit in 0..8 {
+                    let mut bad = buf.clone();
+                    bad[byte] ^= 1 << bit;
+                    assert!(read_frame(&mut &bad[..]).is_err(), "bit {bit} of byte {byte}");
+                }
             }
         }
         let mut huge = vec![b'M', 4];
