@@ -89,6 +89,14 @@ enum ApiCommand {
     Migrate {
         /// `unix:PATH` or `tcp:HOST:PORT`.
         destination: String,
+        /// Pause the guest for the rest once it would take about this long (1 to 60000; the
+        /// VMM's default: 300).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        downtime_ms: Option<u64>,
+        /// At most this many passes over the written pages after the first (0 to 100; the
+        /// VMM's default: 8).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=100))]
+        max_passes: Option<u64>,
     },
     /// Stop the VMM (PUT /api/v1/vmm/shutdown).
     Shutdown,
@@ -462,8 +470,19 @@ fn request(args: &ApiArgs) -> Result<String, Failure> {
             );
             Ok(text(&resp, human))
         }
-        ApiCommand::Migrate { destination } => {
-            let resp = call(s, "PUT", path::MIGRATE, Some(&json!({ "destination": destination })))?;
+        ApiCommand::Migrate {
+            destination,
+            downtime_ms,
+            max_passes,
+        } => {
+            let mut body = json!({ "destination": destination });
+            if let Some(ms) = downtime_ms {
+                body["downtime_ms"] = json!(ms);
+            }
+            if let Some(n) = max_passes {
+                body["max_passes"] = json!(n);
+            }
+            let resp = call(s, "PUT", path::MIGRATE, Some(&body))?;
             let m = resp.json().unwrap_or_default();
             let human = format!(
                 "migrated to {destination}: {} sent in {} pass{}, guest paused {} ms, {} ms in all; this VMM exits\n",

@@ -908,11 +908,17 @@ fn a_running_guest_migrates_to_another_vmm_and_the_source_exits() {
         400,
         "unix:PATH",
     );
-    let r = source.call(
-        "PUT",
-        "/api/v1/vm/migrate",
-        Some(&json!({ "destination": endpoint }).to_string()),
-    );
+    let bad = json!({ "destination": endpoint, "downtime_ms": 0 }).to_string();
+    source.expect("PUT", "/api/v1/vm/migrate", Some(&bad), 400, "downtime_ms 0");
+    let bad = json!({ "destination": endpoint, "max_passes": 101 }).to_string();
+    source.expect("PUT", "/api/v1/vm/migrate", Some(&bad), 400, "max_passes 101");
+    // Every pass is an event: read them from the source while it migrates.
+    let stream = source.connect();
+    (&stream)
+        .write_all(&format_request("GET", "/api/v1/events?after=0", None))
+        .unwrap();
+    let body = json!({ "destination": endpoint, "downtime_ms": 50, "max_passes": 2 });
+    let r = source.call("PUT", "/api/v1/vm/migrate", Some(&body.to_string()));
     assert_eq!(r.status, 200, "{}: {}", r.text(), dst.log());
     let m = r.json().unwrap();
     assert!(m["bytes"].as_u64().unwrap() > 0, "{m}");
@@ -920,6 +926,10 @@ fn a_running_guest_migrates_to_another_vmm_and_the_source_exits() {
     // The first pass sends what is populated and not zero: of 64 MiB, the guest's code.
     assert!(m["precopy_bytes"].as_u64().unwrap() < MIB, "{m}");
     assert_eq!(m["populated_bytes"].as_u64(), Some(64 * MIB), "{m}");
+    let (_, seen) = events_until(&stream, 64, Some("migration-completed"), Duration::from_secs(5));
+    let pass = seen.iter().find(|e| e["event"] == "migration-pass").unwrap();
+    assert_eq!(pass["pass"], 0, "{pass}");
+    assert_eq!(pass["bytes"], m["precopy_bytes"], "{pass}");
     assert!(
         m["downtime_ms"].as_u64().unwrap() <= m["total_ms"].as_u64().unwrap(),
         "{m}"

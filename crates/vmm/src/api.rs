@@ -15,7 +15,7 @@
 //! | PUT | `/api/v1/vm/reboot` | 204: the machine resets and boots again |
 //! | PUT | `/api/v1/vm/power-off` | 202: the ACPI power button, then a forced stop after `timeout_s` |
 //! | PUT | `/api/v1/vm/snapshot` | body `{"path": FILE}` (absolute, new): the paused VM saved there; 200 with its size |
-//! | PUT | `/api/v1/vm/migrate` | body `{"destination": "unix:PATH" or "tcp:HOST:PORT"}`: the guest moves to the VMM listening there (`--incoming`); 200 with the figures, then this VMM exits |
+//! | PUT | `/api/v1/vm/migrate` | body `{"destination": "unix:PATH" or "tcp:HOST:PORT", "downtime_ms": 300, "max_passes": 8}` (the last two optional): the guest moves, live, to the VMM listening there (`--incoming`); 200 with the figures, then this VMM exits |
 //! | PUT | `/api/v1/vmm/shutdown` | 204, then the VMM stops |
 //! | GET | `/api/v1/memory` | boot RAM, each virtio-mem device's sizes and unassigned (unplugged) accesses, the RAM blocks' host addresses, host and DMA figures |
 //! | PUT | `/api/v1/memory/{id}` | body `{"requested_size": BYTES or "1G"}`: 204 |
@@ -454,8 +454,12 @@ fn snapshot(ctx: &ApiContext, body: &[u8]) -> Answer {
 }
 
 /// `PUT /api/v1/vm/migrate`.
+/// Bounds of `downtime_ms` and `max_passes` in a migration request.
+const MIGRATE_DOWNTIME_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const MIGRATE_MAX_PASSES: std::ops::RangeInclusive<u64> = 0..=100;
+
 fn migrate(ctx: &ApiContext, body: &[u8]) -> Answer {
-    let obj = match object(body, &["destination"]) {
+    let obj = match object(body, &["destination", "downtime_ms", "max_passes"]) {
         Ok(o) => o,
         Err(answer) => return answer,
     };
@@ -467,7 +471,28 @@ fn migrate(ctx: &ApiContext, body: &[u8]) -> Answer {
         Some(other) => return Answer::error(400, format!("destination {other}: unix:PATH or tcp:HOST:PORT")),
         None => return Answer::error(400, "missing field destination"),
     };
-    match ctx.control.migrate(destination) {
+    let mut limits = crate::migration::Limits::default();
+    let bounded = |key: &str, range: &std::ops::RangeInclusive<u64>| match obj.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if range.contains(&n) => Ok(Some(n)),
+            _ => Err(Answer::error(
+                400,
+                format!("{key} {v}: a whole number from {} to {}", range.start(), range.end()),
+            )),
+        },
+    };
+    match bounded("downtime_ms", &MIGRATE_DOWNTIME_MS) {
+        Ok(Some(ms)) => limits.downtime = Duration::from_millis(ms),
+        Ok(None) => {}
+        Err(answer) => return answer,
+    }
+    match bounded("max_passes", &MIGRATE_MAX_PASSES) {
+        Ok(Some(n)) => limits.max_passes = n as u32,
+        Ok(None) => {}
+        Err(answer) => return answer,
+    }
+    match ctx.control.migrate(destination, limits) {
         Ok(summary) => Answer::ok(summary),
         Err(e) => Answer::error(409, e.to_string()),
     }

@@ -59,6 +59,8 @@ pub enum LoopRequest {
     Migrate {
         /// Where the destination VMM listens.
         destination: crate::migration::Endpoint,
+        /// When the precopy stops.
+        limits: crate::migration::Limits,
         /// Connected to it (by the API's thread, so that a slow connect
         /// never holds up the event loop).
         connection: crate::migration::Connection,
@@ -253,7 +255,11 @@ impl VmControl {
     /// Migrates the VM to the VMM listening at `destination` (run by the
     /// event loop: the guest is paused for the transfer). On success the
     /// guest runs there and this VMM stops; on failure it runs here again.
-    pub fn migrate(&self, destination: crate::migration::Endpoint) -> Result<serde_json::Value, ControlError> {
+    pub fn migrate(
+        &self,
+        destination: crate::migration::Endpoint,
+        limits: crate::migration::Limits,
+    ) -> Result<serde_json::Value, ControlError> {
         if self.state() == VmState::Stopped {
             return Err(ControlError::NotRunning);
         }
@@ -263,6 +269,7 @@ impl VmControl {
             .publish("migration-started", json!({ "destination": destination.to_string() }));
         let answer = self.ask_loop(false, |reply| LoopRequest::Migrate {
             destination,
+            limits,
             connection,
             reply,
         })?;

@@ -483,6 +483,8 @@ pub struct Live {
     pub(crate) memory: GuestMemoryMap,
     /// The boot's memory slots, whose dirty log KVM keeps.
     pub(crate) memslots: Arc<Memslots>,
+    /// Where each pass is told.
+    pub(crate) events: Arc<crate::events::EventBus>,
 }
 
 /// Where a precopy left off.
@@ -504,12 +506,25 @@ pub struct Precopy {
     pub(crate) started: Instant,
 }
 
-/// The most passes after the first (all populated memory).
-pub const MAX_DIRTY_PASSES: u32 = 8;
+/// When a precopy stops and the guest is paused for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Stop once the pages left would take at most this long to send at
+    /// the bandwidth of the last pass (default 300 ms).
+    pub downtime: Duration,
+    /// Stop after this many passes over the written pages, after the first
+    /// over all populated memory (default 8; 0: only the first).
+    pub max_passes: u32,
+}
 
-/// Precopy stops once the pages left would take at most this long to send
-/// at the bandwidth of the last pass.
-pub const DOWNTIME_TARGET: Duration = Duration::from_millis(300);
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            downtime: Duration::from_millis(300),
+            max_passes: 8,
+        }
+    }
+}
 
 const PAGE: u64 = memvisor_memory::dirty::DIRTY_PAGE_SIZE;
 
@@ -638,20 +653,25 @@ pub(crate) fn abandon(live: &Live) {
 /// runs and the event loop serves its devices: the first stream (the
 /// fingerprint and virtio-mem: the destination then knows the plugged
 /// blocks), then every populated page, then the pages written meanwhile,
-/// pass after pass, until what is left would take [`DOWNTIME_TARGET`] at
-/// the last pass's bandwidth, nothing is left, or [`MAX_DIRTY_PASSES`]
-/// passes went. virtio-mem answers PLUG and UNPLUG BUSY from here on.
+/// pass after pass, until what is left would take [`Limits::downtime`] at
+/// the last pass's bandwidth, nothing is left, or [`Limits::max_passes`]
+/// passes went; each pass is published as a `migration-pass` event. virtio-mem answers PLUG and UNPLUG BUSY from here on.
 /// On failure it [`abandon`]s.
-pub(crate) fn precopy(live: &Live, conn: &mut Connection) -> Result<Precopy, MigrationError> {
+pub(crate) fn precopy(live: &Live, conn: &mut Connection, limits: Limits) -> Result<Precopy, MigrationError> {
     let started = Instant::now();
-    let result = precopy_passes(live, conn, started);
+    let result = precopy_passes(live, conn, limits, started);
     if result.is_err() {
         abandon(live);
     }
     result
 }
 
-fn precopy_passes(live: &Live, conn: &mut Connection, started: Instant) -> Result<Precopy, MigrationError> {
+fn precopy_passes(
+    live: &Live,
+    conn: &mut Connection,
+    limits: Limits,
+    started: Instant,
+) -> Result<Precopy, MigrationError> {
     let mut out = Counting::new(BufWriter::with_capacity(1 << 20, conn));
     let mut setup = snapshot::setup_registry(&live.config, &lock(&live.machine))?;
     setup.save(&mut out).map_err(SnapshotError::from)?;
@@ -689,7 +709,18 @@ fn precopy_passes(live: &Live, conn: &mut Connection, started: Instant) -> Resul
             left,
             bandwidth / 1e6
         );
-        if left == 0 || estimate <= DOWNTIME_TARGET || passes > MAX_DIRTY_PASSES {
+        live.events.publish(
+            "migration-pass",
+            json!({
+                "pass": passes - 1,
+                "bytes": last.0,
+                "ms": last.1.as_millis() as u64,
+                "bandwidth_bps": bandwidth as u64,
+                "dirty_bytes": left,
+                "estimated_downtime_ms": estimate.as_millis() as u64,
+            }),
+        );
+        if left == 0 || estimate <= limits.downtime || passes > limits.max_passes {
             break dirty;
         }
         let t = Instant::now();
@@ -721,6 +752,7 @@ fn precopy_passes(live: &Live, conn: &mut Connection, started: Instant) -> Resul
 pub(crate) fn precopy_then_return(
     live: Live,
     destination: Endpoint,
+    limits: Limits,
     mut connection: Connection,
     reply: std::sync::mpsc::Sender<Result<Value, String>>,
     back: (
@@ -728,7 +760,7 @@ pub(crate) fn precopy_then_return(
         io::Result<vmm_sys_util::eventfd::EventFd>,
     ),
 ) {
-    let precopy = match precopy(&live, &mut connection) {
+    let precopy = match precopy(&live, &mut connection, limits) {
         Ok(p) => p,
         Err(e) => {
             log::warn!("migration to {destination}: precopy failed, the guest runs on here: {e}");

@@ -743,6 +743,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                         match request {
                             LoopRequest::Migrate {
                                 destination,
+                                limits,
                                 connection,
                                 reply,
                             } => {
@@ -753,10 +754,18 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                                     machine: p.machine.clone(),
                                     memory: memory.clone(),
                                     memslots: vm.memslots_shared(),
+                                    events: p.control.events().clone(),
                                 };
                                 let back = (loop_tx.clone(), wake.try_clone());
                                 let spawned = std::thread::Builder::new().name("migrate".into()).spawn(move || {
-                                    crate::migration::precopy_then_return(live, destination, connection, reply, back)
+                                    crate::migration::precopy_then_return(
+                                        live,
+                                        destination,
+                                        limits,
+                                        connection,
+                                        reply,
+                                        back,
+                                    )
                                 });
                                 if let Err(e) = spawned {
                                     log::error!("no migration thread: {e}");
