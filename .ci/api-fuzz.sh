@@ -48,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 
 # start NAME [ARGS...]: starts a VMM with the idle guest and the API on $run/NAME.sock, waits
-# until it answers; its pid in $vmm.
+# until its guest runs; its pid in $vmm.
 start() {
     local name=$1
     shift
@@ -59,7 +59,8 @@ start() {
     vmm=$!
     pids+=("$vmm")
     for _ in $(seq 100); do
-        if "$memvisor" api --socket "$run/$name.sock" vm >/dev/null 2>&1; then
+        # The API answers before the first boot has started its vCPUs (state "stopped").
+        if "$memvisor" api --socket "$run/$name.sock" vm 2>/dev/null | grep -q '^running'; then
             return 0
         fi
         if ! kill -0 "$vmm" 2>/dev/null; then
