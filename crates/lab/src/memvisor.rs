@@ -307,6 +307,13 @@ impl Memvisor {
             .ok_or_else(|| Error::Vmm("memvisor's API not attached".into()))
     }
 
+    /// `GET /api/v1/vm`.
+    fn vm(&mut self) -> Result<VmInfo> {
+        let r = self.api()?.call("GET", path::VM, None)?;
+        serde_json::from_slice(&r.body)
+            .map_err(|e| Error::Vmm(format!("GET {}: unexpected answer ({e}): {:.300}", path::VM, r.text())))
+    }
+
     /// `GET /api/v1/memory` (the body as received).
     fn memory_body(&mut self) -> Result<crate::http::Response> {
         self.api()?.call("GET", path::MEMORY, None)
@@ -341,11 +348,8 @@ impl Vmm for Memvisor {
     fn attach(&mut self, control: UnixStream) -> Result<()> {
         // A new VMM process (a restore) numbers its events from the start again.
         self.event_seq = 0;
-        let api = self.api.insert(Client::over(control)?);
-        let r = api.call("GET", path::VM, None)?;
-        let vm: VmInfo = serde_json::from_slice(&r.body)
-            .map_err(|e| Error::Vmm(format!("GET {}: unexpected answer ({e}): {:.300}", path::VM, r.text())))?;
-        self.attached = Some(vm);
+        self.api = Some(Client::over(control)?);
+        self.attached = Some(self.vm()?);
         Ok(())
     }
 
@@ -407,9 +411,7 @@ impl Vmm for Memvisor {
         // load is done.
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
-            let r = self.api()?.call("GET", path::VM, None)?;
-            let vm: VmInfo = serde_json::from_slice(&r.body)
-                .map_err(|e| Error::Vmm(format!("GET {}: unexpected answer ({e}): {:.300}", path::VM, r.text())))?;
+            let vm = self.vm()?;
             if vm.state == "running" {
                 return Ok(vm.state);
             }

@@ -574,19 +574,7 @@ impl<'a> Run<'a> {
         let saved = vmm.save_snapshot(&file)?;
         let save_s = t0.elapsed().as_secs_f64();
         vmm.shutdown()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = host.vmm_exit_status()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Vmm("the VMM did not exit within 60 s of its shutdown".into()));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if status != 0 {
-            return Err(Error::Vmm(format!("the saved VMM exited with status {status}")));
-        }
+        exits_cleanly(host, "saved VMM", "its shutdown")?;
         let t1 = Instant::now();
         let mut argv = self.vmm_argv(vmm, &launch)?;
         argv.extend(vmm.restore_args(&file));
@@ -623,21 +611,7 @@ impl<'a> Run<'a> {
         host.start_second_vmm(&argv, socket)?;
         let t0 = Instant::now();
         let figures = vmm.migrate(socket)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = host.vmm_exit_status()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Vmm(
-                    "the source VMM did not exit within 60 s of the migration".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if status != 0 {
-            return Err(Error::Vmm(format!("the source VMM exited with status {status}")));
-        }
+        exits_cleanly(host, "source VMM", "the migration")?;
         let control = host.adopt_second_vmm(&control)?;
         control
             .set_read_timeout(Some(Duration::from_secs(60)))
@@ -784,6 +758,25 @@ impl<'a> Run<'a> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Waits up to 60 s for the VMM (the `who`, asked to go by `after`) to exit, and fails
+/// unless it exits with status 0.
+fn exits_cleanly(host: &mut dyn Host, who: &str, after: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = host.vmm_exit_status()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Vmm(format!("the {who} did not exit within 60 s of {after}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if status != 0 {
+        return Err(Error::Vmm(format!("the {who} exited with status {status}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -100,6 +100,17 @@ pub struct ApiContext {
     pub unassigned: Arc<UnassignedMemory>,
 }
 
+/// Removes a socket file left at `path` (by a VMM that did not clean up),
+/// so that a new listener can bind there; anything else at `path` stays
+/// and makes the bind fail, naming it.
+pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
 /// A running API server; stopping it (or dropping it) joins its thread
 /// and removes the socket.
 pub struct ApiServer {
@@ -118,12 +129,7 @@ impl ApiServer {
     /// Listens on `path` (a stale socket file there is replaced) and serves
     /// `ctx` on a thread.
     pub fn start(path: &Path, ctx: ApiContext) -> std::io::Result<Self> {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        }) {
-            std::fs::remove_file(path)?;
-        }
+        remove_stale_socket(path)?;
         let server = Arc::new(
             Server::http_unix(path)
                 .map_err(|e| std::io::Error::other(format!("API socket {}: {e}", path.display())))?,

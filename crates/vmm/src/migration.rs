@@ -183,12 +183,7 @@ impl Listener {
     pub fn bind(endpoint: &Endpoint) -> io::Result<Self> {
         match endpoint {
             Endpoint::Unix(p) => {
-                if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
-                    std::fs::remove_file(p)?;
-                }
+                crate::api::remove_stale_socket(p)?;
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
             }
             Endpoint::Tcp(a) => Ok(Listener::Tcp(std::net::TcpListener::bind(a)?)),
@@ -528,36 +523,16 @@ impl Default for Limits {
 
 const PAGE: u64 = memvisor_memory::dirty::DIRTY_PAGE_SIZE;
 
-/// The populated pages of `region`: all of a plain region, the plugged
-/// blocks of a managed one.
-fn populated(region: &Region) -> Result<PageSet, MigrationError> {
-    let range = region.range();
-    let mut pages = PageSet::for_bytes(range.len());
-    match region.manager() {
-        None => pages.insert(0, pages.pages()),
-        Some(m) => m
-            .replay_populated(range, &mut |r| {
-                pages.insert_bytes(r.start() - range.start(), r.len());
-                Ok(())
-            })
-            .map_err(|e| MigrationError::Protocol(format!("the populated memory of {range}: {e}")))?,
+/// The populated pages of `region` that may hold data (memfd holes are
+/// never read: reading would allocate them), and how many bytes are
+/// populated.
+fn pages_with_data(region: &Region) -> Result<(PageSet, u64), MigrationError> {
+    let runs = memvisor_vmstate::ram::populated_runs(region).map_err(|e| MigrationError::Protocol(e.to_string()))?;
+    let mut data = PageSet::for_bytes(region.range().len());
+    for &(start, end) in &runs {
+        memvisor_vmstate::ram::data_extents(region, start, end, &mut |s, e| data.insert_bytes(s, e - s));
     }
-    Ok(pages)
-}
-
-/// The populated pages of `region` that may hold data: without the holes
-/// of its memfd, which are never read (reading would allocate them).
-fn with_data(region: &Region, populated: &PageSet) -> Result<PageSet, MigrationError> {
-    let base = region.block_offset();
-    let mut data = PageSet::new(populated.pages());
-    for (first, count) in populated.runs() {
-        let (start, len) = (first * PAGE, (count * PAGE).min(region.range().len() - first * PAGE));
-        region
-            .block()
-            .data_extents(base + start, len, |s, e| data.insert_bytes(s - base, e - s))
-            .map_err(|e| MigrationError::Protocol(format!("the data of {}: {e}", region.range())))?;
-    }
-    Ok(data)
+    Ok((data, runs.iter().map(|(s, e)| e - s).sum()))
 }
 
 /// The pages of region `i` written since the last call, by the guest (the
@@ -689,10 +664,9 @@ fn precopy_passes(
     let mut populated_bytes = 0;
     let t = Instant::now();
     for i in 0..regions {
-        let region = &live.memory.regions()[i];
-        let pages = populated(region)?;
-        populated_bytes += pages.len() * PAGE;
-        page_bytes += send_pages(&mut out, live, i, &with_data(region, &pages)?, true)?;
+        let (pages, populated) = pages_with_data(&live.memory.regions()[i])?;
+        populated_bytes += populated;
+        page_bytes += send_pages(&mut out, live, i, &pages, true)?;
     }
     out.flush().map_err(MigrationError::Control)?;
     let mut last = (page_bytes, t.elapsed());

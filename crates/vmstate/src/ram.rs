@@ -214,6 +214,50 @@ pub fn register_ram_with(
     Ok(())
 }
 
+/// The populated runs of `region`, page-aligned and merged, as region
+/// offsets: all of a plain region, what its discard manager's
+/// `replay_populated` yields for a managed one.
+pub fn populated_runs(region: &Region) -> Result<Vec<(u64, u64)>, SectionError> {
+    let base = region.range().start();
+    let len = region.range().len();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut push = |start: u64, end: u64| {
+        let (s, e) = (align_down(start, RAM_PAGE), align_up(end, RAM_PAGE).min(len));
+        match runs.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => runs.push((s, e)),
+        }
+    };
+    match region.manager() {
+        None => push(0, len),
+        Some(manager) => manager
+            .replay_populated(region.range(), &mut |r| {
+                push(r.start() - base, r.end() - base);
+                Ok(())
+            })
+            .map_err(|e| SectionError::Invalid(format!("replaying the populated memory of {}: {e}", region.range())))?,
+    }
+    Ok(runs)
+}
+
+/// Calls `f(start, end)` for the parts of `[start, end)` (offsets into
+/// `region`) that may hold data: not the holes of a memfd, found without
+/// reading them; see [`RamBlock::data_extents`].
+///
+/// [`RamBlock::data_extents`]: memvisor_memory::RamBlock::data_extents
+pub fn data_extents(region: &Region, start: u64, end: u64, f: &mut dyn FnMut(u64, u64)) {
+    let base = region.block_offset();
+    let result = region
+        .block()
+        .data_extents(base + start, end - start, |s, e| f(s - base, e - base));
+    if let Err(e) = result {
+        // The range comes from the region itself; report everything as
+        // data rather than lose any.
+        log::warn!("data extents of {}: {e}", region.range());
+        f(start, end);
+    }
+}
+
 /// The parts of `runs` (sorted, disjoint region offsets) on `pages`.
 fn intersect(runs: &[(u64, u64)], pages: &PageSet) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -270,57 +314,12 @@ impl RamSection {
         Ok(stats)
     }
 
-    /// The populated runs, page-aligned and merged, as region offsets.
-    fn populated_runs(&self) -> Result<Vec<(u64, u64)>, SectionError> {
-        let region = self.region();
-        let base = region.range().start();
-        let len = region.range().len();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut push = |start: u64, end: u64| {
-            let (s, e) = (align_down(start, RAM_PAGE), align_up(end, RAM_PAGE).min(len));
-            match runs.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => runs.push((s, e)),
-            }
-        };
-        match region.manager() {
-            None => push(0, len),
-            Some(manager) => manager
-                .replay_populated(region.range(), &mut |r| {
-                    push(r.start() - base, r.end() - base);
-                    Ok(())
-                })
-                .map_err(|e| {
-                    SectionError::Invalid(format!("replaying the populated memory of {}: {e}", region.range()))
-                })?,
-        }
-        Ok(runs)
-    }
-
-    /// Calls `f(start, end)` for the parts of `[start, end)` (region
-    /// offsets) that may hold data; see [`RamBlock::data_extents`].
-    ///
-    /// [`RamBlock::data_extents`]: memvisor_memory::RamBlock::data_extents
-    fn data_extents(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64)) {
-        let region = self.region();
-        let base = region.block_offset();
-        let result = region
-            .block()
-            .data_extents(base + start, end - start, |s, e| f(s - base, e - base));
-        if let Err(e) = result {
-            // The range comes from the region itself; report everything as
-            // data rather than lose any.
-            log::warn!("data extents of {}: {e}", region.range());
-            f(start, end);
-        }
-    }
-
     /// The first pass: populated runs and their non-zero pages.
     fn plan(&mut self) -> Result<Plan, SectionError> {
         if let Some(plan) = self.plan.take() {
             return Ok(plan);
         }
-        let mut runs = self.populated_runs()?;
+        let mut runs = populated_runs(self.region())?;
         if let RamMode::SendDelta(pages) = &self.mode {
             runs = intersect(&runs, pages);
         }
@@ -346,7 +345,7 @@ impl RamSection {
                     off += n;
                 }
             };
-            self.data_extents(start, end, &mut mark);
+            data_extents(self.region(), start, end, &mut mark);
         }
         plan.runs = runs;
         Ok(plan)
