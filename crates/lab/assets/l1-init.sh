@@ -74,7 +74,7 @@ start_vmm() {
 		*) break ;;
 		esac
 	done
-	rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp
+	rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp /run/$name.killed
 	[ $name = vmm ] || { rm -f /run/vmm2.in /run/vmm2.out; mkfifo /run/vmm2.in /run/vmm2.out; }
 	(
 		# `exec` in a subshell: $! is the VMM's own pid.
@@ -110,6 +110,49 @@ adopt_vmm() {
 	echo vmm2 >/run/vmm.current
 	start_relay "$1"
 	echo "adopted $(cat /run/vmm2.pid)"
+}
+
+# kill_when_grown KB: in the background, kills the second VMM (SIGKILL) once its VmRSS grew by
+# KB kB over what it is now: a migration's destination, mid-stream. What it saw goes to
+# /run/vmm2.killed.
+kill_when_grown() {
+	pid=$(cat /run/vmm2.pid)
+	start=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
+	[ -n "$start" ] || { echo "the second VMM does not run"; return 1; }
+	rm -f /run/vmm2.killed
+	(
+		while kill -0 "$pid" 2>/dev/null; do
+			now=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
+			if [ -n "$now" ] && [ "$now" -ge $((start + $1)) ]; then
+				kill -9 "$pid"
+				echo "killed at VmRSS $now kB ($start kB when armed)" >/run/vmm2.killed
+				break
+			fi
+			sleep 0.05
+		done
+	) </dev/null >/dev/null 2>&1 &
+	echo "armed at VmRSS $start kB"
+}
+
+# start_proxy LISTEN TARGET FAULT: relays one migration stream from the Unix socket LISTEN to
+# TARGET in the background, breaking it as FAULT says (`memvisor lab proxy`); returns once
+# LISTEN exists.
+start_proxy() {
+	rm -f "$1" /tmp/proxy.log
+	(/lab/memvisor/memvisor lab proxy "$1" "$2" --fault "$3" </dev/null >/tmp/proxy.log 2>&1 &)
+	i=0
+	while [ ! -S "$1" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+	[ -S "$1" ] || { cat /tmp/proxy.log; return 1; }
+}
+
+# second_vmm_exit: once the second VMM has exited, its exit status (`rc N`), the end of its
+# log, and what a fault's killer or proxy saw; fails while it runs.
+second_vmm_exit() {
+	[ -e /run/vmm2.rc ] || return 1
+	echo "rc $(cat /run/vmm2.rc)"
+	tail -n 2 /tmp/vmm2.log
+	cat /run/vmm2.killed /tmp/proxy.log 2>/dev/null
+	return 0
 }
 
 # vmm_status: the VMM's memory counters (kB) from /proc/<pid>/status.

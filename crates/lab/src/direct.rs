@@ -228,6 +228,14 @@ impl Host for Direct {
         ))
     }
 
+    fn break_migration(&mut self, _fault: &crate::host::StreamFault) -> Result<()> {
+        Err(Error::Vmm("migrations run in nested mode only".into()))
+    }
+
+    fn second_vmm_exit(&mut self) -> Result<Option<(i32, String)>> {
+        Err(Error::Vmm("migrations run in nested mode only".into()))
+    }
+
     fn console(&mut self) -> Result<&Lines> {
         Ok(&self.running()?.console)
     }

@@ -9,6 +9,23 @@ use crate::console::Lines;
 use crate::error::Result;
 use crate::vmm::{Accel, Placement};
 
+/// A fault the lab puts on a migration on purpose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamFault {
+    /// Kills the destination (SIGKILL) once its RSS grew by this many kB: mid-stream.
+    KillDestinationAfterKb(u64),
+    /// The stream goes through `memvisor lab proxy` listening at `listen` (the source
+    /// migrates there), which flips one bit of the byte at `offset`.
+    FlipByte {
+        /// The proxy's Unix socket.
+        listen: String,
+        /// The destination's Unix socket.
+        target: String,
+        /// The byte's offset in the source's stream.
+        offset: u64,
+    },
+}
+
 /// What the runner needs from the machine that runs the L2 VMM. Every process it starts is
 /// killed and reaped when it is dropped, on every path.
 pub trait Host {
@@ -30,6 +47,12 @@ pub trait Host {
     /// [`Host::vmm_running`] and the others ask about), its control interface at `control`
     /// relayed; returns a stream on it.
     fn adopt_second_vmm(&mut self, control: &crate::vmm::Control) -> Result<UnixStream>;
+    /// Arms `fault` on the migration to the second VMM (started, listening), before it
+    /// starts.
+    fn break_migration(&mut self, fault: &StreamFault) -> Result<()>;
+    /// Once the second VMM has exited: its exit status (128 + the signal if a signal ended
+    /// it) and the end of its log with what a [`StreamFault`] saw; `None` while it runs.
+    fn second_vmm_exit(&mut self) -> Result<Option<(i32, String)>>;
     /// L2's serial console (lines from the guest).
     fn console(&mut self) -> Result<&Lines>;
     /// Writes `text` to L2's serial console (answers to the guest).

@@ -22,6 +22,7 @@ pub mod http;
 pub mod image;
 pub mod memvisor;
 pub mod nested;
+pub mod proxy;
 pub mod qemu;
 pub mod qmp;
 pub mod report;

@@ -451,6 +451,10 @@ impl Vmm for Memvisor {
         }
     }
 
+    fn vm_state(&mut self) -> Result<String> {
+        Ok(self.vm()?.state)
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         self.api()?.call("PUT", path::SHUTDOWN, None).map(drop)
     }

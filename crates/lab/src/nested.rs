@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::apt::Packages;
 use crate::console::{Lines, NoLine};
 use crate::error::{Error, IoContext, Result};
-use crate::host::Host;
+use crate::host::{Host, StreamFault};
 use crate::runner::{ChildGuard, shell_quote, stage_err};
 use crate::scenario::{DiskKind, Scenario};
 use crate::vmm::{Control, Placement};
@@ -258,6 +258,12 @@ impl Host for Nested {
     }
 
     fn start_second_vmm(&mut self, argv: &[String], listens: &str) -> Result<()> {
+        // A socket file left by an earlier destination would pass the wait below at once.
+        self.exec_ok(
+            &format!("rm -f {}", shell_quote(listens)),
+            Duration::from_secs(20),
+            "removing an old migration socket in L1",
+        )?;
         let mut words = vec!["start_vmm".to_string(), "--second".into()];
         words.extend(argv.iter().map(|a| shell_quote(a)));
         let out = self.exec_ok(&words.join(" "), Duration::from_secs(30), "starting a second VMM in L1")?;
@@ -288,6 +294,32 @@ impl Host for Nested {
             "handing the control relay to the second VMM",
         )?;
         self.relay.try_clone().ctx(|| "cloning the relay".into())
+    }
+
+    fn break_migration(&mut self, fault: &StreamFault) -> Result<()> {
+        let line = match fault {
+            StreamFault::KillDestinationAfterKb(kb) => format!("kill_when_grown {kb}"),
+            StreamFault::FlipByte { listen, target, offset } => format!(
+                "start_proxy {} {} flip:{offset}",
+                shell_quote(listen),
+                shell_quote(target)
+            ),
+        };
+        self.exec_ok(&line, Duration::from_secs(30), "arming a fault on the migration in L1")
+            .map(drop)
+    }
+
+    fn second_vmm_exit(&mut self) -> Result<Option<(i32, String)>> {
+        let (rc, out) = self.exec("second_vmm_exit", Duration::from_secs(20))?;
+        if rc != 0 {
+            return Ok(None);
+        }
+        let status = out
+            .first()
+            .and_then(|l| l.strip_prefix("rc "))
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Vmm(format!("L1's second VMM exit: {}", out.join(" | "))))?;
+        Ok(Some((status, out[1..].join(" | "))))
     }
 
     fn console(&mut self) -> Result<&Lines> {

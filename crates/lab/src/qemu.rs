@@ -235,6 +235,15 @@ impl Vmm for Qemu {
         Ok(figures)
     }
 
+    fn vm_state(&mut self) -> Result<String> {
+        let status = self.qmp()?.execute("query-status", None)?;
+        status
+            .get("status")
+            .and_then(|s| s.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| Error::Vmm(format!("query-status: {status}")))
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         self.qmp()?.send("quit")
     }

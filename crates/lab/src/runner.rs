@@ -12,14 +12,14 @@ use crate::apt::{self, Packages};
 use crate::console::NoLine;
 use crate::direct::{self, Direct};
 use crate::error::{Error, IoContext, Result};
-use crate::host::{Host, KvmProbe, Mode, ModeChoice, Topology};
+use crate::host::{Host, KvmProbe, Mode, ModeChoice, StreamFault, Topology};
 use crate::image::{self, Modules};
 use crate::nested::Nested;
 use crate::report::{
     self, Figures, GuestReport, HostSample, HostStep, Observation, RETURNED_FRACTION, Report, StageTime, VmmExit,
 };
 use crate::scenario::{DiskKind, Expectation, Scenario, Size};
-use crate::vmm::{self, Accel, Launch, Placement, RamBlock, SizeWatch, Vmm, VmmKind};
+use crate::vmm::{self, Accel, Control, Launch, Placement, RamBlock, SizeWatch, Vmm, VmmKind};
 
 /// How long a shrinking resize waits, once the device reached the size, for the VMM's RSS
 /// to give the memory back ([`HostStep::returned_s`]).
@@ -27,6 +27,16 @@ const RETURN_GRACE: Duration = Duration::from_secs(3);
 /// How often a resize step looks at the plugged size (or the longest it waits for the VMM's
 /// size-change reports at once).
 const POLL: Duration = Duration::from_millis(100);
+
+/// Where a migration's destination listens in L1.
+const MIGRATION_SOCKET: &str = "/run/migrate.sock";
+
+/// `migrate kill-destination`: the destination is killed once its RSS grew by this much
+/// (64 MiB of a stream of about 250 MB in the shipped scenarios): mid-stream.
+const KILL_DESTINATION_AFTER_KB: u64 = 64 << 10;
+
+/// `migrate corrupt`: the offset of the byte flipped (32 MiB into the stream: guest pages).
+const CORRUPT_OFFSET: u64 = 32 << 20;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -538,8 +548,9 @@ impl<'a> Run<'a> {
                 ["unassigned", id] => self.unassigned(host, vmm, id, &mut step),
                 ["restore"] => self.save_and_restore(host, vmm, &mut step),
                 ["migrate"] => self.migrate(host, vmm, &mut step),
+                ["migrate", fault] => self.migrate_broken(host, vmm, fault),
                 _ => Err(Error::Vmm(format!(
-                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID, restore, migrate)"
+                    "cannot do `{request}` (resize ID SIZE, stats, unassigned ID, restore, migrate [FAULT])"
                 ))),
             }
         };
@@ -599,18 +610,9 @@ impl<'a> Run<'a> {
     /// migrates the guest to it, waits for the first VMM to exit 0, and controls the second
     /// from then on. The guest that asked gets the answer from the second VMM's console.
     fn migrate(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, step: &mut HostStep) -> Result<String> {
-        let mut launch = self
-            .launch
-            .clone()
-            .ok_or_else(|| Error::Vmm("the VMM was not started".into()))?;
-        let control = launch.placement.second_control();
-        launch.placement.control = control.clone();
-        let socket = "/run/migrate.sock";
-        let mut argv = self.vmm_argv(vmm, &launch)?;
-        argv.extend(vmm.incoming_args(socket));
-        host.start_second_vmm(&argv, socket)?;
+        let control = self.start_destination(host, vmm)?;
         let t0 = Instant::now();
-        let figures = vmm.migrate(socket)?;
+        let figures = vmm.migrate(MIGRATION_SOCKET)?;
         exits_cleanly(host, "source VMM", "the migration")?;
         let control = host.adopt_second_vmm(&control)?;
         control
@@ -627,6 +629,88 @@ impl<'a> Run<'a> {
             figures.passes,
             t0.elapsed().as_secs_f64(),
             resumed.trim()
+        ))
+    }
+
+    /// Starts a second VMM beside the first, with the same command line but its own control
+    /// interface, waiting for a migration on [`MIGRATION_SOCKET`]; returns that interface.
+    fn start_destination(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm) -> Result<Control> {
+        let mut launch = self
+            .launch
+            .clone()
+            .ok_or_else(|| Error::Vmm("the VMM was not started".into()))?;
+        let control = launch.placement.second_control();
+        launch.placement.control = control.clone();
+        let mut argv = self.vmm_argv(vmm, &launch)?;
+        argv.extend(vmm.incoming_args(MIGRATION_SOCKET));
+        host.start_second_vmm(&argv, MIGRATION_SOCKET)?;
+        Ok(control)
+    }
+
+    /// The host step `migrate FAULT`: a migration that must fail, after which the guest must
+    /// run on in the first VMM with its pins as before. `kill-destination`: the destination is
+    /// killed mid-stream ([`KILL_DESTINATION_AFTER_KB`]); `corrupt`: one bit of the stream's
+    /// byte [`CORRUPT_OFFSET`] is flipped on the way; `refused`: no destination at all, the
+    /// VMM must refuse at once (an assigned device that cannot migrate says why).
+    fn migrate_broken(&mut self, host: &mut dyn Host, vmm: &mut dyn Vmm, fault: &str) -> Result<String> {
+        let fault = match fault {
+            "kill-destination" => Some(StreamFault::KillDestinationAfterKb(KILL_DESTINATION_AFTER_KB)),
+            "corrupt" => Some(StreamFault::FlipByte {
+                listen: "/run/migrate-proxy.sock".into(),
+                target: MIGRATION_SOCKET.into(),
+                offset: CORRUPT_OFFSET,
+            }),
+            "refused" => None,
+            other => {
+                return Err(Error::Vmm(format!(
+                    "no migration fault `{other}` (kill-destination, corrupt, refused)"
+                )));
+            }
+        };
+        let pins = self.sample(host)?.pin_kb;
+        let target = match &fault {
+            None => "/run/no-destination.sock".to_string(),
+            Some(f) => {
+                self.start_destination(host, vmm)?;
+                host.break_migration(f)?;
+                match f {
+                    StreamFault::FlipByte { listen, .. } => listen.clone(),
+                    StreamFault::KillDestinationAfterKb(_) => MIGRATION_SOCKET.into(),
+                }
+            }
+        };
+        let t0 = Instant::now();
+        let why = match vmm.migrate(&target) {
+            Ok(f) => {
+                return Err(Error::Vmm(format!(
+                    "the migration completed ({:.2} s, {} bytes) despite the fault {fault:?}",
+                    f.total_s, f.bytes
+                )));
+            }
+            Err(e) => e.to_string().replace('\n', " "),
+        };
+        let failed_s = t0.elapsed().as_secs_f64();
+        let destination = match fault {
+            None => "none".to_string(),
+            Some(_) => {
+                let (status, log) = wait_exit(|| host.second_vmm_exit(), "destination VMM", "the failed migration")?;
+                format!("exit status {status} ({log})")
+            }
+        };
+        let state = vmm.vm_state()?;
+        if state != "running" {
+            return Err(Error::Vmm(format!(
+                "the source VMM's guest is `{state}` after the failed migration ({why}), not running"
+            )));
+        }
+        let pins_after = self.sample(host)?.pin_kb;
+        if pins_after != pins {
+            return Err(Error::Vmm(format!(
+                "the source VMM pins {pins_after} kB after the failed migration, {pins} kB before"
+            )));
+        }
+        Ok(format!(
+            "failed after {failed_s:.2} s: {why}; destination: {destination}; the source runs, pin_kb {pins} before and after"
         ))
     }
 
@@ -762,17 +846,22 @@ impl<'a> Run<'a> {
 
 /// Waits up to 60 s for the VMM (the `who`, asked to go by `after`) to exit, and fails
 /// unless it exits with status 0.
-fn exits_cleanly(host: &mut dyn Host, who: &str, after: &str) -> Result<()> {
+/// Polls `exited` until it has the `who` VMM's exit (status or more), for up to 60 s.
+fn wait_exit<T>(mut exited: impl FnMut() -> Result<Option<T>>, who: &str, after: &str) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = host.vmm_exit_status()? {
-            break status;
+    loop {
+        if let Some(exit) = exited()? {
+            return Ok(exit);
         }
         if Instant::now() > deadline {
             return Err(Error::Vmm(format!("the {who} did not exit within 60 s of {after}")));
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+fn exits_cleanly(host: &mut dyn Host, who: &str, after: &str) -> Result<()> {
+    let status = wait_exit(|| host.vmm_exit_status(), who, after)?;
     if status != 0 {
         return Err(Error::Vmm(format!("the {who} exited with status {status}")));
     }

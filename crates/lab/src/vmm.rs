@@ -294,6 +294,8 @@ pub trait Vmm {
     /// Migrates the running guest to the VMM listening on the Unix socket `path` and waits
     /// until it runs there; the source VMM is then asked to quit (memvisor exits by itself).
     fn migrate(&mut self, path: &str) -> Result<MigrationFigures>;
+    /// The VM's run state as the VMM names it (`running` in both when the guest runs).
+    fn vm_state(&mut self) -> Result<String>;
     /// Asks the VMM to stop (it is killed by the runner anyway).
     fn shutdown(&mut self) -> Result<()>;
 }

@@ -28,6 +28,8 @@ fn every_shipped_scenario_parses_with_its_script() {
             "boot",
             "bypass",
             "live-migrate",
+            "live-migrate-corrupt",
+            "live-migrate-kill-dest",
             "poweroff",
             "reboot",
             "snapshot-restore",

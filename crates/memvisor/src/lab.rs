@@ -38,6 +38,27 @@ pub fn setup() -> ExitCode {
     }
 }
 
+/// `memvisor lab proxy`: relays one migration stream from `listen` to `target` (Unix
+/// sockets), breaking it as `fault` says; prints the bytes that went through.
+pub fn proxy(listen: &Path, target: &Path, fault: memvisor_lab::proxy::Fault) -> ExitCode {
+    let relayed = memvisor_lab::proxy::Proxy::bind(listen, target, fault)
+        .map_err(|e| format!("binding {}: {e}", listen.display()))
+        .and_then(|p| {
+            p.relay_one()
+                .map_err(|e| format!("relaying to {}: {e}", target.display()))
+        });
+    match relayed {
+        Ok(bytes) => {
+            println!("relayed {bytes} bytes");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("memvisor lab proxy: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// What `memvisor lab run` was asked to do.
 #[derive(Debug, Clone)]
 pub struct LabArgs {

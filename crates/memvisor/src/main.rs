@@ -128,6 +128,17 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Relay one migration stream between two Unix sockets, breaking it on purpose (the
+    /// `live-migrate-corrupt` scenario runs this in L1).
+    Proxy {
+        /// The socket the migration's source connects to.
+        listen: PathBuf,
+        /// The destination's socket.
+        target: PathBuf,
+        /// `none`, `flip:OFFSET` (one bit of the byte at OFFSET) or `cut:OFFSET`.
+        #[arg(long, default_value = "none")]
+        fault: memvisor_lab::proxy::Fault,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +303,7 @@ fn main() -> ExitCode {
                 mode: mode.choice(),
                 json,
             }),
+            LabCommand::Proxy { listen, target, fault } => lab::proxy(&listen, &target, fault),
         },
         Command::Bench {
             json,

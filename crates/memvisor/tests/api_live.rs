@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use memvisor_lab::http::{Response, format_request, read_response};
+use memvisor_lab::proxy::{Fault, Proxy};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -975,11 +976,11 @@ fn a_failed_migration_leaves_the_guest_running_at_the_source() {
     // A byte flipped on the way: the destination finds it, refuses, and pins nothing.
     for (what, fault) in [("flipped", Fault::Flip(20_000)), ("cut", Fault::Cut(20_000))] {
         let (mut dst, endpoint) = destination(&[]);
-        let proxy = Proxy::start(&endpoint, fault);
+        let link = faulty_link(&endpoint, fault);
         let r = source.call(
             "PUT",
             "/api/v1/vm/migrate",
-            Some(&json!({ "destination": proxy.endpoint }).to_string()),
+            Some(&json!({ "destination": link }).to_string()),
         );
         assert_eq!(r.status, 409, "{what}: {}", r.text());
         assert_eq!(dst.wait_exit(Duration::from_secs(10)).code(), Some(1), "{what}");
@@ -999,61 +1000,76 @@ fn a_failed_migration_leaves_the_guest_running_at_the_source() {
     dst.shutdown();
 }
 
-/// What a [`Proxy`] does to the source's stream.
-#[derive(Clone, Copy)]
-enum Fault {
-    /// Flips one bit of the byte at this offset.
-    Flip(usize),
-    /// Closes both connections after this many bytes.
-    Cut(usize),
+/// Starts a relay to the migration endpoint `destination` (`unix:PATH`) that breaks the
+/// source's stream as `fault` says; returns the endpoint the source migrates to.
+fn faulty_link(destination: &str, fault: Fault) -> String {
+    let target = PathBuf::from(destination.trim_start_matches("unix:"));
+    let listen = PathBuf::from(format!("{}.proxy", target.display()));
+    let proxy = Proxy::bind(&listen, &target, fault).unwrap();
+    std::thread::spawn(move || proxy.relay_one());
+    format!("unix:{}", listen.display())
 }
 
-/// A relay between a migration's source and its destination that breaks the stream.
-struct Proxy {
-    endpoint: String,
-}
-
-impl Proxy {
-    fn start(destination: &str, fault: Fault) -> Self {
-        let path = PathBuf::from(format!("{}.proxy", destination.trim_start_matches("unix:")));
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let target = PathBuf::from(destination.trim_start_matches("unix:"));
-        std::thread::spawn(move || {
-            let (from_source, _) = listener.accept().unwrap();
-            let to_destination = UnixStream::connect(&target).unwrap();
-            // The destination's frames go back untouched.
-            let (mut back_in, mut back_out) = (to_destination.try_clone().unwrap(), from_source.try_clone().unwrap());
-            std::thread::spawn(move || std::io::copy(&mut back_in, &mut back_out));
-            let (mut input, mut output) = (from_source, to_destination);
-            let mut offset = 0usize;
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let chunk = &mut buf[..n];
-                match fault {
-                    Fault::Flip(at) if (offset..offset + n).contains(&at) => chunk[at - offset] ^= 0x10,
-                    Fault::Cut(at) if offset + n >= at => {
-                        let _ = output.write_all(&chunk[..at - offset]);
-                        let _ = output.shutdown(std::net::Shutdown::Both);
-                        let _ = input.shutdown(std::net::Shutdown::Both);
-                        break;
-                    }
-                    _ => {}
-                }
-                if output.write_all(chunk).is_err() {
-                    break;
-                }
-                offset += n;
+#[test]
+fn a_source_killed_after_it_sent_go_leaves_the_guest_running_at_the_destination() {
+    use memvisor_vmm::migration::{Frame, read_frame, write_frame};
+    let mut source = Vmm::start();
+    wait_banner(&source);
+    let (dst, endpoint) = destination(&[]);
+    // A relay that passes the source's stream and the destination's READY, but keeps its
+    // RUNNING: the source has sent GO and never learns how it ended.
+    let target = PathBuf::from(endpoint.trim_start_matches("unix:"));
+    let listen = PathBuf::from(format!("{}.relay", target.display()));
+    let listener = std::os::unix::net::UnixListener::bind(&listen).unwrap();
+    let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (from_source, _) = listener.accept().unwrap();
+        let to_destination = UnixStream::connect(&target).unwrap();
+        let (mut up_in, mut up_out) = (from_source.try_clone().unwrap(), to_destination.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut up_in, &mut up_out));
+        let (mut back_in, mut back_out) = (to_destination, from_source);
+        while let Ok(frame) = read_frame(&mut back_in) {
+            if frame == Frame::Running {
+                let _ = ran_tx.send(());
+                // Held open, silent: the source waits for RUNNING until it is killed.
+                std::thread::sleep(Duration::from_secs(30));
+                return;
             }
-        });
-        Proxy {
-            endpoint: format!("unix:{}", path.display()),
+            write_frame(&mut back_out, &frame).unwrap();
         }
+    });
+    let link = format!("unix:{}", listen.display());
+    let call = {
+        let sock = source.sock.clone();
+        let body = json!({ "destination": link }).to_string();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(sock).unwrap();
+            s.write_all(&format_request("PUT", "/api/v1/vm/migrate", Some(body.as_bytes())))
+                .unwrap();
+            read_response(&mut BufReader::new(s), "PUT")
+        })
+    };
+    ran_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the destination never ran the guest: {}", dst.log()));
+    // The source sent GO and waits: kill it there.
+    source.child.kill().unwrap();
+    let status = source.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), None, "killed by a signal: {status:?}");
+    assert!(call.join().unwrap().is_err(), "the killed source answered");
+    // The destination owns the guest: it runs, did not boot again, and obeys.
+    for _ in 0..3 {
+        let vm = dst.assert_alive();
+        assert_eq!((vm["state"].as_str(), vm["boots"].as_u64()), (Some("running"), Some(1)));
+        std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(dst.banners(), 0, "the migrated guest booted again");
+    dst.expect("PUT", "/api/v1/vm/pause", None, 204, "");
+    assert_eq!(dst.get("/api/v1/vm")["state"], "paused");
+    dst.expect("PUT", "/api/v1/vm/resume", None, 204, "");
+    assert_eq!(dst.get("/api/v1/vm")["state"], "running");
+    dst.shutdown();
+    let _ = std::fs::remove_file(&listen);
 }
 
 #[test]

@@ -10,9 +10,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_NUM_REGIONS, VFIO_TYPE, vfio_device_info, vfio_irq_info, vfio_irq_set,
-    vfio_region_info,
+    VFIO_BASE, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY, VFIO_PCI_NUM_REGIONS, VFIO_TYPE, vfio_device_info,
+    vfio_irq_info, vfio_irq_set, vfio_region_info,
 };
 
 use crate::VfioPciError;
@@ -26,6 +27,52 @@ vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE as u32, VFIO_B
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, VFIO_TYPE as u32, VFIO_BASE + 9);
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE as u32, VFIO_BASE + 10);
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE as u32, VFIO_BASE + 17);
+
+/// `struct vfio_device_feature` followed by `struct vfio_device_feature_migration`: the
+/// argument of `VFIO_DEVICE_FEATURE` for `VFIO_DEVICE_FEATURE_MIGRATION`.
+#[repr(C)]
+struct MigrationFeature {
+    argsz: u32,
+    flags: u32,
+    migration_flags: u64,
+}
+
+/// What a device's driver says of migration (`VFIO_DEVICE_FEATURE_MIGRATION`, the v2
+/// migration protocol of Linux 5.18 and later).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationSupport {
+    /// The driver cannot migrate the device: the ioctl failed with this errno (`ENOTTY`
+    /// from vfio-pci without a migration-capable variant driver, or from a kernel older
+    /// than the v2 protocol).
+    Unsupported(i32),
+    /// The driver migrates the device; its `VFIO_MIGRATION_*` flags.
+    Supported(u64),
+}
+
+impl std::fmt::Display for MigrationSupport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            MigrationSupport::Unsupported(errno) => write!(
+                f,
+                "its driver does not support migration (VFIO_DEVICE_FEATURE_MIGRATION: {})",
+                io::Error::from_raw_os_error(errno)
+            ),
+            MigrationSupport::Supported(flags) => {
+                let names: Vec<&str> = [
+                    (VFIO_MIGRATION_STOP_COPY, "STOP_COPY"),
+                    (VFIO_MIGRATION_P2P, "P2P"),
+                    (VFIO_MIGRATION_PRE_COPY, "PRE_COPY"),
+                ]
+                .iter()
+                .filter(|(bit, _)| flags & u64::from(*bit) != 0)
+                .map(|(_, name)| *name)
+                .collect();
+                write!(f, "its driver supports migration ({})", names.join(", "))
+            }
+        }
+    }
+}
 
 /// The longest device name accepted (a PCI BDF is 12 characters).
 const MAX_NAME_LEN: usize = 64;
@@ -117,6 +164,23 @@ impl VfioDeviceFd {
     /// The name the device was opened with.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Asks the device's driver whether it can migrate the device
+    /// (`VFIO_DEVICE_FEATURE` with `GET | MIGRATION`).
+    pub fn migration_support(&self) -> MigrationSupport {
+        let mut feature = MigrationFeature {
+            argsz: size_of::<MigrationFeature>() as u32,
+            flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION,
+            migration_flags: 0,
+        };
+        // SAFETY: `feature` is a valid vfio_device_feature of `argsz` bytes whose data is
+        // a vfio_device_feature_migration; the kernel writes only within it.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), VFIO_DEVICE_FEATURE(), &mut feature) };
+        match check_ioctl(ret) {
+            Ok(_) => MigrationSupport::Supported(feature.migration_flags),
+            Err(e) => MigrationSupport::Unsupported(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
     }
 
     /// True if the kernel can reset the device (`VFIO_DEVICE_FLAGS_RESET`).
@@ -271,6 +335,29 @@ mod tests {
         assert_eq!(VFIO_DEVICE_GET_IRQ_INFO(), 0x3b6d);
         assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
         assert_eq!(VFIO_DEVICE_RESET(), 0x3b6f);
+        assert_eq!(VFIO_DEVICE_FEATURE(), 0x3b75);
+        // struct vfio_device_feature (8 bytes) + struct vfio_device_feature_migration (8).
+        assert_eq!(size_of::<MigrationFeature>(), 16);
+    }
+
+    #[test]
+    fn migration_support_says_what_the_driver_said() {
+        let none = MigrationSupport::Unsupported(libc::ENOTTY).to_string();
+        assert!(none.contains("does not support migration"), "{none}");
+        assert!(none.contains("Inappropriate ioctl"), "{none}");
+        let some = MigrationSupport::Supported(u64::from(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY));
+        assert_eq!(some.to_string(), "its driver supports migration (STOP_COPY, PRE_COPY)");
+    }
+
+    #[test]
+    fn a_file_that_is_no_vfio_device_cannot_migrate() {
+        let device = VfioDeviceFd {
+            file: File::open("/dev/null").unwrap(),
+            name: "null".into(),
+            flags: 0,
+            regions: Vec::new(),
+        };
+        assert_eq!(device.migration_support(), MigrationSupport::Unsupported(libc::ENOTTY));
     }
 
     #[test]

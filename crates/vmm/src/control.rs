@@ -99,6 +99,8 @@ const LOOP_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Boot {
     vcpus: Arc<VcpuControl>,
+    /// Why this boot cannot be saved or migrated; empty if it can.
+    blockers: Vec<String>,
     power_button: EventFd,
     requests: LoopRequests,
 }
@@ -155,11 +157,19 @@ impl VmControl {
         &self.events
     }
 
-    /// A boot started with these vCPUs, this power-button irqfd, and its
-    /// event loop taking `requests`.
-    pub fn booted(&self, vcpus: Arc<VcpuControl>, power_button: EventFd, requests: LoopRequests) {
+    /// A boot started with these vCPUs, these reasons it cannot be saved or
+    /// migrated (none if it can), this power-button irqfd, and its event
+    /// loop taking `requests`.
+    pub fn booted(
+        &self,
+        vcpus: Arc<VcpuControl>,
+        blockers: Vec<String>,
+        power_button: EventFd,
+        requests: LoopRequests,
+    ) {
         *lock(&self.boot) = Some(Boot {
             vcpus,
+            blockers,
             power_button,
             requests,
         });
@@ -260,8 +270,13 @@ impl VmControl {
         destination: crate::migration::Endpoint,
         limits: crate::migration::Limits,
     ) -> Result<serde_json::Value, ControlError> {
-        if self.state() == VmState::Stopped {
-            return Err(ControlError::NotRunning);
+        let blocker = match &*lock(&self.boot) {
+            None => return Err(ControlError::NotRunning),
+            Some(b) => b.blockers.first().cloned(),
+        };
+        // Refused before anything reaches the destination.
+        if let Some(why) = blocker {
+            return Err(ControlError::Migration(why));
         }
         let connection = crate::migration::Connection::connect(&destination)
             .map_err(|e| ControlError::Migration(format!("connecting to {destination}: {e}")))?;

@@ -885,7 +885,7 @@ pub(crate) fn send(
     live: &Live,
     precopy: Precopy,
 ) -> Result<Value, MigrationError> {
-    snapshot::check_saveable(parts.config)?;
+    snapshot::check_saveable(parts)?;
     let started = precopy.started;
     let was_paused = vcpus.is_paused();
     if !was_paused {

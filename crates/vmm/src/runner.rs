@@ -19,7 +19,7 @@ use std::time::Instant;
 use memvisor_machine::Machine;
 use memvisor_pci::bus::SharedDevice;
 use memvisor_pci::{BarAllocator, DeviceAccess, PciRoot, QueueNotifier, VirtioPciDevice, VirtioPciOptions};
-use memvisor_vfio_pci::{VfioDeviceFd, VfioPciDevice};
+use memvisor_vfio_pci::{MigrationSupport, VfioDeviceFd, VfioPciDevice};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio_blk::{BlockConfig, VirtioBlk};
 use serde_json::{Value, json};
@@ -578,8 +578,11 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
         let behind = iommu_present && config.disk_endpoint(i).is_some();
         add(p.disks[i].clone(), slot, 1, behind)?;
     }
+    // What keeps this VM from being saved or migrated, each naming its device.
+    let mut blockers = Vec::new();
     for ((v, &slot), container) in config.vfio.iter().zip(&slots.vfio).zip(&vfio_containers) {
-        let device = open_vfio(&v.host, container.as_deref(), &router)?;
+        let (device, migration) = open_vfio(&v.host, container.as_deref(), &router)?;
+        blockers.push(crate::snapshot::vfio_blocker(&v.host, migration));
         log::info!("VFIO {} in slot {slot}: {}", v.host, device.info());
         device_memory.add_device(slot, &v.host, device.map_bars(crate::memslots::PAGE_SIZE));
         root.add_device_at(slot, Arc::new(Mutex::new(device)))
@@ -630,6 +633,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
         machine: &p.machine,
         transports: &transports,
         serial: p.serial.as_ref(),
+        blockers: &blockers,
     };
     let disks: Vec<(String, Arc<Mutex<VirtioBlk>>)> = config
         .disks
@@ -718,6 +722,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
     let mut threads = VcpuThreads::start(vcpus, platform, p.exit.clone()).map_err(setup("starting vCPU threads"))?;
     p.control.booted(
         threads.control().clone(),
+        blockers.clone(),
         power_button,
         LoopRequests {
             tx: requests_tx,
@@ -909,12 +914,13 @@ fn read_stdin(buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Opens the assigned function `host` through its VFIO container's group,
-/// with an MSI-X vector (GSI and irqfd) per vector the function has.
+/// with an MSI-X vector (GSI and irqfd) per vector the function has; and
+/// what its driver says of migration.
 fn open_vfio(
     host: &str,
     container: Option<&memvisor_dma::vfio::VfioContainerMapper>,
     router: &Arc<GsiRouter>,
-) -> Result<VfioPciDevice, RunError> {
+) -> Result<(VfioPciDevice, MigrationSupport), RunError> {
     let what = || format!("VFIO device {host}");
     let container = container.ok_or_else(|| RunError::Setup {
         what: what(),
@@ -925,10 +931,13 @@ fn open_vfio(
         source: "its VFIO group is not open".into(),
     })?;
     let io = VfioDeviceFd::open(group, host).map_err(setup(what()))?;
+    let migration = io.migration_support();
+    log::info!("VFIO device {host}: {migration}");
     let vectors = VfioPciDevice::msix_vectors_of(&io).map_err(setup(what()))?;
     let msi = KvmMsiVectors::new(router.clone(), vectors).map_err(setup(format!("MSI-X vectors of {host}")))?;
     let irqfds = msi.irqfds().map_err(setup(format!("irqfds of {host}")))?;
-    VfioPciDevice::new(Box::new(io), Arc::new(msi), irqfds).map_err(setup(what()))
+    let device = VfioPciDevice::new(Box::new(io), Arc::new(msi), irqfds).map_err(setup(what()))?;
+    Ok((device, migration))
 }
 
 /// Puts an interactive stdin in raw mode for the guest's console and

@@ -238,6 +238,8 @@ pub(crate) struct BootParts<'a> {
     pub transports: &'a [(u8, Arc<Mutex<VirtioPciDevice>>)],
     /// The serial port, if any.
     pub serial: Option<&'a Arc<Mutex<Serial>>>,
+    /// Why the VM cannot be saved or migrated ([`vfio_blocker`]); empty if it can.
+    pub blockers: &'a [String],
 }
 
 /// What a restore leaves for the runner to apply last, in this order.
@@ -359,14 +361,24 @@ fn registry(
     Ok(registry)
 }
 
-/// Refuses a machine whose state cannot all be saved: an assigned (VFIO)
-/// device's state is not.
-pub(crate) fn check_saveable(config: &VmmConfig) -> Result<(), SnapshotError> {
-    match config.vfio.first() {
-        Some(v) => Err(SnapshotError::Unsupported(format!(
-            "VFIO device {} cannot be saved or migrated: memvisor does not save an assigned device's state",
-            v.host
-        ))),
+/// Why an assigned (VFIO) device keeps the VM from being saved or migrated:
+/// what its driver said of migration, and, if it can migrate, that memvisor
+/// does not carry an assigned device's state.
+pub(crate) fn vfio_blocker(host: &str, migration: memvisor_vfio_pci::MigrationSupport) -> String {
+    match migration {
+        memvisor_vfio_pci::MigrationSupport::Unsupported(_) => {
+            format!("VFIO device {host} cannot be saved or migrated: {migration}")
+        }
+        memvisor_vfio_pci::MigrationSupport::Supported(_) => format!(
+            "VFIO device {host} cannot be saved or migrated: {migration}, but memvisor does not carry an assigned device's state"
+        ),
+    }
+}
+
+/// Refuses a machine whose state cannot all be saved ([`BootParts::blockers`]).
+pub(crate) fn check_saveable(parts: &BootParts<'_>) -> Result<(), SnapshotError> {
+    match parts.blockers.first() {
+        Some(why) => Err(SnapshotError::Unsupported(why.clone())),
         None => Ok(()),
     }
 }
@@ -380,7 +392,7 @@ pub(crate) fn save_stream(
     ram: &dyn Fn(usize) -> RamMode,
     out: &mut dyn Write,
 ) -> Result<memvisor_vmstate::Summary, SnapshotError> {
-    check_saveable(parts.config)?;
+    check_saveable(parts)?;
     let captured = vcpus
         .with_parked(|vcpu| {
             let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
@@ -410,7 +422,7 @@ pub(crate) fn save_stream(
 /// file is refused; a failed save removes what it wrote). Returns the
 /// summary the API answers with. The VM stays paused.
 pub(crate) fn save(parts: &BootParts<'_>, vm: &Vm, vcpus: &VcpuControl, path: &Path) -> Result<Value, SnapshotError> {
-    check_saveable(parts.config)?;
+    check_saveable(parts)?;
     let started = Instant::now();
     let file_error = |source| SnapshotError::File {
         path: path.to_path_buf(),
