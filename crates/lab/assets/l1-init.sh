@@ -54,34 +54,38 @@ start_relay() {
 }
 
 # cur: the name of the VMM the host controls: `vmm`, or `vmm2` once a migration's
-# destination took over (adopt_vmm). Its pid is in /run/NAME.pid, its exit status in
-# /run/NAME.rc once it has exited, its stderr in /tmp/NAME.log.
+# destination took over (adopt_vmm); migrations go back and forth between the two names.
+# Its pid is in /run/NAME.pid, its exit status in /run/NAME.rc once it has exited, its
+# stderr in /tmp/NAME.log. other: the name a migration's destination gets.
 cur() { cat /run/vmm.current 2>/dev/null || echo vmm; }
+other() { if [ "$(cur)" = vmm ]; then echo vmm2; else echo vmm; fi; }
 
 # start_vmm [--control unix:PATH|tcp:PORT] [--second] CMD...: starts an L2 VMM and prints
 # its pid; a watcher waits for it and writes its exit status. The first VMM (`vmm`) has its
 # serial console on `lab.l2con` and its control socket (TCP 4444 unless --control names
-# another) relayed to `lab.relay`. A --second one (`vmm2`, a migration's destination) runs
-# beside it: a virtio port opens only once, so its console is a pair of FIFOs until
-# adopt_vmm connects them to `lab.l2con`, and its control socket is not relayed until then.
+# another) relayed to `lab.relay`. A --second one (a migration's destination, named
+# `other`) runs beside the current one: a virtio port opens only once, so its console is a
+# pair of FIFOs until adopt_vmm connects them to `lab.l2con`, and its control socket is not
+# relayed until then.
 start_vmm() {
 	control=tcp:4444
-	name=vmm
+	second=
 	while :; do
 		case "$1" in
 		--control) control=$2; shift 2 ;;
-		--second) name=vmm2; shift ;;
+		--second) second=1; shift ;;
 		*) break ;;
 		esac
 	done
+	if [ -n "$second" ]; then name=$(other); else name=vmm; fi
 	rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp /run/$name.killed
-	[ $name = vmm ] || { rm -f /run/vmm2.in /run/vmm2.out; mkfifo /run/vmm2.in /run/vmm2.out; }
+	[ -z "$second" ] || { rm -f /run/$name.in /run/$name.out; mkfifo /run/$name.in /run/$name.out; }
 	(
 		# `exec` in a subshell: $! is the VMM's own pid.
-		if [ $name = vmm ]; then
-			(exec "$@" <>"$L2CON" >&0 2>/tmp/vmm.log) &
+		if [ -z "$second" ]; then
+			(exec "$@" <>"$L2CON" >&0 2>/tmp/$name.log) &
 		else
-			(exec "$@" <>/run/vmm2.in 1<>/run/vmm2.out 2>/tmp/vmm2.log) &
+			(exec "$@" <>/run/$name.in 1<>/run/$name.out 2>/tmp/$name.log) &
 		fi
 		echo $! >/run/$name.pid
 		wait $!
@@ -90,42 +94,51 @@ start_vmm() {
 	) </dev/null >/dev/null 2>&1 &
 	i=0
 	while [ ! -s /run/$name.pid ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-	if [ $name = vmm ]; then
+	if [ -z "$second" ]; then
 		echo vmm >/run/vmm.current
 		start_relay "$control"
 	fi
 	echo "pid $(cat /run/$name.pid)"
 }
 
-# adopt_vmm CONTROL: once the first VMM has exited, the second becomes the one the host
-# controls: its console FIFOs are joined to `lab.l2con`, its control socket CONTROL is
-# relayed to `lab.relay`.
+# adopt_vmm CONTROL: once the current VMM has exited, the second becomes the one the host
+# controls: its console FIFOs are joined to `lab.l2con` (an earlier join is ended first),
+# its control socket CONTROL is relayed to `lab.relay`.
 adopt_vmm() {
-	[ -e /run/vmm.rc ] || { echo "the first VMM still runs"; return 1; }
+	[ -e /run/$(cur).rc ] || { echo "the current VMM still runs"; return 1; }
+	next=$(other)
+	[ -s /run/bridge.pids ] && kill $(cat /run/bridge.pids) 2>/dev/null
+	rm -f /run/bridge.pids
 	(
 		exec 3<>"$L2CON"
-		cat /run/vmm2.out >&3 &
-		cat <&3 >/run/vmm2.in
+		cat /run/$next.out >&3 &
+		out=$!
+		cat <&3 >/run/$next.in &
+		echo "$out $!" >/run/bridge.pids
+		wait
 	) </dev/null >/dev/null 2>>/tmp/bridge.log &
-	echo vmm2 >/run/vmm.current
+	i=0
+	while [ ! -s /run/bridge.pids ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+	echo $next >/run/vmm.current
 	start_relay "$1"
-	echo "adopted $(cat /run/vmm2.pid)"
+	echo "adopted $(cat /run/$next.pid)"
 }
 
 # kill_when_grown KB: in the background, kills the second VMM (SIGKILL) once its VmRSS grew by
 # KB kB over what it is now: a migration's destination, mid-stream. What it saw goes to
-# /run/vmm2.killed.
+# /run/NAME.killed.
 kill_when_grown() {
-	pid=$(cat /run/vmm2.pid)
+	pid=$(cat /run/$(other).pid)
 	start=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
 	[ -n "$start" ] || { echo "the second VMM does not run"; return 1; }
-	rm -f /run/vmm2.killed
+	killed=/run/$(other).killed
+	rm -f "$killed"
 	(
 		while kill -0 "$pid" 2>/dev/null; do
 			now=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
 			if [ -n "$now" ] && [ "$now" -ge $((start + $1)) ]; then
 				kill -9 "$pid"
-				echo "killed at VmRSS $now kB ($start kB when armed)" >/run/vmm2.killed
+				echo "killed at VmRSS $now kB ($start kB when armed)" >"$killed"
 				break
 			fi
 			sleep 0.05
@@ -148,10 +161,11 @@ start_proxy() {
 # second_vmm_exit: once the second VMM has exited, its exit status (`rc N`), the end of its
 # log, and what a fault's killer or proxy saw; fails while it runs.
 second_vmm_exit() {
-	[ -e /run/vmm2.rc ] || return 1
-	echo "rc $(cat /run/vmm2.rc)"
-	tail -n 2 /tmp/vmm2.log
-	cat /run/vmm2.killed /tmp/proxy.log 2>/dev/null
+	n=$(other)
+	[ -e /run/$n.rc ] || return 1
+	echo "rc $(cat /run/$n.rc)"
+	tail -n 2 /tmp/$n.log
+	cat /run/$n.killed /tmp/proxy.log 2>/dev/null
 	return 0
 }
 

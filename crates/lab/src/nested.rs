@@ -271,12 +271,12 @@ impl Host for Nested {
             return Err(Error::Vmm(format!("starting a second VMM in L1: {}", out.join(" | "))));
         }
         let wait = format!(
-            "i=0; while [ ! -S {0} ] && [ $i -lt 300 ] && kill -0 \"$(cat /run/vmm2.pid)\"; do sleep 0.1; i=$((i + 1)); done; [ -S {0} ]",
+            "i=0; while [ ! -S {0} ] && [ $i -lt 300 ] && kill -0 \"$(cat /run/$(other).pid)\"; do sleep 0.1; i=$((i + 1)); done; [ -S {0} ]",
             shell_quote(listens)
         );
         if self.exec(&wait, Duration::from_secs(40))?.0 != 0 {
             let log = self
-                .exec("tail -n 20 /tmp/vmm2.log", Duration::from_secs(20))
+                .exec("tail -n 20 /tmp/$(other).log", Duration::from_secs(20))
                 .map(|(_, o)| o.join(" | "));
             return Err(Error::Vmm(format!(
                 "the second VMM does not listen on {listens}: {}",
@@ -432,13 +432,14 @@ mod tests {
     fn l1_init_records_the_vmm_pid_and_its_exit_status() {
         let init = crate::image::L1_INIT;
         // The pid is the VMM's own (for /proc/<pid>/status), the watcher writes its status.
-        assert!(init.contains("\t\t\t(exec \"$@\" <>\"$L2CON\" >&0 2>/tmp/vmm.log) &\n"));
+        assert!(init.contains("\t\t\t(exec \"$@\" <>\"$L2CON\" >&0 2>/tmp/$name.log) &\n"));
         assert!(init.contains("\t\tfi\n\t\techo $! >/run/$name.pid\n\t\twait $!\n"));
-        assert!(init.contains("(exec \"$@\" <>/run/vmm2.in 1<>/run/vmm2.out 2>/tmp/vmm2.log) &"));
+        assert!(init.contains("(exec \"$@\" <>/run/$name.in 1<>/run/$name.out 2>/tmp/$name.log) &"));
         assert!(init.contains("echo $? >/run/$name.rc.tmp\n\t\tmv /run/$name.rc.tmp /run/$name.rc"));
         assert!(init.contains("rm -f /run/$name.pid /run/$name.rc /run/$name.rc.tmp"));
         // The host reads the files of the VMM it controls now.
         assert!(init.contains("cur() { cat /run/vmm.current 2>/dev/null || echo vmm; }"));
-        assert!(init.contains("--second) name=vmm2; shift ;;"));
+        assert!(init.contains("--second) second=1; shift ;;"));
+        assert!(init.contains("if [ -n \"$second\" ]; then name=$(other); else name=vmm; fi"));
     }
 }

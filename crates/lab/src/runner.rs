@@ -614,15 +614,26 @@ impl<'a> Run<'a> {
         let t0 = Instant::now();
         let figures = vmm.migrate(MIGRATION_SOCKET)?;
         exits_cleanly(host, "source VMM", "the migration")?;
-        let control = host.adopt_second_vmm(&control)?;
-        control
+        // Where the pause went, if the source VMM logs it (memvisor's stop-and-copy line).
+        let source_log = host.vmm_log();
+        let pause = source_log
+            .lines()
+            .find_map(|l| l.split_once("stop-and-copy").map(|(_, rest)| rest.trim()))
+            .map(|rest| format!(" source: stop-and-copy {rest}"))
+            .unwrap_or_default();
+        let stream = host.adopt_second_vmm(&control)?;
+        stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .ctx(|| "control socket timeout".into())?;
-        vmm.attach(control)?;
+        vmm.attach(stream)?;
+        // The second VMM is the VMM now: a later migration's destination controls elsewhere.
+        if let Some(launch) = self.launch.as_mut() {
+            launch.placement.control = control;
+        }
         let resumed = vmm.resume_restored()?;
         step.migration = Some(figures);
         Ok(format!(
-            "total_s={:.2} downtime_s={:.3} bytes={} passes={} wall_s={:.2} resumed={}",
+            "total_s={:.2} downtime_s={:.3} bytes={} passes={} wall_s={:.2} resumed={}{pause}",
             figures.total_s,
             figures.downtime_s,
             figures.bytes,
@@ -692,8 +703,14 @@ impl<'a> Run<'a> {
         let failed_s = t0.elapsed().as_secs_f64();
         let destination = match fault {
             None => "none".to_string(),
-            Some(_) => {
+            Some(f) => {
                 let (status, log) = wait_exit(|| host.second_vmm_exit(), "destination VMM", "the failed migration")?;
+                // Killed means killed by the fault, not failed on its own before.
+                if matches!(f, StreamFault::KillDestinationAfterKb(_)) && status != 128 + libc::SIGKILL {
+                    return Err(Error::Vmm(format!(
+                        "the destination exited with status {status} before it was killed: {log}"
+                    )));
+                }
                 format!("exit status {status} ({log})")
             }
         };

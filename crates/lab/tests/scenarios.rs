@@ -30,6 +30,7 @@ fn every_shipped_scenario_parses_with_its_script() {
             "live-migrate",
             "live-migrate-corrupt",
             "live-migrate-kill-dest",
+            "live-migrate-repeat",
             "poweroff",
             "reboot",
             "snapshot-restore",

@@ -25,7 +25,8 @@
 //! such). A destination that fails exits non-zero with nothing pinned.
 //!
 //! Control frames: `M`, kind (u8), payload length (u32 LE, at most
-//! [`MAX_FRAME`]), payload, CRC-32C (u32 LE) of kind, length and payload.
+//! [`MAX_FRAME`]), payload, checksum (u32 LE, the low half of XXH64) of
+//! kind, length and payload.
 
 use std::io::{self, BufWriter, Read, Write};
 use std::net::TcpStream;
@@ -274,9 +275,7 @@ fn read_pages_frame(r: &mut dyn Read, head: &[u8; 6], len: u32) -> Result<Frame,
     let mut crc = [0u8; 4];
     r.read_exact(&mut crc).map_err(MigrationError::Control)?;
     let crc = u32::from_le_bytes(crc);
-    let expected = [&head[1..], &sub[..], &data[..]]
-        .iter()
-        .fold(0, |c, p| memvisor_vmstate::format::crc32c_append(c, p));
+    let expected = checksum(&[&head[1..], &sub[..], &data[..]]);
     if crc != expected {
         return Err(MigrationError::Protocol(format!(
             "a PAGES frame's checksum is {crc:#010x}, its bytes give {expected:#010x}"
@@ -327,17 +326,29 @@ fn write_pages_frame(w: &mut dyn Write, region: u32, offset: u64, data: &[u8]) -
     write_parts(w, 5, &[&sub, &data[..data.len().min(MAX_PAGES as usize)]])
 }
 
-/// `M`, `kind`, the parts' length, the parts, and the CRC-32C of all but
-/// the marker.
+/// A frame's checksum: the low 32 bits of the XXH64 (seed 0) of `parts`
+/// in order. Not CRC-32C as the vmstate format's: a frame carries guest
+/// memory, all of it passes through this on both sides, and XXH64 is plain
+/// 64-bit arithmetic — fast on any CPU, and under an emulated one too, where
+/// the `crc32` instruction is emulated a bit at a time.
+fn checksum(parts: &[&[u8]]) -> u32 {
+    let mut h = xxhash_rust::xxh64::Xxh64::new(0);
+    for p in parts {
+        h.update(p);
+    }
+    h.digest() as u32
+}
+
+/// `M`, `kind`, the parts' length, the parts, and the [`checksum`] of all
+/// but the marker.
 fn write_parts(w: &mut dyn Write, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = [b'M', kind, 0, 0, 0, 0];
     head[2..].copy_from_slice(&(len as u32).to_le_bytes());
-    let crc = parts
-        .iter()
-        .fold(memvisor_vmstate::format::crc32c_append(0, &head[1..]), |crc, p| {
-            memvisor_vmstate::format::crc32c_append(crc, p)
-        });
+    let mut all = Vec::with_capacity(parts.len() + 1);
+    all.push(&head[1..]);
+    all.extend_from_slice(parts);
+    let crc = checksum(&all);
     w.write_all(&head)?;
     for p in parts {
         w.write_all(p)?;
@@ -376,8 +387,7 @@ pub fn read_frame(r: &mut dyn Read) -> Result<Frame, MigrationError> {
         payload[crc_at + 3],
     ]);
     payload.truncate(crc_at);
-    let expected =
-        memvisor_vmstate::format::crc32c_append(memvisor_vmstate::format::crc32c_append(0, &head[1..]), &payload);
+    let expected = checksum(&[&head[1..], &payload]);
     if crc != expected {
         return Err(MigrationError::Protocol(format!(
             "a control frame's checksum is {crc:#010x}, its bytes give {expected:#010x}"
@@ -505,7 +515,8 @@ pub struct Precopy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Stop once the pages left would take at most this long to send at
-    /// the bandwidth of the last pass (default 300 ms).
+    /// the bandwidth of the last pass (default 300 ms), and a further pass
+    /// would not halve them (see `stop_precopy`).
     pub downtime: Duration,
     /// Stop after this many passes over the written pages, after the first
     /// over all populated memory (default 8; 0: only the first).
@@ -624,6 +635,21 @@ pub(crate) fn abandon(live: &Live) {
     set_frozen(live, false);
 }
 
+/// Whether the precopy stops with `left` bytes still to send (taking about
+/// `estimate` paused) after `passes` passes, the last of which sent
+/// `last_sent`: when nothing is left, after [`Limits::max_passes`], or once
+/// the estimate is within [`Limits::downtime`] — unless the last pass still
+/// halved what is left (the guest writes slower than the passes send, so
+/// another pass shortens the pause) and the estimate is above a tenth of
+/// the limit (a pass that small is not worth its round).
+fn stop_precopy(left: u64, last_sent: u64, estimate: Duration, passes: u32, limits: Limits) -> bool {
+    let converging = left.saturating_mul(2) <= last_sent;
+    left == 0
+        || passes > limits.max_passes
+        || estimate <= limits.downtime / 10
+        || (estimate <= limits.downtime && !converging)
+}
+
 /// The source's precopy, on the migration's own thread while the guest
 /// runs and the event loop serves its devices: the first stream (the
 /// fingerprint and virtio-mem: the destination then knows the plugged
@@ -694,7 +720,7 @@ fn precopy_passes(
                 "estimated_downtime_ms": estimate.as_millis() as u64,
             }),
         );
-        if left == 0 || estimate <= limits.downtime || passes > limits.max_passes {
+        if stop_precopy(left, last.0, estimate, passes, limits) {
             break dirty;
         }
         let t = Instant::now();
@@ -887,11 +913,13 @@ pub(crate) fn send(
 ) -> Result<Value, MigrationError> {
     snapshot::check_saveable(parts)?;
     let started = precopy.started;
+    // The pause counts from its request: the first vCPU stops then.
+    let paused = Instant::now();
     let was_paused = vcpus.is_paused();
     if !was_paused {
         vcpus.pause()?;
     }
-    let paused = Instant::now();
+    let vcpus_parked = paused.elapsed();
     let mut released = false;
     let mut go_sent = false;
     let result: Result<Value, MigrationError> = (|| {
@@ -900,6 +928,7 @@ pub(crate) fn send(
             pages.union(&take_dirty(live, i)?);
         }
         let dirtied: u64 = last.iter().map(|p| p.len() * PAGE).sum();
+        let dirty_taken = paused.elapsed();
         let ram = |i: usize| RamMode::SendDelta(last[i].clone());
         let summary = {
             let mut out = BufWriter::with_capacity(1 << 20, &mut conn);
@@ -907,14 +936,23 @@ pub(crate) fn send(
             out.flush().map_err(MigrationError::Control)?;
             summary
         };
+        let stream_sent = paused.elapsed();
         conn.set_read_timeout(Some(SWITCHOVER_TIMEOUT))
             .map_err(MigrationError::Control)?;
         let ready = expect(&mut conn, &Frame::Ready(Value::Null))?;
+        let ready_at = paused.elapsed();
         released = true;
         set_locks(disks, false)?;
         write_frame(&mut conn, &Frame::Go).map_err(MigrationError::Control)?;
         go_sent = true;
         expect(&mut conn, &Frame::Running)?;
+        log::info!(
+            "stop-and-copy to {endpoint}: vCPUs parked after {vcpus_parked:?}, {dirtied} dirty bytes taken after \
+             {dirty_taken:?}, the last stream ({} bytes) sent after {stream_sent:?}, READY after {ready_at:?}, \
+             RUNNING after {:?}",
+            summary.total_bytes,
+            paused.elapsed()
+        );
         Ok(json!({
             "destination": endpoint.to_string(),
             "bytes": precopy.bytes + summary.total_bytes,
@@ -983,6 +1021,23 @@ pub(crate) fn refuse(conn: &mut Connection, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_precopy_goes_on_while_a_pass_still_halves_what_is_left() {
+        let limits = Limits::default();
+        let ms = Duration::from_millis;
+        // After the first pass (245 MB), 4 MB left would take 130 ms: under the limit, but
+        // another pass of 4 MB leaves less to send paused.
+        assert!(!stop_precopy(4 << 20, 245 << 20, ms(130), 1, limits));
+        // That pass left 3 MB: the guest writes as fast as it is sent; stop.
+        assert!(stop_precopy(3 << 20, 4 << 20, ms(100), 2, limits));
+        // Above the limit: go on, unless the passes are used up.
+        assert!(!stop_precopy(64 << 20, 128 << 20, ms(2000), 2, limits));
+        assert!(stop_precopy(64 << 20, 128 << 20, ms(2000), 9, limits));
+        // A tenth of the limit or less, or nothing left: stop.
+        assert!(stop_precopy(1 << 20, 64 << 20, ms(30), 1, limits));
+        assert!(stop_precopy(0, 64 << 20, ms(0), 1, limits));
+    }
 
     #[test]
     fn endpoints_parse_and_bad_ones_are_named() {

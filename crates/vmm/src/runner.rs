@@ -883,6 +883,7 @@ fn restore_state(
 ) -> Result<Vec<crate::vm::Vcpu>, RunError> {
     let started = Instant::now();
     let restored = crate::snapshot::load_stream(parts, live, input).map_err(setup(format!("restoring {what}")))?;
+    let loaded = started.elapsed();
     // The transports' BARs and command registers changed behind the root.
     pci.refresh_bars();
     vm.restore_platform(&restored.platform)
@@ -894,10 +895,15 @@ fn restore_state(
             .map_err(setup(format!("restoring vCPU {id}")))?;
         vcpus.push(vcpu);
     }
+    let applied = started.elapsed();
     before_run(restored.bytes)?;
     vm.set_clock(&restored.platform)
         .map_err(setup(format!("restoring {what}")))?;
-    log::info!("restored {what} ({} bytes) in {:?}", restored.bytes, started.elapsed());
+    log::info!(
+        "restored {what} ({} bytes) in {:?}: loaded after {loaded:?}, platform and vCPUs set after {applied:?}",
+        restored.bytes,
+        started.elapsed()
+    );
     Ok(vcpus)
 }
 

@@ -420,7 +420,7 @@ fn run(vcpu: &mut Vcpu, io: &dyn VcpuIo, control: &VcpuControl) -> Option<ExitRe
             }
             VcpuExit::Intr | VcpuExit::Hlt => None,
             VcpuExit::Shutdown => {
-                log::warn!("vCPU {id}: triple fault; resetting the machine");
+                log::warn!("vCPU {id}: triple fault ({}); resetting the machine", vcpu.describe());
                 Some(ExitReason::Reset)
             }
             VcpuExit::SystemEvent(kind, _) => match kind {

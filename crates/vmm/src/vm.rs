@@ -599,6 +599,18 @@ impl Vcpu {
         self.fd.get_regs().map_or(0, |r| r.rip)
     }
 
+    /// Where the vCPU is, for a log line: RIP, RSP, CR0, CR2, CR3, CR4, EFER
+    /// and the IDT's base (or why they cannot be read).
+    pub fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x}",
+                r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        }
+    }
+
     /// Puts the vCPU in 64-bit mode at `entry`, all general registers 0.
     pub fn enter_long_mode(&mut self, entry: LongModeEntry) -> Result<(), VmError> {
         let id = self.id;
