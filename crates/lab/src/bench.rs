@@ -13,7 +13,7 @@ use crate::report::{Figures, Report};
 use crate::vmm::VmmKind;
 
 /// The scenarios `lab bench` runs when none is named.
-pub const DEFAULT_SCENARIOS: [&str; 4] = ["boot", "vmem-resize", "blk-zero-copy", "vfio-nvme"];
+pub const DEFAULT_SCENARIOS: [&str; 5] = ["boot", "vmem-resize", "blk-zero-copy", "vfio-nvme", "live-migrate"];
 
 /// The goal of `agent_s`'s ratio (memvisor at most 80% of QEMU's time to the agent).
 pub const AGENT_GOAL: f64 = 0.8;

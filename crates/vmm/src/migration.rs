@@ -1,16 +1,18 @@
 //! Migration of a running VM to another memvisor process (issue 20), over
-//! a Unix socket or TCP: the source pauses the VM, sends the same vmstate
-//! stream a snapshot writes (see [`crate::snapshot`]) and hands over with a
-//! three-frame handshake; the destination (`memvisor run ... --incoming
-//! EP`) loads it in the declared restore order and runs the guest.
-//!
-//! This is stop-and-copy: the guest is paused for the whole transfer.
-//! Precopy (sending RAM while the guest runs, then the pages it dirtied)
-//! builds on it; `docs/live-migration.md` is the plan.
+//! a Unix socket or TCP, with precopy (`docs/live-migration.md`, status):
+//! a first vmstate stream (fingerprint, virtio-mem) so the destination has
+//! the plugged blocks; RAM as PAGES frames while the guest runs, pass after
+//! pass over the pages written meanwhile (KVM's dirty log and the VMM's
+//! own writes); then, paused, the pages still dirty, PRECOPY-END, the same
+//! vmstate stream a snapshot writes (see [`crate::snapshot`]) with an empty
+//! RAM delta, and a three-frame handshake. The destination (`memvisor run
+//! ... --incoming EP`) loads it in the declared restore order and runs the
+//! guest.
 //!
 //! ```text
 //! source                                   destination (listening on EP)
-//! pause vCPUs, save stream ─────────────▶  load, restore platform and vCPUs
+//! first stream, PAGES... (guest runs) ──▶  restore virtio-mem, write pages
+//! pause, last PAGES, PRECOPY-END, stream ▶ load, restore platform and vCPUs
 //!                          ◀─────────────  READY {bytes}       (or FAILED reason)
 //! release disk image locks, GO ─────────▶  lock images, set the clock
 //!                          ◀─────────────  RUNNING, then the vCPUs run
@@ -733,7 +735,7 @@ fn precopy_passes(
         last = (sent, t.elapsed());
         passes += 1;
     };
-    write_frame(&mut out, &Frame::PrecopyEnd(passes)).map_err(MigrationError::Control)?;
+    // PRECOPY-END comes from the stop-and-copy, after the last pages.
     out.flush().map_err(MigrationError::Control)?;
     Ok(Precopy {
         pending,
@@ -929,13 +931,26 @@ pub(crate) fn send(
         }
         let dirtied: u64 = last.iter().map(|p| p.len() * PAGE).sum();
         let dirty_taken = paused.elapsed();
-        let ram = |i: usize| RamMode::SendDelta(last[i].clone());
-        let summary = {
-            let mut out = BufWriter::with_capacity(1 << 20, &mut conn);
-            let summary = snapshot::save_stream(parts, vm, vcpus, &ram, &mut out)?;
-            out.flush().map_err(MigrationError::Control)?;
-            summary
-        };
+        // The pages still dirty go as PAGES frames, like the passes' (their
+        // checksum is the cheap one), and the last stream's RAM sections
+        // carry an empty delta.
+        let mut out = Counting::new(BufWriter::with_capacity(1 << 20, &mut conn));
+        for (i, pages) in last.iter().enumerate() {
+            send_pages(&mut out, live, i, pages, false)?;
+        }
+        write_frame(&mut out, &Frame::PrecopyEnd(precopy.passes)).map_err(MigrationError::Control)?;
+        let pages_sent = paused.elapsed();
+        let nothing: Vec<PageSet> = live
+            .memory
+            .regions()
+            .iter()
+            .map(|r| PageSet::for_bytes(r.range().len()))
+            .collect();
+        let ram = |i: usize| RamMode::SendDelta(nothing[i].clone());
+        let summary = snapshot::save_stream(parts, vm, vcpus, &ram, &mut out)?;
+        out.flush().map_err(MigrationError::Control)?;
+        let last_bytes = out.count;
+        drop(out);
         let stream_sent = paused.elapsed();
         conn.set_read_timeout(Some(SWITCHOVER_TIMEOUT))
             .map_err(MigrationError::Control)?;
@@ -948,14 +963,14 @@ pub(crate) fn send(
         expect(&mut conn, &Frame::Running)?;
         log::info!(
             "stop-and-copy to {endpoint}: vCPUs parked after {vcpus_parked:?}, {dirtied} dirty bytes taken after \
-             {dirty_taken:?}, the last stream ({} bytes) sent after {stream_sent:?}, READY after {ready_at:?}, \
-             RUNNING after {:?}",
+             {dirty_taken:?} and sent after {pages_sent:?}, the last stream ({} bytes) sent after {stream_sent:?}, \
+             READY after {ready_at:?}, RUNNING after {:?}",
             summary.total_bytes,
             paused.elapsed()
         );
         Ok(json!({
             "destination": endpoint.to_string(),
-            "bytes": precopy.bytes + summary.total_bytes,
+            "bytes": precopy.bytes + last_bytes,
             "passes": precopy.passes,
             "precopy_bytes": precopy.page_bytes,
             "last_stream_bytes": summary.total_bytes,
