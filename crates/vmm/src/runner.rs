@@ -810,13 +810,15 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
                 }
                 TOKEN_STDIN => match read_stdin(&mut console_buf) {
                     Ok(n) if n > 0 => {
+                        log::debug!("console input: {n} bytes");
                         if let Some(s) = &p.serial {
                             lock(s).input(&console_buf[..n]);
                         }
                     }
                     Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
-                    _ if stdin_open => {
+                    end if stdin_open => {
                         // End of input: the guest keeps running without a keyboard.
+                        log::info!("console input ended ({end:?}): the guest gets no more input");
                         let _ = epoll.ctl(ControlOperation::Delete, io::stdin().as_raw_fd(), EpollEvent::default());
                         stdin_open = false;
                     }
