@@ -595,6 +595,16 @@ fn send_pages(
     Ok(sent)
 }
 
+/// Sends the written pages `dirty` (one set per region, in the memory
+/// map's order), zero pages included; returns the guest bytes sent.
+fn send_dirty(out: &mut dyn Write, live: &Live, dirty: &[PageSet]) -> Result<u64, MigrationError> {
+    let mut sent = 0;
+    for (i, pages) in dirty.iter().enumerate() {
+        sent += send_pages(out, live, i, pages, false)?;
+    }
+    Ok(sent)
+}
+
 /// The runs of `data` to send, as byte ranges: all of it, or with
 /// `skip_zero` its runs of pages that are not all zero.
 fn non_zero_runs(data: &[u8], skip_zero: bool) -> Vec<(usize, usize)> {
@@ -726,10 +736,7 @@ fn precopy_passes(
             break dirty;
         }
         let t = Instant::now();
-        let mut sent = 0;
-        for (i, pages) in dirty.iter().enumerate() {
-            sent += send_pages(&mut out, live, i, pages, false)?;
-        }
+        let sent = send_dirty(&mut out, live, &dirty)?;
         out.flush().map_err(MigrationError::Control)?;
         page_bytes += sent;
         last = (sent, t.elapsed());
@@ -901,7 +908,9 @@ fn write_pages(memory: &GuestMemoryMap, region: u32, offset: u64, data: &[u8]) -
 /// the event loop, so no queue is served meanwhile): pauses the vCPUs,
 /// streams the state, and hands over. On success the guest runs at the
 /// destination and this VMM should exit; on failure the guest runs here
-/// again (or stays paused, if it was), with its image locks.
+/// again (or stays paused, if it was), with its image locks. A VM that
+/// cannot migrate (a VFIO device) never gets here: `VmControl::migrate`
+/// refuses before connecting, and `snapshot::save_stream` checks again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send(
     parts: &BootParts<'_>,
@@ -913,7 +922,6 @@ pub(crate) fn send(
     live: &Live,
     precopy: Precopy,
 ) -> Result<Value, MigrationError> {
-    snapshot::check_saveable(parts)?;
     let started = precopy.started;
     // The pause counts from its request: the first vCPU stops then.
     let paused = Instant::now();
@@ -935,9 +943,7 @@ pub(crate) fn send(
         // checksum is the cheap one), and the last stream's RAM sections
         // carry an empty delta.
         let mut out = Counting::new(BufWriter::with_capacity(1 << 20, &mut conn));
-        for (i, pages) in last.iter().enumerate() {
-            send_pages(&mut out, live, i, pages, false)?;
-        }
+        send_dirty(&mut out, live, &last)?;
         write_frame(&mut out, &Frame::PrecopyEnd(precopy.passes)).map_err(MigrationError::Control)?;
         let pages_sent = paused.elapsed();
         let nothing: Vec<PageSet> = live
