@@ -1,7 +1,8 @@
 # Guest script of the vfio-nvme and blk-zero-copy scenarios: the disk under test (the
 # assigned NVMe if there is one, else the first virtio-blk disk) does real DMA while virtio-mem
 # plugs and unplugs. Before the resizes it times a 32 MiB sequential write and read
-# (`disk_write_s`, `disk_read_s`: the figures `lab bench` compares).
+# (`disk_write_s`, `disk_read_s`: the figures `lab bench` compares). An assigned NVMe must
+# then block a migration (`migrate refused`; its scenarios declare the `migrate` step).
 set -e
 dev=
 i=0
@@ -66,4 +67,15 @@ host resize vmem0 512M >/dev/null
 obs memtotal_kb "$(memtotal_kb)"
 touch /tmp/stop
 wait $busy
+# An assigned device whose driver cannot migrate it blocks a migration before anything is
+# sent, and says so (the step `migrate refused`: no destination; the guest runs on).
+case $dev in
+/dev/nvme*)
+	why=$(host migrate refused)
+	case "$why" in
+	*VFIO*) obs migration_blocked 1 ;;
+	*) echo "the migration was refused, but not for the assigned device: $why"; exit 1 ;;
+	esac
+	;;
+esac
 echo "read-back identical while resizing"

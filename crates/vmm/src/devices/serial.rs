@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::Arc;
 
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -16,9 +17,19 @@ const MAX_PENDING_INPUT: usize = 64 << 10;
 /// The 16550's receive FIFO (vm-superio's, not exported).
 const UART_FIFO: usize = 64;
 
-/// The interrupt line: an eventfd registered as the GSI's irqfd.
-#[derive(Debug)]
-pub struct IrqLine(EventFd);
+/// The 16550's IER bit enabling the received-data interrupt.
+const IER_RDA: u8 = 0x01;
+/// LCR: the divisor latch is mapped over the data registers.
+const LCR_DLAB: u8 = 0x80;
+/// IIR: no interrupt pending.
+const IIR_NONE: u8 = 0x01;
+/// IIR: received data available.
+const IIR_RDA: u8 = 0x04;
+
+/// The interrupt line: an eventfd registered as the GSI's irqfd (shared so
+/// that rebuilding the UART from its state needs no new descriptor).
+#[derive(Debug, Clone)]
+pub struct IrqLine(Arc<EventFd>);
 
 impl Trigger for IrqLine {
     type E = io::Error;
@@ -46,7 +57,7 @@ impl Serial {
     /// A UART that signals `irq` and writes the guest's output to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Uart::new(IrqLine(irq), out),
+            uart: Uart::new(IrqLine(Arc::new(irq)), out),
             pending: VecDeque::new(),
             dropped: 0,
         }
@@ -115,7 +126,7 @@ impl Serial {
             modem_status,
             scratch,
         ] = state.registers;
-        let registers = vm_superio::serial::SerialState {
+        self.set_registers(&vm_superio::serial::SerialState {
             baud_divisor_low,
             baud_divisor_high,
             interrupt_enable,
@@ -126,21 +137,45 @@ impl Serial {
             modem_status,
             scratch,
             in_buffer: state.fifo.clone(),
-        };
-        let irq = self
-            .uart
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(|e| format!("the serial irqfd: {e}"))?;
-        let spare = irq.try_clone().map_err(|e| format!("the serial irqfd: {e}"))?;
-        let out = std::mem::replace(&mut self.uart, Uart::new(IrqLine(spare), Box::new(io::sink()))).into_writer();
-        // `from_state` fails only on a FIFO longer than the UART's (checked
-        // above) or an irqfd that cannot be written; the output is lost then.
-        self.uart = Uart::from_state(&registers, IrqLine(irq), vm_superio::serial::NoEvents, out)
-            .map_err(|e| format!("the UART state: {e:?}"))?;
+        })?;
         self.pending = state.pending.iter().copied().collect();
         Ok(())
+    }
+
+    /// Rebuilds the UART from `registers`, keeping its interrupt line and
+    /// output; vm-superio raises the interrupts `registers` mark pending.
+    fn set_registers(&mut self, registers: &vm_superio::serial::SerialState) -> Result<(), String> {
+        let irq = self.uart.interrupt_evt().clone();
+        let out = std::mem::replace(&mut self.uart, Uart::new(irq.clone(), Box::new(io::sink()))).into_writer();
+        // `from_state` fails only on a FIFO longer than the UART's (the
+        // callers keep to it) or an irqfd that cannot be written; the output
+        // is lost then.
+        self.uart = Uart::from_state(registers, irq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("the UART state: {e:?}"))?;
+        Ok(())
+    }
+
+    /// After the guest read the receive buffer: a 16550 keeps an interrupt
+    /// pending while its FIFO holds data (received-data or character
+    /// timeout), but vm-superio clears it on every read and raises it again
+    /// only when a byte arrives. Linux's 8250 driver takes at most 256 bytes
+    /// per interrupt, so once all input is in the FIFO a guest that stopped
+    /// at 256 would never hear of the rest. Mark it pending again.
+    fn data_left_interrupt(&mut self) {
+        if !self.pending.is_empty() || self.uart.fifo_capacity() == UART_FIFO {
+            return; // the refill raised it, or there is nothing to read
+        }
+        let mut registers = self.uart.state();
+        if registers.line_control & LCR_DLAB != 0
+            || registers.interrupt_enable & IER_RDA == 0
+            || registers.interrupt_identification & IIR_RDA != 0
+        {
+            return;
+        }
+        registers.interrupt_identification = (registers.interrupt_identification & !IIR_NONE) | IIR_RDA;
+        if let Err(e) = self.set_registers(&registers) {
+            log::warn!("serial: raising the received-data interrupt: {e}");
+        }
     }
 
     fn refill(&mut self) {
@@ -178,6 +213,7 @@ impl BusDevice for Serial {
             *b = self.uart.read(offset);
             if offset == 0 {
                 self.refill();
+                self.data_left_interrupt();
             }
         }
     }
@@ -237,6 +273,48 @@ mod tests {
         let mut lsr = [0];
         s.read(5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0);
+    }
+
+    /// Linux's 8250 interrupt handler, as far as input goes: on each
+    /// interrupt it reads IIR and, unless that says none is pending, takes
+    /// bytes while LSR says data is ready, at most 256 of them.
+    fn linux_8250_reads(s: &mut Serial, irq: &EventFd, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < want {
+            if irq.read().is_err() {
+                break; // no interrupt comes: the guest waits for ever
+            }
+            let mut iir = [0];
+            s.read(2, &mut iir);
+            if iir[0] & IIR_NONE != 0 {
+                continue;
+            }
+            for _ in 0..256 {
+                let mut lsr = [0];
+                s.read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    break;
+                }
+                let mut b = [0];
+                s.read(0, &mut b);
+                got.push(b[0]);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn input_past_the_drivers_256_bytes_per_interrupt_all_arrives() {
+        // 313 bytes: after the first interrupt's 256, the last 57 are all
+        // in the FIFO and no new byte arrives to raise an interrupt.
+        for len in [313usize, 256 + UART_FIFO, 257, 600] {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut s = Serial::new(irq.try_clone().unwrap(), Box::new(Shared::default()));
+            s.write(1, &[IER_RDA]);
+            let typed: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            s.input(&typed);
+            assert_eq!(linux_8250_reads(&mut s, &irq, len), typed, "{len} bytes of input");
+        }
     }
 
     #[test]
