@@ -414,17 +414,21 @@ pub fn migratable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
 /// (see [`migratable_msrs`]); [`VcpuState::id`] is left 0.
 ///
 /// In this order: `KVM_GET_MP_STATE` (first: it also makes KVM finish
-/// pending APIC events), `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_XSAVE`
-/// (`KVM_GET_FPU` where KVM has no XSAVE), `KVM_GET_XCRS` (if KVM has it),
-/// `KVM_GET_DEBUGREGS`, `KVM_GET_LAPIC`, `KVM_GET_TSC_KHZ` (if KVM knows
-/// it), `KVM_GET_CPUID2`, `KVM_GET_MSRS` (an MSR KVM cannot read is left
-/// out), `KVM_GET_VCPU_EVENTS` last.
+/// pending APIC events), `KVM_GET_VCPU_EVENTS` (before the registers:
+/// without `KVM_CAP_EXCEPTION_PAYLOAD`, KVM delivers a pending exception's
+/// payload here, writing CR2 for a #PF or DR6 for a #DB, which the
+/// registers saved after it must hold), `KVM_GET_REGS`, `KVM_GET_SREGS`,
+/// `KVM_GET_XSAVE` (`KVM_GET_FPU` where KVM has no XSAVE), `KVM_GET_XCRS`
+/// (if KVM has it), `KVM_GET_DEBUGREGS`, `KVM_GET_LAPIC`,
+/// `KVM_GET_TSC_KHZ` (if KVM knows it), `KVM_GET_CPUID2`, `KVM_GET_MSRS`
+/// (an MSR KVM cannot read is left out).
 ///
 /// # Errors
 ///
 /// A KVM call failing.
 pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuState, StateError> {
     let mp_state = fd.get_mp_state().map_err(kvm_error("KVM_GET_MP_STATE"))?.mp_state;
+    let vcpu_events = fd.get_vcpu_events().map_err(kvm_error("KVM_GET_VCPU_EVENTS"))?;
     let regs = fd.get_regs().map_err(kvm_error("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
     let fpu = match fd.get_xsave() {
@@ -456,7 +460,6 @@ pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuState, StateError> {
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_error("KVM_GET_CPUID2"))?;
     let msrs = read_msrs(fd, msrs)?;
-    let vcpu_events = fd.get_vcpu_events().map_err(kvm_error("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id: 0,
         cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
