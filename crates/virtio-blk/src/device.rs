@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memvisor_dma::uring::{FixedIoError, Transfer, UringPinner};
+use memvisor_dma::uring::{Transfer, TransferError, UringPinner};
 use memvisor_memory::GuestRange;
 use memvisor_memory::map::GuestMemoryMap;
 use memvisor_virtio::config::read_config;
@@ -82,9 +82,8 @@ pub struct BlockConfig {
     /// `VIRTIO_F_ACCESS_PLATFORM` is offered and required, and every
     /// address the driver gives — rings and buffers — is an IOVA.
     pub iommu: Option<(IommuHandle, u32)>,
-    /// The disk's DMA context, for zero-copy I/O: INs and OUTs are io_uring
-    /// `READ_FIXED`/`WRITE_FIXED` on the buffers this pinner has registered
-    /// (pinned) for the device's addresses — all populated RAM without an
+    /// The disk's DMA context, for zero-copy I/O: INs and OUTs move data
+    /// straight on the buffers this pinner has registered (pinned) for the device's addresses — all populated RAM without an
     /// IOMMU, what the guest maps with one — so the disk pins guest memory
     /// exactly like an assigned device, and a buffer it has not pinned is
     /// answered `VIRTIO_BLK_S_IOERR` untouched. Without it, requests are
@@ -199,7 +198,7 @@ enum Failure {
     /// The image failed.
     Io(std::io::Error),
     /// A zero-copy transfer was refused (a buffer not pinned) or failed.
-    ZeroCopy(FixedIoError),
+    ZeroCopy(TransferError),
 }
 
 impl fmt::Display for Failure {

@@ -50,9 +50,9 @@
 //! * `backend.rs`: the image, behind a small internal trait (synchronous
 //!   `preadv`/`pwritev`).
 //! * Zero-copy ([`BlockConfig::zero_copy`]): INs and OUTs go through the
-//!   disk's DMA context instead, io_uring `READ_FIXED`/`WRITE_FIXED` on the
-//!   guest memory its [`UringPinner`](memvisor_dma::uring::UringPinner)
-//!   has registered, so the disk pins like an assigned device and a buffer
+//!   disk's DMA context instead, `preadv`/`pwritev` on the guest memory its
+//!   [`UringPinner`](memvisor_dma::uring::UringPinner) has registered
+//!   (pinned), so the disk pins like an assigned device and a buffer
 //!   it has not pinned fails the request untouched.
 //! * [`device`]: [`VirtioBlk`], the
 //!   [`VirtioDevice`](memvisor_virtio::VirtioDevice), and the request path.

@@ -1,5 +1,5 @@
-//! The zero-copy path without an IOMMU: INs and OUTs are io_uring
-//! `READ_FIXED`/`WRITE_FIXED` on the buffers the disk's pinner registered
+//! The zero-copy path without an IOMMU: INs and OUTs move data straight
+//! on the buffers the disk's pinner registered
 //! for guest RAM (as the RAM listener registers all populated memory). A
 //! buffer the pinner does not hold fails the request with
 //! `VIRTIO_BLK_S_IOERR`, touching neither guest memory nor the image — the

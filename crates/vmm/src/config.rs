@@ -52,8 +52,8 @@ pub struct DiskConfig {
     pub iommu: bool,
     /// Zero-copy I/O: the disk pins guest memory through the DMA layer as
     /// an assigned device does (all populated RAM without a vIOMMU, what
-    /// the guest maps behind one) and reads and writes the image with
-    /// io_uring `READ_FIXED`/`WRITE_FIXED` straight into it. Default
+    /// the guest maps behind one) and reads and writes the image straight
+    /// from and into that pinned memory. Default
     /// false: `preadv`/`pwritev`, nothing pinned.
     #[serde(default)]
     pub zero_copy: bool,
