@@ -107,14 +107,30 @@ start_vmm() {
 adopt_vmm() {
 	[ -e /run/$(cur).rc ] || { echo "the current VMM still runs"; return 1; }
 	next=$(other)
-	[ -s /run/bridge.pids ] && kill $(cat /run/bridge.pids) 2>/dev/null
+	# The earlier join holds the console port open until its subshell has exited too (the
+	# port takes one opener: opening it before then fails with EBUSY), so wait for all three.
+	if [ -s /run/bridge.pids ]; then
+		old=$(cat /run/bridge.pids)
+		kill $old 2>/dev/null
+		i=0
+		while [ $i -lt 100 ]; do
+			alive=
+			# A zombie (exited, not yet reaped by this shell) holds nothing open.
+			for p in $old; do grep -qs ') [^Z] ' /proc/$p/stat && alive=1; done
+			[ -z "$alive" ] && break
+			sleep 0.05
+			i=$((i + 1))
+		done
+	fi
 	rm -f /run/bridge.pids
 	(
 		exec 3<>"$L2CON"
 		cat /run/$next.out >&3 &
 		out=$!
 		cat <&3 >/run/$next.in &
-		echo "$out $!" >/run/bridge.pids
+		in=$!
+		read -r me _ </proc/self/stat
+		echo "$out $in $me" >/run/bridge.pids
 		wait
 	) </dev/null >/dev/null 2>>/tmp/bridge.log &
 	i=0
