@@ -7,9 +7,16 @@
 //! stream, an IN's data (or GET_ID's serial) everything before it. Linux
 //! puts each in descriptors of their own, but any split is valid.
 //!
+//! With `VIRTIO_RING_F_INDIRECT_DESC` the chain may end in a descriptor
+//! that points to a table of descriptors (virtio §2.7.5.3), which holds
+//! the rest of the chain from its entry 0: Linux puts every request of more
+//! than one buffer there, so that it takes one ring entry.
+//!
 //! Faults of the *ring* (a descriptor index past the queue size, a loop,
-//! an indirect descriptor, which is not offered, a descriptor table in
-//! unplugged memory) are [`Malformed`]: the device enters NEEDS_RESET,
+//! an indirect descriptor when none was negotiated, one with NEXT set or
+//! inside an indirect table, an indirect table that is not a whole number
+//! of descriptors, longer than the queue, or not readable guest memory, a
+//! descriptor table in unplugged memory) are [`Malformed`]: the device enters NEEDS_RESET,
 //! since nothing after them can be trusted. Faults of the *chain* (no
 //! status byte, a readable descriptor after a writable one, a header
 //! shorter than 16 bytes, a buffer that wraps around the address space) are
@@ -35,6 +42,19 @@ pub(crate) struct Desc {
     pub(crate) writable: bool,
 }
 
+/// One descriptor's fields from its 16 bytes: address, length, flags,
+/// next.
+fn parse_descriptor(b: &[u8]) -> (u64, u32, u16, u16) {
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&b[0..8]);
+    (
+        u64::from_le_bytes(addr),
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u16::from_le_bytes([b[12], b[13]]),
+        u16::from_le_bytes([b[14], b[15]]),
+    )
+}
+
 /// Reads descriptor `index` of the table at guest-physical `table`.
 fn read_descriptor(map: &GuestMemoryMap, table: u64, index: u16) -> Result<(u64, u32, u16, u16), Malformed> {
     let at = table
@@ -48,25 +68,33 @@ fn read_descriptor(map: &GuestMemoryMap, table: u64, index: u16) -> Result<(u64,
             "descriptor {index} at {at:#x} is not accessible guest memory"
         )));
     }
-    let mut addr = [0u8; 8];
-    addr.copy_from_slice(&b[0..8]);
-    Ok((
-        u64::from_le_bytes(addr),
-        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-        u16::from_le_bytes([b[12], b[13]]),
-        u16::from_le_bytes([b[14], b[15]]),
-    ))
+    Ok(parse_descriptor(&b))
 }
+
+/// How a chain's indirect table is read, when `VIRTIO_RING_F_INDIRECT_DESC`
+/// was negotiated: `load(addr, len, buf)` copies the `len` bytes the
+/// driver's address `addr` names (translated by the IOMMU, if there is one)
+/// into `buf`.
+pub(crate) struct Indirect<'a> {
+    pub(crate) buf: &'a mut Vec<u8>,
+    pub(crate) load: &'a mut LoadTable<'a>,
+}
+
+/// [`Indirect::load`]: `(addr, len, buf)`.
+pub(crate) type LoadTable<'a> = dyn FnMut(u64, u32, &mut Vec<u8>) -> Result<(), Malformed> + 'a;
 
 /// Walks the chain at `head` of a queue of `size` entries whose descriptor
 /// table is at guest-physical `table`, into `out` (cleared first; at most
-/// `size` entries, so its capacity stays bounded).
+/// `size` ring entries plus an indirect table of at most `size`, so its
+/// capacity stays bounded). An indirect descriptor is followed with
+/// `indirect`, and refused without it.
 pub(crate) fn read_chain(
     map: &GuestMemoryMap,
     table: u64,
     size: u16,
     head: u16,
     out: &mut Vec<Desc>,
+    indirect: Option<Indirect<'_>>,
 ) -> Result<(), Malformed> {
     out.clear();
     let mut index = head;
@@ -79,10 +107,19 @@ pub(crate) fn read_chain(
         }
         let (addr, len, flags, next) = read_descriptor(map, table, index)?;
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            return Err(Malformed::BadChain {
-                head,
-                reason: "indirect descriptors are not offered",
-            });
+            let Some(indirect) = indirect else {
+                return Err(Malformed::BadChain {
+                    head,
+                    reason: "an indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
+                });
+            };
+            if flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(Malformed::BadChain {
+                    head,
+                    reason: "an indirect descriptor with NEXT set",
+                });
+            }
+            return read_indirect(head, addr, len, size, out, indirect);
         }
         out.push(Desc {
             addr,
@@ -98,6 +135,50 @@ pub(crate) fn read_chain(
         head,
         reason: "chain longer than the queue (a loop)",
     })
+}
+
+/// Appends the chain of the indirect table at the driver's address `addr`
+/// (`len` bytes) to `out`, from its entry 0. The indirect descriptor's own
+/// WRITE flag is ignored (virtio §2.7.5.3.2).
+fn read_indirect(
+    head: u16,
+    addr: u64,
+    len: u32,
+    size: u16,
+    out: &mut Vec<Desc>,
+    indirect: Indirect<'_>,
+) -> Result<(), Malformed> {
+    let bad = |reason| Malformed::BadChain { head, reason };
+    if len == 0 || len % 16 != 0 {
+        return Err(bad("an indirect table that is not a whole number of descriptors"));
+    }
+    let entries = len / 16;
+    if entries > u32::from(size) {
+        return Err(bad("an indirect table longer than the queue"));
+    }
+    (indirect.load)(addr, len, indirect.buf)?;
+    let table = &indirect.buf[..len as usize];
+    let mut index = 0u32;
+    for _ in 0..entries {
+        if index >= entries {
+            return Err(bad("an indirect descriptor's next past its table"));
+        }
+        let at = index as usize * 16;
+        let (addr, len, flags, next) = parse_descriptor(&table[at..at + 16]);
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(bad("an indirect descriptor inside an indirect table"));
+        }
+        out.push(Desc {
+            addr,
+            len,
+            writable: flags & VIRTQ_DESC_F_WRITE != 0,
+        });
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        index = u32::from(next);
+    }
+    Err(bad("an indirect table's chain longer than the table (a loop)"))
 }
 
 /// The address of the status byte: the last byte of the last descriptor,

@@ -43,8 +43,8 @@ use crate::chain::{self, Desc};
 use crate::dma::{self, Dma, DmaError, Piece};
 use crate::request::{Disk, Request};
 use crate::wire::{
-    BlkConfig, DEVICE_ID, F_ACCESS_PLATFORM, F_BLK_SIZE, F_FLUSH, F_RO, F_SEG_MAX, F_SIZE_MAX, ID_BYTES, OUTHDR_SIZE,
-    OutHdr, S_IOERR, S_OK, S_UNSUPP, SECTOR_SHIFT, SECTOR_SIZE,
+    BlkConfig, DEVICE_ID, F_ACCESS_PLATFORM, F_BLK_SIZE, F_FLUSH, F_INDIRECT_DESC, F_RO, F_SEG_MAX, F_SIZE_MAX,
+    ID_BYTES, OUTHDR_SIZE, OutHdr, S_IOERR, S_OK, S_UNSUPP, SECTOR_SHIFT, SECTOR_SIZE,
 };
 
 /// The device's name in errors and logs.
@@ -57,7 +57,8 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Most data segments per request the driver is told to use (`seg_max`),
 /// further limited to the queue size minus the header and status
-/// descriptors, since indirect descriptors are not offered.
+/// descriptors: a chain in the ring, or in an indirect table (which may
+/// be at most the queue size long), has room for them.
 pub const MAX_SEGMENTS: u32 = 128;
 /// Most data bytes one request may carry (128 segments of 1 MiB); a larger
 /// IN or OUT is answered `VIRTIO_BLK_S_IOERR`. A driver that honours
@@ -237,6 +238,9 @@ struct Engine {
     descs: Vec<Desc>,
     /// Its resolved data buffers (at most [`dma::MAX_PIECES`]).
     pieces: Vec<Piece>,
+    /// Its indirect descriptor table, if it has one (at most the queue
+    /// size in descriptors).
+    table: Vec<u8>,
 }
 
 impl Engine {
@@ -260,12 +264,14 @@ impl Engine {
         result.map_err(|e| self.dma_failure(e))
     }
 
-    /// Processes every request the driver made available on `queue`.
+    /// Processes every request the driver made available on `queue`;
+    /// `indirect`: `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
     fn drain(
         &mut self,
         queue: &mut DeviceQueue,
         map: &GuestMemoryMap,
         interrupt: &dyn VirtioInterrupt,
+        indirect: bool,
     ) -> Result<usize, Malformed> {
         let (table, size) = (queue.queue().desc_table(), queue.queue().size());
         let mut ring = DeviceRing::new(queue);
@@ -276,7 +282,31 @@ impl Engine {
                 Ok(None) => break Ok(answered),
                 Err(e) => break Err(e),
             };
-            if let Err(e) = chain::read_chain(map, table, size, head, &mut self.descs) {
+            let Self {
+                dma,
+                pieces,
+                table: buf,
+                descs,
+                counters,
+                ..
+            } = self;
+            let mut load = |addr: u64, len: u32, buf: &mut Vec<u8>| {
+                pieces.clear();
+                buf.clear();
+                buf.resize(len as usize, 0);
+                dma.resolve(map, addr, u64::from(len), Access::Read, pieces)
+                    .and_then(|()| dma::read_pieces(map, pieces, buf))
+                    .map_err(|e| {
+                        if e.is_fault() {
+                            Counters::add(&counters.iommu_faults, 1);
+                        }
+                        Malformed::Queue(format!(
+                            "the indirect table of chain {head} at {addr:#x} (+{len:#x}): {e}"
+                        ))
+                    })
+            };
+            let indirect = indirect.then_some(chain::Indirect { buf, load: &mut load });
+            if let Err(e) = chain::read_chain(map, table, size, head, descs, indirect) {
                 break Err(e);
             }
             let used = self.handle(map, head);
@@ -486,14 +516,15 @@ impl RingTranslation {
 ///
 /// Features: `VIRTIO_F_VERSION_1` (required), `VIRTIO_BLK_F_SIZE_MAX`,
 /// `VIRTIO_BLK_F_SEG_MAX`, `VIRTIO_BLK_F_BLK_SIZE`, `VIRTIO_BLK_F_FLUSH`,
-/// `VIRTIO_BLK_F_RO` for a read-only disk, and `VIRTIO_F_ACCESS_PLATFORM`
-/// behind an IOMMU (required there). No indirect descriptors, no event
-/// index.
+/// `VIRTIO_BLK_F_RO` for a read-only disk, `VIRTIO_RING_F_INDIRECT_DESC`,
+/// and `VIRTIO_F_ACCESS_PLATFORM` behind an IOMMU (required there). No
+/// event index.
 ///
 /// A request the specification refuses gets its status; a chain without
 /// a writable status byte is completed with used length 0; a broken ring
-/// (bad avail index, descriptor index past the queue, loop, indirect
-/// descriptor, ring memory unplugged) puts the device into NEEDS_RESET.
+/// (bad avail index, descriptor index past the queue, loop, a bad or
+/// unreadable indirect table, ring memory unplugged) puts the device into
+/// NEEDS_RESET.
 ///
 /// # Behind an IOMMU
 ///
@@ -569,7 +600,7 @@ impl VirtioBlk {
     fn with_backend(config: BlockConfig, backend: Box<dyn Backend>) -> Self {
         let mut id = [0u8; ID_BYTES];
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
-        let mut features = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        let mut features = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_INDIRECT_DESC;
         if config.read_only {
             features |= F_RO;
         }
@@ -603,6 +634,7 @@ impl VirtioBlk {
                 counters: Arc::default(),
                 descs: Vec::new(),
                 pieces: Vec::new(),
+                table: Vec::new(),
             },
             rings: Vec::new(),
         }
@@ -732,13 +764,14 @@ impl VirtioDevice for VirtioBlk {
             common.set_needs_reset(&why);
             return;
         }
+        let indirect = common.has_feature(F_INDIRECT_DESC);
         let Some(Active { mem, interrupt, queues }) = common.active_mut() else {
             return;
         };
         let Some(queue) = queues.first_mut() else {
             return;
         };
-        if let Err(malformed) = engine.drain(queue, mem, interrupt.as_ref()) {
+        if let Err(malformed) = engine.drain(queue, mem, interrupt.as_ref(), indirect) {
             common.set_needs_reset(&malformed);
         }
     }
@@ -777,7 +810,7 @@ mod tests {
         assert_eq!(dev.queue_max_sizes(), [64]);
         assert_eq!(
             dev.avail_features(),
-            VIRTIO_F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_RO
+            VIRTIO_F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_INDIRECT_DESC | F_RO
         );
         assert_eq!(
             dev.config_space(),

@@ -30,6 +30,10 @@ pub const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
 pub const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
 /// `VIRTIO_BLK_F_FLUSH`: the device has a write cache and accepts FLUSH.
 pub const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+/// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): a ring descriptor may point to a
+/// table of descriptors holding the chain, so that a request of many
+/// segments takes one ring entry.
+pub const F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 /// `VIRTIO_F_ACCESS_PLATFORM` (bit 33): the device reaches memory through
 /// the platform's IOMMU, so every address the driver gives it (rings and
 /// buffers) is an I/O virtual address.
@@ -206,6 +210,7 @@ mod tests {
             (1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 9)
         );
         assert_eq!(F_ACCESS_PLATFORM, 1 << 33);
+        assert_eq!(F_INDIRECT_DESC, 1 << 28);
         assert_eq!(ID_BYTES, 20);
     }
 }

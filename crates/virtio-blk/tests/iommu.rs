@@ -495,3 +495,40 @@ fn a_restored_device_translates_its_rings_at_the_saved_indices() {
     assert_eq!(dev.queue_indices()[0].next_used, 3);
     assert_eq!(irq.take(InterruptKind::Queue(0)), 1);
 }
+
+/// An indirect table's address is an IOVA too: translated like a buffer
+/// (the table's entries then name IOVAs as well); at an unmapped IOVA it is
+/// a fault, and a broken ring.
+#[test]
+fn indirect_tables_are_read_through_the_iommu() {
+    use memvisor_guest::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
+    let table_gpa = BUF_GPA + 0x2000;
+    let entries: [(u64, u32, u16); 3] = [
+        (iova(HDR_GPA), 16, VIRTQ_DESC_F_NEXT),
+        (iova(DATA_GPA), 512, W | VIRTQ_DESC_F_NEXT),
+        (iova(STATUS_GPA), 1, W),
+    ];
+    let mut bytes = Vec::new();
+    for (i, &(addr, len, flags)) in entries.iter().enumerate() {
+        bytes.extend_from_slice(&addr.to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&flags.to_le_bytes());
+        bytes.extend_from_slice(&(i as u16 + 1).to_le_bytes());
+    }
+    let mut r = Rig::new();
+    put(&r.mem, table_gpa, &bytes);
+    put(&r.mem, HDR_GPA, &hdr(T_IN, 0));
+    put(&r.mem, STATUS_GPA, &[0xff]);
+    let used = r.submit(&[(iova(table_gpa), bytes.len() as u32, VIRTQ_DESC_F_INDIRECT)]);
+    assert_eq!((used, get(&r.mem, STATUS_GPA, 1)[0]), (Some(513), S_OK));
+    assert_eq!(get(&r.mem, DATA_GPA, 512), pattern(0, 512));
+    assert!(r.iommu.faults().is_empty());
+
+    // The same table at an IOVA nothing maps: the IOMMU reports the fault.
+    canary(&r, T_IN);
+    let used = r.submit(&[(UNMAPPED_IOVA, bytes.len() as u32, VIRTQ_DESC_F_INDIRECT)]);
+    assert_eq!(used, None);
+    assert!(r.dev.needs_reset());
+    assert!(!r.iommu.faults().is_empty());
+    untouched(&r);
+}

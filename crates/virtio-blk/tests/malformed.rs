@@ -9,7 +9,7 @@ use common::*;
 use memvisor_guest::{Buf, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
 use memvisor_virtio::VirtioDevice;
 use memvisor_virtio::device::DEVICE_NEEDS_RESET;
-use memvisor_virtio_blk::wire::{S_IOERR, S_OK, T_GET_ID, T_IN, T_OUT};
+use memvisor_virtio_blk::wire::{F_INDIRECT_DESC, S_IOERR, S_OK, T_GET_ID, T_IN, T_OUT};
 use virtio_queue::desc::split::Descriptor;
 
 const HDR: u64 = BUFS;
@@ -163,8 +163,8 @@ fn broken_rings_need_a_reset() {
         .write_descriptor(head, Descriptor::new(DATA, 16, VIRTQ_DESC_F_NEXT, 999));
     assert_needs_reset(&mut f);
 
-    // An indirect descriptor (not offered).
-    let mut f = Fixture::new();
+    // An indirect descriptor the driver did not negotiate.
+    let mut f = Fixture::acking(256, |_| {}, |offered| offered & !F_INDIRECT_DESC);
     f.driver.add_raw(&[(DATA, 16, VIRTQ_DESC_F_INDIRECT)]).unwrap();
     assert_needs_reset(&mut f);
 

@@ -126,6 +126,11 @@ impl Fixture {
 
     /// A disk of `sectors`, configured further by `configure`.
     pub fn with(sectors: u64, configure: impl FnOnce(&mut BlockConfig)) -> Self {
+        Self::acking(sectors, configure, |offered| offered)
+    }
+
+    /// As [`with`](Self::with), the driver acknowledging `ack(offered)`.
+    pub fn acking(sectors: u64, configure: impl FnOnce(&mut BlockConfig), ack: impl FnOnce(u64) -> u64) -> Self {
         let image = TempImage::new("fixture", sectors);
         let mut config = BlockConfig {
             id: "blk-serial-7".into(),
@@ -137,7 +142,7 @@ impl Fixture {
         let mem = memory(RAM);
         let driver = DriverQueue::new(&mem, GuestAddress(QUEUE_AT), QUEUE_SIZE, MIB).unwrap();
         let irq = Arc::new(EventFdInterrupt::new(1).unwrap());
-        dev.ack_features(dev.avail_features());
+        dev.ack_features(ack(dev.avail_features()));
         dev.activate(mem.clone(), irq.clone(), vec![driver.device_queue()])
             .unwrap();
         Self {
