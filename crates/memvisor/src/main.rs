@@ -115,7 +115,7 @@ enum LabCommand {
     /// memvisor / QEMU (lower is better) against its goal (agent_s <= 0.8, others <= 1.0).
     Bench {
         /// Shipped scenarios or scenario files (default: boot vmem-resize blk-zero-copy
-        /// vfio-nvme).
+        /// vfio-nvme live-migrate).
         scenarios: Vec<String>,
         /// How many times each scenario runs under each VMM.
         #[arg(long, default_value_t = 1)]
