@@ -97,29 +97,74 @@ pub(crate) fn read_chain(
     indirect: Option<Indirect<'_>>,
 ) -> Result<(), Malformed> {
     out.clear();
-    let mut index = head;
-    for _ in 0..size {
-        if index >= size {
+    let ring = |index: u16| read_descriptor(map, table, index);
+    let Some((addr, len, flags)) = follow(head, Table::Ring, size, head, out, ring)? else {
+        return Ok(());
+    };
+    let bad = |reason| Malformed::BadChain { head, reason };
+    let Some(indirect) = indirect else {
+        return Err(bad(
+            "an indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
+        ));
+    };
+    if flags & VIRTQ_DESC_F_NEXT != 0 {
+        return Err(bad("an indirect descriptor with NEXT set"));
+    }
+    // The indirect descriptor's own WRITE flag is ignored (§2.7.5.3.2).
+    if len == 0 || len % 16 != 0 {
+        return Err(bad("an indirect table that is not a whole number of descriptors"));
+    }
+    let entries = u16::try_from(len / 16)
+        .ok()
+        .filter(|&n| n <= size)
+        .ok_or_else(|| bad("an indirect table longer than the queue"))?;
+    (indirect.load)(addr, len, indirect.buf)?;
+    let table = &indirect.buf[..len as usize];
+    let entry = |index: u16| {
+        let at = usize::from(index) * 16;
+        Ok(parse_descriptor(&table[at..at + 16]))
+    };
+    match follow(head, Table::Indirect, entries, 0, out, entry)? {
+        None => Ok(()),
+        Some(_) => Err(bad("an indirect descriptor inside an indirect table")),
+    }
+}
+
+/// The descriptor table a chain is followed in.
+#[derive(Clone, Copy)]
+enum Table {
+    /// The queue's.
+    Ring,
+    /// An indirect table.
+    Indirect,
+}
+
+/// Follows a chain from descriptor `first` of `table`, of `entries`
+/// descriptors, reading each with `fetch`, onto `out`, up to its end
+/// (`None`) or up to an indirect descriptor, which is not added:
+/// `Some((addr, len, flags))` of it.
+fn follow(
+    head: u16,
+    table: Table,
+    entries: u16,
+    first: u16,
+    out: &mut Vec<Desc>,
+    fetch: impl Fn(u16) -> Result<(u64, u32, u16, u16), Malformed>,
+) -> Result<Option<(u64, u32, u16)>, Malformed> {
+    let mut index = first;
+    for _ in 0..entries {
+        if index >= entries {
             return Err(Malformed::BadChain {
                 head,
-                reason: "descriptor index past the queue size",
+                reason: match table {
+                    Table::Ring => "descriptor index past the queue size",
+                    Table::Indirect => "descriptor index past its indirect table",
+                },
             });
         }
-        let (addr, len, flags, next) = read_descriptor(map, table, index)?;
+        let (addr, len, flags, next) = fetch(index)?;
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            let Some(indirect) = indirect else {
-                return Err(Malformed::BadChain {
-                    head,
-                    reason: "an indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
-                });
-            };
-            if flags & VIRTQ_DESC_F_NEXT != 0 {
-                return Err(Malformed::BadChain {
-                    head,
-                    reason: "an indirect descriptor with NEXT set",
-                });
-            }
-            return read_indirect(head, addr, len, size, out, indirect);
+            return Ok(Some((addr, len, flags)));
         }
         out.push(Desc {
             addr,
@@ -127,58 +172,17 @@ pub(crate) fn read_chain(
             writable: flags & VIRTQ_DESC_F_WRITE != 0,
         });
         if flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(());
+            return Ok(None);
         }
         index = next;
     }
     Err(Malformed::BadChain {
         head,
-        reason: "chain longer than the queue (a loop)",
+        reason: match table {
+            Table::Ring => "chain longer than the queue (a loop)",
+            Table::Indirect => "chain longer than its indirect table (a loop)",
+        },
     })
-}
-
-/// Appends the chain of the indirect table at the driver's address `addr`
-/// (`len` bytes) to `out`, from its entry 0. The indirect descriptor's own
-/// WRITE flag is ignored (virtio §2.7.5.3.2).
-fn read_indirect(
-    head: u16,
-    addr: u64,
-    len: u32,
-    size: u16,
-    out: &mut Vec<Desc>,
-    indirect: Indirect<'_>,
-) -> Result<(), Malformed> {
-    let bad = |reason| Malformed::BadChain { head, reason };
-    if len == 0 || len % 16 != 0 {
-        return Err(bad("an indirect table that is not a whole number of descriptors"));
-    }
-    let entries = len / 16;
-    if entries > u32::from(size) {
-        return Err(bad("an indirect table longer than the queue"));
-    }
-    (indirect.load)(addr, len, indirect.buf)?;
-    let table = &indirect.buf[..len as usize];
-    let mut index = 0u32;
-    for _ in 0..entries {
-        if index >= entries {
-            return Err(bad("an indirect descriptor's next past its table"));
-        }
-        let at = index as usize * 16;
-        let (addr, len, flags, next) = parse_descriptor(&table[at..at + 16]);
-        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            return Err(bad("an indirect descriptor inside an indirect table"));
-        }
-        out.push(Desc {
-            addr,
-            len,
-            writable: flags & VIRTQ_DESC_F_WRITE != 0,
-        });
-        if flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(());
-        }
-        index = u32::from(next);
-    }
-    Err(bad("an indirect table's chain longer than the table (a loop)"))
 }
 
 /// The address of the status byte: the last byte of the last descriptor,
