@@ -149,10 +149,9 @@ const EMPTY_IOVECS: [libc::iovec; CLEAR_CHUNK] = [libc::iovec {
 }; CLEAR_CHUNK];
 
 impl RingTable {
-    /// A table whose ring takes `entries` submissions at once (1 for
-    /// pinning only: registration needs no submission).
-    fn new(entries: u32) -> std::io::Result<Self> {
-        let ring = IoUring::new(entries)?;
+    /// A table on a ring of one entry: registration needs no submission.
+    fn new() -> std::io::Result<Self> {
+        let ring = IoUring::new(1)?;
         ring.submitter().register_buffers_sparse(SLOTS_PER_RING)?;
         Ok(Self {
             ring,
@@ -266,7 +265,7 @@ impl Slots {
     /// then fails with the reason.
     fn with_first_ring() -> Self {
         Self {
-            rings: RingTable::new(1).map(|ring| vec![ring]).unwrap_or_default(),
+            rings: RingTable::new().map(|ring| vec![ring]).unwrap_or_default(),
             first_free_ring: 0,
         }
     }
@@ -295,7 +294,7 @@ impl Slots {
     #[cold]
     #[inline(never)]
     fn new_ring(&mut self) -> std::io::Result<Slot> {
-        let mut table = RingTable::new(1)?;
+        let mut table = RingTable::new()?;
         let index = table.take_slot().expect("fresh table");
         self.rings.push(table);
         self.first_free_ring = self.rings.len() - 1;
