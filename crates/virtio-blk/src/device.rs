@@ -84,10 +84,11 @@ pub struct BlockConfig {
     /// address the driver gives — rings and buffers — is an IOVA.
     pub iommu: Option<(IommuHandle, u32)>,
     /// The disk's DMA context, for zero-copy I/O: INs and OUTs move data
-    /// straight on the buffers this pinner has registered (pinned) for the device's addresses — all populated RAM without an
-    /// IOMMU, what the guest maps with one — so the disk pins guest memory
-    /// exactly like an assigned device, and a buffer it has not pinned is
-    /// answered `VIRTIO_BLK_S_IOERR` untouched. Without it, requests are
+    /// straight on the buffers this pinner has registered (pinned) for the
+    /// device's addresses — all populated RAM without an IOMMU, what the
+    /// guest maps with one — so the disk pins guest memory exactly like an
+    /// assigned device, and a buffer it has not pinned is answered
+    /// `VIRTIO_BLK_S_IOERR` untouched. Without it, requests are
     /// `preadv`/`pwritev` into guest memory and nothing is pinned.
     pub zero_copy: Option<Arc<UringPinner>>,
 }
