@@ -379,6 +379,7 @@ fn bench(json: bool, quick: bool, only: Option<&str>) -> ExitCode {
             "figure", "ours", "floor", "ratio", "target"
         );
     }
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let figures = run(
         BenchOptions { quick },
         |key| only.is_none_or(|o| key.contains(o)),
@@ -395,7 +396,15 @@ fn bench(json: bool, quick: bool, only: Option<&str>) -> ExitCode {
                         format!("{ns:.0} ns")
                     }
                 };
-                let extra: Vec<String> = f.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let mut extra: Vec<String> = f.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if let (Some(b), Some(r)) = (&f.bound, f.bound_ratio()) {
+                    extra.push(format!(
+                        "{}_ratio={r:.3} (<={} {})",
+                        b.name,
+                        b.target,
+                        verdict(r <= b.target)
+                    ));
+                }
                 println!(
                     "{:<22} {:>12} {:>12} {:>7.3} {:>7} {}  {}",
                     f.key,
@@ -403,7 +412,7 @@ fn bench(json: bool, quick: bool, only: Option<&str>) -> ExitCode {
                     fmt(f.floor_ns),
                     f.ratio(),
                     format!("<={}", f.target),
-                    if f.ratio() <= f.target { "met" } else { "MISSED" },
+                    verdict(f.ratio() <= f.target),
                     extra.join(" ")
                 );
             }

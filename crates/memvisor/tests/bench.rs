@@ -34,6 +34,18 @@ fn quick_bench_prints_every_figure_as_json() {
             let x = v[key][field].as_u64().unwrap_or_else(|| panic!("{key}.{field}"));
             assert!(x > 0, "{key}.{field} = {x}");
         }
+        // And the ratio of the DMA layer's path to that bound, judged on its own.
+        let ours = v[key]["ours_ns"].as_f64().unwrap();
+        let bound = v[key]["no_dma_with_floor_ns"].as_f64().unwrap();
+        let ratio = v[key]["dma_layer_ratio"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}.dma_layer_ratio"));
+        assert!(
+            (ratio - ours / bound).abs() < 0.01,
+            "{key}: {ratio} for {ours} / {bound}"
+        );
+        assert_eq!(v[key]["dma_layer_target"].as_f64(), Some(1.10));
+        assert_eq!(v[key]["dma_layer_met"].as_bool(), Some(ratio <= 1.10));
     }
     assert!(v["populated_replay"]["runs"].as_u64().unwrap() > 1000);
     let stream = v["migration"]["stream_bytes"].as_u64().unwrap();
