@@ -12,7 +12,7 @@
 //! [`ViommuDmaBridge`]: crate::viommu_bridge::ViommuDmaBridge
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use memvisor_iommu::{NotifierId, NotifierRegistry, RegisterError};
 use memvisor_memory::GuestRange;
@@ -270,5 +270,78 @@ impl DmaDevice {
     /// The migration section of this device.
     pub fn section(&self, instance: u32) -> DmaSection {
         DmaSection::new(instance, self.clone())
+    }
+}
+
+/// The outcome of attaching DMA devices on another thread, for the device
+/// models that must not move data before it: a zero-copy disk waits on it
+/// before its first transfer. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct AttachLatch(Arc<(Mutex<Option<Result<(), String>>>, Condvar)>);
+
+impl AttachLatch {
+    /// A latch still waiting for [`finish`](Self::finish).
+    pub fn pending() -> Self {
+        Self(Arc::new((Mutex::new(None), Condvar::new())))
+    }
+
+    /// A latch that is already open: nothing is attaching.
+    pub fn open() -> Self {
+        let latch = Self::pending();
+        latch.finish(Ok(()));
+        latch
+    }
+
+    /// Records the outcome (the first one counts) and wakes every waiter.
+    pub fn finish(&self, outcome: Result<(), String>) {
+        let (state, cv) = &*self.0;
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.is_none() {
+            *state = Some(outcome);
+        }
+        cv.notify_all();
+    }
+
+    /// Blocks until the attachments are done; their error, if one failed.
+    pub fn wait(&self) -> Result<(), String> {
+        let (state, cv) = &*self.0;
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = cv.wait_while(state, |s| s.is_none()).unwrap_or_else(|p| p.into_inner());
+        state.clone().expect("waited until finished")
+    }
+
+    /// The outcome if finished, without waiting.
+    pub fn outcome(&self) -> Option<Result<(), String>> {
+        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl fmt::Debug for AttachLatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AttachLatch").field(&self.outcome()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttachLatch;
+
+    #[test]
+    fn a_latch_releases_every_waiter_with_the_first_outcome() {
+        let latch = AttachLatch::pending();
+        assert_eq!(latch.outcome(), None);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let l = latch.clone();
+                std::thread::spawn(move || l.wait())
+            })
+            .collect();
+        latch.finish(Err("pinning ram0 failed".into()));
+        latch.finish(Ok(()));
+        for w in waiters {
+            assert_eq!(w.join().unwrap(), Err("pinning ram0 failed".to_string()));
+        }
+        assert_eq!(latch.wait(), Err("pinning ram0 failed".to_string()));
+        assert_eq!(AttachLatch::open().wait(), Ok(()));
     }
 }

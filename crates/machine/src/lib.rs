@@ -45,8 +45,9 @@ pub mod size;
 
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use memvisor_dma::attach::{DmaAttachError, DmaDevice, DmaIommu, DmaPath, DmaTarget};
+use memvisor_dma::attach::{AttachLatch, DmaAttachError, DmaDevice, DmaIommu, DmaPath, DmaTarget};
 use memvisor_dma::events::DmaEvents;
 use memvisor_dma::mapper::{DmaMapper, PinBudget};
 use memvisor_dma::uring::UringPinner;
@@ -117,6 +118,10 @@ pub enum MachineError {
     /// An assigned device could not attach.
     #[error("{0}")]
     Dma(#[from] DmaAttachError),
+    /// An assigned device attaching on its own thread
+    /// ([`Machine::new_attaching`]) could not attach.
+    #[error("{0}")]
+    Attaching(String),
     /// The migration stream could not be written or loaded.
     #[error("migration stream: {0}")]
     VmState(#[from] VmStateError),
@@ -175,6 +180,9 @@ pub struct Machine {
     // Drop order matters: the DMA layer goes first (unpinning everything,
     // see `Drop`), then the devices, then memory.
     dma: Vec<(DmaDevice, DmaPath)>,
+    /// The devices [`new_attaching`](Self::new_attaching) attaches on a
+    /// thread: their outcome, and the thread (joined on drop).
+    attaching: Option<(AttachLatch, JoinHandle<()>)>,
     /// The DMA backends the VMM's devices use themselves.
     backends: Backends,
     budget: Arc<PinBudget>,
@@ -232,9 +240,72 @@ impl Machine {
     pub fn new(config: &MachineConfig) -> Result<Self, MachineError> {
         let this = Self::build(config)?;
         for (device, path) in &this.dma {
-            device.attach(*path)?;
+            attach_logged(device, *path)?;
         }
         Ok(this)
+    }
+
+    /// [`new`](Self::new), but the zero-copy devices (backend
+    /// [`DmaBackend::UringIo`]) attach on a thread of their own while the
+    /// guest starts: path 1 pins all populated RAM, which faults every page
+    /// in, and their device models wait for [`dma_latch`](Self::dma_latch)
+    /// before they move data. The other assigned devices attach before this
+    /// returns, as in `new`: the guest drives them directly. If the thread
+    /// fails, `on_failure` gets the error (the VMM stops the guest); nothing
+    /// stays pinned for the device that failed.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new), but for the zero-copy devices' attachment
+    /// errors, which go to `on_failure`.
+    pub fn new_attaching(
+        config: &MachineConfig,
+        on_failure: impl FnOnce(String) + Send + 'static,
+    ) -> Result<Self, MachineError> {
+        let mut this = Self::build(config)?;
+        let mut later = Vec::new();
+        for ((device, path), spec) in this.dma.iter().zip(&config.dma.devices) {
+            if spec.backend == DmaBackend::UringIo {
+                later.push((device.clone(), *path));
+            } else {
+                attach_logged(device, *path)?;
+            }
+        }
+        if later.is_empty() {
+            return Ok(this);
+        }
+        let latch = AttachLatch::pending();
+        let outcome = latch.clone();
+        let thread = std::thread::Builder::new()
+            .name("dma-attach".into())
+            .spawn(move || {
+                let result = later
+                    .iter()
+                    .try_for_each(|(device, path)| attach_logged(device, *path))
+                    .map_err(|e| e.to_string());
+                outcome.finish(result.clone());
+                if let Err(e) = result {
+                    on_failure(e);
+                }
+            })
+            .map_err(|e| MachineError::Attaching(format!("starting the DMA attach thread: {e}")))?;
+        this.attaching = Some((latch, thread));
+        Ok(this)
+    }
+
+    /// Opens once the devices [`new_attaching`](Self::new_attaching)
+    /// attaches on its thread are attached (or one failed); already open
+    /// for a machine built otherwise.
+    pub fn dma_latch(&self) -> AttachLatch {
+        self.attaching
+            .as_ref()
+            .map_or_else(AttachLatch::open, |(latch, _)| latch.clone())
+    }
+
+    /// Waits for [`dma_latch`](Self::dma_latch): whatever reads or resets
+    /// the DMA attachments needs them settled.
+    fn attached(&self) -> Result<(), MachineError> {
+        self.dma_latch().wait().map_err(MachineError::Attaching)
     }
 
     /// The machine `config` describes as the destination of an incoming
@@ -319,6 +390,7 @@ impl Machine {
         );
         let mut this = Self {
             dma: Vec::new(),
+            attaching: None,
             backends: Backends::default(),
             budget,
             dma_events: Arc::default(),
@@ -422,6 +494,7 @@ impl Machine {
     /// `ram(i)`: a live migration's last RAM is a delta
     /// ([`ram::RamMode`]).
     pub fn registry_with(&self, ram: impl Fn(usize) -> ram::RamMode) -> Result<Registry, MachineError> {
+        self.attached()?;
         let mut registry = Registry::with_memory(self.map.clone());
         ram::register_ram_with(&mut registry, &self.map, ram)?;
         for (instance, v) in (0..).zip(&self.vmems) {
@@ -571,6 +644,7 @@ impl Machine {
     /// No live mapping ever points at memory the reset discards, so the
     /// unplug guard has nothing to veto and no pin outlives its memory.
     pub fn system_reset(&mut self) -> Result<(), MachineError> {
+        self.attached()?;
         if let Some(iommu) = &mut self.iommu {
             memvisor_virtio::VirtioDevice::reset(&mut iommu.device);
             iommu.handle.system_reset();
@@ -600,8 +674,26 @@ impl Machine {
     }
 }
 
+/// Attaches `device` through `path`, logging what it pinned and how long
+/// that took (path 1 faults in all populated RAM).
+fn attach_logged(device: &DmaDevice, path: DmaPath) -> Result<(), DmaAttachError> {
+    let start = std::time::Instant::now();
+    device.attach(path)?;
+    log::info!(
+        "DMA device {}: attached ({path:?}), {} MiB pinned in {} ms",
+        device.name(),
+        device.pinned_bytes() >> 20,
+        start.elapsed().as_millis()
+    );
+    Ok(())
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
+        // A device still attaching finishes first; then it detaches below.
+        if let Some((_, thread)) = self.attaching.take() {
+            let _ = thread.join();
+        }
         // Detaching unregisters each bridge from the IOMMU (which unmaps
         // through it) and unpins whatever is left, before the devices and
         // memory go.

@@ -225,6 +225,7 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)
+        .format_timestamp_millis()
         .init();
     match cli.command {
         Command::Run(args) => run::run(&args),

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use memvisor_dma::attach::AttachLatch;
 use memvisor_dma::uring::{Transfer, TransferError, UringPinner};
 use memvisor_memory::GuestRange;
 use memvisor_memory::map::GuestMemoryMap;
@@ -91,6 +92,12 @@ pub struct BlockConfig {
     /// `VIRTIO_BLK_S_IOERR` untouched. Without it, requests are
     /// `preadv`/`pwritev` into guest memory and nothing is pinned.
     pub zero_copy: Option<Arc<UringPinner>>,
+    /// Opens once `zero_copy`'s device is attached: a VMM may attach it
+    /// while the guest starts (pinning all RAM takes a while), and every
+    /// zero-copy transfer first waits for this, so none is refused for
+    /// memory not pinned yet. If the attachment failed, zero-copy requests
+    /// are answered `VIRTIO_BLK_S_IOERR`. Open by default.
+    pub zero_copy_ready: AttachLatch,
 }
 
 impl BlockConfig {
@@ -104,6 +111,7 @@ impl BlockConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             iommu: None,
             zero_copy: None,
+            zero_copy_ready: AttachLatch::open(),
         }
     }
 }
@@ -201,6 +209,8 @@ enum Failure {
     Io(std::io::Error),
     /// A zero-copy transfer was refused (a buffer not pinned) or failed.
     ZeroCopy(TransferError),
+    /// The zero-copy pinner's device failed to attach.
+    Unattached(String),
 }
 
 impl fmt::Display for Failure {
@@ -211,6 +221,7 @@ impl fmt::Display for Failure {
             Self::Dma(e) => e.fmt(f),
             Self::Io(e) => write!(f, "image I/O failed: {e}"),
             Self::ZeroCopy(e) => write!(f, "zero-copy I/O failed: {e}"),
+            Self::Unattached(e) => write!(f, "zero-copy I/O: the disk's DMA attachment failed: {e}"),
         }
     }
 }
@@ -230,8 +241,9 @@ impl Failure {
 struct Engine {
     backend: Box<dyn Backend>,
     dma: Dma,
-    /// The pinner of the zero-copy path, if the disk has one.
-    zero_copy: Option<Arc<UringPinner>>,
+    /// The pinner of the zero-copy path, if the disk has one, and the
+    /// latch its first transfer waits for.
+    zero_copy: Option<(Arc<UringPinner>, AttachLatch)>,
     id: [u8; ID_BYTES],
     disk: Disk,
     counters: Arc<Counters>,
@@ -390,18 +402,21 @@ impl Engine {
         let backend = &self.backend;
         let pieces = &self.pieces;
         match &self.zero_copy {
-            Some(pinner) => dma::with_slices(map, pieces, |slices| {
-                let ranges: SmallVec<[(u64, u64); 16]> = pieces.iter().map(|p| (p.iova, p.len)).collect();
-                let result = pinner.transfer(backend.raw_fd(), offset, &ranges, dir);
-                if matches!(dir, Transfer::Read) {
-                    for slice in slices {
-                        slice.bitmap().mark_dirty(0, slice.len());
+            Some((pinner, ready)) => {
+                ready.wait().map_err(Failure::Unattached)?;
+                dma::with_slices(map, pieces, |slices| {
+                    let ranges: SmallVec<[(u64, u64); 16]> = pieces.iter().map(|p| (p.iova, p.len)).collect();
+                    let result = pinner.transfer(backend.raw_fd(), offset, &ranges, dir);
+                    if matches!(dir, Transfer::Read) {
+                        for slice in slices {
+                            slice.bitmap().mark_dirty(0, slice.len());
+                        }
                     }
-                }
-                result
-            })
-            .map_err(Failure::Dma)?
-            .map_err(Failure::ZeroCopy),
+                    result
+                })
+                .map_err(Failure::Dma)?
+                .map_err(Failure::ZeroCopy)
+            }
             None => dma::with_slices(map, pieces, |bufs| match dir {
                 Transfer::Read => backend.read_vectored_at(offset, bufs),
                 Transfer::Write => backend.write_vectored_at(offset, bufs),
@@ -612,7 +627,7 @@ impl VirtioBlk {
             }
             None => Dma::Physical,
         };
-        let zero_copy = config.zero_copy;
+        let zero_copy = config.zero_copy.map(|pinner| (pinner, config.zero_copy_ready));
         let capacity = backend.size() / SECTOR_SIZE;
         Self {
             common: VirtioCommon::new(NAME, features, vec![config.queue_size]),

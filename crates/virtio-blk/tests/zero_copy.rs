@@ -11,6 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use memvisor_dma::attach::AttachLatch;
 use memvisor_dma::mapper::{DmaMapper, Permissions, PinBudget};
 use memvisor_dma::uring::UringPinner;
 use memvisor_virtio_blk::wire::{S_IOERR, S_OK, T_IN, T_OUT};
@@ -129,4 +130,53 @@ fn a_zero_copy_in_marks_its_buffers_dirty() {
         vec![1, page(HDR), page(DATA[0]), page(DATA[1]), page(DATA[1]) + 1]
     );
     assert!(dirty_pages(&f.mem).is_empty());
+}
+
+/// A VMM may still be pinning guest RAM for the disk when the guest's first
+/// request comes (`Machine::new_attaching`): the request waits for the
+/// latch and is then served, not refused for memory not pinned yet.
+#[test]
+fn a_request_before_the_attachment_waits_for_it() {
+    let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
+    let ready = AttachLatch::pending();
+    let mut f = Fixture::with(256, |c| {
+        c.zero_copy = Some(pinner.clone());
+        c.zero_copy_ready = ready.clone();
+    });
+    let host = host(&f);
+    let attach = std::thread::spawn(move || {
+        // Long enough that the request below is already waiting.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        pinner.map(0, host, RAM, Permissions::READ_WRITE).unwrap();
+        ready.finish(Ok(()));
+    });
+    put(&f.mem, HDR, &hdr(T_IN, 4));
+    let used = submit(&mut f, &[(HDR, 16, 0), (DATA[0], 4096, W), (STATUS, 1, W)]);
+    assert_eq!((used, get(&f.mem, STATUS, 1)[0]), (Some(4097), S_OK));
+    assert_eq!(get(&f.mem, DATA[0], 4096), pattern(4 * 512, 4096));
+    attach.join().unwrap();
+}
+
+/// If the attachment failed, zero-copy requests fail with
+/// `VIRTIO_BLK_S_IOERR`, touching neither guest memory nor the image.
+#[test]
+fn a_failed_attachment_fails_requests_untouched() {
+    let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
+    let ready = AttachLatch::pending();
+    let mut f = Fixture::with(256, |c| {
+        c.zero_copy = Some(pinner.clone());
+        c.zero_copy_ready = ready.clone();
+    });
+    // Everything is registered: only the latch's outcome refuses.
+    pinner.map(0, host(&f), RAM, Permissions::READ_WRITE).unwrap();
+    ready.finish(Err("pin budget of 1 MiB exceeded".into()));
+    let image = f.image.bytes();
+    for (req, flags) in [(T_IN, W), (T_OUT, 0)] {
+        put(&f.mem, HDR, &hdr(req, 4));
+        put(&f.mem, DATA[0], &[0x3c; 4096]);
+        let used = submit(&mut f, &[(HDR, 16, 0), (DATA[0], 4096, flags), (STATUS, 1, W)]);
+        assert_eq!((used, get(&f.mem, STATUS, 1)[0]), (Some(1), S_IOERR), "request {req}");
+        assert_eq!(get(&f.mem, DATA[0], 4096), [0x3c; 4096], "guest memory was written");
+        assert_eq!(f.image.bytes(), image, "the image was written");
+    }
 }

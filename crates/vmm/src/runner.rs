@@ -221,8 +221,12 @@ pub fn run(config: VmmConfig, start: Start) -> Result<RunEnd, RunError> {
     };
     // A restored machine starts with nothing attached or pinned: the
     // stream's DMA sections attach once the state they depend on is back.
+    let exit = Arc::new(ExitSignal::new().map_err(setup("the stop eventfd"))?);
     let machine = if start == Start::Boot {
-        Machine::new(&machine_config)?
+        // Zero-copy disks pin all populated RAM while the guest starts;
+        // their first request waits for it (`zero_copy_ready`).
+        let exit = exit.clone();
+        Machine::new_attaching(&machine_config, move |why| exit.raise(ExitReason::Error(why)))?
     } else {
         Machine::incoming(&machine_config)?
     };
@@ -240,6 +244,7 @@ pub fn run(config: VmmConfig, start: Start) -> Result<RunEnd, RunError> {
                 queue_size: 256,
                 iommu,
                 zero_copy: machine.uring_io_pinner(&d.id).cloned(),
+                zero_copy_ready: machine.dma_latch(),
             };
             // A migration's source holds the image until it hands the guest over.
             if listener.is_some() {
@@ -251,7 +256,6 @@ pub fn run(config: VmmConfig, start: Start) -> Result<RunEnd, RunError> {
             .map_err(setup(format!("disk `{}`", d.id)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let exit = Arc::new(ExitSignal::new().map_err(setup("the stop eventfd"))?);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("the serial irqfd"))?;
     let serial = serial_output(&config.serial)?.map(|out| {
         Arc::new(Mutex::new(Serial::new(
