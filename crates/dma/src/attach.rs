@@ -277,7 +277,10 @@ impl DmaDevice {
 /// models that must not move data before it: a zero-copy disk waits on it
 /// before its first transfer. Cheap to clone (shared).
 #[derive(Clone)]
-pub struct AttachLatch(Arc<(Mutex<Option<Result<(), String>>>, Condvar)>);
+pub struct AttachLatch(Arc<(Mutex<Option<AttachOutcome>>, Condvar)>);
+
+/// How attaching ended: `Err` holds the error's message.
+pub type AttachOutcome = Result<(), String>;
 
 impl AttachLatch {
     /// A latch still waiting for [`finish`](Self::finish).
@@ -293,7 +296,7 @@ impl AttachLatch {
     }
 
     /// Records the outcome (the first one counts) and wakes every waiter.
-    pub fn finish(&self, outcome: Result<(), String>) {
+    pub fn finish(&self, outcome: AttachOutcome) {
         let (state, cv) = &*self.0;
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
         if state.is_none() {
@@ -303,7 +306,7 @@ impl AttachLatch {
     }
 
     /// Blocks until the attachments are done; their error, if one failed.
-    pub fn wait(&self) -> Result<(), String> {
+    pub fn wait(&self) -> AttachOutcome {
         let (state, cv) = &*self.0;
         let state = state.lock().unwrap_or_else(|p| p.into_inner());
         let state = cv.wait_while(state, |s| s.is_none()).unwrap_or_else(|p| p.into_inner());
@@ -311,7 +314,7 @@ impl AttachLatch {
     }
 
     /// The outcome if finished, without waiting.
-    pub fn outcome(&self) -> Option<Result<(), String>> {
+    pub fn outcome(&self) -> Option<AttachOutcome> {
         self.0.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

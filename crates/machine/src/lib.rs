@@ -245,19 +245,20 @@ impl Machine {
         Ok(this)
     }
 
-    /// [`new`](Self::new), but the zero-copy devices (backend
-    /// [`DmaBackend::UringIo`]) attach on a thread of their own while the
-    /// guest starts: path 1 pins all populated RAM, which faults every page
-    /// in, and their device models wait for [`dma_latch`](Self::dma_latch)
-    /// before they move data. The other assigned devices attach before this
-    /// returns, as in `new`: the guest drives them directly. If the thread
-    /// fails, `on_failure` gets the error (the VMM stops the guest); nothing
-    /// stays pinned for the device that failed.
+    /// [`new`](Self::new), but the devices a VMM can hold back until their
+    /// memory is mapped — zero-copy disks (backend [`DmaBackend::UringIo`])
+    /// before their first transfer, VFIO functions before bus mastering —
+    /// attach on a thread of their own while the guest starts: path 1 pins
+    /// all populated RAM, which faults every page in. Their device models
+    /// wait for [`dma_latch`](Self::dma_latch). The other assigned devices
+    /// attach before this returns, as in `new`. If the thread fails,
+    /// `on_failure` gets the error (the VMM stops the guest); nothing stays
+    /// pinned for the device that failed.
     ///
     /// # Errors
     ///
-    /// As [`new`](Self::new), but for the zero-copy devices' attachment
-    /// errors, which go to `on_failure`.
+    /// As [`new`](Self::new), but for the attachment errors of the devices
+    /// attached on the thread, which go to `on_failure`.
     pub fn new_attaching(
         config: &MachineConfig,
         on_failure: impl FnOnce(String) + Send + 'static,
@@ -265,7 +266,7 @@ impl Machine {
         let mut this = Self::build(config)?;
         let mut later = Vec::new();
         for ((device, path), spec) in this.dma.iter().zip(&config.dma.devices) {
-            if spec.backend == DmaBackend::UringIo {
+            if matches!(spec.backend, DmaBackend::UringIo | DmaBackend::Vfio { .. }) {
                 later.push((device.clone(), *path));
             } else {
                 attach_logged(device, *path)?;

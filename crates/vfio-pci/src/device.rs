@@ -188,7 +188,13 @@ pub struct VfioPciDevice {
     bars: Bars,
     msix: Option<Msix>,
     errors: AtomicU32,
+    /// See [`gate_bus_master`](VfioPciDevice::gate_bus_master).
+    bus_master_gate: Option<BusMasterGate>,
 }
+
+/// Blocks until the device's DMA mappings are in place: `Ok`, or `Err`
+/// with why they never will be.
+pub type BusMasterGate = Box<dyn FnMut() -> Result<(), String> + Send>;
 
 impl fmt::Debug for VfioPciDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -310,6 +316,7 @@ impl VfioPciDevice {
             bars,
             msix,
             errors: AtomicU32::new(0),
+            bus_master_gate: None,
         };
         device.init_command()?;
         if device.info.msix_vectors == 0 {
@@ -321,6 +328,16 @@ impl VfioPciDevice {
             log::info!("vfio-pci: {}", device.info);
         }
         Ok(device)
+    }
+
+    /// Holds the guest's first write that turns bus mastering on until
+    /// `gate` returns: a VMM that maps guest memory for the device while the
+    /// guest starts lets the guest run meanwhile, and without bus mastering
+    /// the device cannot reach memory at all. If `gate` fails, bus mastering
+    /// stays off (the rest of the write goes through) and is gated again at
+    /// the next write that sets it.
+    pub fn gate_bus_master(&mut self, gate: BusMasterGate) {
+        self.bus_master_gate = Some(gate);
     }
 
     /// The MSI-X table size of the device behind `io` (0: no MSI-X), to
@@ -808,7 +825,20 @@ impl PciDevice for VfioPciDevice {
         if start >= end {
             return;
         }
-        let data = &data[..end - start];
+        let mut data = data[..end - start].to_vec();
+        let bus_master = usize::from(COMMAND)
+            .checked_sub(start)
+            .filter(|&at| at < data.len() && data[at] & COMMAND_BUS_MASTER as u8 != 0);
+        if let (Some(at), Some(gate)) = (bus_master, self.bus_master_gate.as_mut()) {
+            match gate() {
+                Ok(()) => self.bus_master_gate = None,
+                Err(why) => {
+                    log::error!("vfio-pci {}: bus mastering stays off: {why}", self.info);
+                    data[at] &= !(COMMAND_BUS_MASTER as u8);
+                }
+            }
+        }
+        let data = &data[..];
         if start < HEADER_END {
             // BARs, command, cache line, latency, interrupt line; the rest
             // of the header is read-only there.

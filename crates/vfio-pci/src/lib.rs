@@ -84,7 +84,7 @@ mod sys;
 mod tests;
 
 pub use config::{CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCIE, CAP_ID_PM, CAP_ID_VENDOR, CapabilityInfo};
-pub use device::{DeviceBar, MappedBarRange, VfioPciDevice, VfioPciInfo};
+pub use device::{BusMasterGate, DeviceBar, MappedBarRange, VfioPciDevice, VfioPciInfo};
 pub use error::VfioPciError;
 pub use io::{CONFIG_REGION_INDEX, IrqInfo, MSIX_IRQ_INDEX, RegionInfo, RegionMapping, VfioDeviceIo};
 pub use sys::{MigrationSupport, VfioDeviceFd};

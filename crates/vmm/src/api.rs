@@ -27,7 +27,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -526,7 +526,7 @@ fn memory(ctx: &ApiContext) -> Value {
         .collect();
     let status = ProcStatus::read();
     let (dma_pinned, dma_distinct, pin_budget) = {
-        let machine = lock(&ctx.machine);
+        let machine = attached_machine(ctx);
         (
             machine.pinned_bytes(),
             machine.distinct_pinned_bytes(),
@@ -590,8 +590,19 @@ fn resize(ctx: &ApiContext, id: &str, body: &[u8]) -> Answer {
     }
 }
 
+/// The machine, locked once its assigned devices are done attaching
+/// (`Machine::new_attaching`): their figures are read under their own
+/// locks, which the attaching thread holds while it pins. The wait is
+/// outside the machine's lock, so the guest's devices go on meanwhile.
+fn attached_machine(ctx: &ApiContext) -> MutexGuard<'_, Machine> {
+    let latch = lock(&ctx.machine).dma_latch();
+    // A failure stops the VM; the figures below then show what is left.
+    let _ = latch.wait();
+    lock(&ctx.machine)
+}
+
 fn dma(ctx: &ApiContext) -> Value {
-    let machine = lock(&ctx.machine);
+    let machine = attached_machine(ctx);
     let devices: Vec<Value> = machine
         .dma_devices()
         .map(|d| {

@@ -512,6 +512,7 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
         .iter()
         .map(|v| machine.vfio_container(&v.host).cloned())
         .collect();
+    let dma_latch = machine.dma_latch();
     drop(machine);
     log::info!(
         "KVM memory slots: {} in use, up to {} needed (one per virtio-mem block), {} available (KVM_CAP_NR_MEMSLOTS)",
@@ -585,7 +586,10 @@ fn run_boot(p: &Process, source: Option<Source<'_>>) -> Result<ExitReason, RunEr
     // What keeps this VM from being saved or migrated, each naming its device.
     let mut blockers = Vec::new();
     for ((v, &slot), container) in config.vfio.iter().zip(&slots.vfio).zip(&vfio_containers) {
-        let (device, migration) = open_vfio(&v.host, container.as_deref(), &router)?;
+        let (mut device, migration) = open_vfio(&v.host, container.as_deref(), &router)?;
+        // Guest RAM may still be mapping for it (`Machine::new_attaching`).
+        let latch = dma_latch.clone();
+        device.gate_bus_master(Box::new(move || latch.wait()));
         blockers.push(crate::snapshot::vfio_blocker(&v.host, migration));
         log::info!("VFIO {} in slot {slot}: {}", v.host, device.info());
         device_memory.add_device(slot, &v.host, device.map_bars(crate::memslots::PAGE_SIZE));

@@ -255,6 +255,50 @@ fn command_register() {
     assert_eq!(h.device_cfg16(4) & COMMAND_BUS_MASTER, 0);
 }
 
+/// The first write that sets bus mastering waits for the gate (the DMA
+/// mappings being in place); a failed gate keeps bus mastering off and
+/// forwards the rest of the write.
+#[test]
+fn bus_mastering_waits_for_the_gate() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut h = Harness::nvme();
+    let outcomes = Arc::new(Mutex::new(vec![Ok(()), Err("pinning guest RAM failed".to_string())]));
+    let (c, o) = (calls.clone(), outcomes.clone());
+    h.dev.gate_bus_master(Box::new(move || {
+        c.lock().unwrap().push("gate");
+        o.lock().unwrap().pop().unwrap()
+    }));
+    // Memory decoding alone does not ask.
+    h.set_cfg(COMMAND, &COMMAND_MEMORY_SPACE.to_le_bytes());
+    assert!(calls.lock().unwrap().is_empty());
+    h.take();
+    // The gate fails: bus mastering stays off, memory decoding goes through.
+    h.set_cfg(COMMAND, &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes());
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(h.cfg16(COMMAND), COMMAND_MEMORY_SPACE);
+    assert_eq!(
+        h.take(),
+        [Event::ConfigWrite {
+            offset: 4,
+            data: vec![0x02, 0]
+        }]
+    );
+    // Asked again at the next such write; now it passes, and then never again.
+    h.set_cfg(COMMAND, &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes());
+    assert_eq!(h.cfg16(COMMAND), COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER);
+    assert_eq!(
+        h.take(),
+        [Event::ConfigWrite {
+            offset: 4,
+            data: vec![0x06, 0]
+        }]
+    );
+    h.set_cfg(COMMAND, &COMMAND_MEMORY_SPACE.to_le_bytes());
+    h.set_cfg(COMMAND, &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes());
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert_eq!(h.cfg16(COMMAND), COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER);
+}
+
 #[test]
 fn status_and_forwarded_capability_registers() {
     let mut h = Harness::nvme();
