@@ -179,6 +179,7 @@ impl Registry {
                 offset,
                 source: Box::new(source),
             };
+            let start = std::time::Instant::now();
             let header = if section.streaming() {
                 let len = section.save_len().map_err(save_err)?;
                 let mut w = writer
@@ -200,6 +201,7 @@ impl Registry {
                     .section(&id.name, id.instance, section.version(), &payload)
                     .map_err(io(offset))?
             };
+            log::debug!("section {id}: {} bytes saved in {:?}", header.len, start.elapsed());
             summary.sections.push(summary_of(&header));
         }
         let end = writer.offset();
@@ -312,6 +314,7 @@ impl Registry {
                 source: Box::new(source),
             };
             let mut payload = reader.payload(&header);
+            let start = std::time::Instant::now();
             if section.streaming() {
                 if let Err(e) = section.load(ctx, header.version, &mut payload) {
                     return Err(match e {
@@ -333,6 +336,7 @@ impl Registry {
                     });
                 }
             }
+            log::debug!("section {id}: {} bytes loaded in {:?}", header.len, start.elapsed());
             ctx.mark_loaded(header.id.clone());
             summary.sections.push(summary_of(&header));
         }
@@ -341,10 +345,12 @@ impl Registry {
             if !ctx.is_loaded(&section.id()) {
                 continue;
             }
+            let start = std::time::Instant::now();
             section.post_load(ctx).map_err(|source| VmStateError::PostLoad {
                 section: section.id(),
                 source: Box::new(source),
             })?;
+            log::debug!("section {}: post-load in {:?}", section.id(), start.elapsed());
         }
         Ok(summary)
     }
