@@ -386,6 +386,15 @@ impl Host for Nested {
             text.push('\n');
             let _ = fs::write(self.work.join("vmm-stderr.log"), text);
         }
+        // After a migration, the other VMM's (the last source's) as well.
+        let other = "[ -f /tmp/$(other).log ] && tail -n 2000 /tmp/$(other).log; true";
+        if let Ok((_, lines)) = self.exec(other, Duration::from_secs(60))
+            && !lines.is_empty()
+        {
+            let mut text = lines.join("\n");
+            text.push('\n');
+            let _ = fs::write(self.work.join("vmm-source-stderr.log"), text);
+        }
         let _ = writeln!(self.ctl_tx, "poweroff -f");
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

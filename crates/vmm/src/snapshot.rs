@@ -38,7 +38,7 @@ use crate::config::VmmConfig;
 use crate::devices::serial::{Serial, SerialSnapshot};
 use crate::vcpu::VcpuControl;
 use crate::vm::Vm;
-use crate::x86::state::{self, PlatformState, VcpuState};
+use crate::x86::state::{PlatformState, VcpuState};
 
 /// Why a snapshot or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -393,10 +393,10 @@ pub(crate) fn save_stream(
     out: &mut dyn Write,
 ) -> Result<memvisor_vmstate::Summary, SnapshotError> {
     check_saveable(parts)?;
+    let started = Instant::now();
     let captured = vcpus
         .with_parked(|vcpu| {
-            let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
-            let msrs = state::migratable_msrs(&kvm, vcpu.fd());
+            let msrs = vcpu.migratable_msrs()?.to_vec();
             vcpu.save_state(&msrs).map_err(|e| format!("vCPU {}: {e}", vcpu.id()))
         })
         .map_err(|e| SnapshotError::Capture {
@@ -409,10 +409,15 @@ pub(crate) fn save_stream(
             what: "the vCPUs".into(),
             why,
         })?;
+    let vcpus_saved = started.elapsed();
     let platform = vm.save_platform().map_err(|e| SnapshotError::Capture {
         what: "the platform".into(),
         why: e.to_string(),
     })?;
+    log::debug!(
+        "state captured: vCPUs after {vcpus_saved:?}, the platform after {:?}",
+        started.elapsed()
+    );
     let unused = (Arc::default(), Arc::default());
     let mut registry = registry(parts, ram, Some(platform), captured, &unused.0, &unused.1)?;
     Ok(registry.save(out)?)

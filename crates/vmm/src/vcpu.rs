@@ -328,6 +328,10 @@ impl VcpuThreads {
             let name = format!("vcpu{}", vcpu.id());
             let thread = std::thread::Builder::new().name(name).spawn(move || {
                 let _gone = Gone(control.clone());
+                // Found now, not in a save while the guest is paused.
+                if let Err(e) = vcpu.migratable_msrs() {
+                    log::warn!("vCPU {}: {e}", vcpu.id());
+                }
                 if let Some(reason) = run(&mut vcpu, io.as_ref(), &control) {
                     exit.raise(reason);
                 }

@@ -452,6 +452,7 @@ impl Vm {
             fd,
             id,
             unassigned: self.unassigned.clone(),
+            msrs: None,
             _vm: self.handle.clone(),
         })
     }
@@ -474,6 +475,7 @@ impl Vm {
             fd,
             id,
             unassigned: self.unassigned.clone(),
+            msrs: None,
             _vm: self.handle.clone(),
         })
     }
@@ -522,6 +524,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     id: u64,
     unassigned: Arc<UnassignedMemory>,
+    /// See [`migratable_msrs`](Vcpu::migratable_msrs).
+    msrs: Option<Vec<u32>>,
     _vm: Arc<VmHandle>,
 }
 
@@ -571,6 +575,31 @@ impl Vcpu {
     /// The vCPU fd, to run it.
     pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// The MSRs this vCPU's state saves
+    /// ([`migratable_msrs`](crate::x86::state::migratable_msrs)), found
+    /// at the first call: that takes a `KVM_GET_MSRS` per candidate MSR,
+    /// which a save while the guest is paused should not wait for (the
+    /// vCPU threads ask before the guest runs).
+    ///
+    /// # Errors
+    ///
+    /// `/dev/kvm` cannot be opened.
+    pub fn migratable_msrs(&mut self) -> Result<&[u32], String> {
+        if self.msrs.is_none() {
+            let started = std::time::Instant::now();
+            let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+            let msrs = crate::x86::state::migratable_msrs(&kvm, &self.fd);
+            log::debug!(
+                "vCPU {}: {} migratable MSRs, found in {:?}",
+                self.id,
+                msrs.len(),
+                started.elapsed()
+            );
+            self.msrs = Some(msrs);
+        }
+        Ok(self.msrs.as_deref().unwrap_or_default())
     }
 
     /// Saves this vCPU's state ([`save_vcpu`](crate::x86::state::save_vcpu)
