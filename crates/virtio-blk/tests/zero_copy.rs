@@ -132,17 +132,24 @@ fn a_zero_copy_in_marks_its_buffers_dirty() {
     assert!(dirty_pages(&f.mem).is_empty());
 }
 
+/// The common fixture's disk with a zero-copy pinner that has registered
+/// nothing yet, and the latch its transfers wait for, still closed.
+fn attaching_rig() -> (Fixture, Arc<UringPinner>, AttachLatch) {
+    let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
+    let ready = AttachLatch::pending();
+    let f = Fixture::with(256, |c| {
+        c.zero_copy = Some(pinner.clone());
+        c.zero_copy_ready = ready.clone();
+    });
+    (f, pinner, ready)
+}
+
 /// A VMM may still be pinning guest RAM for the disk when the guest's first
 /// request comes (`Machine::new_attaching`): the request waits for the
 /// latch and is then served, not refused for memory not pinned yet.
 #[test]
 fn a_request_before_the_attachment_waits_for_it() {
-    let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
-    let ready = AttachLatch::pending();
-    let mut f = Fixture::with(256, |c| {
-        c.zero_copy = Some(pinner.clone());
-        c.zero_copy_ready = ready.clone();
-    });
+    let (mut f, pinner, ready) = attaching_rig();
     let host = host(&f);
     let attach = std::thread::spawn(move || {
         // Long enough that the request below is already waiting.
@@ -161,12 +168,7 @@ fn a_request_before_the_attachment_waits_for_it() {
 /// `VIRTIO_BLK_S_IOERR`, touching neither guest memory nor the image.
 #[test]
 fn a_failed_attachment_fails_requests_untouched() {
-    let pinner = Arc::new(UringPinner::for_io("disk0", Arc::new(PinBudget::unlimited())));
-    let ready = AttachLatch::pending();
-    let mut f = Fixture::with(256, |c| {
-        c.zero_copy = Some(pinner.clone());
-        c.zero_copy_ready = ready.clone();
-    });
+    let (mut f, pinner, ready) = attaching_rig();
     // Everything is registered: only the latch's outcome refuses.
     pinner.map(0, host(&f), RAM, Permissions::READ_WRITE).unwrap();
     ready.finish(Err("pin budget of 1 MiB exceeded".into()));
