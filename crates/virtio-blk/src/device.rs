@@ -242,7 +242,7 @@ struct Engine {
     backend: Box<dyn Backend>,
     dma: Dma,
     /// The pinner of the zero-copy path, if the disk has one, and the
-    /// latch its first transfer waits for.
+    /// latch every transfer waits on (it blocks only until it opens).
     zero_copy: Option<(Arc<UringPinner>, AttachLatch)>,
     id: [u8; ID_BYTES],
     disk: Disk,

@@ -223,8 +223,9 @@ pub fn run(config: VmmConfig, start: Start) -> Result<RunEnd, RunError> {
     // stream's DMA sections attach once the state they depend on is back.
     let exit = Arc::new(ExitSignal::new().map_err(setup("the stop eventfd"))?);
     let machine = if start == Start::Boot {
-        // Zero-copy disks pin all populated RAM while the guest starts;
-        // their first request waits for it (`zero_copy_ready`).
+        // Zero-copy disks and VFIO functions pin all populated RAM while
+        // the guest starts; a disk's transfers and a function's bus
+        // mastering wait for it (`Machine::dma_latch`).
         let exit = exit.clone();
         Machine::new_attaching(&machine_config, move |why| exit.raise(ExitReason::Error(why)))?
     } else {
