@@ -312,6 +312,24 @@ impl Apt {
         fs::write(&stamp, b"").ctx(|| "writing update stamp".into())
     }
 
+    /// What a resolution depends on, as one line: the suite, when the lists were last updated
+    /// and when `dpkg_status` (the machine's installed packages, whose candidates the
+    /// resolution takes) last changed.
+    pub fn resolution_key(&self, codename: &str, dpkg_status: &Path) -> String {
+        let mtime = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or_else(|| "none".to_string(), |d| d.as_nanos().to_string())
+        };
+        format!(
+            "{codename} lists {} dpkg {}",
+            mtime(&self.dir.join("lists/.lab-updated")),
+            mtime(dpkg_status)
+        )
+    }
+
     /// Resolves the lab's package set: QEMU from backports with what it needs that is not
     /// installed, firmware and busybox (same simulation), and the newest 6.12 cloud kernel
     /// (alone: the lab needs its image and modules, not the tools it depends on).
@@ -421,8 +439,45 @@ pub fn cache_dir() -> PathBuf {
 pub fn setup(cache: &Path) -> Result<Packages> {
     let (apt, codename) = Apt::new(cache, Path::new("/etc/apt"))?;
     apt.update()?;
-    let versions = apt.resolve(&codename)?;
+    let key = apt.resolution_key(&codename, Path::new("/var/lib/dpkg/status"));
+    let versions = cached_resolution(&apt.dir.join("resolved"), &key, || apt.resolve(&codename))?;
     apt.fetch(cache, &versions)
+}
+
+/// The versions in `file` if it was written for `key`; otherwise `resolve()`'s, written there
+/// for the next run. Resolving takes several `apt-cache` runs (seconds here), and every
+/// `lab run` sets up; the key names everything the answer depends on, so a stale file is
+/// never used. A file that cannot be written only costs the next run the same work.
+pub fn cached_resolution(
+    file: &Path,
+    key: &str,
+    resolve: impl FnOnce() -> Result<BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, String>> {
+    let header = format!("# {key}\n");
+    if let Some(body) = fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.strip_prefix(&header).map(String::from))
+    {
+        let versions: BTreeMap<String, String> = body
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        if !versions.is_empty() {
+            return Ok(versions);
+        }
+    }
+    let versions = resolve()?;
+    let text: String = std::iter::once(header)
+        .chain(versions.iter().map(|(n, v)| format!("{n}={v}\n")))
+        .collect();
+    if let Err(e) = fs::write(file, text) {
+        eprintln!(
+            "memvisor lab: cannot keep the package resolution in {}: {e}",
+            file.display()
+        );
+    }
+    Ok(versions)
 }
 
 #[cfg(test)]
@@ -436,6 +491,38 @@ mod tests {
         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
         Types: deb-src\nURIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main\n\n\
         Enabled: no\nTypes: deb\nURIs: http://other.example\nSuites: x\nComponents: main\n";
+
+    #[test]
+    fn a_resolution_is_reused_only_under_its_key() {
+        let dir = std::env::temp_dir().join(format!("memvisor-lab-resolved-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("resolved");
+        let answer = |v: &str| BTreeMap::from([("qemu-system-x86".to_string(), v.to_string())]);
+        let runs = std::cell::Cell::new(0);
+        let resolve = |key: &str, v: &str| {
+            cached_resolution(&file, key, || {
+                runs.set(runs.get() + 1);
+                Ok(answer(v))
+            })
+            .unwrap()
+        };
+        assert_eq!(resolve("k1", "1:10.0.2+ds-2"), answer("1:10.0.2+ds-2"));
+        // Same key: the kept answer, without resolving.
+        assert_eq!(resolve("k1", "other"), answer("1:10.0.2+ds-2"));
+        // A new key (lists updated, packages installed): resolved again, and kept.
+        assert_eq!(resolve("k2", "1:10.0.3"), answer("1:10.0.3"));
+        assert_eq!(resolve("k2", "other"), answer("1:10.0.3"));
+        assert_eq!(runs.get(), 2);
+        // A key that only starts like the kept one is another key.
+        let mut again = 0;
+        cached_resolution(&file, "k", || {
+            again += 1;
+            Ok(answer("x"))
+        })
+        .unwrap();
+        assert_eq!(again, 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn deb822_sources_parse_and_gain_backports() {
