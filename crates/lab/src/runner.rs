@@ -2,7 +2,7 @@
 //! the VMM, the guest script and its host steps, the report; every stage with a timeout,
 //! every process killed and reaped on every path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -94,6 +94,9 @@ pub fn shell_quote(s: &str) -> String {
     }
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+/// How many of L2's last console lines a failure that the guest restarted shows.
+const RECENT_LINES: usize = 40;
 
 /// The environment variable whose value, when set, becomes memvisor's `RUST_LOG` (its log
 /// filter, e.g. `debug` or `memvisor_vmm=debug`) in the runs of the lab.
@@ -437,6 +440,8 @@ impl<'a> Run<'a> {
                 timeouts.l2_boot
             )
         };
+        // L2's last console lines, for a failure that needs what led to it (a panic's trace).
+        let mut recent: VecDeque<String> = VecDeque::with_capacity(RECENT_LINES);
         loop {
             if let Some((t, due, line)) = &restarted
                 && Instant::now() > *due
@@ -457,6 +462,10 @@ impl<'a> Run<'a> {
                     continue;
                 }
             };
+            if recent.len() == RECENT_LINES {
+                recent.pop_front();
+            }
+            recent.push_back(line.clone());
             if let Some(said) = restart_line(&line) {
                 let t = self.vmm_started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 let due = Instant::now() + Duration::from_secs(timeouts.l2_boot);
@@ -493,18 +502,23 @@ impl<'a> Run<'a> {
                 }
                 return Ok(());
             } else if line.starts_with("@@agent ready") {
-                restarted = None;
+                let said = restarted.take();
                 let t = self.vmm_started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 self.report.guest.boots.push(t);
                 if !self.scenario.vm.reboot {
-                    return Err(stage_err(
-                        "scenario",
-                        format!(
-                            "the guest booted again ({t:.1} s after the VMM started) although the scenario \
-                             does not reboot (no `reboot = true` in [vm]): a reset, or a kernel panic \
-                             (panic=-1 reboots)"
-                        ),
-                    ));
+                    // What the guest's kernel said, if anything, and what the VMM logged: a
+                    // triple fault is only in the VMM's log.
+                    let cause = match said {
+                        Some((at, _, said)) => format!("its kernel said `{said}` at {at:.1} s"),
+                        None => "its kernel said nothing of a restart (a reset by the VMM?)".to_string(),
+                    };
+                    let lines: Vec<String> = recent.iter().map(|l| format!("  {l}")).collect();
+                    let what = format!(
+                        "the guest booted again ({t:.1} s after the VMM started) although the scenario \
+                         does not reboot (no `reboot = true` in [vm]): {cause}; L2's console before:\n{}",
+                        lines.join("\n")
+                    );
+                    return Err(self.vmm_failure(host, "scenario", &what));
                 }
             }
             if Instant::now() > deadline {
