@@ -1132,3 +1132,24 @@ fn a_zero_copy_disk_migrates_its_image_lock_and_pins() {
     dst.shutdown();
     std::fs::remove_file(&image).unwrap();
 }
+
+#[test]
+fn a_disk_whose_writes_cannot_be_synced_fails_the_migration_and_the_guest_runs_on() {
+    // /dev/null takes writes but cannot sync them (fdatasync: EINVAL): the source syncs every
+    // disk before the switch-over, so the migration fails there, before GO.
+    let disk = "id=disk0,path=/dev/null";
+    let source = Vmm::start_with(&["--disk", disk]);
+    wait_banner(&source);
+    let (mut dst, endpoint) = destination(&["--disk", disk]);
+    source.expect(
+        "PUT",
+        "/api/v1/vm/migrate",
+        Some(&json!({ "destination": endpoint }).to_string()),
+        409,
+        "disk `disk0`: virtio-blk image /dev/null: fdatasync",
+    );
+    // The destination never got GO: it gives up, and the guest runs on at the source.
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)).code(), Some(1), "{}", dst.log());
+    assert_eq!(source.get("/api/v1/vm")["state"], "running");
+    source.shutdown();
+}

@@ -35,6 +35,9 @@ pub(crate) trait Backend: Send {
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// [`flush`](Self::flush), its failure naming the image.
+    fn sync(&self) -> Result<(), ImageError>;
+
     /// The image's descriptor, for I/O the device submits itself (the
     /// zero-copy path's fixed-buffer reads and writes).
     fn raw_fd(&self) -> RawFd;
@@ -63,6 +66,14 @@ pub enum ImageError {
         path.display()
     )]
     Locked {
+        /// The image.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// The image's completed writes could not be made durable.
+    #[error("virtio-blk image {}: fdatasync: {source}", path.display())]
+    Sync {
         /// The image.
         path: PathBuf,
         /// What the system said.
@@ -236,6 +247,13 @@ impl Backend for RawFile {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn sync(&self) -> Result<(), ImageError> {
+        self.flush().map_err(|source| ImageError::Sync {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn raw_fd(&self) -> RawFd {

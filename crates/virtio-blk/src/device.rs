@@ -596,6 +596,14 @@ impl VirtioBlk {
         Ok(self.engine.backend.set_lock(true)?)
     }
 
+    /// Makes every write the guest was told is done durable (`fdatasync`
+    /// of the image): a migration's source, before it hands the image
+    /// over, so that a destination on another host sharing the image reads
+    /// all of them.
+    pub fn sync_image(&self) -> Result<(), BlockError> {
+        Ok(self.engine.backend.sync()?)
+    }
+
     /// Drops the image's lock (a migration's source, at the switch-over).
     pub fn release_image(&self) -> Result<(), BlockError> {
         Ok(self.engine.backend.set_lock(false)?)
@@ -856,5 +864,29 @@ mod tests {
         config.id = "x".repeat(20);
         assert_eq!(VirtioBlk::new(config).unwrap().config_space().seg_max, 128);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn syncing_the_image_names_it_when_the_kernel_cannot() {
+        let path = std::env::temp_dir().join(format!("memvisor-blk-sync-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 8 * 512]).unwrap();
+        VirtioBlk::new(BlockConfig::new(&path)).unwrap().sync_image().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // A character device has nothing to synchronize: fdatasync fails
+        // (EINVAL), and the error says which image.
+        let null = VirtioBlk::new_unlocked(BlockConfig::new("/dev/null")).unwrap();
+        let err = null.sync_image().unwrap_err();
+        assert!(
+            matches!(&err, BlockError::Image(ImageError::Sync { path, source })
+                if path.as_os_str() == "/dev/null" && source.raw_os_error() == Some(libc::EINVAL)),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "virtio-blk image /dev/null: fdatasync: {}",
+                std::io::Error::from_raw_os_error(libc::EINVAL)
+            )
+        );
     }
 }

@@ -427,7 +427,8 @@ pub enum MigrationError {
     /// The other side said it failed.
     #[error("the destination refused: {0}")]
     Refused(String),
-    /// A disk image lock could not be moved.
+    /// A disk image could not be synced before the switch-over, or its lock
+    /// could not be moved.
     #[error("disk `{disk}`: {why}")]
     Disk {
         /// The disk's id.
@@ -457,6 +458,19 @@ fn set_locks(disks: Disks<'_>, locked: bool) -> Result<(), MigrationError> {
         let d = crate::bus::lock(disk);
         let result = if locked { d.lock_image() } else { d.release_image() };
         result.map_err(|e| MigrationError::Disk {
+            disk: id.clone(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// [`VirtioBlk::sync_image`](memvisor_virtio_blk::VirtioBlk::sync_image)
+/// of every disk: the first that fails fails the migration (the guest runs
+/// on here).
+fn sync_images(disks: Disks<'_>) -> Result<(), MigrationError> {
+    for (id, disk) in disks {
+        crate::bus::lock(disk).sync_image().map_err(|e| MigrationError::Disk {
             disk: id.clone(),
             why: e.to_string(),
         })?;
@@ -910,7 +924,7 @@ fn write_pages(memory: &GuestMemoryMap, region: u32, offset: u64, data: &[u8]) -
 /// destination and this VMM should exit; on failure the guest runs here
 /// again (or stays paused, if it was), with its image locks. A VM that
 /// cannot migrate (a VFIO device) never gets here: `VmControl::migrate`
-/// refuses before connecting, and `snapshot::save_stream` checks again.
+/// refuses before connecting, and `snapshot::start_capture` checks again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send(
     parts: &BootParts<'_>,
@@ -933,6 +947,9 @@ pub(crate) fn send(
     let mut released = false;
     let mut go_sent = false;
     let result: Result<Value, MigrationError> = (|| {
+        // The vCPU threads save their state while this thread takes and
+        // sends the last dirty pages.
+        let capture = snapshot::start_capture(parts, vm, vcpus)?;
         let mut last = precopy.pending;
         for (i, pages) in last.iter_mut().enumerate() {
             pages.union(&take_dirty(live, i)?);
@@ -953,11 +970,15 @@ pub(crate) fn send(
             .map(|r| PageSet::for_bytes(r.range().len()))
             .collect();
         let ram = |i: usize| RamMode::SendDelta(nothing[i].clone());
-        let summary = snapshot::save_stream(parts, vm, vcpus, &ram, &mut out)?;
+        let summary = snapshot::save_captured(parts, capture, &ram, &mut out)?;
         out.flush().map_err(MigrationError::Control)?;
         let last_bytes = out.count;
         drop(out);
         let stream_sent = paused.elapsed();
+        // While the destination loads: every write the guest was told is
+        // done reaches the image's storage, for a destination on another
+        // host that shares it.
+        sync_images(disks)?;
         conn.set_read_timeout(Some(SWITCHOVER_TIMEOUT))
             .map_err(MigrationError::Control)?;
         let ready = expect(&mut conn, &Frame::Ready(Value::Null))?;

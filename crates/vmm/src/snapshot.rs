@@ -23,7 +23,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memvisor_machine::Machine;
 use memvisor_pci::VirtioPciDevice;
@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use crate::bus::lock;
 use crate::config::VmmConfig;
 use crate::devices::serial::{Serial, SerialSnapshot};
-use crate::vcpu::VcpuControl;
+use crate::vcpu::{Posted, VcpuControl};
 use crate::vm::Vm;
 use crate::x86::state::{PlatformState, VcpuState};
 
@@ -383,8 +383,79 @@ pub(crate) fn check_saveable(parts: &BootParts<'_>) -> Result<(), SnapshotError>
     }
 }
 
-/// Writes the paused VM to `out` as one vmstate stream: each parked vCPU
-/// saves its own state, then the platform, then every section.
+/// The paused VM's vCPU and platform state, being captured: each parked
+/// vCPU thread saves its own vCPU while the caller goes on (a migration
+/// sends the last dirty pages meanwhile), and [`save_captured`] waits for
+/// them. Dropped unused, the vCPUs' job is withdrawn.
+pub(crate) struct Captured<'a> {
+    /// Each vCPU's state and when (after `started`) its thread had saved it.
+    vcpus: Posted<'a, (Result<VcpuState, String>, Duration)>,
+    platform: PlatformState,
+    started: Instant,
+}
+
+/// Starts capturing the paused VM: refuses a VM that cannot be saved
+/// ([`check_saveable`]), posts each vCPU's save to its parked thread, and
+/// captures the platform (irqchips, PIT, clock) meanwhile. Nothing moves
+/// them while the VM is paused: the vCPUs are parked and the devices are
+/// served only by the event loop, which is the caller.
+pub(crate) fn start_capture<'a>(
+    parts: &BootParts<'_>,
+    vm: &Vm,
+    vcpus: &'a VcpuControl,
+) -> Result<Captured<'a>, SnapshotError> {
+    check_saveable(parts)?;
+    let started = Instant::now();
+    let capture_error = |what: &str, why: String| SnapshotError::Capture { what: what.into(), why };
+    let posted = vcpus
+        .post_parked(move |vcpu| {
+            let state = vcpu
+                .migratable_msrs()
+                .map(<[u32]>::to_vec)
+                .and_then(|msrs| vcpu.save_state(&msrs).map_err(|e| format!("vCPU {}: {e}", vcpu.id())));
+            (state, started.elapsed())
+        })
+        .map_err(|e| capture_error("the vCPUs", e.to_string()))?;
+    let platform = vm
+        .save_platform()
+        .map_err(|e| capture_error("the platform", e.to_string()))?;
+    Ok(Captured {
+        vcpus: posted,
+        platform,
+        started,
+    })
+}
+
+/// Writes the VM `capture` holds to `out` as one vmstate stream: waits for
+/// the vCPUs' state, then writes every section.
+pub(crate) fn save_captured(
+    parts: &BootParts<'_>,
+    capture: Captured<'_>,
+    ram: &dyn Fn(usize) -> RamMode,
+    out: &mut dyn Write,
+) -> Result<memvisor_vmstate::Summary, SnapshotError> {
+    let capture_error = |why: String| SnapshotError::Capture {
+        what: "the vCPUs".into(),
+        why,
+    };
+    let results = capture.vcpus.collect().map_err(|e| capture_error(e.to_string()))?;
+    let saved_by = results.iter().map(|(_, at)| *at).max().unwrap_or_default();
+    let captured = results
+        .into_iter()
+        .map(|(state, _)| state)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(capture_error)?;
+    log::debug!(
+        "state captured: the vCPUs' saved after {saved_by:?}, collected after {:?}",
+        capture.started.elapsed()
+    );
+    let unused = (Arc::default(), Arc::default());
+    let mut registry = registry(parts, ram, Some(capture.platform), captured, &unused.0, &unused.1)?;
+    Ok(registry.save(out)?)
+}
+
+/// Writes the paused VM to `out` as one vmstate stream: [`start_capture`]
+/// and [`save_captured`] at once.
 pub(crate) fn save_stream(
     parts: &BootParts<'_>,
     vm: &Vm,
@@ -392,35 +463,7 @@ pub(crate) fn save_stream(
     ram: &dyn Fn(usize) -> RamMode,
     out: &mut dyn Write,
 ) -> Result<memvisor_vmstate::Summary, SnapshotError> {
-    check_saveable(parts)?;
-    let started = Instant::now();
-    let captured = vcpus
-        .with_parked(|vcpu| {
-            let msrs = vcpu.migratable_msrs()?.to_vec();
-            vcpu.save_state(&msrs).map_err(|e| format!("vCPU {}: {e}", vcpu.id()))
-        })
-        .map_err(|e| SnapshotError::Capture {
-            what: "the vCPUs".into(),
-            why: e.to_string(),
-        })?
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|why| SnapshotError::Capture {
-            what: "the vCPUs".into(),
-            why,
-        })?;
-    let vcpus_saved = started.elapsed();
-    let platform = vm.save_platform().map_err(|e| SnapshotError::Capture {
-        what: "the platform".into(),
-        why: e.to_string(),
-    })?;
-    log::debug!(
-        "state captured: vCPUs after {vcpus_saved:?}, the platform after {:?}",
-        started.elapsed()
-    );
-    let unused = (Arc::default(), Arc::default());
-    let mut registry = registry(parts, ram, Some(platform), captured, &unused.0, &unused.1)?;
-    Ok(registry.save(out)?)
+    save_captured(parts, start_capture(parts, vm, vcpus)?, ram, out)
 }
 
 /// Writes a snapshot of the paused VM to the new file `path` (an existing

@@ -22,6 +22,7 @@
 //! own [`Vcpu`], such as saving its state.
 
 use std::any::Any;
+use std::marker::PhantomData;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -200,18 +201,33 @@ impl VcpuControl {
     }
 
     /// Runs `job` on every vCPU, each in its own parked thread, once, and
-    /// returns the results in vCPU id order. The vCPUs must be paused (a
-    /// vCPU still on its way to park runs the job once parked); one job
-    /// runs at a time.
+    /// returns the results in vCPU id order: [`post_parked`](Self::post_parked)
+    /// and [`Posted::collect`] at once.
     ///
     /// # Errors
     ///
-    /// [`PauseError::NotPaused`], or [`PauseError::Stopped`] if the vCPUs
-    /// are stopped (or a vCPU thread ends) before every vCPU ran the job.
+    /// As [`post_parked`](Self::post_parked) and [`Posted::collect`].
     pub fn with_parked<T: Send + 'static>(
         &self,
         job: impl Fn(&mut Vcpu) -> T + Send + Sync + 'static,
     ) -> Result<Vec<T>, PauseError> {
+        self.post_parked(job)?.collect()
+    }
+
+    /// Posts `job` for every vCPU to run, each in its own parked thread,
+    /// once, and returns without waiting: [`Posted::collect`] waits for the
+    /// results. The vCPUs must be paused (a vCPU still on its way to park
+    /// runs the job once parked); one job is posted at a time, so this waits
+    /// while another is.
+    ///
+    /// # Errors
+    ///
+    /// [`PauseError::NotPaused`], or [`PauseError::Stopped`] if the vCPUs
+    /// are being stopped.
+    pub fn post_parked<T: Send + 'static>(
+        &self,
+        job: impl Fn(&mut Vcpu) -> T + Send + Sync + 'static,
+    ) -> Result<Posted<'_, T>, PauseError> {
         let total = lock(&self.threads).len();
         let p = lock(&self.parking);
         let mut p = self
@@ -231,28 +247,13 @@ impl VcpuControl {
             results: Vec::new(),
         });
         self.changed.notify_all();
-        let mut p = self
-            .changed
-            .wait_while(p, |p| {
-                let done = p.job.as_ref().map_or(0, |j| j.results.len());
-                !self.stopping() && done + p.gone < total
-            })
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut results = p.job.take().expect("only with_parked takes its job").results;
-        // Another with_parked may be waiting for the slot.
-        self.changed.notify_all();
-        drop(p);
-        if results.len() < total {
-            return Err(PauseError::Stopped {
-                done: results.len(),
-                total,
-            });
-        }
-        results.sort_by_key(|&(id, _)| id);
-        Ok(results
-            .into_iter()
-            .map(|(_, r)| *r.downcast::<T>().expect("the job returns a T"))
-            .collect())
+        Ok(Posted {
+            control: self,
+            generation: p.generation,
+            total,
+            collected: false,
+            result: PhantomData,
+        })
     }
 
     /// Parks the calling vCPU thread while paused, running each new
@@ -286,6 +287,70 @@ impl VcpuControl {
         }
         p.parked -= 1;
         !self.stopping()
+    }
+}
+
+/// A job posted with [`VcpuControl::post_parked`], running on the parked
+/// vCPUs while the poster goes on. [`collect`](Self::collect) waits for its
+/// results; dropped uncollected, the job is withdrawn (a vCPU running it
+/// finishes, its result unused) and the next job can be posted.
+#[must_use = "a posted job is only waited for by `collect`"]
+pub struct Posted<'a, T> {
+    control: &'a VcpuControl,
+    generation: u64,
+    total: usize,
+    collected: bool,
+    result: PhantomData<fn() -> T>,
+}
+
+impl<T: Send + 'static> Posted<'_, T> {
+    /// Waits until every vCPU ran the job and returns the results in vCPU
+    /// id order.
+    ///
+    /// # Errors
+    ///
+    /// [`PauseError::Stopped`] if the vCPUs are stopped (or a vCPU thread
+    /// ends) before every vCPU ran the job.
+    pub fn collect(mut self) -> Result<Vec<T>, PauseError> {
+        let control = self.control;
+        let total = self.total;
+        let p = lock(&control.parking);
+        let mut p = control
+            .changed
+            .wait_while(p, |p| {
+                let done = p.job.as_ref().map_or(0, |j| j.results.len());
+                !control.stopping() && done + p.gone < total
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut results = p.job.take().expect("only its Posted takes a job").results;
+        self.collected = true;
+        // Another poster may be waiting for the slot.
+        control.changed.notify_all();
+        drop(p);
+        if results.len() < total {
+            return Err(PauseError::Stopped {
+                done: results.len(),
+                total,
+            });
+        }
+        results.sort_by_key(|&(id, _)| id);
+        Ok(results
+            .into_iter()
+            .map(|(_, r)| *r.downcast::<T>().expect("the job returns a T"))
+            .collect())
+    }
+}
+
+impl<T> Drop for Posted<'_, T> {
+    fn drop(&mut self) {
+        if self.collected {
+            return;
+        }
+        let mut p = lock(&self.control.parking);
+        if p.job.as_ref().is_some_and(|j| j.generation == self.generation) {
+            p.job = None;
+            self.control.changed.notify_all();
+        }
     }
 }
 

@@ -462,6 +462,48 @@ fn with_parked_runs_a_job_once_per_parked_vcpu_in_id_order() {
 }
 
 #[test]
+fn a_posted_job_runs_while_the_poster_goes_on_and_an_uncollected_one_is_withdrawn() {
+    let machine = machine();
+    let vm = new_vm(&machine);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    in_loop(&vm, &mut vcpu, PROBE_AT, REPORT_PORT);
+    let io = Arc::new(Io::default());
+    let (mut threads, exit) = start(vec![vcpu], &io);
+    let control = threads.control().clone();
+    assert!(matches!(control.post_parked(|v| v.id()), Err(PauseError::NotPaused)));
+    control.pause().unwrap();
+
+    // The job waits for a gate the poster opens after posting: had
+    // post_parked waited for the job, this would never return.
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let posted = control
+        .post_parked(move |v| {
+            gate.lock().unwrap().recv().unwrap();
+            v.id()
+        })
+        .unwrap();
+    open.send(()).unwrap();
+    assert_eq!(posted.collect().unwrap(), vec![0]);
+
+    // Dropped without collecting, a job leaves the slot free: the next
+    // job runs (and returns its own results).
+    let ran = Arc::new(AtomicUsize::new(0));
+    let job = {
+        let ran = ran.clone();
+        move |_: &mut Vcpu| ran.fetch_add(1, Ordering::SeqCst)
+    };
+    drop(control.post_parked(job.clone()).unwrap());
+    let next = control.post_parked(|v| v.id() + 10).unwrap();
+    assert_eq!(next.collect().unwrap(), vec![10]);
+    assert!(ran.load(Ordering::SeqCst) <= 1);
+
+    control.resume().unwrap();
+    threads.stop();
+    assert_eq!(exit.pending(), None);
+}
+
+#[test]
 fn stopping_during_a_parked_job_does_not_deadlock() {
     let machine = machine();
     let vm = new_vm(&machine);
