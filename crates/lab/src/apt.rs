@@ -471,7 +471,11 @@ pub fn cached_resolution(
     let text: String = std::iter::once(header)
         .chain(versions.iter().map(|(n, v)| format!("{n}={v}\n")))
         .collect();
-    if let Err(e) = fs::write(file, text) {
+    // Written aside and renamed over, so that a run setting up meanwhile reads the old file
+    // or the new one, never half of one.
+    let aside = file.with_extension(format!("{}.new", std::process::id()));
+    if let Err(e) = fs::write(&aside, text).and_then(|()| fs::rename(&aside, file)) {
+        let _ = fs::remove_file(&aside);
         eprintln!(
             "memvisor lab: cannot keep the package resolution in {}: {e}",
             file.display()
