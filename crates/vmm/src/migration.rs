@@ -453,11 +453,14 @@ pub enum MigrationError {
 /// The disks whose image locks move with the guest, by id.
 pub(crate) type Disks<'a> = &'a [(String, std::sync::Arc<std::sync::Mutex<memvisor_virtio_blk::VirtioBlk>>)];
 
-fn set_locks(disks: Disks<'_>, locked: bool) -> Result<(), MigrationError> {
+/// Runs `op` on every disk; the first that fails fails the migration,
+/// naming the disk.
+fn each_disk(
+    disks: Disks<'_>,
+    op: impl Fn(&memvisor_virtio_blk::VirtioBlk) -> Result<(), memvisor_virtio_blk::BlockError>,
+) -> Result<(), MigrationError> {
     for (id, disk) in disks {
-        let d = crate::bus::lock(disk);
-        let result = if locked { d.lock_image() } else { d.release_image() };
-        result.map_err(|e| MigrationError::Disk {
+        op(&crate::bus::lock(disk)).map_err(|e| MigrationError::Disk {
             disk: id.clone(),
             why: e.to_string(),
         })?;
@@ -465,17 +468,14 @@ fn set_locks(disks: Disks<'_>, locked: bool) -> Result<(), MigrationError> {
     Ok(())
 }
 
+fn set_locks(disks: Disks<'_>, locked: bool) -> Result<(), MigrationError> {
+    each_disk(disks, |d| if locked { d.lock_image() } else { d.release_image() })
+}
+
 /// [`VirtioBlk::sync_image`](memvisor_virtio_blk::VirtioBlk::sync_image)
-/// of every disk: the first that fails fails the migration (the guest runs
-/// on here).
+/// of every disk (the guest runs on here if one fails).
 fn sync_images(disks: Disks<'_>) -> Result<(), MigrationError> {
-    for (id, disk) in disks {
-        crate::bus::lock(disk).sync_image().map_err(|e| MigrationError::Disk {
-            disk: id.clone(),
-            why: e.to_string(),
-        })?;
-    }
-    Ok(())
+    each_disk(disks, memvisor_virtio_blk::VirtioBlk::sync_image)
 }
 
 fn expect(conn: &mut Connection, want: &Frame) -> Result<Frame, MigrationError> {
